@@ -1,0 +1,186 @@
+"""The Python entry points: compute_bounds and friends.
+
+A model is loaded and simplified once (cached by file identity or object identity), a plan is
+made once per (model, method, batch, spec rows, config) and cached, and each call only runs it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from boundflow.errors import ModelLoadError, ShapeError
+from boundflow.ir.primal import Graph
+from boundflow.ir.task import BFTaskModule
+from boundflow.planner.config import PlannerConfig
+from boundflow.planner.lower import METHODS
+from boundflow.planner.pipeline import plan
+from boundflow.runtime.python_executor import PythonTaskExecutor
+
+_CACHE_SIZE = 16
+_graphs: OrderedDict = OrderedDict()
+_plans: OrderedDict = OrderedDict()
+_executor = PythonTaskExecutor()
+
+
+@dataclass
+class BoundsResult:
+    lb: torch.Tensor
+    ub: torch.Tensor
+    method: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _remember(cache: OrderedDict, key, value):
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph, Any]:
+    """The simplified primal graph of `model` (ONNX path, onnx.ModelProto or torch.nn.Module)
+    and a cache key for it."""
+    import onnx
+
+    from boundflow.passes.simplify import simplify
+
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"model file not found: {path}")
+        st = os.stat(path)
+        key = ("file", os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    elif isinstance(model, onnx.ModelProto):
+        key = ("onnx", id(model))
+    elif isinstance(model, torch.nn.Module):
+        if example_input is None:
+            raise ShapeError("a torch.nn.Module needs an example input (x_lower gives its shape)")
+        key = ("torch", id(model), tuple(example_input.shape))
+    else:
+        raise ModelLoadError(f"model must be an ONNX path, an onnx.ModelProto or a torch.nn.Module, "
+                             f"not {type(model).__name__}")
+    hit = _graphs.get(key)
+    if hit is not None and hit[1] is (model if key[0] != "file" else hit[1]):
+        _graphs.move_to_end(key)
+        return hit[0], key
+    if key[0] == "torch":
+        from boundflow.frontends.torch import load_torch
+        graph = load_torch(model, example_input)
+    else:
+        from boundflow.frontends.onnx import load_onnx
+        graph = load_onnx(model)
+    graph = simplify(graph)
+    _remember(_graphs, key, (graph, model if key[0] != "file" else None))
+    return graph, key
+
+
+def input_shape(model) -> tuple[int, ...]:
+    graph, _ = load_model(model)
+    return tuple(graph.shape(graph.inputs[0]))
+
+
+def num_outputs(model) -> int:
+    graph, _ = load_model(model)
+    return graph.values[graph.outputs[0]].type.numel
+
+
+def _as_tensor(x, what: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise ShapeError(f"{what} must be a torch tensor or numpy array, not {type(x).__name__}")
+    return x.detach().to(torch.float32)
+
+
+def _regions(x: torch.Tensor, in_shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """[B, *in_shape] from a box given with or without its leading batch dimension."""
+    shape = tuple(x.shape)
+    if shape == in_shape:
+        return x.unsqueeze(0)
+    if len(shape) == len(in_shape) + 1 and shape[1:] == in_shape:
+        return x
+    if in_shape and in_shape[0] == 1 and len(shape) == len(in_shape) and shape[1:] == in_shape[1:]:
+        return x.unsqueeze(1)                      # [B, ...] replacing the model's batch of 1
+    raise ShapeError(f"{what} has shape {list(shape)}; the model's input has shape {list(in_shape)} "
+                     f"(a leading batch dimension of B regions may be added)")
+
+
+def _spec(C, batch: int, num_out: int) -> torch.Tensor | None:
+    if C is None:
+        return None
+    C = _as_tensor(C, "C")
+    if C.dim() == 2:
+        C = C.unsqueeze(0).expand(batch, -1, -1)
+    if C.dim() != 3 or C.shape[0] != batch or C.shape[2] != num_out:
+        raise ShapeError(f"C has shape {list(C.shape)}; expected [S, {num_out}] or [{batch}, S, {num_out}]")
+    if not torch.isfinite(C).all():
+        raise ShapeError("C contains NaN or infinite entries")
+    return C.contiguous()
+
+
+def get_plan(graph: Graph, graph_key, method: str, batch: int, spec_rows: int | None,
+             config: PlannerConfig) -> tuple[BFTaskModule, bool]:
+    key = (graph_key, method, batch, spec_rows, config)
+    hit = _plans.get(key)
+    if hit is not None:
+        _plans.move_to_end(key)
+        return hit, True
+    return _remember(_plans, key, plan(graph, method, config, batch=batch, spec_rows=spec_rows)), False
+
+
+def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
+          config: PlannerConfig | None = None, executor: str = "python") -> BoundsResult:
+    """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper]."""
+    method = method.lower()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if executor != "python":
+        raise ValueError(f"unknown executor {executor!r}; available: 'python'")
+    config = config or PlannerConfig(crown_interm=crown_interm)
+    lo, hi = _as_tensor(x_lower, "x_lower"), _as_tensor(x_upper, "x_upper")
+    if lo.shape != hi.shape:
+        raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")
+    t0 = time.perf_counter()
+    example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
+    graph, key = load_model(model, example if isinstance(model, torch.nn.Module) else None)
+    in_shape = tuple(graph.shape(graph.inputs[0]))
+    lo, hi = _regions(lo, in_shape, "x_lower"), _regions(hi, in_shape, "x_upper")
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ShapeError("the input box contains NaN or infinite bounds")
+    bad = (lo > hi).nonzero()
+    if len(bad):
+        i = tuple(bad[0].tolist())
+        raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
+                         f"{lo[i].item()} > {hi[i].item()}")
+    batch = lo.shape[0]
+    C = _spec(C, batch, graph.values[graph.outputs[0]].type.numel)
+    module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)
+    t1 = time.perf_counter()
+    inputs = {"box": torch.stack((lo, hi))}
+    if C is not None:
+        inputs["C"] = C
+    lb, ub = _executor.run(module, inputs)["bounds"]
+    t2 = time.perf_counter()
+    stats = dict(module.stats, plan_ms=(t1 - t0) * 1e3, run_ms=(t2 - t1) * 1e3, plan_cached=cached,
+                 executor=executor, config=module.config_dump)
+    return BoundsResult(lb, ub, method, stats)
+
+
+def compute_bounds(model, x_lower, x_upper, method: str = "crown", C=None, **options):
+    """lb, ub = compute_bounds(model, x_lower, x_upper, method="crown", C=None)
+
+    model: ONNX path, onnx.ModelProto, or torch.nn.Module (x_lower then gives the input shape).
+    x_lower, x_upper: the input box, with the model's input shape, optionally with a leading
+    axis of B regions. method: "ibp", "crown" or "crown-ibp". C: None, [S, O] or [B, S, O].
+    Options: crown_interm="sparse"|"pure", config=PlannerConfig(...).
+    Returns lb, ub of shape [B, S] ([B, O] when C is None).
+    """
+    res = bound(model, x_lower, x_upper, method, C, **options)
+    return res.lb, res.ub

@@ -1,0 +1,38 @@
+"""Bookkeeping on bounds: which neurons need a CROWN bound, and merging CROWN into interval bounds."""
+from __future__ import annotations
+
+import torch
+
+
+def unstable(ins, ps, attrs):
+    """Flat indices of the neurons to refine: those with l < 0 < u in any region of the batch;
+    all of them when there is any and more than attrs["dense_fraction"] of the layer is."""
+    lo, hi = ins[0]
+    mask = ((lo < 0) & (hi > 0)).flatten(1).any(0)
+    idx = mask.nonzero().flatten()
+    if idx.numel() and idx.numel() > attrs["dense_fraction"] * mask.numel():
+        idx = torch.arange(mask.numel())
+    return (idx,)
+
+
+def merge_sparse(ins, ps, attrs):
+    """The selected neurons take their CROWN bounds; with attrs["intersect"] the CROWN and
+    interval bounds are intersected instead (both are sound, so is their intersection)."""
+    s, idx, crown = ins
+    out = s.flatten(2).clone()
+    if attrs["intersect"]:
+        out[0][:, idx] = torch.maximum(out[0][:, idx], crown[0])
+        out[1][:, idx] = torch.minimum(out[1][:, idx], crown[1])
+    else:
+        out[0][:, idx] = crown[0]
+        out[1][:, idx] = crown[1]
+    return (out.view(s.shape),)
+
+
+def replace(ins, ps, attrs):
+    """Textbook CROWN: the back-substitution bound replaces the interval bound."""
+    s, crown = ins
+    return (crown.view(s.shape),)
+
+
+RULES = {"unstable": unstable, "merge_sparse": merge_sparse, "replace": replace}

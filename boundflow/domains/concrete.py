@@ -1,0 +1,116 @@
+"""Concrete semantics of the primal ops: the single source of truth for what each op computes.
+
+Every rule takes tensors with a leading region axis B followed by the per-region shape.
+Shape inference runs the same rules on meta tensors, so shapes can never disagree with values.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from boundflow.ir.primal import Graph, Node
+
+
+def _lead_flatten(x: torch.Tensor, trailing: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """View x as [N, *last `trailing` dims]; returns the view and the leading shape."""
+    lead = tuple(x.shape[: x.dim() - trailing])
+    return x.reshape((-1,) + tuple(x.shape[x.dim() - trailing:])), lead
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict) -> torch.Tensor:
+    """conv2d over the last three axes; asymmetric padding via an explicit zero pad."""
+    xs, lead = _lead_flatten(x, 3)
+    top, left, bottom, right = attrs["padding"]
+    if (top, left) == (bottom, right):
+        pad = (top, left)
+    else:
+        xs = F.pad(xs, (left, right, top, bottom))
+        pad = (0, 0)
+    y = F.conv2d(xs, w, b, stride=tuple(attrs["stride"]), padding=pad,
+                 dilation=tuple(attrs["dilation"]), groups=attrs["groups"])
+    return y.reshape(lead + tuple(y.shape[1:]))
+
+
+def _linear(x, w, b=None, attrs=None):
+    return F.linear(x, w, b)
+
+
+def _conv(x, w, b=None, attrs=None):
+    return conv2d(x, w, b, attrs)
+
+
+def _affine(x, scale, shift, attrs=None):
+    return x * scale + shift
+
+
+def _add(x, y, attrs=None):
+    return x + y
+
+
+def _relu(x, attrs=None):
+    return torch.relu(x)
+
+
+def _reshape(x, attrs):
+    return x.reshape((x.shape[0],) + tuple(attrs["shape"]))
+
+
+def _transpose(x, attrs):
+    return x.permute((0,) + tuple(p + 1 for p in attrs["perm"]))
+
+
+def _concat(*xs, attrs):
+    return torch.cat(xs, dim=attrs["axis"] + 1)
+
+
+# op -> fn(*input tensors, attrs=...) ; inputs in node order (variables and params alike)
+RULES: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": _linear,
+    "conv2d": _conv,
+    "affine": _affine,
+    "add": _add,
+    "relu": _relu,
+    "reshape": _reshape,
+    "transpose": _transpose,
+    "concat": _concat,
+}
+
+
+def apply(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    if node.op == "concat":
+        return _concat(*args, attrs=node.attrs)
+    return RULES[node.op](*args, attrs=node.attrs)
+
+
+def infer_shape(graph: Graph, node: Node) -> tuple[int, ...]:
+    """Per-region output shape of `node`, by running its concrete rule on meta tensors."""
+    args = []
+    for name in node.inputs:
+        v = graph.values[name]
+        if v.kind in ("param", "const"):
+            args.append(v.data.to("meta"))
+        else:
+            args.append(torch.empty((1,) + tuple(v.type.shape), device="meta"))
+    try:
+        out = apply(node, args)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"node {node.name!r} ({node.op}): inputs "
+                         f"{[list(graph.values[i].type.shape) for i in node.inputs]} are invalid: {e}") from e
+    return tuple(out.shape[1:])
+
+
+@torch.no_grad()
+def evaluate(graph: Graph, x: torch.Tensor) -> list[torch.Tensor]:
+    """Run the graph on a batch of points x: [B, *input_shape]. Returns the graph outputs."""
+    in_shape = graph.shape(graph.inputs[0])
+    if tuple(x.shape[1:]) != tuple(in_shape):
+        raise ValueError(f"evaluate: input of shape {list(x.shape)} does not match [B, *{list(in_shape)}]")
+    env: dict[str, torch.Tensor] = {graph.inputs[0]: x}
+    for name, v in graph.values.items():
+        if v.kind in ("param", "const"):
+            env[name] = v.data
+    for node in graph.nodes:
+        env[node.outputs[0]] = apply(node, [env[i] for i in node.inputs])
+    return [env[o] for o in graph.outputs]

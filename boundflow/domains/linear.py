@@ -1,0 +1,170 @@
+"""Linear (CROWN) backward rules.
+
+A backward pass bounds S linear functions of a target value. Its state is one coefficient tensor
+A of shape [B, 2S, *value_shape] (rows 0..S-1 build the lower bounds, rows S..2S-1 the upper
+bounds; keeping both in one tensor halves the kernel calls) and a bias [B, 2S]. Each rule maps
+(A on an op's output, bias) to A on its variable inputs and the new bias.
+Kernel signature, shared by every domain: fn(inputs, params, attrs) -> tuple of tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sum_lead(a: torch.Tensor, keep: int) -> torch.Tensor:
+    """Sum A [B, 2S, ...] over every per-region axis except the last `keep` ones."""
+    kept = tuple(a.shape[a.dim() - keep:])
+    lead = 1
+    for d in a.shape[2:a.dim() - keep]:
+        lead *= d
+    return a.reshape(tuple(a.shape[:2]) + (lead,) + kept).sum(2)
+
+
+# -- starting a pass -------------------------------------------------------------------------
+
+def start_spec(ins, ps, attrs):
+    """A = C on the output value (identity when there is no C)."""
+    batch, shape = attrs["batch"], tuple(attrs["shape"])
+    if ins:
+        (c,) = ins                                               # [B, S, O]
+        a = c.reshape((batch, c.shape[1]) + shape)
+    else:
+        n = attrs["numel"]
+        a = torch.eye(n, dtype=torch.float32).reshape((1, n) + shape).expand((batch, n) + shape)
+    a = torch.cat([a, a], dim=1)
+    return a, torch.zeros(batch, a.shape[1])
+
+
+def start_onehot(ins, ps, attrs):
+    """A = the selected rows of the identity on the target value (all rows without an index)."""
+    batch, shape, n = attrs["batch"], tuple(attrs["shape"]), attrs["numel"]
+    idx = ins[0] if ins else torch.arange(n)
+    k = idx.numel()
+    a = torch.zeros(batch, 2 * k, n)
+    rows = torch.arange(2 * k)
+    a[:, rows, idx.repeat(2)] = 1.0
+    return a.reshape((batch, 2 * k) + shape), torch.zeros(batch, 2 * k)
+
+
+def start_rows(ins, ps, attrs):
+    """Fused start + linear backward for a target produced by a linear op whose input has only
+    unit axes before the feature axis: A on the input is just the selected rows of W."""
+    w, b = ps
+    batch, in_shape = attrs["batch"], tuple(attrs["in_shape"])
+    if ins:
+        (idx,) = ins
+        w, b = w.index_select(0, idx), b.index_select(0, idx)
+    a = torch.cat([w, w], 0)
+    bias = torch.cat([b, b], 0)
+    s2 = a.shape[0]
+    return a.reshape((1, s2) + in_shape).expand((batch, s2) + in_shape), bias.unsqueeze(0).expand(batch, s2)
+
+
+# -- backward rules, keyed by primal op ------------------------------------------------------
+
+def _linear(ins, ps, attrs):
+    a, bias = ins
+    w, b = ps
+    return torch.matmul(a, w), bias + torch.matmul(_sum_lead(a, 1), b)
+
+
+def _conv2d(ins, ps, attrs):
+    a, bias = ins
+    w, b = ps
+    c_in, h, wd = attrs["in_shape"][-3:]
+    top, left, bottom, right = attrs["padding"]
+    (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
+    c_out, h_out, w_out = a.shape[-3:]
+    kh, kw = w.shape[-2:]
+    # output_padding recovers the padded input extent that the strided conv did not reach
+    op_h = h + top + bottom - ((h_out - 1) * sh + dh * (kh - 1) + 1)
+    op_w = wd + left + right - ((w_out - 1) * sw + dw * (kw - 1) + 1)
+    lead = tuple(a.shape[:-3])
+    x = F.conv_transpose2d(a.reshape(-1, c_out, h_out, w_out), w, None, stride=(sh, sw),
+                           output_padding=(op_h, op_w), groups=attrs["groups"], dilation=(dh, dw))
+    x = x[:, :, top:top + h, left:left + wd]
+    new_bias = bias + _sum_lead(a, 3).sum((-1, -2)) @ b if b is not None else bias
+    return x.reshape(lead + (c_in, h, wd)), new_bias
+
+
+def _affine(ins, ps, attrs):
+    a, bias = ins
+    scale, shift = ps
+    return a * scale, bias + (a * shift).flatten(2).sum(-1)
+
+
+def _relu(ins, ps, attrs):
+    a, bias, relax = ins
+    s = a.shape[1] // 2
+    up_slope, up_bias, lo_slope = relax.unsqueeze(2)       # each [B, 1, ...]
+    a_lo, a_up = a[:, :s], a[:, s:]
+    lo_pos, lo_neg = a_lo.clamp(min=0), a_lo.clamp(max=0)
+    up_pos, up_neg = a_up.clamp(min=0), a_up.clamp(max=0)
+    # lower bound: positive coefficients take the lower line, negative ones the upper line
+    new_lo = lo_pos * lo_slope + lo_neg * up_slope
+    new_up = up_pos * up_slope + up_neg * lo_slope
+    bias_lo = (lo_neg * up_bias).flatten(2).sum(-1)
+    bias_up = (up_pos * up_bias).flatten(2).sum(-1)
+    return torch.cat([new_lo, new_up], 1), bias + torch.cat([bias_lo, bias_up], 1)
+
+
+def _reshape(ins, ps, attrs):
+    a, bias = ins
+    return a.reshape(tuple(a.shape[:2]) + tuple(attrs["in_shape"])), bias
+
+
+def _transpose(ins, ps, attrs):
+    a, bias = ins
+    inverse = [0] * len(attrs["perm"])
+    for i, p in enumerate(attrs["perm"]):
+        inverse[p] = i
+    return a.permute((0, 1) + tuple(i + 2 for i in inverse)), bias
+
+
+def _concat(ins, ps, attrs):
+    a, bias = ins
+    parts = torch.split(a, attrs["sizes"], dim=attrs["axis"] + 2)
+    return (*parts, bias)
+
+
+def accumulate(ins, ps, attrs):
+    return (ins[0] + ins[1],)
+
+
+def concretize(ins, ps, attrs):
+    """stack(lower, upper) of A x + bias over the input box: A c -/+ |A| r."""
+    a, bias, box = ins
+    s = a.shape[1] // 2
+    a = a.flatten(2)
+    lo, hi = box.flatten(2)
+    c = ((hi + lo) / 2).unsqueeze(-1)
+    r = ((hi - lo) / 2).unsqueeze(-1)
+    mid = torch.bmm(a, c).squeeze(-1) + bias
+    rad = torch.bmm(a.abs(), r).squeeze(-1)
+    return (torch.stack((mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:])),)
+
+
+def concretize_const(ins, ps, attrs):
+    """A pass that never reached the input: the bound is the bias alone."""
+    (bias,) = ins
+    s = bias.shape[1] // 2
+    return (torch.stack((bias[:, :s], bias[:, s:])),)
+
+
+RULES = {
+    "linear": _linear,
+    "conv2d": _conv2d,
+    "affine": _affine,
+    "relu": _relu,
+    "reshape": _reshape,
+    "transpose": _transpose,
+    "concat": _concat,
+    # "add" needs no kernel: both inputs receive the same A
+    "start_spec": start_spec,
+    "start_onehot": start_onehot,
+    "start_rows": start_rows,
+    "accumulate": accumulate,
+    "concretize": concretize,
+    "concretize_const": concretize_const,
+}

@@ -1,0 +1,21 @@
+"""Errors BoundFlow raises on purpose. Each message names the file, node or line at fault."""
+
+
+class BoundflowError(Exception):
+    """Base class: something the user handed us cannot be processed as asked."""
+
+
+class ModelLoadError(BoundflowError):
+    """A model file is missing, truncated or malformed."""
+
+
+class UnsupportedOpError(BoundflowError):
+    """A model uses an op (or an op configuration) BoundFlow has no sound rules for."""
+
+
+class ShapeError(BoundflowError):
+    """An input region, spec matrix or tensor has the wrong shape or is inconsistent."""
+
+
+class SpecError(BoundflowError):
+    """A property / VNNLIB / spec file is malformed."""

@@ -1,0 +1,36 @@
+"""Planner configuration. Every field appears in the plan's config_dump."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+CROWN_INTERM_MODES = ("sparse", "intersect", "pure")
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    # CROWN intermediate bounds of each ReLU input. All start from a one-step interval bound.
+    #  "sparse"    auto_LiRPA's default: neurons the interval leaves unstable get their CROWN
+    #              bound instead (every neuron when more than dense_fraction are unstable)
+    #  "intersect" CROWN for the unstable neurons, intersected with the interval. Tighter
+    #              intermediate bounds, but CROWN is not monotone in them (the adaptive lower
+    #              slope can flip), so the output is usually, not always, tighter
+    #  "pure"      textbook CROWN: every neuron's bound is its back-substitution bound
+    crown_interm: str = "sparse"
+    dense_fraction: float = 0.9
+    # partitioning: split tasks larger than this many ops; then split until at least min_tasks
+    max_ops_per_task: int | None = None
+    min_tasks: int = 1
+    # storage: let buffers with disjoint lifetimes share arena bytes
+    enable_storage_reuse: bool = False
+    alignment: int = 64
+
+    def __post_init__(self):
+        if self.crown_interm not in CROWN_INTERM_MODES:
+            raise ValueError(f"crown_interm must be one of {CROWN_INTERM_MODES}, got {self.crown_interm!r}")
+        if self.max_ops_per_task is not None and self.max_ops_per_task < 1:
+            raise ValueError("max_ops_per_task must be >= 1")
+        if self.min_tasks < 1:
+            raise ValueError("min_tasks must be >= 1")
+
+    def dump(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,297 @@
+"""Lower a primal graph, for one bound method, to a flat list of TaskOps over logical buffers.
+
+  ibp        interval rules node by node; C folded into a last linear op, else applied to the box
+  crown-ibp  interval intermediate bounds, one CROWN backward pass for the output
+  crown      as crown-ibp, but every ReLU input is refined by a CROWN backward pass as soon as
+             its interval is known (config.crown_interm says how), so later intervals start
+             from refined bounds
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from boundflow.domains import interval
+from boundflow.errors import ShapeError, UnsupportedOpError
+from boundflow.ir.primal import Graph, Node
+from boundflow.ir.task import BufferSpec, TaskOp
+from boundflow.planner.config import PlannerConfig
+
+METHODS = ("ibp", "crown", "crown-ibp")
+_MIXING = ("linear", "conv2d")
+_ELEMENTWISE_OR_SHAPE = ("affine", "reshape", "transpose")
+
+
+@dataclass
+class Lowered:
+    ops: list[TaskOp] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)          # one label per op, for partitioning
+    buffers: dict[int, BufferSpec] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, int] = field(default_factory=dict)
+
+
+class _Emitter:
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.out = Lowered()
+        self.phase = "forward"
+
+    def buffer(self, name, shape, dtype="float32", dynamic_axis=None, role="state", layout=None) -> int:
+        bid = len(self.out.buffers)
+        self.out.buffers[bid] = BufferSpec(bid, name, tuple(int(d) for d in shape), dtype, layout, role, dynamic_axis)
+        return bid
+
+    def param(self, name: str, tensor: torch.Tensor | None) -> str | None:
+        if tensor is None:
+            return None
+        if name not in self.out.params:
+            self.out.params[name] = tensor.detach().to(torch.float32).contiguous()
+        return name
+
+    def emit(self, op, inputs, outputs, params=(), attrs=None, source="", layout=None):
+        self.out.ops.append(TaskOp(op, list(inputs), list(outputs), list(params), dict(attrs or {}), layout, source))
+        self.out.phases.append(self.phase)
+
+
+def _unit_lead(shape) -> bool:
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return n == 1
+
+
+def interval_is_exact(graph: Graph, value: str) -> bool:
+    """True when interval arithmetic already gives the exact range of every coordinate of
+    `value`: a single-input chain from the network input with at most one mixing op."""
+    producer = graph.producer()
+    mixing, v = 0, value
+    while v != graph.inputs[0]:
+        node = producer[v]
+        if node.op in _MIXING:
+            mixing += 1
+        elif node.op not in _ELEMENTWISE_OR_SHAPE:
+            return False
+        var = [i for i in node.inputs if graph.is_variable(i)]
+        if len(var) != 1:
+            return False
+        v = var[0]
+    return mixing <= 1
+
+
+def _ancestors(graph: Graph, value: str) -> set[str]:
+    producer, seen, stack = graph.producer(), set(), [value]
+    while stack:
+        v = stack.pop()
+        if v in seen or v not in producer:
+            continue
+        seen.add(v)
+        stack.extend(i for i in producer[v].inputs if graph.is_variable(i))
+    return seen
+
+
+def _linear_params(em: _Emitter, node: Node, graph: Graph) -> list[str]:
+    ps = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
+    key = node.outputs[0]
+    if node.op == "linear":
+        w = ps[0]
+        b = ps[1] if len(ps) > 1 else torch.zeros(w.shape[0])
+        return [em.param(f"{key}.W", w), em.param(f"{key}.b", b)]
+    if node.op == "conv2d":
+        return [em.param(f"{key}.W", ps[0]), em.param(f"{key}.b", ps[1] if len(ps) > 1 else None)]
+    if node.op == "affine":
+        return [em.param(f"{key}.scale", ps[0]), em.param(f"{key}.shift", ps[1])]
+    return []
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, method: str, batch: int, spec_rows: int | None, config: PlannerConfig):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if len(graph.outputs) != 1:
+            raise UnsupportedOpError(f"model {graph.name!r} has {len(graph.outputs)} outputs; bounds need exactly one")
+        self.g, self.method, self.B, self.S, self.cfg = graph, method, batch, spec_rows, config
+        self.em = _Emitter(batch)
+        self.producer = graph.producer()
+        self.bounds: dict[str, int] = {}       # value -> its interval buffer, stack(lower, upper)
+        self.relax: dict[str, int] = {}        # relu input value -> stack(up slope, up bias, lo slope)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def shape(self, v):
+        return self.g.shape(v)
+
+    def interval_buffer(self, v: str, tag: str = "interval") -> int:
+        """stack(lower, upper) of value v: [2, B, *shape]."""
+        return self.em.buffer(f"{tag}({v})", (2, self.B) + tuple(self.shape(v)),
+                              layout=self.g.values[v].type.layout)
+
+    # -- the whole method ------------------------------------------------------------------
+    def run(self) -> Lowered:
+        g, em = self.g, self.em
+        x = g.inputs[0]
+        box = em.buffer(f"input({x})", (2, self.B) + tuple(self.shape(x)), role="input")
+        em.out.inputs["box"] = box
+        self.bounds[x] = box
+        if self.S is not None:
+            out_numel = g.values[g.outputs[0]].type.numel
+            em.out.inputs["C"] = em.buffer("spec.C", (self.B, self.S, out_numel), role="input")
+
+        relu_inputs = {n.inputs[0] for n in g.nodes if n.op == "relu"}
+        folded_output = self._ibp_spec_fold()
+        for node in g.nodes:
+            if node is folded_output:
+                continue
+            self.forward(node)
+            v = node.outputs[0]
+            if self.method == "crown" and v in relu_inputs and not interval_is_exact(g, v):
+                self.refine(v)
+        bid = self.output_bounds(folded_output)
+        em.out.outputs["bounds"] = bid
+        spec = em.out.buffers[bid]
+        em.out.buffers[bid] = BufferSpec(spec.id, spec.name, spec.shape, spec.dtype, spec.layout, "output")
+        return em.out
+
+    def _ibp_spec_fold(self) -> Node | None:
+        """For IBP with C and a last linear op over a flat input, fold C into that op."""
+        if self.method != "ibp" or self.S is None:
+            return None
+        node = self.producer.get(self.g.outputs[0])
+        if node is None or node.op != "linear" or not _unit_lead(self.shape(node.inputs[0])):
+            return None
+        if len(self.g.consumers()[node.outputs[0]]) != 0:
+            return None
+        return node
+
+    def forward(self, node: Node):
+        em = self.em
+        if node.op == "relu" and self.method in ("crown", "crown-ibp"):
+            v = node.inputs[0]
+            relax = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
+            em.emit("relu.relax", [self.bounds[v]], [relax], source=node.name)
+            self.relax[v] = relax
+        ins = [self.bounds[i] for i in node.inputs if self.g.is_variable(i)]
+        ps = [em.param(f"{node.outputs[0]}.ibp{k}", t) for k, t in enumerate(interval.prepare_params(self.g, node))]
+        out = self.interval_buffer(node.outputs[0])
+        em.emit(f"interval.{node.op}", ins, [out], ps, node.attrs, source=node.name)
+        self.bounds[node.outputs[0]] = out
+
+    def refine(self, v: str):
+        """CROWN bounds for the pre-activation value v, merged into its interval bounds."""
+        em, numel = self.em, self.g.values[v].type.numel
+        em.phase = f"refine({v})"
+        box = self.bounds[v]
+        new = self.interval_buffer(v, "crown")
+        mode = self.cfg.crown_interm
+        if mode in ("sparse", "intersect"):
+            fraction = self.cfg.dense_fraction if mode == "sparse" else 1.0
+            idx = em.buffer(f"unstable({v})", (numel,), dtype="int64", dynamic_axis=0)
+            em.emit("bound.unstable", [box], [idx], attrs={"dense_fraction": fraction}, source=v)
+            crown = self.backward(v, onehot_index=idx)
+            em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": mode == "intersect"},
+                    source=v)
+        else:
+            crown = self.backward(v, onehot_index=None)
+            em.emit("bound.replace", [box, crown], [new], source=v)
+        self.bounds[v] = new
+        em.phase = "forward"
+
+    def output_bounds(self, folded: Node | None):
+        em, out = self.em, self.g.outputs[0]
+        C = em.out.inputs.get("C")
+        em.phase = "output"
+        if self.method != "ibp":
+            return self.backward(out, spec=C)
+        rows = self.S if self.S is not None else self.g.values[out].type.numel
+        res = em.buffer("output.bounds", (2, self.B, rows))
+        if folded is not None:
+            em.emit("interval.spec_linear", [self.bounds[folded.inputs[0]], C], [res],
+                    _linear_params(em, folded, self.g), source=folded.name)
+        elif C is not None:
+            em.emit("interval.spec_box", [self.bounds[out], C], [res], source=out)
+        else:
+            em.emit("interval.flatten", [self.bounds[out]], [res], source=out)
+        return res
+
+    # -- one CROWN backward pass -------------------------------------------------------------
+    def backward(self, target: str, spec: int | None = None, onehot_index: int | None = None):
+        """Emit a backward pass bounding `target`: the rows of C (or every output) for the graph
+        output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
+        stack(lower, upper), [2, B, S]."""
+        g, em, B = self.g, self.em, self.B
+        is_output = target == g.outputs[0]
+        numel = g.values[target].type.numel
+        rows2 = 2 * (self.S if spec is not None else numel)
+        dynamic = 1 if onehot_index is not None else None   # the unstable count is known at run time
+        idx_in = [onehot_index] if onehot_index is not None else []
+
+        def a_buf(v):
+            return em.buffer(f"A({target}->{v})", (B, rows2) + tuple(self.shape(v)), dynamic_axis=dynamic)
+
+        def bias_buf():
+            return em.buffer(f"bias({target})", (B, rows2), dynamic_axis=dynamic)
+
+        A: dict[str, int] = {}
+        node0 = self.producer[target]
+        skip = None
+        if not is_output and node0.op == "linear" and _unit_lead(self.shape(node0.inputs[0])):
+            # fused start: the selected rows of W are the coefficients on the linear's input
+            x_in = node0.inputs[0]
+            a, bias = a_buf(x_in), bias_buf()
+            em.emit("linear.start_rows", idx_in, [a, bias], _linear_params(em, node0, g),
+                    {"batch": B, "in_shape": list(self.shape(x_in))}, source=target)
+            A[x_in], skip = a, node0
+        else:
+            a, bias = a_buf(target), bias_buf()
+            attrs = {"batch": B, "shape": list(self.shape(target)), "numel": numel}
+            if is_output:
+                em.emit("linear.start_spec", [spec] if spec is not None else [], [a, bias], attrs=attrs, source=target)
+            else:
+                em.emit("linear.start_onehot", idx_in, [a, bias], attrs=attrs, source=target)
+            A[target] = a
+
+        def give(v, buf):
+            if v in A:       # fan-out: contributions of every consumer add up
+                acc = a_buf(v)
+                em.emit("linear.accumulate", [A[v], buf], [acc], source=target)
+                A[v] = acc
+            else:
+                A[v] = buf
+
+        ancestors = _ancestors(g, target)
+        for node in reversed(g.nodes):     # reverse topological: all consumers of v come first
+            out = node.outputs[0]
+            if node is skip or out not in ancestors or out not in A:
+                continue
+            var = [i for i in node.inputs if g.is_variable(i)]
+            if node.op == "add":
+                for i in var:
+                    give(i, A[out])
+                continue
+            new_as = [a_buf(i) for i in var]
+            new_bias = bias_buf()
+            ins = [A[out], bias]
+            attrs = dict(node.attrs, in_shape=list(self.shape(var[0])))
+            if node.op == "relu":
+                ins.append(self.relax[node.inputs[0]])
+            if node.op == "concat":
+                attrs["sizes"] = [self.shape(i)[node.attrs["axis"]] for i in var]
+            em.emit(f"linear.{node.op}", ins, [*new_as, new_bias], _linear_params(em, node, g), attrs, source=target)
+            bias = new_bias
+            for i, buf in zip(var, new_as):
+                give(i, buf)
+
+        res = em.buffer(f"crown({target})", (2, B, rows2 // 2), dynamic_axis=None if dynamic is None else 2)
+        x = g.inputs[0]
+        if x in A:
+            em.emit("linear.concretize", [A[x], bias, self.bounds[x]], [res], source=target)
+        else:
+            em.emit("linear.concretize_const", [bias], [res], source=target)
+        return res
+
+
+def lower(graph: Graph, method: str, batch: int, spec_rows: int | None, config: PlannerConfig) -> Lowered:
+    if batch < 1:
+        raise ShapeError(f"batch must be >= 1, got {batch}")
+    return _Lowering(graph, method, batch, spec_rows, config).run()
