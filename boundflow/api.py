@@ -5,7 +5,9 @@ made once per (model, method, batch, spec rows, config) and cached, and each cal
 """
 from __future__ import annotations
 
+import functools
 import os
+import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -53,10 +55,13 @@ def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph,
 
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise ModelLoadError(f"model file not found: {path}")
-        st = os.stat(path)
-        key = ("file", os.path.abspath(path), st.st_mtime_ns, st.st_size)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ModelLoadError(f"model file not found: {path} ({e.strerror})") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(f"model path is not a file: {path}")
+        key = ("file", path, st.st_mtime_ns, st.st_size)
     elif isinstance(model, onnx.ModelProto):
         key = ("onnx", id(model))
     elif isinstance(model, torch.nn.Module):
@@ -125,6 +130,11 @@ def _spec(C, batch: int, num_out: int) -> torch.Tensor | None:
     return C.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _default_config(crown_interm: str) -> PlannerConfig:
+    return PlannerConfig(crown_interm=crown_interm)
+
+
 def get_plan(graph: Graph, graph_key, method: str, batch: int, spec_rows: int | None,
              config: PlannerConfig) -> tuple[BFTaskModule, bool]:
     key = (graph_key, method, batch, spec_rows, config)
@@ -143,7 +153,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if executor != "python":
         raise ValueError(f"unknown executor {executor!r}; available: 'python'")
-    config = config or PlannerConfig(crown_interm=crown_interm)
+    config = config or _default_config(crown_interm)
     lo, hi = _as_tensor(x_lower, "x_lower"), _as_tensor(x_upper, "x_upper")
     if lo.shape != hi.shape:
         raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")
@@ -151,19 +161,19 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
     graph, key = load_model(model, example if isinstance(model, torch.nn.Module) else None)
     in_shape = tuple(graph.shape(graph.inputs[0]))
-    lo, hi = _regions(lo, in_shape, "x_lower"), _regions(hi, in_shape, "x_upper")
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    box = torch.stack((_regions(lo, in_shape, "x_lower"), _regions(hi, in_shape, "x_upper")))
+    if not torch.isfinite(box).all():
         raise ShapeError("the input box contains NaN or infinite bounds")
-    bad = (lo > hi).nonzero()
-    if len(bad):
+    if not (box[0] <= box[1]).all():
+        bad = (box[0] > box[1]).nonzero()
         i = tuple(bad[0].tolist())
         raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
-                         f"{lo[i].item()} > {hi[i].item()}")
-    batch = lo.shape[0]
+                         f"{box[0][i].item()} > {box[1][i].item()}")
+    batch = box.shape[1]
     C = _spec(C, batch, graph.values[graph.outputs[0]].type.numel)
     module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)
     t1 = time.perf_counter()
-    inputs = {"box": torch.stack((lo, hi))}
+    inputs = {"box": box}
     if C is not None:
         inputs["C"] = C
     lb, ub = _executor.run(module, inputs)["bounds"]

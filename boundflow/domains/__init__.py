@@ -15,3 +15,10 @@ KERNELS = {f"{name}.{op}": fn
            for name, table in (("interval", interval.RULES), ("linear", linear.RULES),
                                ("relu", relu.RULES), ("bound", bound.RULES))
            for op, fn in table.items()}
+
+# Kernels whose results may be views of their inputs (reshapes, splits). Every other kernel
+# returns fresh tensors, so its outputs may take the bytes of inputs that die at that op.
+ALIASING_KERNELS = frozenset({
+    "interval.reshape", "interval.transpose", "interval.flatten",
+    "linear.reshape", "linear.transpose", "linear.concat", "bound.replace",
+})

@@ -84,15 +84,37 @@ def apply(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     return RULES[node.op](*args, attrs=node.attrs)
 
 
+def apply_constant(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    """A node whose inputs are all constants: its rules expect a region axis, so give the first
+    input one and take it off the result."""
+    return apply(node, [args[0].unsqueeze(0)] + args[1:]).squeeze(0)
+
+
+def constant_valued(graph: Graph) -> set[str]:
+    """Values that do not depend on the network input: params, consts, and outputs of nodes all
+    of whose inputs are constant-valued (present until simplify folds them)."""
+    const = {n for n, v in graph.values.items() if v.kind in ("param", "const")}
+    for node in graph.nodes:
+        if all(i in const for i in node.inputs):
+            const.update(node.outputs)
+    return const
+
+
 def infer_shape(graph: Graph, node: Node) -> tuple[int, ...]:
     """Per-region output shape of `node`, by running its concrete rule on meta tensors."""
+    const = constant_valued(graph)
     args = []
     for name in node.inputs:
         v = graph.values[name]
-        if v.kind in ("param", "const"):
+        if v.data is not None:
             args.append(v.data.to("meta"))
+        elif name in const:
+            args.append(torch.empty(tuple(v.type.shape), device="meta"))
         else:
-            args.append(torch.empty((1,) + tuple(v.type.shape), device="meta"))
+            # a region axis of 2, not 1, so a constant that would broadcast over it is caught
+            args.append(torch.empty((2,) + tuple(v.type.shape), device="meta"))
+    if all(i in const for i in node.inputs):
+        return tuple(apply_constant(node, args).shape)
     try:
         out = apply(node, args)
     except (RuntimeError, ValueError, IndexError) as e:
@@ -108,9 +130,15 @@ def evaluate(graph: Graph, x: torch.Tensor) -> list[torch.Tensor]:
     if tuple(x.shape[1:]) != tuple(in_shape):
         raise ValueError(f"evaluate: input of shape {list(x.shape)} does not match [B, *{list(in_shape)}]")
     env: dict[str, torch.Tensor] = {graph.inputs[0]: x}
+    const = {n for n, v in graph.values.items() if v.kind in ("param", "const")}
     for name, v in graph.values.items():
         if v.kind in ("param", "const"):
             env[name] = v.data
     for node in graph.nodes:
-        env[node.outputs[0]] = apply(node, [env[i] for i in node.inputs])
+        args = [env[i] for i in node.inputs]
+        if all(i in const for i in node.inputs):
+            const.update(node.outputs)
+            env[node.outputs[0]] = apply_constant(node, args)
+        else:
+            env[node.outputs[0]] = apply(node, args)
     return [env[o] for o in graph.outputs]

@@ -3,7 +3,9 @@
 A backward pass bounds S linear functions of a target value. Its state is one coefficient tensor
 A of shape [B, 2S, *value_shape] (rows 0..S-1 build the lower bounds, rows S..2S-1 the upper
 bounds; keeping both in one tensor halves the kernel calls) and a bias [B, 2S]. Each rule maps
-(A on an op's output, bias) to A on its variable inputs and the new bias.
+(A on an op's output, bias) to A on its variable inputs and the new bias. Rules return fresh
+tensors, never views of their inputs, unless listed in ALIASING_KERNELS (the storage plan lets
+outputs take the bytes of inputs that die at the op).
 Kernel signature, shared by every domain: fn(inputs, params, attrs) -> tuple of tensors.
 """
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _conv2d(ins, ps, attrs):
     x = F.conv_transpose2d(a.reshape(-1, c_out, h_out, w_out), w, None, stride=(sh, sw),
                            output_padding=(op_h, op_w), groups=attrs["groups"], dilation=(dh, dw))
     x = x[:, :, top:top + h, left:left + wd]
-    new_bias = bias + _sum_lead(a, 3).sum((-1, -2)) @ b if b is not None else bias
+    new_bias = bias.clone() if b is None else bias + _sum_lead(a, 3).sum((-1, -2)) @ b
     return x.reshape(lead + (c_in, h, wd)), new_bias
 
 

@@ -71,7 +71,7 @@ class MemoryPlan:
         return self.offsets[buffer_id]
 
 
-@dataclass
+@dataclass(eq=False)          # identity semantics: executors key their prepared state on it
 class BFTaskModule:
     method: str
     tasks: list[BoundTask]

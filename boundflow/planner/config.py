@@ -21,8 +21,12 @@ class PlannerConfig:
     max_ops_per_task: int | None = None
     min_tasks: int = 1
     # storage: let buffers with disjoint lifetimes share arena bytes
-    enable_storage_reuse: bool = False
+    enable_storage_reuse: bool = True
     alignment: int = 64
+    # order ops to lower the planned peak where the dependences leave a choice
+    memory_aware_order: bool = True
+    # prove the storage plan safe (no live buffers sharing bytes) before returning it
+    verify: bool = True
 
     def __post_init__(self):
         if self.crown_interm not in CROWN_INTERM_MODES:

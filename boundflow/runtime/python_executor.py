@@ -7,11 +7,12 @@ has, at the start of their planned slot.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-from boundflow.domains import KERNELS
+from boundflow.domains import ALIASING_KERNELS, KERNELS
 from boundflow.errors import ShapeError
 from boundflow.ir.task import DTYPE_BYTES, TORCH_DTYPES, BFTaskModule
 
@@ -21,7 +22,7 @@ class _Prepared:
     arenas: dict[str, torch.Tensor]
     views: list[torch.Tensor | None]          # static views, by buffer id; None for dynamic ones
     slots: list[tuple[torch.Tensor, int]]     # (arena, element offset), by buffer id
-    program: list[tuple]                      # (kernel, input ids, output ids, params, attrs)
+    program: list[tuple]                      # (kernel, input ids, output ids, params, attrs, name)
 
 
 class PythonTaskExecutor:
@@ -29,14 +30,18 @@ class PythonTaskExecutor:
 
     name = "python"
 
-    def __init__(self):
-        self._prepared: dict[int, tuple[BFTaskModule, _Prepared]] = {}
+    def __init__(self, check_aliasing: bool = False):
+        # check_aliasing: fail if a kernel that promises fresh results returns a view of an
+        # input (the storage plan relies on it); a debugging and testing aid
+        self.check_aliasing = check_aliasing
+        # prepared state (arenas, views) lives as long as its module and no longer
+        self._prepared: weakref.WeakKeyDictionary[BFTaskModule, _Prepared] = weakref.WeakKeyDictionary()
         self.stats = {"runs": 0, "prepares": 0, "arena_bytes": 0, "run_ms_total": 0.0}
 
     def prepare(self, module: BFTaskModule) -> _Prepared:
-        hit = self._prepared.get(id(module))
-        if hit is not None and hit[0] is module:
-            return hit[1]
+        hit = self._prepared.get(module)
+        if hit is not None:
+            return hit
         plan = module.memory_plan
         arenas = {dt: torch.empty(max(n, 8) // DTYPE_BYTES[dt], dtype=TORCH_DTYPES[dt])
                   for dt, n in plan.arena_bytes.items()}
@@ -55,9 +60,9 @@ class PythonTaskExecutor:
             if kernel is None:
                 raise NotImplementedError(f"PythonTaskExecutor has no kernel for {op.op!r} ({op.source})")
             program.append((kernel, op.inputs, op.outputs, [module.params[p] if p else None for p in op.params],
-                            op.attrs))
+                            op.attrs, op.op))
         prepared = _Prepared(arenas, views, slots, program)
-        self._prepared[id(module)] = (module, prepared)
+        self._prepared[module] = prepared
         self.stats["prepares"] += 1
         self.stats["arena_bytes"] = sum(a.numel() * a.element_size() for a in arenas.values())
         return prepared
@@ -75,8 +80,10 @@ class PythonTaskExecutor:
                 raise ShapeError(f"input {role!r} has shape {list(t.shape)}, the plan expects {list(spec.shape)}")
             env[bid].copy_(t)
         views, slots = p.views, p.slots
-        for kernel, ins, outs, params, attrs in p.program:
+        for kernel, ins, outs, params, attrs, name in p.program:
             results = kernel([env[i] for i in ins], params, attrs)
+            if self.check_aliasing and name not in ALIASING_KERNELS:
+                _check_fresh(name, [env[i] for i in ins], results)
             for bid, t in zip(outs, results):
                 view = views[bid]
                 if view is None:                       # dynamic: a view of the data's size
@@ -88,3 +95,11 @@ class PythonTaskExecutor:
         self.stats["runs"] += 1
         self.stats["run_ms_total"] += (time.perf_counter() - t0) * 1e3
         return out
+
+
+def _check_fresh(name: str, inputs: list[torch.Tensor], results) -> None:
+    held = {t.untyped_storage().data_ptr() for t in inputs}
+    for k, t in enumerate(results):
+        if t.untyped_storage().data_ptr() in held:
+            raise AssertionError(f"kernel {name} returned a view of an input as result {k}; "
+                                 "add it to ALIASING_KERNELS or return a fresh tensor")

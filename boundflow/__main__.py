@@ -1,0 +1,4 @@
+"""``python -m boundflow`` runs the command-line interface."""
+from boundflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,346 @@
+"""Benchmark of the bound methods: ``python -m boundflow.bench.methods [--json FILE] [--models ...]
+[--repeats N] [--warmup N] [--threads 1] [--quick]``.
+
+For each model and input box it times ``boundflow.compute_bounds`` with IBP, CROWN-IBP, CROWN
+and CROWN with textbook intermediate bounds (``crown_interm="pure"``) and compares with
+
+- one plain forward pass of the same model at batch 1, two ways: a torch forward (the
+  simplified primal graph run as a list of closures with their weights and attributes bound
+  in advance, under ``no_grad``; the ratios use this one) and onnxruntime's ``session.run`` on
+  the ONNX file, both with the same thread count;
+- for the golden fixtures (../shared/golden), auto_LiRPA 0.7.1's recorded time (``ms``) and
+  mean bound width for the same method: speedup ``lirpa_ms / ours_ms`` and tightness
+  ``ours_width / lirpa_width`` (<= 1: at least as tight). auto_LiRPA's times are the
+  fixtures' (median of 3, on a loaded 2-core machine), not re-timed here: the speedup is
+  indicative only (see the golden README).
+
+Cases: mnist-net_256x2 and mnist-net_256x6 on the box of mnistfc/prop_0_0.03.vnnlib, ACAS Xu
+1_1 on acasxu/prop_1.vnnlib's box, oval21 cifar_base_kw on its golden fixture's box, and every
+golden fixture's model and box (and C). A case whose model bytes, box and C equal a fixture's is
+run once, with the fixture's reference attached. Boxes from vnnlib files are rounded to the
+nearest float32, as the fixtures' boxes were.
+
+Timing (see ``boundflow.bench.common.time_calls``): the model is loaded first (``load_ms``, on
+the case's first row: near 0 when an earlier case loaded the same file; the first load in the
+process also pays one-off imports). The first ``compute_bounds`` call of a method plans, caches
+and runs (``first_call_ms``; ``plan_cached`` is true when an earlier case already made the same
+plan); then ``--warmup`` untimed calls and ``--repeats`` timed ones give the median and spread
+of the wall-clock time (``time_ms``, used by the ratios and targets) and of the thread's CPU
+time (``cpu_ms``, ``*_cpu`` ratios: robust to other processes sharing the machine). ``torch`` uses
+``--threads`` threads (default 1, as auto_LiRPA's reference times).
+
+Targets (``targets`` in the JSON): IBP takes at most 3x a torch forward pass on every case, and
+CROWN on mnist-net_256x2 with the prop_0_0.03 box is at least 2x faster than auto_LiRPA's
+recorded CROWN time with a mean width no larger than its (up to 1e-5 relative).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import boundflow
+from boundflow.bench.common import fmt, machine_info, shared_dir, table, time_calls, time_once, versions, write_json
+from boundflow.domains import concrete
+from boundflow.frontends.vnnlib import read_vnnlib
+from boundflow.ir.primal import Graph
+
+# (label, compute_bounds method, crown_interm, key in a golden fixture)
+METHODS = [
+    ("ibp", "ibp", "sparse", "IBP"),
+    ("crown-ibp", "crown-ibp", "sparse", "CROWN-IBP"),
+    ("crown", "crown", "sparse", "CROWN"),
+    ("crown-pure", "crown", "pure", "CROWN:pure_interm"),
+]
+CIFAR_FIXTURE = "cifar_base_kw__cifar_base_kw-img2908-eps0.019869281045751634"
+# (model under benchmarks/vnncomp2021, box: a vnnlib file there or "golden:<fixture>")
+MODEL_CASES = [
+    ("mnistfc/mnist-net_256x2.onnx", "mnistfc/prop_0_0.03.vnnlib"),
+    ("mnistfc/mnist-net_256x6.onnx", "mnistfc/prop_0_0.03.vnnlib"),
+    ("acasxu/ACASXU_run2a_1_1_batch_2000.onnx", "acasxu/prop_1.vnnlib"),
+    ("oval21/nets/cifar_base_kw.onnx", f"golden:{CIFAR_FIXTURE}"),
+]
+IBP_FORWARD_LIMIT = 3.0
+CROWN_TARGET_CASE = "mnist-net_256x2__prop_0_0.03"
+CROWN_SPEEDUP_NEEDED = 2.0
+WIDTH_RTOL = 1e-5
+QUICK = {"repeats": 3, "warmup": 1}
+DEFAULT = {"repeats": 30, "warmup": 3}
+FORWARD_REPEATS_FACTOR = 10  # a forward pass is cheap: time 10x as many of them
+FORWARD_NOTE = ("torch: the simplified primal graph (boundflow.load_model) run as pre-bound closures "
+                "under no_grad at batch 1 (used for ratio_vs_forward); onnxruntime: session.run on the "
+                "ONNX file, CPU provider, same thread count")
+
+
+@dataclass
+class Case:
+    name: str
+    model: Path
+    box: str                  # where the box comes from
+    lower: np.ndarray         # float32, flat
+    upper: np.ndarray
+    C: np.ndarray | None      # [S, O] float32 or None
+    fixture: dict | None = None   # the golden fixture's JSON
+    fixture_name: str | None = None
+
+    def key(self) -> tuple:
+        """Model bytes, box and C, with -0.0 read as 0.0 (read_vnnlib gives -0.0 for `>= X 0.0`)."""
+        c = None if self.C is None else (self.C + 0).tobytes()
+        return (hashlib.sha256(self.model.read_bytes()).hexdigest(), (self.lower + 0).tobytes(),
+                (self.upper + 0).tobytes(), c)
+
+
+def fixture_case(golden: Path, name: str) -> Case:
+    raw = json.loads((golden / f"{name}.json").read_text())
+    C = None if raw["C"] is None else np.array(raw["C"], dtype=np.float32)
+    return Case(name, golden / raw["model"], f"golden:{name}", np.array(raw["x_lower"], dtype=np.float32),
+                np.array(raw["x_upper"], dtype=np.float32), C, raw, name)
+
+
+def model_case(shared: Path, model: str, box: str) -> Case:
+    bench = shared / "benchmarks" / "vnncomp2021"
+    path = bench / model
+    if box.startswith("golden:"):
+        fx = fixture_case(shared / "golden", box.removeprefix("golden:"))
+        return Case(fx.name, path, box, fx.lower, fx.upper, fx.C)
+    prop = read_vnnlib(bench / box)
+    if len(prop.boxes) != 1:
+        raise ValueError(f"{box}: expected one input box, found {len(prop.boxes)}")
+    lo, hi = prop.boxes[0]
+    return Case(f"{path.stem}__{Path(box).stem}", path, box, lo.astype(np.float32), hi.astype(np.float32), None)
+
+
+def all_cases(shared: Path) -> list[Case]:
+    """The model cases, then every golden fixture not identical to one of them."""
+    cases = [model_case(shared, m, b) for m, b in MODEL_CASES]
+    by_key = {c.key(): c for c in cases}
+    for path in sorted((shared / "golden").glob("*__*.json")):
+        fx = fixture_case(shared / "golden", path.stem)
+        same = by_key.get(fx.key())
+        if same is None:
+            cases.append(fx)
+        else:
+            same.fixture, same.fixture_name = fx.fixture, fx.name
+    return cases
+
+
+def select(cases: list[Case], patterns: list[str] | None) -> list[Case]:
+    """Cases whose name or model file stem matches one of the glob patterns (all when None)."""
+    if not patterns:
+        return cases
+    chosen = [c for c in cases if any(fnmatch.fnmatch(c.name, p) or fnmatch.fnmatch(c.model.stem, p)
+                                      for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"no case matches {patterns}; cases: {', '.join(c.name for c in cases)}")
+    return chosen
+
+
+def torch_forward(graph: Graph) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A plain torch forward of the primal graph's first output, x: [B, *input shape]. Each node
+    becomes a closure over its rule, constants and attributes; values live in a list."""
+    slots = {graph.inputs[0]: 0}
+    steps = []
+    for k, node in enumerate(graph.nodes):
+        rule, attrs = concrete.RULES[node.op], node.attrs
+        args = [(slots[i], None) if graph.is_variable(i) else (None, graph.data(i)) for i in node.inputs]
+        if args[0][0] is not None and all(s is None for s, _ in args[1:]):
+            src, consts = args[0][0], [c for _, c in args[1:]]
+            steps.append(lambda env, r=rule, s=src, cs=consts, a=attrs: r(env[s], *cs, attrs=a))
+        else:
+            steps.append(lambda env, r=rule, ar=args, a=attrs: r(*[env[s] if s is not None else c for s, c in ar],
+                                                                  attrs=a))
+        slots[node.outputs[0]] = k + 1
+    out = slots[graph.outputs[0]]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            env = [x]
+            for step in steps:
+                env.append(step(env))
+            return env[out]
+
+    return forward
+
+
+def ort_forward(path: Path, threads: int, x: np.ndarray) -> Callable[[], list]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x}
+    return lambda: sess.run(None, feed)
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def run_case(case: Case, repeats: int, warmup: int, threads: int) -> list[dict[str, Any]]:
+    path = str(case.model)
+    load_ms, (graph, _) = time_once(lambda: boundflow.load_model(path))
+    in_shape = tuple(graph.shape(graph.inputs[0]))
+    if int(np.prod(in_shape)) != case.lower.size:
+        raise ValueError(f"{case.name}: box has {case.lower.size} entries, the model's input {list(in_shape)}")
+    lo = torch.from_numpy(case.lower.reshape(in_shape))
+    hi = torch.from_numpy(case.upper.reshape(in_shape))
+    C = None if case.C is None else torch.from_numpy(case.C)
+
+    x = ((lo + hi) / 2).unsqueeze(0)
+    fwd = torch_forward(graph)
+    fwd_wall, fwd_cpu, y = time_calls(lambda: fwd(x), repeats * FORWARD_REPEATS_FACTOR, warmup)
+    run_ort = ort_forward(case.model, threads, x.numpy().reshape(in_shape))
+    ort_wall, ort_cpu, y_ort = time_calls(run_ort, repeats * FORWARD_REPEATS_FACTOR, warmup)
+    forward = {"torch": fwd_wall, "torch_cpu": fwd_cpu, "onnxruntime": ort_wall, "onnxruntime_cpu": ort_cpu,
+               "torch_vs_onnxruntime_max_abs_diff": float(np.abs(y.numpy().ravel() - y_ort[0].ravel()).max())}
+
+    rows = []
+    for label, method, interm, key in METHODS:
+        first_ms, first = time_once(lambda: boundflow.bound(path, lo, hi, method, C, crown_interm=interm))
+        wall, cpu, (lb, ub) = time_calls(
+            lambda: boundflow.compute_bounds(path, lo, hi, method=method, C=C, crown_interm=interm), repeats, warmup)
+        width = _num((ub - lb).double().mean().item())
+        ms = wall["median"]
+        row = {
+            "case": case.name, "model": case.model.name, "box": case.box, "method": label,
+            "compute_bounds": {"method": method, "crown_interm": interm},
+            "input_shape": list(in_shape), "batch": 1, "spec_rows": None if C is None else C.shape[0],
+            "load_ms": load_ms, "first_call_ms": first_ms, "plan_cached": bool(first.stats["plan_cached"]),
+            "time_ms": wall, "cpu_ms": cpu, "forward": forward, "forward_ms": fwd_wall["median"],
+            "ratio_vs_forward": _ratio(ms, fwd_wall["median"]),
+            "ratio_vs_forward_cpu": _ratio(cpu["median"], fwd_cpu["median"]), "mean_width": width,
+            "first_call_same_bounds": bool(torch.equal(first.lb, lb) and torch.equal(first.ub, ub)),
+            "lirpa": None,
+        }
+        ref = case.fixture and (case.fixture["methods"].get(key) or case.fixture["variants"].get(key))
+        if ref:
+            ref_width = _num(float(np.mean(np.subtract(ref["ub"], ref["lb"], dtype=np.float64))))
+            row["lirpa"] = {"fixture": case.fixture_name, "key": key, "ms": ref["ms"], "mean_width": ref_width,
+                            "speedup": _ratio(ref["ms"], ms), "speedup_vs_cpu": _ratio(ref["ms"], cpu["median"]),
+                            "tightness": _ratio(width, ref_width)}
+        rows.append(row)
+        load_ms = None  # loaded once per case
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ibp = {r["case"]: {"ibp_ms": r["time_ms"]["median"], "forward_ms": r["forward_ms"],
+                       "ratio": r["ratio_vs_forward"], "ratio_cpu": r["ratio_vs_forward_cpu"],
+                       "pass": r["ratio_vs_forward"] is not None and r["ratio_vs_forward"] <= IBP_FORWARD_LIMIT}
+           for r in rows if r["method"] == "ibp"}
+    out = {"ibp_vs_forward": {"limit": IBP_FORWARD_LIMIT, "per_case": ibp,
+                              "pass": bool(ibp) and all(v["pass"] for v in ibp.values())}}
+    crown = next((r for r in rows if r["case"] == CROWN_TARGET_CASE and r["method"] == "crown"), None)
+    if crown is None or crown["lirpa"] is None:
+        out["crown_vs_lirpa"] = {"case": CROWN_TARGET_CASE, "pass": None, "note": "case not run"}
+    else:
+        ref = crown["lirpa"]
+        fast = ref["speedup"] is not None and ref["speedup"] >= CROWN_SPEEDUP_NEEDED
+        tight = crown["mean_width"] is not None and crown["mean_width"] <= ref["mean_width"] * (1 + WIDTH_RTOL)
+        out["crown_vs_lirpa"] = {"case": CROWN_TARGET_CASE, "ours_ms": crown["time_ms"]["median"],
+                                 "ours_cpu_ms": crown["cpu_ms"]["median"], "speedup_vs_cpu": ref["speedup_vs_cpu"],
+                                 "lirpa_ms": ref["ms"], "speedup": ref["speedup"],
+                                 "speedup_needed": CROWN_SPEEDUP_NEEDED, "ours_mean_width": crown["mean_width"],
+                                 "lirpa_mean_width": ref["mean_width"], "width_rtol": WIDTH_RTOL,
+                                 "fast_enough": fast, "as_tight": tight, "pass": fast and tight}
+    return out
+
+
+def report(rows: list[dict[str, Any]], tg: dict[str, Any]) -> str:
+    header = ["case", "method", "median ms", "p25-p75", "cpu ms", "first ms", "fwd ms", "ort ms", "x fwd",
+              "lirpa ms", "speedup", "width", "w/lirpa"]
+    body, last = [], None
+    for r in rows:
+        t, ref = r["time_ms"], r["lirpa"] or {}
+        body.append([r["case"] if r["case"] != last else "", r["method"], fmt(t["median"]),
+                     f"{fmt(t['p25'])}-{fmt(t['p75'])}", fmt(r["cpu_ms"]["median"]), fmt(r["first_call_ms"]),
+                     fmt(r["forward_ms"], 2),
+                     fmt(r["forward"]["onnxruntime"]["median"], 2), fmt(r["ratio_vs_forward"]),
+                     fmt(ref.get("ms")), fmt(ref.get("speedup")), fmt(r["mean_width"], 5),
+                     fmt(ref.get("tightness"), 6)])
+        last = r["case"]
+    lines = [table(body, header), "", "targets:"]
+    ibp = tg["ibp_vs_forward"]
+    lines.append(f"  IBP <= {ibp['limit']:g}x torch forward: {'PASS' if ibp['pass'] else 'FAIL'}")
+    for name, v in ibp["per_case"].items():
+        lines.append(f"    {name}: {fmt(v['ibp_ms'])} ms / {fmt(v['forward_ms'], 2)} ms = "
+                     f"{fmt(v['ratio'])}x  {'pass' if v['pass'] else 'FAIL'}  (cpu time: {fmt(v['ratio_cpu'])}x)")
+    cr = tg["crown_vs_lirpa"]
+    if cr["pass"] is None:
+        lines.append(f"  CROWN vs auto_LiRPA on {cr['case']}: not run")
+    else:
+        lines.append(f"  CROWN on {cr['case']} >= {cr['speedup_needed']:g}x faster than auto_LiRPA and as tight: "
+                     f"{'PASS' if cr['pass'] else 'FAIL'}")
+        lines.append(f"    {fmt(cr['ours_ms'])} ms vs {fmt(cr['lirpa_ms'])} ms = {fmt(cr['speedup'])}x "
+                     f"({'pass' if cr['fast_enough'] else 'FAIL'}; cpu time {fmt(cr['ours_cpu_ms'])} ms: "
+                     f"{fmt(cr['speedup_vs_cpu'])}x); mean width {fmt(cr['ours_mean_width'], 7)} "
+                     f"vs {fmt(cr['lirpa_mean_width'], 7)} ({'pass' if cr['as_tight'] else 'FAIL'})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m boundflow.bench.methods", 
+                                 description="Time IBP, CROWN-IBP and CROWN (sparse and pure intermediate bounds) "
+                                             "against a forward pass and auto_LiRPA's reference times.")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-': stdout)")
+    ap.add_argument("--models", nargs="+", metavar="NAME",
+                    help="case names or model file stems to run (glob patterns; default: all)")
+    ap.add_argument("--repeats", type=int, help=f"timed calls per method (default {DEFAULT['repeats']}, "
+                                                f"--quick {QUICK['repeats']})")
+    ap.add_argument("--warmup", type=int, help=f"untimed calls after the first (default {DEFAULT['warmup']}, "
+                                               f"--quick {QUICK['warmup']})")
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1)")
+    ap.add_argument("--quick", action="store_true", help="few repeats, for smoke tests")
+    ap.add_argument("--shared", metavar="DIR", help="the shared data folder (default $BOUNDFLOW_SHARED or ../shared)")
+    args = ap.parse_args(argv)
+    preset = QUICK if args.quick else DEFAULT
+    repeats = args.repeats if args.repeats is not None else preset["repeats"]
+    warmup = args.warmup if args.warmup is not None else preset["warmup"]
+    if repeats < 1 or warmup < 0 or args.threads < 1:
+        ap.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
+
+    torch.set_num_threads(args.threads)
+    shared = shared_dir(args.shared)
+    cases = select(all_cases(shared), args.models)
+    # with --json -, stdout carries the JSON only; the table goes to stderr
+    log = sys.stderr if args.json == "-" else sys.stdout
+    machine = machine_info()  # load average at the start; the end's is added below
+    rows = []
+    for case in cases:
+        print(f"running {case.name} ({case.model.name})", file=log, flush=True)
+        rows.extend(run_case(case, repeats, warmup, args.threads))
+    tg = targets(rows)
+    print(report(rows, tg), file=log, flush=True)
+    if args.json:
+        write_json({
+            "machine": dict(machine, load_average_end=machine_info()["load_average"]),
+            "versions": dict(versions(), boundflow_module=boundflow.__version__),
+            "config": {"repeats": repeats, "warmup": warmup, "forward_repeats": repeats * FORWARD_REPEATS_FACTOR,
+                       "threads": args.threads, "quick": args.quick, "shared": str(shared),
+                       "cases": [c.name for c in cases], "methods": [m[0] for m in METHODS],
+                       "forward": FORWARD_NOTE, "ratio_vs_forward": "time_ms.median / forward.torch.median",
+                       "ratio_vs_forward_cpu": "cpu_ms.median / forward.torch_cpu.median",
+                       "speedup": "lirpa.ms / time_ms.median (auto_LiRPA's ms recorded in the fixture, not re-timed "
+                                  "here); speedup_vs_cpu: lirpa.ms / cpu_ms.median",
+                       "tightness": "mean_width / lirpa.mean_width"},
+            "results": rows,
+            "targets": tg,
+        }, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

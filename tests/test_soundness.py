@@ -1,0 +1,203 @@
+"""Soundness by sampling: every sampled output lies inside the certified bounds.
+
+(a) the golden fixtures (../shared/golden), sampled with onnxruntime;
+(b) random networks from tests/nets.py (hypothesis), sampled with the torch module and with
+    onnxruntime on its ONNX export, bounded through both frontends, B = 1 and B = 3 regions.
+
+Tolerance: 1e-5 * max(1, |bound|). Also: lb <= ub, and for ibp, crown-ibp and crown (pure
+intermediate bounds) B regions bounded together equal B separate calls (regions are
+independent). Sparse CROWN picks the neurons to refine from the union over the batch, so there
+only soundness is asserted.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import boundflow
+from golden import FIXTURES, load_fixture
+from nets import KINDS, export_onnx, networks, onnx_runner, sample_box
+
+METHODS = [("ibp", "sparse"), ("crown-ibp", "sparse"), ("crown", "sparse"), ("crown", "pure")]
+METHOD_IDS = ["ibp", "crown-ibp", "crown-sparse", "crown-pure"]
+BATCH_INDEPENDENT = {("ibp", "sparse"), ("crown-ibp", "sparse"), ("crown", "pure")}
+
+N_SAMPLES = 1200       # per region: centre + >= 300 vertices (all when fewer) + mixed + uniform
+N_CORNERS = 300
+
+
+def _tol(b: torch.Tensor) -> torch.Tensor:
+    return 1e-5 * b.double().abs().clamp(min=1)
+
+
+def assert_inside(y: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, what: str):
+    """y: [N, S] sampled values; lb, ub: [S]."""
+    y, lb, ub = y.double(), lb.double(), ub.double()
+    assert lb.shape == ub.shape == y.shape[1:], (what, lb.shape, ub.shape, y.shape)
+    below = (lb - _tol(lb)) - y        # > 0: violation
+    above = y - (ub + _tol(ub))
+    for name, excess, bound in (("lower", below, lb), ("upper", above, ub)):
+        if (excess > 0).any():
+            n, s = divmod(int(excess.argmax()), excess.shape[1])
+            raise AssertionError(
+                f"{what}: {int((excess > 0).sum())} sample(s) outside the {name} bound; worst: "
+                f"sample {n}, row {s}: value {y[n, s].item():.9g}, bound {bound[s].item():.9g}, "
+                f"excess {excess[n, s].item():.3e}")
+
+
+def assert_ordered(lb: torch.Tensor, ub: torch.Tensor, what: str):
+    assert torch.isfinite(lb).all() and torch.isfinite(ub).all(), f"{what}: non-finite bounds"
+    bad = lb.double() > ub.double() + _tol(ub)     # a zero-width box may round 1 ulp apart
+    assert not bad.any(), f"{what}: lb > ub at {bad.nonzero()[0].tolist()}: " \
+                          f"{lb[bad][0].item():.9g} > {ub[bad][0].item():.9g}"
+
+
+# --------------------------------------------------------------------------------------------
+# (a) golden fixtures
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _golden_samples(shared: str, name: str) -> torch.Tensor:
+    fx = load_fixture(Path(shared), name)
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    pts = sample_box(fx.lower, fx.upper, N_SAMPLES, N_CORNERS, gen)    # [N, *input_shape]
+    y = onnx_runner(fx.model)(pts)                                     # [N, O]
+    if fx.C is not None:
+        y = y @ fx.C.double().T
+    return y
+
+
+@pytest.mark.parametrize("method,interm", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_golden_fixtures_sound(shared, name, method, interm):
+    fx = load_fixture(shared, name)
+    lb, ub = boundflow.compute_bounds(str(fx.model), fx.lower, fx.upper, method=method, C=fx.C,
+                                      crown_interm=interm)
+    y = _golden_samples(str(shared), name)
+    assert lb.shape == ub.shape == (1, y.shape[1])
+    what = f"{name} {method}/{interm}"
+    assert_ordered(lb, ub, what)
+    assert_inside(y, lb[0], ub[0], what)
+
+
+# --------------------------------------------------------------------------------------------
+# (b) random networks
+# --------------------------------------------------------------------------------------------
+EPS = {"zero": 0.0, "tiny": 1e-6, "small": 1e-3, "medium": 0.05, "large": 0.5, "huge": 3.0}
+
+
+@st.composite
+def regions(draw, input_shape: tuple[int, ...], batch: int):
+    """[B, *input_shape[1:]] boxes: random centres, eps of random magnitude, per coordinate
+    sometimes (some coordinates fixed)."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch,) + tuple(input_shape[1:])
+    scale = draw(st.sampled_from([0.0, 0.3, 1.0, 3.0]))
+    centre = torch.randn(shape, generator=gen) * scale
+    eps_kind = draw(st.sampled_from(list(EPS)))
+    eps = torch.full(shape, EPS[eps_kind])
+    if eps_kind != "zero" and draw(st.booleans()):          # per-coordinate radii, some zero
+        eps = eps * torch.rand(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.8)
+    lo, hi = (centre - eps).float(), (centre + eps).float()
+    return lo, hi, f"centre scale {scale}, eps {eps_kind}"
+
+
+@st.composite
+def specs(draw, batch: int, num_out: int):
+    kind = draw(st.sampled_from(["none", "none", "shared", "per_region", "robustness"]))
+    if kind == "none":
+        return None
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    rows = draw(st.integers(1, 4))
+    if kind == "robustness" and num_out > 1:
+        label = draw(st.integers(0, num_out - 1))
+        C = -torch.eye(num_out)[[j for j in range(num_out) if j != label]]
+        C[:, label] = 1.0
+        return C
+    C = torch.randn((rows, num_out) if kind != "per_region" else (batch, rows, num_out), generator=gen)
+    return C
+
+
+def _spec_for(C: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    if C is None:
+        return None
+    return C[b] if C.dim() == 3 else C
+
+
+def _apply_spec(y: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+    return y if C is None else y @ C.double().T
+
+
+@functools.lru_cache(maxsize=1)
+def _onnx_export_works() -> bool:
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            export_onnx(torch.nn.Linear(2, 2), torch.zeros(1, 2), os.path.join(d, "m.onnx"))
+        return True
+    except Exception:  # noqa: BLE001 - e.g. an exporter that needs a missing package
+        return False
+
+
+SETTINGS = settings(max_examples=8, deadline=None, derandomize=True, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@SETTINGS
+@given(data=st.data())
+def test_random_networks_sound(kind, data):
+    net = data.draw(networks([kind]), label="net")
+    batch = data.draw(st.sampled_from([1, 3]), label="B")
+    lo, hi, box_desc = data.draw(regions(net.input_shape, batch), label="box")
+    C = data.draw(specs(batch, net.num_outputs), label="C")
+    gen = torch.Generator().manual_seed(1)
+
+    models: list[tuple[str, object]] = [("torch", net.module)]
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = None
+        if _onnx_export_works():
+            path = export_onnx(net.module, torch.zeros(net.input_shape), os.path.join(tmp, "net.onnx"))
+            runner = onnx_runner(path)
+            models.append(("onnx", path))
+
+        # samples, per region, evaluated by torch (and by onnxruntime)
+        samples = []
+        for b in range(batch):
+            pts = sample_box(lo[b], hi[b], N_SAMPLES, N_CORNERS, gen)
+            ys = [_apply_spec(net(pts).double(), _spec_for(C, b))]
+            if runner is not None:
+                ys.append(_apply_spec(runner(pts), _spec_for(C, b)))
+            samples.append(ys)
+
+        for method, interm in METHODS:
+            per_frontend = {}
+            for fe, model in models:
+                what = f"{net!r} {box_desc} B={batch} C={None if C is None else list(C.shape)} " \
+                       f"{method}/{interm} via {fe}"
+                lb, ub = boundflow.compute_bounds(model, lo, hi, method=method, C=C, crown_interm=interm)
+                rows = net.num_outputs if C is None else C.shape[-2]
+                assert lb.shape == ub.shape == (batch, rows), what
+                assert_ordered(lb, ub, what)
+                for b in range(batch):
+                    for y in samples[b]:
+                        assert_inside(y, lb[b], ub[b], f"{what} region {b}")
+                per_frontend[fe] = (lb, ub)
+
+            if batch > 1 and (method, interm) in BATCH_INDEPENDENT:
+                lb, ub = per_frontend["torch"]
+                for b in range(batch):
+                    lb1, ub1 = boundflow.compute_bounds(net.module, lo[b:b + 1], hi[b:b + 1], method=method,
+                                                        C=_spec_for(C, b), crown_interm=interm)
+                    for got, want, side in ((lb[b], lb1[0], "lb"), (ub[b], ub1[0], "ub")):
+                        diff = (got.double() - want.double()).abs()
+                        assert (diff <= _tol(want)).all(), \
+                            f"{net!r} {method}/{interm}: region {b} {side} with B={batch} differs from " \
+                            f"B=1 by {diff.max().item():.3e}"
