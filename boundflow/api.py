@@ -146,7 +146,7 @@ def get_plan(graph: Graph, graph_key, method: str, batch: int, spec_rows: int | 
 
 
 def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
-          config: PlannerConfig | None = None, executor: str = "python") -> BoundsResult:
+          config: PlannerConfig | None = None, executor: str = "python", alpha=None) -> BoundsResult:
     """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper]."""
     method = method.lower()
     if method not in METHODS:
@@ -176,10 +176,15 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     inputs = {"box": box}
     if C is not None:
         inputs["C"] = C
-    lb, ub = _executor.run(module, inputs)["bounds"]
+    extra = {}
+    if method == "alpha-crown":
+        from boundflow.verify.alpha import AlphaConfig, optimize
+        lb, ub, extra = optimize(module, inputs, _executor, alpha or AlphaConfig())
+    else:
+        lb, ub = _executor.run(module, inputs)["bounds"]
     t2 = time.perf_counter()
     stats = dict(module.stats, plan_ms=(t1 - t0) * 1e3, run_ms=(t2 - t1) * 1e3, plan_cached=cached,
-                 executor=executor, config=module.config_dump)
+                 executor=executor, config=module.config_dump, **extra)
     return BoundsResult(lb, ub, method, stats)
 
 
@@ -188,8 +193,9 @@ def compute_bounds(model, x_lower, x_upper, method: str = "crown", C=None, **opt
 
     model: ONNX path, onnx.ModelProto, or torch.nn.Module (x_lower then gives the input shape).
     x_lower, x_upper: the input box, with the model's input shape, optionally with a leading
-    axis of B regions. method: "ibp", "crown" or "crown-ibp". C: None, [S, O] or [B, S, O].
-    Options: crown_interm="sparse"|"pure", config=PlannerConfig(...).
+    axis of B regions. method: "ibp", "crown", "crown-ibp" or "alpha-crown". C: None, [S, O] or
+    [B, S, O]. Options: crown_interm="sparse"|"intersect"|"pure", config=PlannerConfig(...),
+    alpha=boundflow.verify.alpha.AlphaConfig(...) for alpha-crown.
     Returns lb, ub of shape [B, S] ([B, O] when C is None).
     """
     res = bound(model, x_lower, x_upper, method, C, **options)

@@ -19,7 +19,7 @@ from boundflow import api
 from boundflow.errors import BoundflowError
 from boundflow.frontends.vnnlib import format_row, outward_float32, read_vnnlib
 
-METHODS = ("ibp", "crown", "crown-ibp")
+METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
 EXIT_ERROR = 2
 

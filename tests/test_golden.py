@@ -60,3 +60,20 @@ def test_contains_empirical_range(shared, name, method, interm):
     tol = 1e-5 * emp_lo.abs().clamp(min=1)
     assert (lb[0] <= emp_lo + tol).all()
     assert (ub[0] >= emp_hi - tol).all()
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_alpha_crown_close_to_auto_lirpa(shared, name):
+    """alpha-CROWN with the fixtures' budget (20 iterations, lr 0.1): sound, never looser than
+    CROWN, and a mean width at most 2% above auto_LiRPA's."""
+    fx = load_fixture(shared, name)
+    lb, ub = boundflow.compute_bounds(str(fx.model), fx.lower, fx.upper, method="alpha-crown", C=fx.C)
+    ref_lb, ref_ub = fx.reference("alpha-CROWN")
+    crown_lb, crown_ub = fx.reference("CROWN")
+    emp_lo, emp_hi = fx.empirical
+    tol = 1e-5 * emp_lo.abs().clamp(min=1)
+    assert (lb[0] <= emp_lo + tol).all() and (ub[0] >= emp_hi - tol).all()
+    assert (lb[0] >= crown_lb - 1e-5 * crown_lb.abs().clamp(min=1)).all()
+    assert (ub[0] <= crown_ub + 1e-5 * crown_ub.abs().clamp(min=1)).all()
+    width, ref_width = (ub - lb).mean().item(), (ref_ub - ref_lb).mean().item()
+    assert width <= 1.02 * ref_width, f"mean width {width:.6g} vs auto_LiRPA {ref_width:.6g}"

@@ -111,6 +111,24 @@ def _relu(ins, ps, attrs):
     return torch.cat([new_lo, new_up], 1), bias + torch.cat([bias_lo, bias_up], 1)
 
 
+def _relu_alpha(ins, ps, attrs):
+    """As _relu, but the lower line of each unstable neuron has slope alpha (in [0, 1]), one per
+    row of A: alpha-CROWN. Stable neurons keep their exact line. Without alpha (None), CROWN's
+    adaptive slopes: that first run tells the optimiser the shapes and starting slopes."""
+    a, bias, relax, alpha = ins
+    if alpha is None:
+        return _relu(ins[:3], ps, attrs)
+    up_slope, up_bias, lo_slope = relax.unsqueeze(2)
+    lo_slope = torch.where(up_bias > 0, alpha, lo_slope)   # up_bias > 0 exactly when l < 0 < u
+    s = a.shape[1] // 2
+    a_lo, a_up = a[:, :s], a[:, s:]
+    new_lo = a_lo.clamp(min=0) * lo_slope[:, :s] + a_lo.clamp(max=0) * up_slope
+    new_up = a_up.clamp(min=0) * up_slope + a_up.clamp(max=0) * lo_slope[:, s:]
+    bias_lo = (a_lo.clamp(max=0) * up_bias).flatten(2).sum(-1)
+    bias_up = (a_up.clamp(min=0) * up_bias).flatten(2).sum(-1)
+    return torch.cat([new_lo, new_up], 1), bias + torch.cat([bias_lo, bias_up], 1)
+
+
 def _reshape(ins, ps, attrs):
     a, bias = ins
     return a.reshape(tuple(a.shape[:2]) + tuple(attrs["in_shape"])), bias
@@ -159,6 +177,7 @@ RULES = {
     "conv2d": _conv2d,
     "affine": _affine,
     "relu": _relu,
+    "relu_alpha": _relu_alpha,
     "reshape": _reshape,
     "transpose": _transpose,
     "concat": _concat,

@@ -5,6 +5,10 @@
   crown      as crown-ibp, but every ReLU input is refined by a CROWN backward pass as soon as
              its interval is known (config.crown_interm says how), so later intervals start
              from refined bounds
+  alpha-crown  as crown, but every backward pass reads its lower ReLU slopes from module
+             inputs "alpha:<target>:<relu input>" ([B, rows of A, *shape]), which an optimiser
+             tunes (boundflow.verify.alpha), as auto_LiRPA does: one set of slopes per
+             (ReLU, bounded value) pair, intermediate bounds recomputed with theirs
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from boundflow.ir.primal import Graph, Node
 from boundflow.ir.task import BufferSpec, TaskOp
 from boundflow.planner.config import PlannerConfig
 
-METHODS = ("ibp", "crown", "crown-ibp")
+METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
+_REFINED = ("crown", "alpha-crown")            # methods that refine ReLU inputs with CROWN
+_LINEAR = ("crown", "crown-ibp", "alpha-crown")  # methods that bound the output with CROWN
 _MIXING = ("linear", "conv2d")
 _ELEMENTWISE_OR_SHAPE = ("affine", "reshape", "transpose")
 
@@ -145,7 +151,7 @@ class _Lowering:
                 continue
             self.forward(node)
             v = node.outputs[0]
-            if self.method == "crown" and v in relu_inputs and not interval_is_exact(g, v):
+            if self.method in _REFINED and v in relu_inputs and not interval_is_exact(g, v):
                 self.refine(v)
         bid = self.output_bounds(folded_output)
         em.out.outputs["bounds"] = bid
@@ -166,7 +172,7 @@ class _Lowering:
 
     def forward(self, node: Node):
         em = self.em
-        if node.op == "relu" and self.method in ("crown", "crown-ibp"):
+        if node.op == "relu" and self.method in _LINEAR:
             v = node.inputs[0]
             relax = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
             em.emit("relu.relax", [self.bounds[v]], [relax], source=node.name)
@@ -188,11 +194,11 @@ class _Lowering:
             fraction = self.cfg.dense_fraction if mode == "sparse" else 1.0
             idx = em.buffer(f"unstable({v})", (numel,), dtype="int64", dynamic_axis=0)
             em.emit("bound.unstable", [box], [idx], attrs={"dense_fraction": fraction}, source=v)
-            crown = self.backward(v, onehot_index=idx)
+            crown = self.backward(v, onehot_index=idx, alpha=self.method == "alpha-crown")
             em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": mode == "intersect"},
                     source=v)
         else:
-            crown = self.backward(v, onehot_index=None)
+            crown = self.backward(v, onehot_index=None, alpha=self.method == "alpha-crown")
             em.emit("bound.replace", [box, crown], [new], source=v)
         self.bounds[v] = new
         em.phase = "forward"
@@ -202,7 +208,7 @@ class _Lowering:
         C = em.out.inputs.get("C")
         em.phase = "output"
         if self.method != "ibp":
-            return self.backward(out, spec=C)
+            return self.backward(out, spec=C, alpha=self.method == "alpha-crown")
         rows = self.S if self.S is not None else self.g.values[out].type.numel
         res = em.buffer("output.bounds", (2, self.B, rows))
         if folded is not None:
@@ -215,7 +221,8 @@ class _Lowering:
         return res
 
     # -- one CROWN backward pass -------------------------------------------------------------
-    def backward(self, target: str, spec: int | None = None, onehot_index: int | None = None):
+    def backward(self, target: str, spec: int | None = None, onehot_index: int | None = None,
+                 alpha: bool = False):
         """Emit a backward pass bounding `target`: the rows of C (or every output) for the graph
         output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
         stack(lower, upper), [2, B, S]."""
@@ -273,11 +280,18 @@ class _Lowering:
             new_bias = bias_buf()
             ins = [A[out], bias]
             attrs = dict(node.attrs, in_shape=list(self.shape(var[0])))
+            op = node.op
             if node.op == "relu":
                 ins.append(self.relax[node.inputs[0]])
+                if alpha:
+                    role = f"alpha:{target}:{node.inputs[0]}"
+                    em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(self.shape(node.inputs[0])),
+                                                    role="input", dynamic_axis=dynamic)
+                    ins.append(em.out.inputs[role])
+                    op = "relu_alpha"
             if node.op == "concat":
                 attrs["sizes"] = [self.shape(i)[node.attrs["axis"]] for i in var]
-            em.emit(f"linear.{node.op}", ins, [*new_as, new_bias], _linear_params(em, node, g), attrs, source=target)
+            em.emit(f"linear.{op}", ins, [*new_as, new_bias], _linear_params(em, node, g), attrs, source=target)
             bias = new_bias
             for i, buf in zip(var, new_as):
                 give(i, buf)

@@ -96,6 +96,19 @@ class PythonTaskExecutor:
         self.stats["run_ms_total"] += (time.perf_counter() - t0) * 1e3
         return out
 
+    def run_functional(self, module: BFTaskModule, inputs: dict[str, torch.Tensor],
+                       env: dict[int, torch.Tensor] | None = None, ops=None) -> dict[int, torch.Tensor]:
+        """Run `ops` (default: all) on plain tensors, without the arena, so autograd can see
+        through them (alpha-CROWN). `env` holds buffers computed earlier. Returns buffer -> tensor."""
+        env = dict(env or {})
+        for role, bid in module.inputs.items():
+            if role in inputs:
+                env[bid] = inputs[role]
+        for op in module.ops() if ops is None else ops:
+            params = [module.params[p] if p else None for p in op.params]
+            env.update(zip(op.outputs, KERNELS[op.op]([env[i] for i in op.inputs], params, op.attrs)))
+        return env
+
 
 def _check_fresh(name: str, inputs: list[torch.Tensor], results) -> None:
     held = {t.untyped_storage().data_ptr() for t in inputs}

@@ -1,0 +1,1 @@
+"""Verification: bound optimisation (alpha-CROWN) and, beside it, the search for verdicts."""
