@@ -50,8 +50,9 @@ def start_onehot(ins, ps, attrs):
 
 
 def start_rows(ins, ps, attrs):
-    """Fused start + linear backward for a target produced by a linear op whose input has only
-    unit axes before the feature axis: A on the input is just the selected rows of W."""
+    """Fused start + backward through the target's producer, when that op is a matrix on its
+    flattened input (a linear over unit leading axes, or a conv given as its dense matrix):
+    A on the input is just the selected rows of the matrix."""
     w, b = ps
     batch, in_shape = attrs["batch"], tuple(attrs["in_shape"])
     if ins:
@@ -96,19 +97,24 @@ def _affine(ins, ps, attrs):
     return a * scale, bias + (a * shift).flatten(2).sum(-1)
 
 
+def _relu_back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u):
+    """Lower rows: positive coefficients take the lower line, negative ones the upper line;
+    upper rows the other way round. Slopes broadcast against A's halves."""
+    s = a.shape[1] // 2
+    a_lo, a_up = a[:, :s], a[:, s:]
+    out = torch.cat([a_lo * torch.where(a_lo >= 0, lo_slope_l, up_slope),
+                     a_up * torch.where(a_up >= 0, up_slope, lo_slope_u)], 1)
+    # intercepts: only the upper line has one; it enters where the upper line was taken
+    ub = up_bias.flatten(2).transpose(1, 2)                                   # [B, N, 1]
+    bias_lo = torch.bmm(a_lo.clamp(max=0).flatten(2), ub).squeeze(-1)
+    bias_up = torch.bmm(a_up.clamp(min=0).flatten(2), ub).squeeze(-1)
+    return out, bias + torch.cat([bias_lo, bias_up], 1)
+
+
 def _relu(ins, ps, attrs):
     a, bias, relax = ins
-    s = a.shape[1] // 2
     up_slope, up_bias, lo_slope = relax.unsqueeze(2)       # each [B, 1, ...]
-    a_lo, a_up = a[:, :s], a[:, s:]
-    lo_pos, lo_neg = a_lo.clamp(min=0), a_lo.clamp(max=0)
-    up_pos, up_neg = a_up.clamp(min=0), a_up.clamp(max=0)
-    # lower bound: positive coefficients take the lower line, negative ones the upper line
-    new_lo = lo_pos * lo_slope + lo_neg * up_slope
-    new_up = up_pos * up_slope + up_neg * lo_slope
-    bias_lo = (lo_neg * up_bias).flatten(2).sum(-1)
-    bias_up = (up_pos * up_bias).flatten(2).sum(-1)
-    return torch.cat([new_lo, new_up], 1), bias + torch.cat([bias_lo, bias_up], 1)
+    return _relu_back(a, bias, up_slope, up_bias, lo_slope, lo_slope)
 
 
 def _relu_alpha(ins, ps, attrs):
@@ -121,12 +127,7 @@ def _relu_alpha(ins, ps, attrs):
     up_slope, up_bias, lo_slope = relax.unsqueeze(2)
     lo_slope = torch.where(up_bias > 0, alpha, lo_slope)   # up_bias > 0 exactly when l < 0 < u
     s = a.shape[1] // 2
-    a_lo, a_up = a[:, :s], a[:, s:]
-    new_lo = a_lo.clamp(min=0) * lo_slope[:, :s] + a_lo.clamp(max=0) * up_slope
-    new_up = a_up.clamp(min=0) * up_slope + a_up.clamp(max=0) * lo_slope[:, s:]
-    bias_lo = (a_lo.clamp(max=0) * up_bias).flatten(2).sum(-1)
-    bias_up = (a_up.clamp(min=0) * up_bias).flatten(2).sum(-1)
-    return torch.cat([new_lo, new_up], 1), bias + torch.cat([bias_lo, bias_up], 1)
+    return _relu_back(a, bias, up_slope, up_bias, lo_slope[:, :s], lo_slope[:, s:])
 
 
 def _reshape(ins, ps, attrs):

@@ -17,9 +17,14 @@ class PlannerConfig:
     #  "pure"      textbook CROWN: every neuron's bound is its back-substitution bound
     crown_interm: str = "sparse"
     dense_fraction: float = 0.9
+    # start a CROWN pass on a conv output by gathering rows of the conv's dense matrix (made once
+    # at plan time) when that matrix takes at most this many bytes; else one-hot + conv backward
+    dense_conv_start_bytes: int = 64 << 20
     # partitioning: split tasks larger than this many ops; then split until at least min_tasks
     max_ops_per_task: int | None = None
     min_tasks: int = 1
+    # layout: fold transposes into neighbouring linear ops / reshapes where exact (passes/layout.py)
+    fold_layout: bool = True
     # storage: let buffers with disjoint lifetimes share arena bytes
     enable_storage_reuse: bool = True
     alignment: int = 64

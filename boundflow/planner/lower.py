@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from boundflow.domains import interval
+from boundflow.domains import interval, linear
 from boundflow.errors import ShapeError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node
 from boundflow.ir.task import BufferSpec, TaskOp
@@ -110,6 +110,20 @@ def _linear_params(em: _Emitter, node: Node, graph: Graph) -> list[str]:
     if node.op == "affine":
         return [em.param(f"{key}.scale", ps[0]), em.param(f"{key}.shift", ps[1])]
     return []
+
+
+def _dense_conv(node: Node, graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv as a matrix [out numel, in numel] and its bias per output element, by running
+    the conv's own backward rule on the identity (one source of truth for its semantics)."""
+    out_shape, in_shape = graph.shape(node.outputs[0]), graph.shape(node.inputs[0])
+    n_out = graph.values[node.outputs[0]].type.numel
+    ps = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
+    w, b = ps[0], ps[1] if len(ps) > 1 else None
+    eye = torch.eye(n_out).reshape((1, n_out) + tuple(out_shape))
+    rows, _ = linear.RULES["conv2d"]([eye, torch.zeros(1, n_out)], [w, None],
+                                     dict(node.attrs, in_shape=list(in_shape)))
+    bias = torch.zeros(out_shape) if b is None else b.reshape(-1, 1, 1).expand(out_shape[-3:]).reshape(out_shape)
+    return rows.reshape(n_out, -1), bias.reshape(-1)
 
 
 class _Lowering:
@@ -242,11 +256,18 @@ class _Lowering:
         A: dict[str, int] = {}
         node0 = self.producer[target]
         skip = None
+        rows = None
         if not is_output and node0.op == "linear" and _unit_lead(self.shape(node0.inputs[0])):
-            # fused start: the selected rows of W are the coefficients on the linear's input
+            rows = _linear_params(em, node0, g)
+        elif not is_output and node0.op == "conv2d" and \
+                4 * numel * g.values[node0.inputs[0]].type.numel <= self.cfg.dense_conv_start_bytes:
+            dense, dense_bias = _dense_conv(node0, g)
+            rows = [em.param(f"{target}.dense", dense), em.param(f"{target}.dense_bias", dense_bias)]
+        if rows is not None:
+            # fused start: the selected rows of the op's matrix are the coefficients on its input
             x_in = node0.inputs[0]
             a, bias = a_buf(x_in), bias_buf()
-            em.emit("linear.start_rows", idx_in, [a, bias], _linear_params(em, node0, g),
+            em.emit("linear.start_rows", idx_in, [a, bias], rows,
                     {"batch": B, "in_shape": list(self.shape(x_in))}, source=target)
             A[x_in], skip = a, node0
         else:
