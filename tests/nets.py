@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-KINDS = ("mlp", "cnn", "residual", "bn_cnn", "permute", "nhwc_cnn", "normalized_mlp", "normalized_cnn")
+KINDS = ("mlp", "cnn", "residual", "bn_cnn", "permute", "nhwc_cnn", "keras_cnn", "normalized_mlp",
+         "normalized_cnn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +160,20 @@ class _CNN(nn.Module):
         return self.head(self.convs(x).flatten(1))
 
 
+class _KerasCNN(nn.Module):
+    """A Keras CNN as tf2onnx exports it: NHWC tensors, a transpose to NCHW before each conv and
+    back after it, ReLU in NHWC, and an NHWC flatten before the dense head."""
+
+    def __init__(self, convs: nn.ModuleList, head: nn.Sequential):
+        super().__init__()
+        self.convs, self.head = convs, head
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.head(x.flatten(1))
+
+
 class _Residual(nn.Module):
     def __init__(self, c: int, pool: int, flat: int, hidden: int, out: int, bn: bool):
         super().__init__()
@@ -244,6 +259,19 @@ def build_nhwc_cnn(p) -> Net:
     return _build_cnn(p, "nhwc_cnn", nhwc=True)
 
 
+def build_keras_cnn(p) -> Net:
+    c, h, w = p.choice((1, 2, 3)), p.int(3, 6), p.int(3, 6)
+    convs, descs = [], []
+    ch, hh, ww = c, h, w
+    for _ in range(p.int(1, 2)):
+        conv, ch, hh, ww, d = _conv_block(p, ch, hh, ww)
+        convs.append(conv)
+        descs.append(d)
+    head_layers, widths = _mlp_layers(p, ch * hh * ww, p.int(1, 4))
+    module = _init(_KerasCNN(nn.ModuleList(convs), nn.Sequential(*head_layers)), _gen(p))
+    return Net(module, (1, h, w, c), "keras_cnn", "; ".join(descs) + f"; NHWC flatten; fc {widths}")
+
+
 def build_normalized_cnn(p) -> Net:
     return _build_cnn(p, "normalized_cnn", normalize=True)
 
@@ -275,7 +303,8 @@ def build_normalized_mlp(p) -> Net:
 
 BUILDERS: dict[str, Callable] = {
     "mlp": build_mlp, "cnn": build_cnn, "residual": build_residual, "bn_cnn": build_bn_cnn,
-    "permute": build_permute, "nhwc_cnn": build_nhwc_cnn, "normalized_mlp": build_normalized_mlp,
+    "permute": build_permute, "nhwc_cnn": build_nhwc_cnn, "keras_cnn": build_keras_cnn,
+    "normalized_mlp": build_normalized_mlp,
     "normalized_cnn": build_normalized_cnn,
 }
 
