@@ -35,7 +35,8 @@ def run_json(capsys, *argv) -> dict:
     assert code == 0, err
     data = json.loads(out)
     assert list(data) == ["lb", "ub", "method", "stats"]
-    for key in ("plan_ms", "run_ms", "num_tasks", "logical_bytes", "physical_bytes"):
+    for key in ("plan_ms", "run_ms", "num_tasks", "num_edges", "logical_bytes", "physical_bytes",
+                "peak_planned_bytes", "reuse_stats", "transposes_folded", "transposes_executed", "timings", "config"):
         assert key in data["stats"], key
     return data
 

@@ -105,6 +105,34 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[di
     return spread(wall), spread(cpu), out
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, tuple[dict, dict]]:
+    """As time_calls for several functions compared side by side: each round calls every one
+    once, in an order that alternates between rounds, so drift in the machine's load hits them
+    alike. Returns {name: (wall spread, thread-CPU spread)}."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+                fns[name]()
+                t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+                wall[name].append((t1 - t0) / 1e6)
+                cpu[name].append((c1 - c0) / 1e6)
+    finally:
+        if enabled:
+            gc.enable()
+    return {n: (spread(wall[n]), spread(cpu[n])) for n in names}
+
+
 def table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain-text table; numbers are formatted by the caller, None prints as '-'."""
     cells = [[str(h) for h in header]] + [["-" if c is None else str(c) for c in r] for r in rows]

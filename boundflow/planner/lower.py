@@ -194,7 +194,8 @@ class _Lowering:
         ins = [self.bounds[i] for i in node.inputs if self.g.is_variable(i)]
         ps = [em.param(f"{node.outputs[0]}.ibp{k}", t) for k, t in enumerate(interval.prepare_params(self.g, node))]
         out = self.interval_buffer(node.outputs[0])
-        em.emit(f"interval.{node.op}", ins, [out], ps, node.attrs, source=node.name)
+        em.emit(f"interval.{node.op}", ins, [out], ps, node.attrs, source=node.name,
+                layout=node.attrs.get("layout_hint"))
         self.bounds[node.outputs[0]] = out
 
     def refine(self, v: str):
@@ -227,7 +228,8 @@ class _Lowering:
         res = em.buffer("output.bounds", (2, self.B, rows))
         if folded is not None:
             em.emit("interval.spec_linear", [self.bounds[folded.inputs[0]], C], [res],
-                    _linear_params(em, folded, self.g), source=folded.name)
+                    _linear_params(em, folded, self.g), source=folded.name,
+                    layout=folded.attrs.get("layout_hint"))
         elif C is not None:
             em.emit("interval.spec_box", [self.bounds[out], C], [res], source=out)
         else:
@@ -312,7 +314,8 @@ class _Lowering:
                     op = "relu_alpha"
             if node.op == "concat":
                 attrs["sizes"] = [self.shape(i)[node.attrs["axis"]] for i in var]
-            em.emit(f"linear.{op}", ins, [*new_as, new_bias], _linear_params(em, node, g), attrs, source=target)
+            em.emit(f"linear.{op}", ins, [*new_as, new_bias], _linear_params(em, node, g), attrs, source=target,
+                    layout=node.attrs.get("layout_hint"))
             bias = new_bias
             for i, buf in zip(var, new_as):
                 give(i, buf)

@@ -1,8 +1,8 @@
 """plan(graph, method, ...) -> BFTaskModule.
 
-lower (method -> ops over logical buffers) -> prune dead ops -> memory-aware order ->
-partition into tasks -> liveness -> storage plan (with reuse) -> verify. Each step is a pure
-function of the previous one's result.
+fold layout (transposes into weights or reshapes) -> lower (method -> ops over logical buffers)
+-> prune dead ops -> memory-aware order -> partition into tasks -> liveness -> storage plan (with
+reuse) -> verify. Each step is a pure function of the previous one's result.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 from boundflow.ir.primal import Graph
 from boundflow.ir.task import BFTaskModule
+from boundflow.passes.layout import LayoutReport, count_transposes, fold_layout
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.liveness import op_lifetimes, peak_live_bytes
 from boundflow.planner.lower import lower
@@ -26,6 +27,11 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
     runtime spec matrix C (None: every output)."""
     config = config or PlannerConfig()
     timings = {}
+    t_layout = time.perf_counter()
+    if config.fold_layout:
+        graph, layout = fold_layout(graph)
+    else:
+        layout = LayoutReport(count_transposes(graph), count_transposes(graph))
     t0 = time.perf_counter()
     low = lower(graph, method, batch, spec_rows, config)
     ins, outs = set(low.inputs.values()), set(low.outputs.values())
@@ -46,8 +52,8 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
     lifetimes = op_lifetimes([op for t in tasks for op in t.ops], ins, outs)
     memory = plan_memory(buffers, lifetimes, config.alignment, config.enable_storage_reuse)
     t4 = time.perf_counter()
-    timings.update(lower_ms=(t1 - t0) * 1e3, order_ms=(t2 - t1) * 1e3, partition_ms=(t3 - t2) * 1e3,
-                   memory_ms=(t4 - t3) * 1e3)
+    timings.update(layout_ms=(t0 - t_layout) * 1e3, lower_ms=(t1 - t0) * 1e3, order_ms=(t2 - t1) * 1e3,
+                   partition_ms=(t3 - t2) * 1e3, memory_ms=(t4 - t3) * 1e3)
     params = {name: t for name, t in low.params.items() if any(name in op.params for op in ops)}
     module = BFTaskModule(method, tasks, edges, buffers, params, low.inputs, low.outputs, memory,
                           dict(config.dump(), method=method, batch=batch, spec_rows=spec_rows))
@@ -57,6 +63,8 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
         logical_bytes=memory.logical_bytes, physical_bytes=memory.physical_bytes,
         peak_planned_bytes=peak, peak_planned_bytes_naive_order=peak_naive,
         reuse_stats=_reuse_stats(memory, buffers),
+        transposes_folded=layout.folded, transposes_executed=layout.transposes_after,
+        transpose_task_ops=sum(op.op.endswith(".transpose") for op in ops), layout_rewrites=layout.rewrites,
         param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
         timings=timings)
     if config.verify:

@@ -15,7 +15,10 @@ class PlanError(ValueError):
 
 def verify_plan(module: BFTaskModule) -> None:
     ops = list(module.ops())
-    life = op_lifetimes(ops, set(module.inputs.values()), set(module.outputs.values()))
+    try:
+        life = op_lifetimes(ops, set(module.inputs.values()), set(module.outputs.values()))
+    except ValueError as e:      # a read before any write, or a buffer written twice
+        raise PlanError(str(e)) from e
     plan = module.memory_plan
     spans = []
     for b, spec in module.buffers.items():
