@@ -103,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         help='print {"lb": [...], "ub": [...], "method": ..., "stats": {...}} instead of a table '
         "(lb/ub are lists of lists, one per box, when a VNNLIB property has several boxes)",
     )
+    b.add_argument(
+        "--executor", choices=("python", "tvm"), default="python",
+        help='run the plan with torch kernels (python, default) or TVM-compiled tasks (tvm; needs '
+        'pip install -e ".[tvm]"; the first run of a model compiles it)',
+    )
+    b.set_defaults(run=cmd_bounds)
+    from boundflow.verify.commands import add_commands  # verify, run-suite
+
+    add_commands(sub)
     return parser
 
 
@@ -302,7 +311,7 @@ def cmd_bounds(args) -> int:
     x_upper = torch.from_numpy(np.stack(highs)).reshape(len(boxes), *shape)
     C_t = None if C is None else torch.as_tensor(C, dtype=torch.float32)
 
-    res = api.bound(model, x_lower, x_upper, method=args.method, C=C_t)
+    res = api.bound(model, x_lower, x_upper, method=args.method, C=C_t, executor=args.executor)
     lb = res.lb.detach().to(torch.float64).reshape(len(boxes), -1).numpy()
     ub = res.ub.detach().to(torch.float64).reshape(len(boxes), -1).numpy()
     if lb.shape[1] != len(labels):  # a bug, not a user error: let it show a traceback
@@ -372,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_ERROR
-        return cmd_bounds(args)
+        return args.run(args)
     except SystemExit as e:  # --help, or argparse stopping
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
     except (CliError, BoundflowError) as e:

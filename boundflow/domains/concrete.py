@@ -1,7 +1,7 @@
 """Concrete semantics of the primal ops: the single source of truth for what each op computes.
 
 Every rule takes tensors with a leading region axis B followed by the per-region shape.
-Shape inference runs the same rules on meta tensors, so shapes can never disagree with values.
+Shape inference runs the same rules on small zero tensors, so shapes can never disagree with values.
 """
 from __future__ import annotations
 
@@ -101,31 +101,35 @@ def constant_valued(graph: Graph) -> set[str]:
 
 
 def infer_shape(graph: Graph, node: Node) -> tuple[int, ...]:
-    """Per-region output shape of `node`, by running its concrete rule on meta tensors."""
+    """Per-region output shape of `node`, by running its concrete rule on zeros. (Small real
+    tensors, not meta ones: ops on meta tensors import torch's compiler stack, seconds of
+    start-up for every process.)"""
     const = constant_valued(graph)
     args = []
     for name in node.inputs:
         v = graph.values[name]
         if v.data is not None:
-            args.append(v.data.to("meta"))
+            args.append(v.data)
         elif name in const:
-            args.append(torch.empty(tuple(v.type.shape), device="meta"))
+            args.append(torch.zeros(tuple(v.type.shape)))
         else:
             # a region axis of 2, not 1, so a constant that would broadcast over it is caught
-            args.append(torch.empty((2,) + tuple(v.type.shape), device="meta"))
+            args.append(torch.zeros((2,) + tuple(v.type.shape)))
     if all(i in const for i in node.inputs):
-        return tuple(apply_constant(node, args).shape)
+        with torch.no_grad():
+            return tuple(apply_constant(node, args).shape)
     try:
-        out = apply(node, args)
+        with torch.no_grad():
+            out = apply(node, args)
     except (RuntimeError, ValueError, IndexError) as e:
         raise ValueError(f"node {node.name!r} ({node.op}): inputs "
                          f"{[list(graph.values[i].type.shape) for i in node.inputs]} are invalid: {e}") from e
     return tuple(out.shape[1:])
 
 
-@torch.no_grad()
 def evaluate(graph: Graph, x: torch.Tensor) -> list[torch.Tensor]:
-    """Run the graph on a batch of points x: [B, *input_shape]. Returns the graph outputs."""
+    """Run the graph on a batch of points x: [B, *input_shape]. Returns the graph outputs.
+    Differentiable (attacks use the gradient); wrap in torch.no_grad() when it is not needed."""
     in_shape = graph.shape(graph.inputs[0])
     if tuple(x.shape[1:]) != tuple(in_shape):
         raise ValueError(f"evaluate: input of shape {list(x.shape)} does not match [B, *{list(in_shape)}]")

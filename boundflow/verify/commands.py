@@ -1,0 +1,165 @@
+"""The ``boundflow verify`` and ``boundflow run-suite`` subcommands (registered by cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("crown", "crown-ibp", "ibp", "alpha-crown")
+# Seconds of the timeout left for writing the result and interpreter shutdown (torch's
+# teardown takes about a second on a loaded machine).
+EXIT_RESERVE_S = 1.0
+
+_VERIFY_EPILOG = """\
+The property is a VNN-COMP VNNLIB file: it asserts a counterexample (input box(es) and an
+unsafe output set). Verdicts:
+  holds     every disjunct of the unsafe set is proven unreachable      (result file: unsat)
+  violated  a counterexample, confirmed by onnxruntime on MODEL.onnx    (result file: sat + point)
+  unknown   the search gave up before the timeout                       (result file: unknown)
+  timeout   the timeout passed                                          (result file: timeout)
+The timeout counts from the start of the process, as VNN-COMP measures it; the search stops
+about a second early to leave time for writing the result and exiting.
+
+examples:
+  boundflow verify net.onnx prop.vnnlib --timeout 60
+  boundflow verify net.onnx prop.vnnlib --timeout 60 --results out.txt --threads 1
+"""
+
+_SUITE_EPILOG = """\
+INSTANCES.csv has lines 'onnx,vnnlib,timeout' (VNN-COMP format, paths relative to the csv).
+Each instance runs as a fresh 'boundflow verify' process. When an expected.csv (columns
+benchmark, onnx, vnnlib, expected, ...) is found beside the csv or up to two folders above,
+answers that contradict it are flagged WRONG and counted.
+
+examples:
+  boundflow run-suite benchmarks/acasxu/acasxu_instances.csv --timeout-cap 30 --out acas.csv
+  boundflow run-suite benchmarks/test/test_instances.csv --jobs 2
+"""
+
+
+def add_commands(sub) -> None:
+    """Register ``verify`` and ``run-suite`` on cli.py's subparsers."""
+    v = sub.add_parser(
+        "verify", help="decide a VNNLIB property: holds / violated / unknown / timeout",
+        description="Verify a VNN-COMP property on an ONNX model and print a one-line summary.",
+        epilog=_VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("model", metavar="MODEL.onnx", help="the network, an ONNX file")
+    v.add_argument("property", metavar="PROP.vnnlib", help="the property, a VNNLIB file")
+    v.add_argument("--timeout", type=float, required=True, metavar="S", help="seconds (whole process)")
+    v.add_argument("--results", metavar="FILE", help="write the VNN-COMP result file here")
+    v.add_argument("--method", choices=METHODS, default="crown",
+                   help="bound method of the branch and bound (default: %(default)s)")
+    v.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the attacks (default: %(default)s)")
+    v.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object (verdict, seconds, stats)")
+    v.set_defaults(run=cmd_verify)
+
+    s = sub.add_parser(
+        "run-suite", help="run a VNN-COMP instances.csv, with progress and a summary",
+        description="Run every instance of a VNN-COMP instances.csv, one process each.",
+        epilog=_SUITE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("instances", metavar="INSTANCES.csv")
+    s.add_argument("--timeout-cap", type=float, metavar="S", help="cap every instance's timeout at S seconds")
+    s.add_argument("--out", metavar="RESULTS.csv", help="write one row per instance here")
+    s.add_argument("--jobs", type=int, default=1, metavar="N", help="instances run in parallel (default: 1)")
+    s.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads per instance (default: %(default)s)")
+    s.add_argument("--method", choices=METHODS, default="crown", help="as for verify (default: %(default)s)")
+    s.set_defaults(run=cmd_run_suite)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc); 0 where that is unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / ticks)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+def cmd_verify(args) -> int:
+    from boundflow.cli import CliError, _existing_file
+    from boundflow.errors import BoundflowError
+    from boundflow.verify.verifier import VerifyConfig, result_file_text, verify
+
+    if not args.timeout > 0:
+        raise CliError(f"--timeout must be > 0, got {args.timeout}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        model = _existing_file(args.model, "model")
+        prop = _existing_file(args.property, "property")
+        budget = args.timeout - process_age() - EXIT_RESERVE_S
+        result = verify(model, prop, budget, method=args.method,
+                        config=VerifyConfig(seed=args.seed))
+    except (CliError, BoundflowError):
+        _write_results(args.results, result_file_text(None))
+        raise
+    _write_results(args.results, result_file_text(result))
+    print(_summary_json(result, args) if args.json else _summary_line(result, args))
+    return 0
+
+
+def _write_results(path: str | None, text: str) -> None:
+    if path is not None:
+        Path(path).write_text(text)
+
+
+def _summary_line(result, args) -> str:
+    """``violated  0.41 s  net.onnx prop.vnnlib  (attack; counterexample confirmed ...)``."""
+    st = result.stats
+    how = st.get("decided_by", "?")
+    if result.verdict == "violated":
+        how += "; counterexample confirmed by onnxruntime"
+    bab = st.get("bab")
+    if bab:
+        how += f"; {bab['domains_bounded']} domains bounded, {bab['leaves_proven']} proven"
+    return (f"{result.verdict}  {result.seconds:.2f} s  {args.model} {args.property}  "
+            f"({how}; method {st.get('method')})")
+
+
+def _summary_json(result, args) -> str:
+    out = {"verdict": result.verdict, "seconds": result.seconds, "model": args.model,
+           "property": args.property, "stats": result.stats}
+    return json.dumps(out, default=float)
+
+
+# --------------------------------------------------------------------------- run-suite
+
+
+def cmd_run_suite(args) -> int:
+    from boundflow.cli import CliError
+    from boundflow.verify import suite
+
+    if args.jobs < 1 or args.threads < 1:
+        raise CliError("--jobs and --threads must be >= 1")
+    if args.timeout_cap is not None and not args.timeout_cap > 0:
+        raise CliError(f"--timeout-cap must be > 0, got {args.timeout_cap}")
+    instances = suite.read_instances(args.instances, args.timeout_cap)
+    color = sys.stdout.isatty()
+    done: list = []
+
+    def report(outcome) -> None:
+        done.append(outcome)
+        print(suite.progress_line(len(done), len(instances), outcome, suite.tally(done), color), flush=True)
+
+    print(f"{len(instances)} instances from {args.instances}, {args.jobs} at a time", flush=True)
+    outcomes = suite.run_suite(instances, args.jobs, args.method, args.threads, report)
+    print()
+    print(suite.summary_table(outcomes))
+    if args.out:
+        suite.write_csv(outcomes, args.out)
+        print(f"results: {args.out}")
+    return 0

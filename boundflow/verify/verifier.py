@@ -1,0 +1,161 @@
+"""``verify(model, property, timeout)``: a verdict on a VNNLIB property.
+
+Cheap things first, as most instances are decided by them: one bound over the whole input
+box(es) (often proves the property), then a short PGD attack (often finds a counterexample),
+then branch and bound with attacks inside it until the deadline.
+
+Verdicts: "holds" (every disjunct of the unsafe set proven unreachable from every box),
+"violated" (a counterexample confirmed by onnxruntime on the original ONNX file), "unknown"
+(the search gave up before the deadline: queue budget, or a domain float32 cannot split) and
+"timeout".
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from boundflow import api
+from boundflow.frontends.vnnlib import read_vnnlib
+from boundflow.verify.attack import AttackConfig, Attacker, Counterexample, OrtChecker
+from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, combine
+from boundflow.verify.property import Problem, make_problem
+
+VERDICTS = ("holds", "violated", "unknown", "timeout")
+REFINE_COST_FACTOR = 25
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Knobs of :func:`verify`. The search bounds with ``verify``'s ``method``; before it, the
+    whole boxes are bounded with ``first_method`` (cheap) and, for inputs of at least
+    ``refine_min_inputs`` values, ``refine_method`` (tighter, slower). Input splitting pays off
+    on few inputs, tighter bounds on many (MNIST, CIFAR), hence the threshold."""
+    bab: BabConfig = BabConfig()
+    attack: AttackConfig = AttackConfig()
+    first_method: str = "crown"
+    refine_method: str | None = "alpha-crown"
+    refine_min_inputs: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """A verdict. ``counterexample`` is ``(x, y)`` (flat float32 input and the onnxruntime
+    output) when violated, else None. ``stats`` says which phase decided and what it cost."""
+    verdict: str
+    counterexample: tuple[np.ndarray, np.ndarray] | None
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+
+def verify(model_path, vnnlib_path, timeout: float, method: str = "crown", *,
+           config: VerifyConfig | None = None) -> Result:
+    """Decide whether the VNNLIB property holds for the ONNX model within ``timeout`` seconds.
+
+    ``method`` is the bound method of the branch and bound ("crown", "crown-ibp", "ibp",
+    "alpha-crown"). ``timeout`` counts from this call. Raises :class:`~boundflow.errors.BoundflowError` for a
+    model or property that cannot be read.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    config = config or VerifyConfig()
+    model = str(model_path)
+    problem = _load(model, vnnlib_path)
+    attacker = Attacker(api.load_model(model)[0], problem, OrtChecker(model, problem), config.attack,
+                        generator=torch.Generator().manual_seed(config.seed))
+    bounders = _bounders(model, problem, method, config)
+    stats: dict = {"method": method, "boxes": problem.num_boxes, "disjuncts": problem.num_disjuncts,
+                   "load_s": time.perf_counter() - t0}
+    verdict, cex = _decide(problem, bounders, attacker, config, deadline, stats)
+    stats["attack"] = attacker.stats.as_dict()
+    stats["bound_calls"] = sum(b.calls for b in bounders.values())
+    stats["bound_s"] = sum(b.seconds for b in bounders.values())
+    pair = None if cex is None else (cex.x, cex.y)
+    return Result(verdict, pair, time.perf_counter() - t0, stats)
+
+
+def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -> dict[str, Bounder]:
+    """The bound computations of the phases: "first", "refine" (when it applies), "bab"."""
+    options = config.bab.bound_options
+    out = {"first": Bounder(model, problem, config.first_method, options),
+           "bab": Bounder(model, problem, method, options)}
+    if config.refine_method and problem.num_inputs >= config.refine_min_inputs:
+        out["refine"] = Bounder(model, problem, config.refine_method, options)
+    return out
+
+
+def _load(model: str, vnnlib_path) -> Problem:
+    shape = tuple(int(d) for d in api.input_shape(model))
+    prop = read_vnnlib(Path(vnnlib_path), num_inputs=math.prod(shape),
+                       num_outputs=int(api.num_outputs(model)))
+    return make_problem(prop, shape)
+
+
+def _decide(problem: Problem, bounders: dict, attacker: Attacker, config: VerifyConfig,
+            deadline: float, stats: dict) -> tuple[str, Counterexample | None]:
+    """The phases, cheapest first; ``stats["decided_by"]`` names the one that answered."""
+    def over() -> bool:
+        return time.perf_counter() >= deadline
+
+    if over():
+        stats["decided_by"] = "deadline"
+        return "timeout", None
+    margins = bounders["first"].margins(problem.outer_lo, problem.outer_hi)
+    stats["first_margin"] = float(margins.amin())
+    if bool((margins > 0).all()) or over():
+        return _verdict_by_bound(margins, stats)
+    cex = attacker.run(problem.inner_lo, problem.inner_hi, torch.arange(problem.num_boxes),
+                       ~(margins > 0), deadline)
+    if cex is not None:
+        stats["decided_by"] = "attack"
+        return "violated", cex
+    if "refine" in bounders and _affordable(bounders["first"], deadline):
+        # both are sound lower bounds: keep the better one (fmax: a NaN is no information)
+        margins = torch.fmax(margins, bounders["refine"].margins(problem.outer_lo, problem.outer_hi))
+        stats["refined_margin"] = float(margins.amin())
+        if bool((margins > 0).all()) or over():
+            return _verdict_by_bound(margins, stats)
+    roots = Domains(problem.outer_lo, problem.outer_hi, torch.arange(problem.num_boxes),
+                    combine(margins, margins), torch.zeros(problem.num_boxes, dtype=torch.float64))
+    open_roots = roots.select(roots.alive().any(dim=1))
+    outcome = BranchAndBound(problem, bounders["bab"], attacker, config.bab).run(open_roots, deadline)
+    stats["decided_by"] = "bab"
+    stats["bab"] = outcome.stats
+    return outcome.verdict, outcome.counterexample
+
+
+def _affordable(first: Bounder, deadline: float) -> bool:
+    """Whether the refining bound fits before the deadline: an optimised bound costs about as
+    many passes as its iterations (20 by default), each about the first bound's time, and it
+    cannot be interrupted."""
+    return time.perf_counter() + REFINE_COST_FACTOR * first.seconds < deadline
+
+
+def _verdict_by_bound(margins: torch.Tensor, stats: dict) -> tuple[str, None]:
+    """"holds" when every box has every disjunct proven, else the deadline passed."""
+    if (margins > 0).all():
+        stats["decided_by"] = "bound"
+        return "holds", None
+    stats["decided_by"] = "deadline"
+    return "timeout", None
+
+
+def result_file_text(result: Result | None) -> str:
+    """The VNN-COMP result file: ``unsat``, ``sat`` and the counterexample as
+    ``((X_0 v)\\n (X_1 v)\\n ... (Y_0 v) ...)``, ``unknown``, ``timeout``, or ``error`` (for
+    ``result=None``). Values are printed exactly (``repr`` of the float32 values as float64)."""
+    if result is None:
+        return "error\n"
+    if result.verdict == "holds":
+        return "unsat\n"
+    if result.verdict != "violated":
+        return f"{result.verdict}\n"
+    x, y = result.counterexample
+    pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x)]
+    pairs += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y)]
+    return "sat\n(" + "\n ".join(pairs) + ")\n"
