@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -63,10 +64,7 @@ class _Emitter:
 
 
 def _unit_lead(shape) -> bool:
-    n = 1
-    for d in shape[:-1]:
-        n *= d
-    return n == 1
+    return math.prod(shape[:-1]) == 1
 
 
 def interval_is_exact(graph: Graph, value: str) -> bool:
