@@ -5,10 +5,12 @@ from boundflow.ir.task import BFTaskModule, BoundTask, BufferSpec, MemoryPlan, T
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.pipeline import plan
 from boundflow.runtime.python_executor import PythonTaskExecutor
+from boundflow.runtime.tvm_executor import MemoryPlanMode, TVMExecutorOptions, TVMTaskExecutor
 
 __all__ = [
     "compute_bounds", "bound", "BoundsResult", "load_model", "plan", "PlannerConfig",
     "BFTaskModule", "BoundTask", "TaskOp", "BufferSpec", "MemoryPlan", "PythonTaskExecutor",
+    "TVMTaskExecutor", "TVMExecutorOptions", "MemoryPlanMode",
     "BoundflowError", "ModelLoadError", "ShapeError", "SpecError", "UnsupportedOpError",
 ]
 __version__ = "0.1.0"

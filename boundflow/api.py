@@ -28,6 +28,7 @@ _CACHE_SIZE = 16
 _graphs: OrderedDict = OrderedDict()
 _plans: OrderedDict = OrderedDict()
 _executor = PythonTaskExecutor()
+_tvm_executors: dict = {}       # TVMExecutorOptions -> TVMTaskExecutor, made on first use
 
 
 @dataclass
@@ -145,14 +146,35 @@ def get_plan(graph: Graph, graph_key, method: str, batch: int, spec_rows: int | 
     return _remember(_plans, key, plan(graph, method, config, batch=batch, spec_rows=spec_rows)), False
 
 
+def _get_executor(executor: str, tvm_options, method: str):
+    """The executor that runs plans: PythonTaskExecutor, or one TVMTaskExecutor per options
+    (so its compiled modules are reused across calls)."""
+    if executor == "python":
+        if tvm_options is not None:
+            raise ValueError("tvm_options only applies with executor='tvm'")
+        return _executor
+    if executor != "tvm":
+        raise ValueError(f"unknown executor {executor!r}; available: 'python', 'tvm'")
+    if method == "alpha-crown":
+        raise ValueError("alpha-crown optimises its slopes through torch autograd: use executor='python'")
+    from boundflow.runtime.tvm_executor import TVMExecutorOptions, TVMTaskExecutor
+    options = tvm_options or TVMExecutorOptions()
+    hit = _tvm_executors.get(options)
+    if hit is None:
+        hit = _tvm_executors[options] = TVMTaskExecutor(options)
+    return hit
+
+
 def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
-          config: PlannerConfig | None = None, executor: str = "python", alpha=None) -> BoundsResult:
-    """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper]."""
+          config: PlannerConfig | None = None, executor: str = "python", alpha=None,
+          tvm_options=None) -> BoundsResult:
+    """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper].
+    executor: "python" (torch kernels) or "tvm" (TVM-compiled tasks, options in tvm_options, a
+    boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]")."""
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if executor != "python":
-        raise ValueError(f"unknown executor {executor!r}; available: 'python'")
+    runner = _get_executor(executor, tvm_options, method)
     config = config or _default_config(crown_interm)
     lo, hi = _as_tensor(x_lower, "x_lower"), _as_tensor(x_upper, "x_upper")
     if lo.shape != hi.shape:
@@ -181,8 +203,10 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         from boundflow.verify.alpha import AlphaConfig, optimize
         lb, ub, extra = optimize(module, inputs, _executor, alpha or AlphaConfig())
     else:
-        lb, ub = _executor.run(module, inputs)["bounds"]
+        lb, ub = runner.run(module, inputs)["bounds"]
     t2 = time.perf_counter()
+    if executor == "tvm":
+        extra["tvm"] = runner.compile_stats(module)
     stats = dict(module.stats, plan_ms=(t1 - t0) * 1e3, run_ms=(t2 - t1) * 1e3, plan_cached=cached,
                  executor=executor, config=module.config_dump, **extra)
     return BoundsResult(lb, ub, method, stats)
@@ -195,7 +219,8 @@ def compute_bounds(model, x_lower, x_upper, method: str = "crown", C=None, **opt
     x_lower, x_upper: the input box, with the model's input shape, optionally with a leading
     axis of B regions. method: "ibp", "crown", "crown-ibp" or "alpha-crown". C: None, [S, O] or
     [B, S, O]. Options: crown_interm="sparse"|"intersect"|"pure", config=PlannerConfig(...),
-    alpha=boundflow.verify.alpha.AlphaConfig(...) for alpha-crown.
+    alpha=boundflow.verify.alpha.AlphaConfig(...) for alpha-crown, executor="python"|"tvm" and
+    tvm_options=TVMExecutorOptions(...) (pip install -e ".[tvm]").
     Returns lb, ub of shape [B, S] ([B, O] when C is None).
     """
     res = bound(model, x_lower, x_upper, method, C, **options)

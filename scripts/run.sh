@@ -7,8 +7,9 @@
 #   bash scripts/run.sh cli ARGS        run the boundflow CLI inside .venv
 #
 # The virtual environment lives in .venv at the repo root; it is created when absent and
-# reused otherwise. The project is installed editable with the test extra; the install is
-# skipped when .venv/.boundflow-stamp matches pyproject.toml, so re-runs start at once.
+# reused otherwise. The project is installed editable with the test extra (test: also the tvm
+# extra); the install is skipped when .venv/.boundflow-stamp matches pyproject.toml and the
+# extras, so re-runs start at once.
 # PYTHON=/path/to/python3.11 picks the interpreter used to create .venv.
 set -euo pipefail
 
@@ -37,7 +38,8 @@ find_python() {
     return 1
 }
 
-setup() {
+setup() {  # setup [EXTRAS]: install boundflow with these extras (default: test)
+    local extras="${1:-test}"
     if [ ! -x "$PY" ]; then
         local base
         base="$(find_python)"
@@ -45,12 +47,12 @@ setup() {
         "$base" -m venv "$VENV"
     fi
     local want
-    want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version.split()[0])')"
+    want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version.split()[0])') $extras"
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/boundflow" ]; then
         return 0
     fi
-    echo "run.sh: installing boundflow (editable, with the test extra) into $VENV" >&2
-    "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+    echo "run.sh: installing boundflow (editable, with the extras $extras) into $VENV" >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
     echo "$want" > "$STAMP"
 }
 
@@ -70,7 +72,7 @@ case "$cmd" in
             --vnnlib examples/generated/toy_prop.vnnlib --method crown
         ;;
     test)
-        setup
+        setup test,tvm          # the TVM executor's tests run too (apache-tvm wheel, CPU)
         set +e
         "$PY" -m pytest -q -n 2 "$@"
         rc=$?

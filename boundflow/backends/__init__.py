@@ -1,0 +1,1 @@
+"""Compiler backends for BoundFlow's executors (each optional, imported only when used)."""
