@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from boundflow.domains import ALIASING_KERNELS, KERNELS
-from boundflow.errors import ShapeError
-from boundflow.ir.task import DTYPE_BYTES, TORCH_DTYPES, BFTaskModule
+from boundflow.ir.task import BFTaskModule
+from boundflow.runtime.arena import allocate, bind_inputs
 
 
 @dataclass
@@ -42,18 +42,7 @@ class PythonTaskExecutor:
         hit = self._prepared.get(module)
         if hit is not None:
             return hit
-        plan = module.memory_plan
-        arenas = {dt: torch.empty(max(n, 8) // DTYPE_BYTES[dt], dtype=TORCH_DTYPES[dt])
-                  for dt, n in plan.arena_bytes.items()}
-        n = max(module.buffers) + 1 if module.buffers else 0
-        views: list[torch.Tensor | None] = [None] * n
-        slots: list = [None] * n
-        for bid, spec in module.buffers.items():
-            dt, off = plan.offsets[bid]
-            arena, start = arenas[dt], off // DTYPE_BYTES[dt]
-            slots[bid] = (arena, start)
-            if spec.dynamic_axis is None:
-                views[bid] = arena.narrow(0, start, spec.numel).view(spec.shape)
+        arenas, views, slots = allocate(module)
         program = []
         for op in module.ops():
             kernel = KERNELS.get(op.op)
@@ -72,13 +61,7 @@ class PythonTaskExecutor:
         t0 = time.perf_counter()
         p = self.prepare(module)
         env: list[torch.Tensor | None] = list(p.views)
-        for role, bid in module.inputs.items():
-            if role not in inputs:
-                raise ShapeError(f"missing input {role!r} for this plan")
-            spec, t = module.buffers[bid], inputs[role]
-            if tuple(t.shape) != spec.shape:
-                raise ShapeError(f"input {role!r} has shape {list(t.shape)}, the plan expects {list(spec.shape)}")
-            env[bid].copy_(t)
+        bind_inputs(module, env, inputs)
         views, slots = p.views, p.slots
         for kernel, ins, outs, params, attrs, name in p.program:
             results = kernel([env[i] for i in ins], params, attrs)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from boundflow.domains import KERNELS
-from boundflow.errors import BoundflowError, ShapeError
-from boundflow.ir.task import DTYPE_BYTES, TORCH_DTYPES, BFTaskModule
+from boundflow.errors import BoundflowError
+from boundflow.ir.task import BFTaskModule
+from boundflow.runtime.arena import allocate, bind_inputs
 
 INSTALL_HINT = 'pip install -e ".[tvm]"'
 TVM_ALIGNMENT = 64          # bytes; TVM's DLPack import refuses tensors at other addresses
@@ -169,7 +170,7 @@ class TVMTaskExecutor:
             return hit
         from boundflow.backends.tvm.lower import LoweredFunction, dynamic_extents, lower_module
 
-        arenas, views, slots = _allocate(module)
+        arenas, views, slots = allocate(module, TVM_ALIGNMENT)
         from_dlpack = self._tvm.runtime.from_dlpack
         tvm_views = [None if v is None else from_dlpack(v) for v in views]
         lowered = lower_module(module, self.options.host_ops)
@@ -274,13 +275,7 @@ class TVMTaskExecutor:
         a Relax step's function."""
         env: list[torch.Tensor | None] = list(p.views)
         tvm_env: list[Any] = list(p.tvm_views)
-        for role, bid in module.inputs.items():
-            if role not in inputs:
-                raise ShapeError(f"missing input {role!r} for this plan")
-            spec, t = module.buffers[bid], inputs[role]
-            if tuple(t.shape) != spec.shape:
-                raise ShapeError(f"input {role!r} has shape {list(t.shape)}, the plan expects {list(spec.shape)}")
-            env[bid].copy_(t)
+        bind_inputs(module, env, inputs)
         counts: dict[int, int] = {}
         host_calls = self.stats["host_op_calls"]
         for step in p.steps:
@@ -335,25 +330,3 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     if t.data_ptr() % TVM_ALIGNMENT == 0 and t.is_contiguous():
         return t
     return t.clone(memory_format=torch.contiguous_format)
-
-
-def _allocate(module: BFTaskModule):
-    """The arenas of the memory plan, each buffer's static view (None when dynamic), and each
-    buffer's (arena, element offset) slot. Same layout as PythonTaskExecutor's."""
-    plan = module.memory_plan
-    arenas = {dt: torch.empty(max(n, 8) // DTYPE_BYTES[dt], dtype=TORCH_DTYPES[dt])
-              for dt, n in plan.arena_bytes.items()}
-    n = max(module.buffers) + 1 if module.buffers else 0
-    views: list[torch.Tensor | None] = [None] * n
-    slots: list[tuple[torch.Tensor, int] | None] = [None] * n
-    for bid, spec in module.buffers.items():
-        dt, off = plan.offsets[bid]
-        if off % TVM_ALIGNMENT:
-            raise ValueError(f"buffer {bid} ({spec.name}) sits at byte {off}; TVMTaskExecutor needs every "
-                             f"buffer at a multiple of {TVM_ALIGNMENT} bytes "
-                             f"(PlannerConfig(alignment={TVM_ALIGNMENT}))")
-        arena, start = arenas[dt], off // DTYPE_BYTES[dt]
-        slots[bid] = (arena, start)
-        if spec.dynamic_axis is None:
-            views[bid] = arena.narrow(0, start, spec.numel).view(spec.shape)
-    return arenas, views, slots
