@@ -647,14 +647,19 @@ def _const_operand(imp, node, var_pos: int) -> np.ndarray:
     return imp.const(node.input[1 - var_pos]).astype(np.float32)
 
 
+def _same_shape_vars(imp, a: str, b: str, verb: str) -> tuple[str, str]:
+    x, y = imp.var(a), imp.var(b)
+    if imp.shape(x) != imp.shape(y):
+        imp.unsupported(f"{verb} two variables of different shapes {list(imp.shape(x))} and "
+                        f"{list(imp.shape(y))} (broadcasting between variables is not supported)")
+    return x, y
+
+
 def _lower_add(imp, node, attrs):
     a, b = node.input
     out = node.output[0]
     if not imp.is_const(a) and not imp.is_const(b):
-        x, y = imp.var(a), imp.var(b)
-        if imp.shape(x) != imp.shape(y):
-            imp.unsupported(f"adding two variables of different shapes {list(imp.shape(x))} and "
-                            f"{list(imp.shape(y))} (broadcasting between variables is not supported)")
+        x, y = _same_shape_vars(imp, a, b, "adding")
         imp.bind(out, imp.emit("add", [x, y], out=out))
         return
     var_pos = 0 if not imp.is_const(a) else 1
@@ -667,10 +672,7 @@ def _lower_sub(imp, node, attrs):
     a, b = node.input
     out = node.output[0]
     if not imp.is_const(a) and not imp.is_const(b):
-        x, y = imp.var(a), imp.var(b)
-        if imp.shape(x) != imp.shape(y):
-            imp.unsupported(f"subtracting two variables of different shapes {list(imp.shape(x))} and "
-                            f"{list(imp.shape(y))} (broadcasting between variables is not supported)")
+        x, y = _same_shape_vars(imp, a, b, "subtracting")
         neg = imp.emit("affine", [y, imp.tensor(np.float32(-1), "minus_one"), imp.tensor(np.float32(0), "zero")])
         imp.bind(out, imp.emit("add", [x, neg], out=out))
     elif not imp.is_const(a):  # x - c

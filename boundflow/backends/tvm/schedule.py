@@ -51,6 +51,20 @@ def _root(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
     return sch.get_sblock(body.block.name_hint)
 
 
+def _single_reduction(func, target: Target):
+    """(schedule, block) for an llvm PrimFunc with exactly one reduction block, else None."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    root = _root(sch)
+    if root is None:
+        return None
+    reductions = [b for b in sch.get_child_blocks(root) if not _is_spatial(sch.get(b))]
+    if len(reductions) != 1:
+        return None
+    return sch, reductions[0]
+
+
 def _is_spatial(block: s_tir.SBlock) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in block.iter_vars)
 
@@ -118,16 +132,10 @@ class MatmulNN(ScheduleRule):
     A and the copy back of C cost far less than the predicated kernel."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        found = _single_reduction(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        root = _root(sch)
-        if root is None:
-            return None
-        reductions = [b for b in sch.get_child_blocks(root) if not _is_spatial(sch.get(b))]
-        if len(reductions) != 1:
-            return None
-        (main,) = reductions
+        sch, main = found
         axes = self._axes(sch.get(main))
         if axes is None:
             return None
@@ -263,16 +271,10 @@ class InnerReduction(ScheduleRule):
     output element, then added up."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        found = _single_reduction(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        root = _root(sch)
-        if root is None:
-            return None
-        reductions = [b for b in sch.get_child_blocks(root) if not _is_spatial(sch.get(b))]
-        if len(reductions) != 1:
-            return None
-        (main,) = reductions
+        sch, main = found
         _inline_producers(sch, main)
         block = sch.get(main)
         kinds = [iv.iter_type == tirx.IterVar.DataPar for iv in block.iter_vars]
