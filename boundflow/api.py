@@ -37,6 +37,8 @@ class BoundsResult:
     ub: torch.Tensor
     method: str
     stats: dict[str, Any] = field(default_factory=dict)
+    # with PlannerConfig(export_intermediate=True): ReLU input -> stack(lower, upper) [2, B, *shape]
+    intermediate: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _remember(cache: OrderedDict, key, value):
@@ -201,15 +203,17 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     extra = {}
     if method == "alpha-crown":
         from boundflow.verify.alpha import AlphaConfig, optimize
-        lb, ub, extra = optimize(module, inputs, _executor, alpha or AlphaConfig())
+        outputs, extra = optimize(module, inputs, _executor, alpha or AlphaConfig())
     else:
-        lb, ub = runner.run(module, inputs)["bounds"]
+        outputs = runner.run(module, inputs)
+    lb, ub = outputs["bounds"]
+    intermediate = {role.split(":", 1)[1]: t for role, t in outputs.items() if role.startswith("interm:")}
     t2 = time.perf_counter()
     if executor == "tvm":
         extra["tvm"] = runner.compile_stats(module)
     stats = dict(module.stats, plan_ms=(t1 - t0) * 1e3, run_ms=(t2 - t1) * 1e3, plan_cached=cached,
                  executor=executor, config=module.config_dump, **extra)
-    return BoundsResult(lb, ub, method, stats)
+    return BoundsResult(lb, ub, method, stats, intermediate)
 
 
 def compute_bounds(model, x_lower, x_upper, method: str = "crown", C=None, **options):

@@ -120,14 +120,26 @@ def _relu(ins, ps, attrs):
 def _relu_alpha(ins, ps, attrs):
     """As _relu, but the lower line of each unstable neuron has slope alpha (in [0, 1]), one per
     row of A: alpha-CROWN. Stable neurons keep their exact line. Without alpha (None), CROWN's
-    adaptive slopes: that first run tells the optimiser the shapes and starting slopes."""
-    a, bias, relax, alpha = ins
+    adaptive slopes: that first run tells the optimiser the shapes and starting slopes.
+
+    An optional fifth input m (beta-CROWN, [B, 2S, *shape] like alpha, or None) holds the
+    split constraints' multipliers times their signs: m = beta * s with beta >= 0 and s = +1
+    for a neuron split active (z >= 0), -1 inactive (z <= 0), 0 unsplit. On the domain
+    s z >= 0, so the lower rows may subtract beta s z and the upper rows add it (a Lagrangian
+    relaxation of the split constraints; sound for any beta >= 0)."""
+    a, bias, relax, alpha = ins[:4]
+    beta = ins[4] if len(ins) > 4 else None
     if alpha is None:
-        return _relu(ins[:3], ps, attrs)
-    up_slope, up_bias, lo_slope = relax.unsqueeze(2)
-    lo_slope = torch.where(up_bias > 0, alpha, lo_slope)   # up_bias > 0 exactly when l < 0 < u
-    s = a.shape[1] // 2
-    return _relu_back(a, bias, up_slope, up_bias, lo_slope[:, :s], lo_slope[:, s:])
+        out, bias = _relu(ins[:3], ps, attrs)
+    else:
+        up_slope, up_bias, lo_slope = relax.unsqueeze(2)
+        lo_slope = torch.where(up_bias > 0, alpha, lo_slope)   # up_bias > 0 exactly when l < 0 < u
+        s = a.shape[1] // 2
+        out, bias = _relu_back(a, bias, up_slope, up_bias, lo_slope[:, :s], lo_slope[:, s:])
+    if beta is not None:
+        s = a.shape[1] // 2
+        out = torch.cat([out[:, :s] - beta[:, :s], out[:, s:] + beta[:, s:]], 1)
+    return out, bias
 
 
 def _reshape(ins, ps, attrs):

@@ -30,6 +30,9 @@ class PlannerConfig:
     alignment: int = 64
     # order ops to lower the planned peak where the dependences leave a choice
     memory_aware_order: bool = True
+    # also output the final interval of every ReLU input, as "interm:<value>" (ReLU branch and bound
+    # starts from them)
+    export_intermediate: bool = False
     # prove the storage plan safe (no live buffers sharing bytes) before returning it
     verify: bool = True
 

@@ -9,6 +9,14 @@
              inputs "alpha:<target>:<relu input>" ([B, rows of A, *shape]), which an optimiser
              tunes (boundflow.verify.alpha), as auto_LiRPA does: one set of slopes per
              (ReLU, bounded value) pair, intermediate bounds recomputed with theirs
+  beta-crown (for branch and bound on ReLU splits; not a user method) one CROWN backward pass
+             for the output from intermediate bounds given as inputs "interm:<relu input>"
+             ([2, B, *shape], already clamped by the domain's splits), with slopes
+             "alpha:<output>:<relu input>" and signed split multipliers
+             "beta:<output>:<relu input>" (boundflow.verify.relu_bab)
+
+With config.export_intermediate, the final interval of every ReLU input is also an output,
+"interm:<relu input>" (the starting point of ReLU branch and bound).
 """
 from __future__ import annotations
 
@@ -24,8 +32,10 @@ from boundflow.ir.task import BufferSpec, TaskOp
 from boundflow.planner.config import PlannerConfig
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
+SPLIT_METHOD = "beta-crown"
 _REFINED = ("crown", "alpha-crown")            # methods that refine ReLU inputs with CROWN
-_LINEAR = ("crown", "crown-ibp", "alpha-crown")  # methods that bound the output with CROWN
+_LINEAR = ("crown", "crown-ibp", "alpha-crown", SPLIT_METHOD)  # bound the output with CROWN
+_OPTIMISED = ("alpha-crown", SPLIT_METHOD)     # backward passes read their slopes from inputs
 _MIXING = ("linear", "conv2d")
 _ELEMENTWISE_OR_SHAPE = ("affine", "reshape", "transpose")
 
@@ -126,7 +136,7 @@ def _dense_conv(node: Node, graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _Lowering:
     def __init__(self, graph: Graph, method: str, batch: int, spec_rows: int | None, config: PlannerConfig):
-        if method not in METHODS:
+        if method not in METHODS + (SPLIT_METHOD,):
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         if len(graph.outputs) != 1:
             raise UnsupportedOpError(f"model {graph.name!r} has {len(graph.outputs)} outputs; bounds need exactly one")
@@ -157,6 +167,8 @@ class _Lowering:
             em.out.inputs["C"] = em.buffer("spec.C", (self.B, self.S, out_numel), role="input")
 
         relu_inputs = {n.inputs[0] for n in g.nodes if n.op == "relu"}
+        if self.method == SPLIT_METHOD:
+            return self.run_split(relu_inputs)
         folded_output = self._ibp_spec_fold()
         for node in g.nodes:
             if node is folded_output:
@@ -165,11 +177,33 @@ class _Lowering:
             v = node.outputs[0]
             if self.method in _REFINED and v in relu_inputs and not interval_is_exact(g, v):
                 self.refine(v)
-        bid = self.output_bounds(folded_output)
-        em.out.outputs["bounds"] = bid
-        spec = em.out.buffers[bid]
-        em.out.buffers[bid] = BufferSpec(spec.id, spec.name, spec.shape, spec.dtype, spec.layout, "output")
+        self.set_output("bounds", self.output_bounds(folded_output))
+        if self.cfg.export_intermediate:
+            for v in sorted(relu_inputs):
+                self.set_output(f"interm:{v}", self.bounds[v])
         return em.out
+
+    def run_split(self, relu_inputs: set[str]) -> Lowered:
+        """beta-crown: the ReLU relaxations from the given intermediate bounds, then one
+        backward pass for the output."""
+        em = self.em
+        for node in self.g.nodes:
+            v = node.inputs[0] if node.op == "relu" else None
+            if v is None or v in self.relax:
+                continue
+            role = f"interm:{v}"
+            em.out.inputs[role] = self.bounds[v] = em.buffer(
+                role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
+            self.relax[v] = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
+            em.emit("relu.relax", [self.bounds[v]], [self.relax[v]], source=node.name)
+        em.phase = "output"
+        self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True))
+        return em.out
+
+    def set_output(self, role: str, bid: int):
+        spec = self.em.out.buffers[bid]
+        self.em.out.outputs[role] = bid
+        self.em.out.buffers[bid] = BufferSpec(spec.id, spec.name, spec.shape, spec.dtype, spec.layout, "output")
 
     def _ibp_spec_fold(self) -> Node | None:
         """For IBP with C and a last linear op over a flat input, fold C into that op."""
@@ -221,7 +255,7 @@ class _Lowering:
         C = em.out.inputs.get("C")
         em.phase = "output"
         if self.method != "ibp":
-            return self.backward(out, spec=C, alpha=self.method == "alpha-crown")
+            return self.backward(out, spec=C, alpha=self.method in _OPTIMISED)
         rows = self.S if self.S is not None else self.g.values[out].type.numel
         res = em.buffer("output.bounds", (2, self.B, rows))
         if folded is not None:
@@ -305,10 +339,12 @@ class _Lowering:
             if node.op == "relu":
                 ins.append(self.relax[node.inputs[0]])
                 if alpha:
-                    role = f"alpha:{target}:{node.inputs[0]}"
-                    em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(self.shape(node.inputs[0])),
-                                                    role="input", dynamic_axis=dynamic)
-                    ins.append(em.out.inputs[role])
+                    kinds = ("alpha", "beta") if self.method == SPLIT_METHOD else ("alpha",)
+                    for kind in kinds:
+                        role = f"{kind}:{target}:{node.inputs[0]}"
+                        em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(self.shape(node.inputs[0])),
+                                                        role="input", dynamic_axis=dynamic)
+                        ins.append(em.out.inputs[role])
                     op = "relu_alpha"
             if node.op == "concat":
                 attrs["sizes"] = [self.shape(i)[node.attrs["axis"]] for i in var]

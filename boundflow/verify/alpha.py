@@ -6,11 +6,16 @@ does. A first run without slopes is plain CROWN: it fixes which neurons each int
 refines (pinned from then on, so the slope shapes stay put) and gives the starting slopes. Each
 step then re-runs every op downstream of the slopes with autograd, intermediate bounds
 included. Any slope in [0, 1] gives sound bounds, so the best bound seen per output row over
-all steps is sound too.
+all steps is sound too; likewise every output the plan exports (intermediate bounds) keeps its
+best value per element.
+
+:func:`descend` is the loop itself, shared with the beta-CROWN optimisation of ReLU branch and
+bound (boundflow.verify.relu_bab), which feeds the plan from other variables.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -33,9 +38,9 @@ class AlphaConfig:
         return asdict(self)
 
 
-def _loop_ops(module: BFTaskModule, alpha_ids: set[int]):
-    """Ops downstream of the slopes, in order, without the pinned selections."""
-    tainted, loop = set(alpha_ids), []
+def loop_ops(module: BFTaskModule, variable_ids: set[int]):
+    """Ops downstream of the variables, in order, without the pinned selections."""
+    tainted, loop = set(variable_ids), []
     for op in module.ops():
         if op.op not in _PINNED and any(b in tainted for b in op.inputs):
             tainted.update(op.outputs)
@@ -43,48 +48,96 @@ def _loop_ops(module: BFTaskModule, alpha_ids: set[int]):
     return loop
 
 
-def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: PythonTaskExecutor,
-             config: AlphaConfig = AlphaConfig()) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Returns lb, ub ([B, S]) and stats (iterations run, CROWN and final mean widths)."""
-    roles = {role: bid for role, bid in module.inputs.items() if role.startswith("alpha:")}
-    out = module.outputs["bounds"]
-    with torch.no_grad():
-        env = executor.run_functional(module, {**inputs, **{r: None for r in roles}})
-    crown = env[out]
-    if not roles:                                     # no ReLU anywhere: CROWN is exact already
-        return crown[0], crown[1], {"iterations": 0}
-
+def starting_slopes(module: BFTaskModule, env: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Slope buffer -> CROWN's adaptive lower slopes, broadcast to one per row of A, from a run
+    without slopes (``env``)."""
     alphas = {}
     for op in module.ops():
         if op.op == "linear.relu_alpha":
             a, relax, bid = env[op.inputs[0]], env[op.inputs[2]], op.inputs[3]
-            alphas[bid] = relax[2].unsqueeze(1).expand(a.shape).clone().requires_grad_(True)
-    loop = _loop_ops(module, set(alphas))
-    opt = torch.optim.Adam(list(alphas.values()), lr=config.lr)
+            alphas[bid] = relax[2].unsqueeze(1).expand(a.shape).clone()
+    return alphas
+
+
+@dataclass
+class Descent:
+    """What :func:`descend` found: the best value of every module output (by role, each a
+    stack(lower, upper)), the variables at each region's best lower bound (when asked), the
+    iterations run and the buffers of the last step (for scores that need A)."""
+    best: dict[str, torch.Tensor]
+    best_variables: list[torch.Tensor] | None
+    iterations: int
+    last_env: dict[int, torch.Tensor]
+
+
+def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, torch.Tensor],
+            groups: list[dict], feed: Callable[[], dict[int, torch.Tensor]], project: Callable[[], None],
+            config: AlphaConfig, start: dict[str, torch.Tensor] | None = None,
+            track_variables: bool = False) -> Descent:
+    """Projected Adam on the variables of ``groups`` (torch param groups, leaf tensors with
+    requires_grad, the region axis first). ``feed()`` maps them to module input buffers;
+    ``project()`` puts them back in their feasible set after each step. Every output keeps its
+    best value per element, starting from ``start`` (e.g. the CROWN run's)."""
+    variables = [v for g in groups for v in g["params"]]
+    loop = loop_ops(module, set(feed()))
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.lr_decay)
-    best_lb, best_ub = crown[0].clone(), crown[1].clone()
-    stale, it = 0, 0
+    best = {role: t.detach().clone() for role, t in (start or {}).items()}
+    best_vars = [v.detach().clone() for v in variables] if track_variables else None
+    score = None
+    stale, it, step = 0, 0, {}
     for it in range(1, config.iterations + 1):
-        bounds = executor.run_functional(module, {}, {**env, **alphas}, loop)[out]
-        lb, ub = bounds[0], bounds[1]
-        improved = bool((lb.detach() > best_lb).any() or (ub.detach() < best_ub).any())
-        if config.keep_best:
-            best_lb, best_ub = torch.maximum(best_lb, lb.detach()), torch.minimum(best_ub, ub.detach())
-        else:
-            best_lb, best_ub = lb.detach(), ub.detach()
+        step = executor.run_functional(module, {}, {**env, **feed()}, loop)
+        bounds = step[module.outputs["bounds"]]
+        improved = False
+        for role, bid in module.outputs.items():
+            now, old = step[bid].detach(), best.get(role)
+            if old is None:
+                best[role] = now.clone()
+                continue
+            improved |= bool((now[0] > old[0]).any() or (now[1] < old[1]).any())
+            best[role] = (torch.stack((torch.maximum(old[0], now[0]), torch.minimum(old[1], now[1])))
+                          if config.keep_best else now.clone())
+        if track_variables:
+            region = bounds[0].detach().sum(1)
+            better = torch.ones_like(region, dtype=torch.bool) if score is None else region > score
+            score = region if score is None else torch.maximum(score, region)
+            for keep, v in zip(best_vars, variables):
+                keep[better] = v.detach()[better]
         stale = 0 if improved else stale + 1
         if it == config.iterations or stale >= config.early_stop_patience:
             break
         # lower rows only see the lower half of each slope tensor and vice versa: one loss
         # optimises the lower and the upper bounds independently
-        loss = ub.sum() - lb.sum()
+        loss = bounds[1].sum() - bounds[0].sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         with torch.no_grad():
-            for a in alphas.values():
-                a.clamp_(0.0, 1.0)
-    stats = {"iterations": it, "crown_mean_width": (crown[1] - crown[0]).mean().item(),
-             "alpha_mean_width": (best_ub - best_lb).mean().item(), "alpha_config": config.dump()}
-    return best_lb, best_ub, stats
+            project()
+    return Descent(best, best_vars, it, step)
+
+
+def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: PythonTaskExecutor,
+             config: AlphaConfig = AlphaConfig()) -> tuple[dict[str, torch.Tensor], dict]:
+    """The best bounds of every module output (role -> stack(lower, upper); "bounds" is
+    [2, B, S]) and stats (iterations run, CROWN and final mean widths)."""
+    roles = {role: bid for role, bid in module.inputs.items() if role.startswith("alpha:")}
+    with torch.no_grad():
+        env = executor.run_functional(module, {**inputs, **{r: None for r in roles}})
+    crown = {role: env[bid] for role, bid in module.outputs.items()}
+    if not roles:                                     # no ReLU anywhere: CROWN is exact already
+        return crown, {"iterations": 0}
+    alphas = {bid: a.requires_grad_(True) for bid, a in starting_slopes(module, env).items()}
+
+    def project():
+        for a in alphas.values():
+            a.clamp_(0.0, 1.0)
+
+    found = descend(module, executor, env, [{"params": list(alphas.values()), "lr": config.lr}],
+                    lambda: alphas, project, config, start=crown)
+    bounds = found.best["bounds"]
+    stats = {"iterations": found.iterations, "crown_mean_width": (crown["bounds"][1] - crown["bounds"][0]).mean().item(),
+             "alpha_mean_width": (bounds[1] - bounds[0]).mean().item(), "alpha_config": config.dump()}
+    return found.best, stats

@@ -94,6 +94,7 @@ class Bounder:
         self.regions = 0
         self.seconds = 0.0
         self.last_stats: dict = {}
+        self.last_intermediate: dict[str, torch.Tensor] = {}    # with export_intermediate
 
     def margins(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """[B, K] margins of the boxes [lo, hi] ([B, n]) for every disjunct."""
@@ -106,6 +107,7 @@ class Bounder:
         self.regions += lo.shape[0]
         self.seconds += time.perf_counter() - t0
         self.last_stats = res.stats
+        self.last_intermediate = res.intermediate
         return self.problem.disjunct_margins(rows)
 
 

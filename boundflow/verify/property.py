@@ -99,6 +99,19 @@ class Problem:
     def num_rows(self) -> int:
         return self.C.shape[0]
 
+    def restrict(self, box: int, disjunct: int) -> Problem:
+        """The sub-problem of one box and one disjunct (its rows only): ReLU branch and bound
+        proves the (box, disjunct) pairs one at a time, with a smaller spec."""
+        rows = self.members[disjunct].numpy()
+        C = self.C[rows]
+        C_bound = self.C_bound[: self.num_rows][torch.from_numpy(rows)]
+        if self.C_bound.shape[0] > self.num_rows:           # keep the float32 correction rows
+            C_bound = torch.cat([C_bound, self.C_bound[self.num_rows:]])
+        pick = slice(box, box + 1)
+        return Problem(self.input_shape, self.outer_lo[pick], self.outer_hi[pick], self.inner_lo[pick],
+                       self.inner_hi[pick], self.box_lo[pick], self.box_hi[pick], C, self.d[rows],
+                       torch.ones(1, int(rows.sum()), dtype=torch.bool), C_bound)
+
     # ---------------------------------------------------------------- proofs
 
     def row_lower_bounds(self, lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ Verdicts: "holds" (every disjunct of the unsafe set proven unreachable from ever
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 
 from boundflow import api
+from boundflow.planner.config import PlannerConfig
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.verify.attack import AttackConfig, Attacker, Counterexample, OrtChecker
 from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, combine
 from boundflow.verify.property import Problem, make_problem
+from boundflow.verify.relu_bab import ReluBabConfig, ReluBranchAndBound
 
 VERDICTS = ("holds", "violated", "unknown", "timeout")
 REFINE_COST_FACTOR = 25
@@ -36,11 +39,20 @@ class VerifyConfig:
     ``refine_min_inputs`` values, ``refine_method`` (tighter, slower). Input splitting pays off
     on few inputs, tighter bounds on many (MNIST, CIFAR), hence the threshold."""
     bab: BabConfig = BabConfig()
+    relu_bab: ReluBabConfig = ReluBabConfig()
     attack: AttackConfig = AttackConfig()
     first_method: str = "crown"
     refine_method: str | None = "alpha-crown"
     refine_min_inputs: int = 32
+    # branch and bound: "input" splits input boxes (few inputs, e.g. ACAS Xu), "relu" splits
+    # ReLU neurons with beta-CROWN (needs refine_method "alpha-crown" for its intermediate
+    # bounds), "auto" picks "relu" from refine_min_inputs inputs on
+    split: str = "auto"
     seed: int = 0
+
+    def __post_init__(self):
+        if self.split not in ("auto", "input", "relu"):
+            raise ValueError(f"split must be 'auto', 'input' or 'relu', not {self.split!r}")
 
 
 @dataclass
@@ -71,7 +83,7 @@ def verify(model_path, vnnlib_path, timeout: float, method: str = "crown", *,
     bounders = _bounders(model, problem, method, config)
     stats: dict = {"method": method, "boxes": problem.num_boxes, "disjuncts": problem.num_disjuncts,
                    "load_s": time.perf_counter() - t0}
-    verdict, cex = _decide(problem, bounders, attacker, config, deadline, stats)
+    verdict, cex = _decide(model, problem, bounders, attacker, config, deadline, stats)
     stats["attack"] = attacker.stats.as_dict()
     stats["bound_calls"] = sum(b.calls for b in bounders.values())
     stats["bound_s"] = sum(b.seconds for b in bounders.values())
@@ -85,8 +97,18 @@ def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -
     out = {"first": Bounder(model, problem, config.first_method, options),
            "bab": Bounder(model, problem, method, options)}
     if config.refine_method and problem.num_inputs >= config.refine_min_inputs:
-        out["refine"] = Bounder(model, problem, config.refine_method, options)
+        # its intermediate bounds are where ReLU branch and bound starts
+        planner = options.get("config") or PlannerConfig(crown_interm=options.get("crown_interm", "sparse"))
+        refine = dict(options, config=dataclasses.replace(planner, export_intermediate=True))
+        refine.pop("crown_interm", None)
+        out["refine"] = Bounder(model, problem, config.refine_method, refine)
     return out
+
+
+def _relu_split(problem: Problem, config: VerifyConfig) -> bool:
+    if config.split == "auto":
+        return problem.num_inputs >= config.refine_min_inputs
+    return config.split == "relu"
 
 
 def _load(model: str, vnnlib_path) -> Problem:
@@ -96,7 +118,7 @@ def _load(model: str, vnnlib_path) -> Problem:
     return make_problem(prop, shape)
 
 
-def _decide(problem: Problem, bounders: dict, attacker: Attacker, config: VerifyConfig,
+def _decide(model: str, problem: Problem, bounders: dict, attacker: Attacker, config: VerifyConfig,
             deadline: float, stats: dict) -> tuple[str, Counterexample | None]:
     """The phases, cheapest first; ``stats["decided_by"]`` names the one that answered."""
     def over() -> bool:
@@ -120,12 +142,52 @@ def _decide(problem: Problem, bounders: dict, attacker: Attacker, config: Verify
         stats["refined_margin"] = float(margins.amin())
         if bool((margins > 0).all()) or over():
             return _verdict_by_bound(margins, stats)
+    if _relu_split(problem, config):
+        return _relu_search(model, problem, bounders, attacker, config, margins, deadline, stats)
     roots = Domains(problem.outer_lo, problem.outer_hi, torch.arange(problem.num_boxes),
                     combine(margins, margins), torch.zeros(problem.num_boxes, dtype=torch.float64))
     open_roots = roots.select(roots.alive().any(dim=1))
     outcome = BranchAndBound(problem, bounders["bab"], attacker, config.bab).run(open_roots, deadline)
     stats["decided_by"] = "bab"
     stats["bab"] = outcome.stats
+    return outcome.verdict, outcome.counterexample
+
+
+class _PairAttack:
+    """PGD on the unproven (box, disjunct) pairs of the whole problem, for ReLU branch and bound."""
+
+    def __init__(self, attacker: Attacker, problem: Problem, pairs: list[tuple[int, int]]):
+        self.attacker, self.problem = attacker, problem
+        self.boxes = sorted({b for b, _ in pairs})
+        self.alive = torch.zeros(len(self.boxes), problem.num_disjuncts, dtype=torch.bool)
+        for b, k in pairs:
+            self.alive[self.boxes.index(b), k] = True
+
+    @property
+    def seconds(self) -> float:
+        return self.attacker.stats.seconds
+
+    def __call__(self, deadline: float) -> Counterexample | None:
+        b, p = torch.tensor(self.boxes), self.problem
+        return self.attacker.run(p.inner_lo[b], p.inner_hi[b], b, self.alive, deadline)
+
+
+def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacker, config: VerifyConfig,
+                 margins: torch.Tensor, deadline: float, stats: dict) -> tuple[str, Counterexample | None]:
+    """ReLU branch and bound on every unproven (box, disjunct) pair at once, from the refining
+    bound's intermediate bounds."""
+    refine = bounders.get("refine")
+    if refine is None:
+        raise ValueError("ReLU branch and bound needs refine_method='alpha-crown' (its intermediate bounds)")
+    if not refine.last_intermediate:          # the refining bound did not fit before the deadline
+        stats["decided_by"] = "deadline"
+        return "timeout", None
+    pairs = [tuple(bk) for bk in (~(margins > 0)).nonzero().tolist()]
+    search = ReluBranchAndBound(model, problem, pairs, _PairAttack(attacker, problem, pairs), config.relu_bab,
+                                refine.options["config"])
+    outcome = search.run(search.root(refine.last_intermediate, margins), deadline)
+    stats["decided_by"] = "relu_bab"
+    stats["relu_bab"] = outcome.stats
     return outcome.verdict, outcome.counterexample
 
 

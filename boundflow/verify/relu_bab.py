@@ -1,0 +1,296 @@
+"""Branch and bound on ReLU splits, bounded with beta-CROWN.
+
+For networks with many inputs (MNIST, CIFAR) splitting the input box gets nowhere; splitting
+unstable ReLU neurons does. A domain is the property box together with a set of split
+constraints, each neuron ``z_j`` (a ReLU input) either active, ``z_j >= 0``, or inactive,
+``z_j <= 0``. The two children of a split cover their parent, so a disjunct proven on every leaf
+is proven on the box.
+
+Bounding a domain (the plan method "beta-crown", boundflow.planner.lower):
+
+- intermediate bounds are the parent's (the root's come from alpha-CROWN over the box), with
+  each split neuron's interval clamped to its side (``[0, u]`` or ``[l, 0]``): bounds valid on
+  a set stay valid on its subsets, and the clamp is the split constraint itself. A clamped
+  neuron is stable, so its ReLU is exact;
+- the output pass adds ``-beta_j s_j z_j`` for every split neuron (``s_j = +1`` active, ``-1``
+  inactive, ``beta_j >= 0``): ``s_j z_j >= 0`` on the domain, so this only lowers the function
+  being minimised there; for any ``beta >= 0`` the bound stays sound and projected Adam on
+  ``beta`` (with the slopes alpha) tightens it (beta-CROWN, Wang et al. 2021). This carries the
+  split constraints back to the input, which clamping alone cannot;
+- a child's margin is at least its parent's (the parent's bound holds on the child).
+
+Which neuron to split: the one whose upper-line intercept costs the lower bound most, ``|a_j^-|
+(-l_j u_j / (u_j - l_j))`` with ``a_j`` the coefficient of the neuron's ReLU output in the lower
+bound (BaBSR's intercept score). A domain with no unstable neuron left and still unproven makes
+the answer "unknown". The search is orchestration in Python over batched plan runs: many
+domains in one call, the worst domains first.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from boundflow import api
+from boundflow.planner.config import PlannerConfig
+from boundflow.planner.lower import SPLIT_METHOD
+from boundflow.verify.alpha import AlphaConfig, descend, starting_slopes
+from boundflow.verify.attack import Counterexample
+from boundflow.verify.property import Problem
+
+
+class Attack(Protocol):
+    seconds: float
+
+    def __call__(self, deadline: float) -> Counterexample | None: ...
+
+
+@dataclass(frozen=True)
+class ReluBabConfig:
+    """Search settings. ``optimiser`` drives alpha (lr) and beta (``lr_beta``) per batch."""
+    optimiser: AlphaConfig = AlphaConfig(iterations=20, lr=0.1, lr_decay=0.98, early_stop_patience=5)
+    root_iterations: int = 50       # the root's slopes start from CROWN's: give them more steps
+    lr_beta: float = 0.05
+    max_batch: int = 1024           # children bounded per call (a power of two)
+    call_seconds: float = 1.0       # target wall time of one call (keeps deadlines)
+    queue_budget: int = 1 << 30     # bytes of queued domains before giving up ("unknown")
+    attack_share: float = 0.1       # at most this share of the search time goes to PGD
+
+
+class DomainSet:
+    """Domains as named tensors with the domain axis first: per ReLU input ``v``,
+    ``lo:v``/``hi:v`` [N, *shape] (clamped intermediate bounds), ``sign:v`` [N, *shape] (+1, -1,
+    0), ``alpha:v``/``beta:v`` [N, 2S, *shape] (warm starts), ``score:v`` [N, *shape]; and
+    ``pair`` [N] (which (box, disjunct) pair the domain belongs to) and ``margin`` [N] (float64,
+    the certified margin of its disjunct)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.t = tensors
+
+    def __len__(self) -> int:
+        return self.t["margin"].shape[0]
+
+    def select(self, index) -> DomainSet:
+        return DomainSet({k: v[index] for k, v in self.t.items()})
+
+    @staticmethod
+    def cat(parts: list[DomainSet]) -> DomainSet:
+        return DomainSet({k: torch.cat([p.t[k] for p in parts]) for k in parts[0].t})
+
+    def nbytes(self) -> int:
+        return sum(v.element_size() * v.numel() for v in self.t.values())
+
+
+@dataclass
+class ReluBabOutcome:
+    verdict: str                         # "holds", "violated", "unknown" or "timeout"
+    counterexample: Counterexample | None
+    stats: dict = field(default_factory=dict)
+
+
+class ReluBranchAndBound:
+    """One search over the unproven (box, disjunct) pairs of a problem. Domains of every pair
+    share the batched calls: each domain's region is its pair's box and its spec its pair's
+    rows (see :meth:`Problem.restrict`), padded to a common count by repeating a row (a
+    disjunct's margin is a max over its rows, so a repeated row changes nothing)."""
+
+    def __init__(self, model: str, problem: Problem, pairs: list[tuple[int, int]], attack: Attack | None,
+                 config: ReluBabConfig, planner: PlannerConfig | None = None):
+        """``attack(deadline)`` searches the pairs for a counterexample (PGD); ``attack.seconds``
+        is the time it spent so far."""
+        self.model, self.problem, self.attack, self.config = model, problem, attack, config
+        self.planner = planner or PlannerConfig()
+        self.graph, self.key = api.load_model(model)
+        self.output = self.graph.outputs[0]
+        self.relus = list(dict.fromkeys(n.inputs[0] for n in self.graph.nodes if n.op == "relu"))
+        self.pairs = pairs
+        self.subs = [problem.restrict(b, k) for b, k in pairs]
+        self.rows = max(sub.C_bound.shape[0] for sub in self.subs)
+        self.C = torch.stack([torch.cat([sub.C_bound, sub.C_bound[:1].expand(self.rows - sub.C_bound.shape[0], -1)])
+                              for sub in self.subs])                            # [pairs, S, O]
+        self.box = torch.stack([torch.cat([sub.outer_lo, sub.outer_hi]) for sub in self.subs])  # [pairs, 2, n]
+        self.stats = {"pairs": len(pairs), "rounds": 0, "domains_bounded": 0, "leaves_proven": 0,
+                      "max_queue": 0, "unsplittable": 0, "max_batch": 0, "bound_s": 0.0}
+        self.batch = 2
+
+    def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+        """[N] certified margin of each domain's disjunct from the bounds of its rows."""
+        out = torch.empty(len(pair), dtype=torch.float64)
+        for p in pair.unique().tolist():
+            mine = pair == p
+            sub = self.subs[p]
+            rows = sub.C_bound.shape[0]
+            out[mine] = sub.disjunct_margins(sub.row_lower_bounds(lb[mine, :rows], ub[mine, :rows]))[:, 0]
+        return out.nan_to_num(nan=-math.inf)
+
+    # -- bounding ---------------------------------------------------------------------------
+    def bound(self, domains: DomainSet, iterations: int) -> DomainSet:
+        """Optimise alpha and beta on the domains (padded to a power of two); returns them with
+        new margins (never below the old), warm starts and scores."""
+        t0 = time.perf_counter()
+        n = len(domains)
+        size = 1 << max(0, math.ceil(math.log2(n)))
+        padded = domains if size == n else DomainSet.cat(
+            [domains, domains.select(torch.zeros(size - n, dtype=torch.long))])
+        module, _ = api.get_plan(self.graph, self.key, SPLIT_METHOD, size, self.rows, self.planner)
+        t = dict(padded.t)
+        pair = t["pair"]
+        box = self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape)
+        inputs = {"box": box, "C": self.C[pair]}
+        for v in self.relus:
+            inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"]))
+        executor = api._executor
+        alpha_ids = {v: module.inputs[f"alpha:{self.output}:{v}"] for v in self.relus}
+        beta_ids = {v: module.inputs[f"beta:{self.output}:{v}"] for v in self.relus}
+        with torch.no_grad():
+            env = executor.run_functional(module, {**inputs, **{f"alpha:{self.output}:{v}": None for v in self.relus},
+                                                   **{f"beta:{self.output}:{v}": None for v in self.relus}})
+        crown = env[module.outputs["bounds"]]
+        if "alpha:" + self.relus[0] not in t:         # the root: CROWN's slopes, no multipliers
+            slopes = starting_slopes(module, env)
+            for v in self.relus:
+                t[f"alpha:{v}"] = slopes[alpha_ids[v]]
+                t[f"beta:{v}"] = torch.zeros_like(slopes[alpha_ids[v]])
+        alphas = {v: t[f"alpha:{v}"].clone().requires_grad_(True) for v in self.relus}
+        betas = {v: t[f"beta:{v}"].clone().requires_grad_(True) for v in self.relus}
+        signs = {v: t[f"sign:{v}"].to(torch.float32).unsqueeze(1) for v in self.relus}
+
+        def feed():
+            out = {alpha_ids[v]: alphas[v] for v in self.relus}
+            out.update({beta_ids[v]: betas[v] * signs[v] for v in self.relus})
+            return out
+
+        def project():
+            for v in self.relus:
+                alphas[v].clamp_(0.0, 1.0)
+                betas[v].clamp_(min=0.0)
+
+        groups = [{"params": list(alphas.values()), "lr": self.config.optimiser.lr},
+                  {"params": list(betas.values()), "lr": self.config.lr_beta}]
+        opt = AlphaConfig(iterations=iterations, lr=self.config.optimiser.lr,
+                          lr_decay=self.config.optimiser.lr_decay,
+                          early_stop_patience=self.config.optimiser.early_stop_patience)
+        found = descend(module, executor, env, groups, feed, project, opt,
+                        start={"bounds": crown}, track_variables=True)
+        lb, ub = found.best["bounds"]
+        out = dict(t)
+        out["margin"] = torch.maximum(t["margin"], self.margins(pair, lb, ub))
+        for k, v in enumerate(self.relus):
+            out[f"alpha:{v}"] = found.best_variables[k]
+            out[f"beta:{v}"] = found.best_variables[len(self.relus) + k]
+        self._scores(module, found.last_env, out)
+        result = DomainSet(out).select(slice(0, n))
+        seconds = time.perf_counter() - t0
+        self.stats["bound_s"] += seconds
+        self.stats["domains_bounded"] += n
+        self.stats["max_batch"] = max(self.stats["max_batch"], n)
+        self._resize(size, seconds)
+        return result
+
+    def _scores(self, module, env, out: dict) -> None:
+        """BaBSR's intercept score per neuron (-inf where no split is possible)."""
+        coeff = {}
+        for op in module.ops():
+            if op.op == "linear.relu_alpha":
+                role = next(r for r, b in module.inputs.items() if b == op.inputs[3])
+                coeff[role.split(":", 2)[2]] = env[op.inputs[0]].detach()[:, : self.rows]
+        for v in self.relus:
+            lo, hi, sign = out[f"lo:{v}"], out[f"hi:{v}"], out[f"sign:{v}"]
+            free = (lo < 0) & (hi > 0) & (sign == 0)
+            intercept = (-lo * hi / (hi - lo).clamp(min=1e-12)).clamp(min=0)
+            a_neg = coeff[v].clamp(max=0).abs().sum(1)
+            a_pos = coeff[v].clamp(min=0).sum(1)
+            # the tie-break term keeps neurons with only positive coefficients splittable
+            score = a_neg * intercept + 1e-3 * a_pos * torch.minimum(hi, -lo).clamp(min=0)
+            out[f"score:{v}"] = score.masked_fill(~free, -math.inf)
+
+    def _resize(self, size: int, seconds: float) -> None:
+        cap = self.config.max_batch
+        if seconds > 0:
+            cap = min(cap, self.config.call_seconds * size / seconds)
+        cap = 1 << max(1, int(math.floor(math.log2(max(2.0, cap)))))
+        self.batch = min(2 * size, cap)
+
+    # -- splitting --------------------------------------------------------------------------
+    def split(self, parents: DomainSet) -> tuple[DomainSet, int]:
+        """Both children of each splittable parent (active ones first); also the count of
+        parents with nothing left to split."""
+        flat = torch.cat([parents.t[f"score:{v}"].flatten(1) for v in self.relus], 1)
+        best, index = flat.max(1)
+        ok = best > -math.inf
+        parents, index = parents.select(ok), index[ok]
+        P = len(parents)
+        children = DomainSet.cat([parents, parents])
+        t = children.t
+        offset = 0
+        rows = torch.arange(P)
+        for v in self.relus:
+            size = math.prod(t[f"lo:{v}"].shape[1:])
+            mine = (index >= offset) & (index < offset + size)
+            r, j = rows[mine], index[mine] - offset
+            for half, side in ((0, 1), (P, -1)):        # active children, then inactive
+                lo = t[f"lo:{v}"].flatten(1).clone()
+                hi = t[f"hi:{v}"].flatten(1).clone()
+                sign = t[f"sign:{v}"].flatten(1).clone()
+                if side > 0:
+                    lo[half + r, j] = 0.0
+                else:
+                    hi[half + r, j] = 0.0
+                sign[half + r, j] = side
+                shape = t[f"lo:{v}"].shape
+                t[f"lo:{v}"], t[f"hi:{v}"], t[f"sign:{v}"] = lo.view(shape), hi.view(shape), sign.view(shape)
+            offset += size
+        return children, int((~ok).sum())
+
+    # -- the search -------------------------------------------------------------------------
+    def root(self, intermediate: dict[str, torch.Tensor], margins: torch.Tensor) -> DomainSet:
+        """One unsplit domain per pair, from intermediate bounds over the boxes (ReLU input ->
+        stack(lower, upper) [2, boxes, *shape], e.g. alpha-CROWN's) and the margins [boxes,
+        disjuncts] already certified."""
+        boxes = torch.tensor([b for b, _ in self.pairs])
+        t = {"pair": torch.arange(len(self.pairs)),
+             "margin": torch.stack([margins[b, k] for b, k in self.pairs]).double().nan_to_num(nan=-math.inf)}
+        for v in self.relus:
+            lo, hi = intermediate[v][:, boxes]
+            t[f"lo:{v}"], t[f"hi:{v}"] = lo.clone(), hi.clone()
+            t[f"sign:{v}"] = torch.zeros(lo.shape, dtype=torch.int8)
+        return DomainSet(t)
+
+    def run(self, root: DomainSet, deadline: float) -> ReluBabOutcome:
+        t0 = time.perf_counter()
+        attack_before = self.attack.seconds if self.attack else 0.0
+        queue = self.bound(root, self.config.root_iterations)
+        queue = queue.select(~(queue.t["margin"] > 0))
+        while len(queue):
+            if time.perf_counter() >= deadline:
+                return self._outcome("timeout", None, t0)
+            if queue.nbytes() > self.config.queue_budget:
+                self.stats["stopped"] = f"queue over {self.config.queue_budget} bytes"
+                return self._outcome("unknown", None, t0)
+            count = min(len(queue), max(1, self.batch // 2))
+            order = torch.argsort(queue.t["margin"])          # the worst domains first
+            parents, queue = queue.select(order[:count]), queue.select(order[count:])
+            children, stuck = self.split(parents)
+            self.stats["rounds"] += 1
+            if stuck:       # every neuron fixed or stable and still unproven: give up
+                self.stats["unsplittable"] += stuck
+                return self._outcome("unknown", None, t0)
+            if len(children):
+                children = self.bound(children, self.config.optimiser.iterations)
+                proven = children.t["margin"] > 0
+                self.stats["leaves_proven"] += int(proven.sum())
+                queue = DomainSet.cat([queue, children.select(~proven)])
+            self.stats["max_queue"] = max(self.stats["max_queue"], len(queue))
+            if self.attack and len(queue) and \
+                    self.attack.seconds - attack_before <= self.config.attack_share * (time.perf_counter() - t0):
+                cex = self.attack(deadline)
+                if cex is not None:
+                    return self._outcome("violated", cex, t0)
+        return self._outcome("holds", None, t0)
+
+    def _outcome(self, verdict: str, cex, t0: float) -> ReluBabOutcome:
+        self.stats["seconds"] = time.perf_counter() - t0
+        return ReluBabOutcome(verdict, cex, dict(self.stats))

@@ -1,0 +1,173 @@
+"""ReLU branch and bound with beta-CROWN: soundness by sampling, the splitting itself, and
+verdicts against sampled ground truth on random networks.
+
+A domain's bound only has to hold on the points of the box that meet its split constraints
+(``z_j >= 0`` for active, ``z_j <= 0`` for inactive neurons), so the samples are filtered by
+their own pre-activations, and the splits are drawn from a sample's pattern so that the domain
+is never empty.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from boundflow import api
+from boundflow.domains import concrete
+from boundflow.frontends.vnnlib import parse_vnnlib
+from boundflow.planner.config import PlannerConfig
+from boundflow.verify.alpha import AlphaConfig
+from boundflow.verify.property import make_problem
+from boundflow.verify.relu_bab import DomainSet, ReluBabConfig, ReluBranchAndBound
+from boundflow.verify.verifier import VerifyConfig, verify
+
+from nets import export_onnx, networks, sample_box
+
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXPORT = PlannerConfig(export_intermediate=True)
+
+
+def pre_activations(graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every ReLU input's value at the points x [N, *input shape]."""
+    env = {graph.inputs[0]: x}
+    for name, v in graph.values.items():
+        if v.kind in ("param", "const"):
+            env[name] = v.data
+    with torch.no_grad():
+        for node in graph.nodes:
+            env[node.outputs[0]] = concrete.apply(node, [env[i] for i in node.inputs])
+    return {n.inputs[0]: env[n.inputs[0]] for n in graph.nodes if n.op == "relu"}
+
+
+def property_text(n_in: int, n_out: int, lo, hi, threshold: float) -> str:
+    """Unsafe set: Y_0 - Y_last <= threshold (one disjunct, one row)."""
+    decl = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_in))
+    decl += "".join(f"(declare-const Y_{j} Real)\n" for j in range(n_out))
+    box = "".join(f"(assert (>= X_{i} {float(a)!r}))\n(assert (<= X_{i} {float(b)!r}))\n"
+                  for i, (a, b) in enumerate(zip(lo, hi)))
+    last = n_out - 1
+    row = f"(assert (<= (- Y_0 Y_{last}) {threshold!r}))\n" if last else f"(assert (<= Y_0 {threshold!r}))\n"
+    return decl + box + row
+
+
+def spec_values(y: torch.Tensor) -> torch.Tensor:
+    return (y[:, 0] - y[:, -1]) if y.shape[1] > 1 else y[:, 0]
+
+
+@st.composite
+def setups(draw):
+    net = draw(networks(["mlp", "cnn", "permute"]), label="net")
+    n_in = math.prod(net.input_shape)
+    seed = draw(st.integers(0, 10_000), label="seed")
+    gen = torch.Generator().manual_seed(seed)
+    centre = torch.rand(n_in, generator=gen, dtype=torch.float64) * 2 - 1
+    radius = draw(st.sampled_from([0.05, 0.2, 0.5]), label="radius")
+    return net, centre - radius, centre + radius, gen
+
+
+@settings(SETTINGS)
+@given(setup=setups(), splits=st.integers(1, 6), iterations=st.sampled_from([1, 8]))
+def test_beta_crown_bounds_hold_on_their_domain(setup, splits, iterations):
+    net, lo, hi, gen = setup
+    n_in = lo.numel()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net.module, torch.zeros(net.input_shape), os.path.join(tmp, "net.onnx"))
+        graph, _ = api.load_model(path)
+        shape = net.input_shape
+        lo32, hi32 = lo.float().reshape((1,) + shape), hi.float().reshape((1,) + shape)
+        crown = api.bound(path, lo32, hi32, "crown", config=EXPORT)
+        problem = make_problem(parse_vnnlib(property_text(n_in, net.num_outputs, lo, hi, 0.0)), shape)
+        search = ReluBranchAndBound(path, problem, [(0, 0)], None, ReluBabConfig(
+            optimiser=AlphaConfig(iterations=iterations, lr=0.2, early_stop_patience=100), lr_beta=0.5),
+            EXPORT)
+        root = search.root(crown.intermediate, torch.full((1, 1), -math.inf))
+
+        pts = sample_box(lo.float(), hi.float(), 1500, 300, gen).reshape((-1,) + shape)
+        z = pre_activations(graph, pts)
+        # splits on unstable neurons, signs from one sample's pattern: that sample is in the domain
+        anchor = int(torch.randint(len(pts), (1,), generator=gen))
+        t = root.t
+        inside = torch.ones(len(pts), dtype=torch.bool)
+        for _ in range(splits):
+            v = search.relus[int(torch.randint(len(search.relus), (1,), generator=gen))]
+            l, u = t[f"lo:{v}"][0].flatten(), t[f"hi:{v}"][0].flatten()
+            free = ((l < 0) & (u > 0) & (t[f"sign:{v}"][0].flatten() == 0)).nonzero().flatten()
+            if not len(free):
+                continue
+            j = int(free[torch.randint(len(free), (1,), generator=gen)])
+            zj = z[v].flatten(1)[:, j]
+            side = 1 if zj[anchor] >= 0 else -1
+            t[f"sign:{v}"].view(1, -1)[0, j] = side
+            (t[f"lo:{v}"] if side > 0 else t[f"hi:{v}"]).view(1, -1)[0, j] = 0.0
+            inside &= side * zj >= 0
+        # random warm starts: any alpha in [0, 1] and beta >= 0 must give a sound bound
+        bounded = search.bound(root, 1)
+        for v in search.relus:
+            bounded.t[f"alpha:{v}"] = torch.rand(bounded.t[f"alpha:{v}"].shape, generator=gen)
+            bounded.t[f"beta:{v}"] = torch.rand(bounded.t[f"beta:{v}"].shape, generator=gen) * 2
+        bounded.t["margin"] = torch.full((1,), -math.inf, dtype=torch.float64)
+        margin = float(search.bound(bounded, iterations).t["margin"][0])
+
+        y = net(pts[inside].reshape((-1,) + tuple(shape[1:]))).double()
+        worst = float(spec_values(y).min())
+        assert inside[anchor]
+        # margin = lb - d - tol with d = 0: every point of the domain has value >= lb > margin
+        assert worst >= margin - 1e-5 * max(1.0, abs(worst)), (repr(net), worst, margin)
+
+
+@settings(SETTINGS, max_examples=8)
+@given(net=networks(["mlp"]), seed=st.integers(0, 1000))
+def test_relu_split_verdicts_agree_with_sampling(net, seed):
+    """Thresholds just above the sampled minimum are violated (never "holds"); well below it
+    the search proves the property."""
+    gen = torch.Generator().manual_seed(seed)
+    n_in = math.prod(net.input_shape)
+    lo = torch.rand(n_in, generator=gen, dtype=torch.float64) - 1
+    hi = lo + 0.5 + torch.rand(n_in, generator=gen, dtype=torch.float64)
+    pts = sample_box(lo.float(), hi.float(), 4000, 500, gen)
+    values = spec_values(net(pts.reshape((-1,) + tuple(net.input_shape[1:]))).double())
+    low, spread = float(values.min()), float(values.max() - values.min())
+    config = VerifyConfig(split="relu", refine_min_inputs=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net.module, torch.zeros(net.input_shape), os.path.join(tmp, "net.onnx"))
+        for threshold, must_not in ((low + 0.02 * spread + 1e-4, "holds"), (low - 0.2 * spread - 1e-3, "violated")):
+            prop = os.path.join(tmp, "p.vnnlib")
+            with open(prop, "w") as f:
+                f.write(property_text(n_in, net.num_outputs, lo, hi, threshold))
+            res = verify(path, prop, timeout=20, config=config)
+            assert res.verdict != must_not, (repr(net), threshold, low, res.stats)
+            if must_not == "violated":
+                assert res.verdict == "holds", (repr(net), res.stats)
+            if res.verdict == "violated":
+                x, _ = res.counterexample
+                assert float(spec_values(net(torch.from_numpy(x).reshape(net.input_shape)).double())) <= threshold
+
+
+def test_relu_split_proves_what_alpha_crown_cannot(tmp_path):
+    """A threshold 90% of the way from alpha-CROWN's bound to the sampled minimum: only
+    branching can prove it, and it must (a small network, a generous deadline); just above the
+    sampled minimum it must not."""
+    torch.manual_seed(3)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    path = export_onnx(module, torch.zeros(1, 4), tmp_path / "net.onnx")
+    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    pts = sample_box(lo.float(), hi.float(), 20000, 16)
+    with torch.no_grad():
+        low = float(spec_values(module(pts).double()).min())
+    C = torch.tensor([[1.0, 0.0, -1.0]])
+    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown", C=C).lb)
+    assert lb < low - 0.05, (lb, low)          # a real gap to close
+    config = VerifyConfig(split="relu", refine_min_inputs=0)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb)))
+    res = verify(path, prop, timeout=30, config=config)
+    assert res.verdict == "holds", res.stats
+    assert res.stats["decided_by"] == "relu_bab" and res.stats["relu_bab"]["rounds"] > 5, res.stats
+    prop.write_text(property_text(4, 3, lo, hi, low + 1e-3))          # a sampled point violates it
+    assert verify(path, prop, timeout=10, config=config).verdict != "holds"
