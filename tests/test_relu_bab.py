@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,19 +45,20 @@ def pre_activations(graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n.inputs[0]: env[n.inputs[0]] for n in graph.nodes if n.op == "relu"}
 
 
-def property_text(n_in: int, n_out: int, lo, hi, threshold: float) -> str:
-    """Unsafe set: Y_0 - Y_last <= threshold (one disjunct, one row)."""
+def property_text(n_in: int, n_out: int, lo, hi, threshold: float, weight: float = 1.0) -> str:
+    """Unsafe set: Y_0 - weight Y_last <= threshold (one disjunct, one row)."""
     decl = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_in))
     decl += "".join(f"(declare-const Y_{j} Real)\n" for j in range(n_out))
     box = "".join(f"(assert (>= X_{i} {float(a)!r}))\n(assert (<= X_{i} {float(b)!r}))\n"
                   for i, (a, b) in enumerate(zip(lo, hi)))
     last = n_out - 1
-    row = f"(assert (<= (- Y_0 Y_{last}) {threshold!r}))\n" if last else f"(assert (<= Y_0 {threshold!r}))\n"
+    row = f"(assert (<= (- Y_0 (* {weight!r} Y_{last})) {threshold!r}))\n" if last else \
+        f"(assert (<= Y_0 {threshold!r}))\n"
     return decl + box + row
 
 
-def spec_values(y: torch.Tensor) -> torch.Tensor:
-    return (y[:, 0] - y[:, -1]) if y.shape[1] > 1 else y[:, 0]
+def spec_values(y: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    return (y[:, 0] - weight * y[:, -1]) if y.shape[1] > 1 else y[:, 0]
 
 
 @st.composite
@@ -148,7 +150,8 @@ def test_relu_split_verdicts_agree_with_sampling(net, seed):
                 assert float(spec_values(net(torch.from_numpy(x).reshape(net.input_shape)).double())) <= threshold
 
 
-def test_relu_split_proves_what_alpha_crown_cannot(tmp_path):
+@pytest.mark.parametrize("weight", [1.0, 0.3])     # 0.3 is inexact in float32: corrected rows
+def test_relu_split_proves_what_alpha_crown_cannot(tmp_path, weight):
     """A threshold 90% of the way from alpha-CROWN's bound to the sampled minimum: only
     branching can prove it, and it must (a small network, a generous deadline); just above the
     sampled minimum it must not."""
@@ -159,15 +162,15 @@ def test_relu_split_proves_what_alpha_crown_cannot(tmp_path):
     lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
     pts = sample_box(lo.float(), hi.float(), 20000, 16)
     with torch.no_grad():
-        low = float(spec_values(module(pts).double()).min())
-    C = torch.tensor([[1.0, 0.0, -1.0]])
+        low = float(spec_values(module(pts).double(), weight).min())
+    C = torch.tensor([[1.0, 0.0, -weight]])
     lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown", C=C).lb)
     assert lb < low - 0.05, (lb, low)          # a real gap to close
     config = VerifyConfig(split="relu", refine_min_inputs=0)
     prop = tmp_path / "p.vnnlib"
-    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb)))
+    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb), weight))
     res = verify(path, prop, timeout=30, config=config)
     assert res.verdict == "holds", res.stats
     assert res.stats["decided_by"] == "relu_bab" and res.stats["relu_bab"]["rounds"] > 5, res.stats
-    prop.write_text(property_text(4, 3, lo, hi, low + 1e-3))          # a sampled point violates it
+    prop.write_text(property_text(4, 3, lo, hi, low + 1e-3, weight))    # a sampled point violates it
     assert verify(path, prop, timeout=10, config=config).verdict != "holds"

@@ -2,7 +2,9 @@
 
 A backward pass bounds S linear functions of a target value. Its state is one coefficient tensor
 A of shape [B, 2S, *value_shape] (rows 0..S-1 build the lower bounds, rows S..2S-1 the upper
-bounds; keeping both in one tensor halves the kernel calls) and a bias [B, 2S]. Each rule maps
+bounds; keeping both in one tensor halves the kernel calls) and a bias [B, 2S]. A pass with
+attrs["lower_only"] (branch and bound needs lower bounds only) keeps just the S lower rows, at
+half the cost; its upper bounds come out as +inf. Each rule maps
 (A on an op's output, bias) to A on its variable inputs and the new bias. Rules return fresh
 tensors, never views of their inputs, unless listed in ALIASING_KERNELS (the storage plan lets
 outputs take the bytes of inputs that die at the op).
@@ -34,7 +36,8 @@ def start_spec(ins, ps, attrs):
     else:
         n = attrs["numel"]
         a = torch.eye(n, dtype=torch.float32).reshape((1, n) + shape).expand((batch, n) + shape)
-    a = torch.cat([a, a], dim=1)
+    if not attrs.get("lower_only"):
+        a = torch.cat([a, a], dim=1)
     return a, torch.zeros(batch, a.shape[1])
 
 
@@ -97,15 +100,23 @@ def _affine(ins, ps, attrs):
     return a * scale, bias + (a * shift).flatten(2).sum(-1)
 
 
-def _relu_back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u):
+def _halves(a: torch.Tensor, attrs) -> int:
+    """The number of lower rows of A: all of them in a lower-only pass, else half."""
+    return a.shape[1] if attrs.get("lower_only") else a.shape[1] // 2
+
+
+def _relu_back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u, lower_only=False):
     """Lower rows: positive coefficients take the lower line, negative ones the upper line;
     upper rows the other way round. Slopes broadcast against A's halves."""
+    ub = up_bias.flatten(2).transpose(1, 2)                                   # [B, N, 1]
+    if lower_only:
+        out = a * torch.where(a >= 0, lo_slope_l, up_slope)
+        return out, bias + torch.bmm(a.clamp(max=0).flatten(2), ub).squeeze(-1)
     s = a.shape[1] // 2
     a_lo, a_up = a[:, :s], a[:, s:]
     out = torch.cat([a_lo * torch.where(a_lo >= 0, lo_slope_l, up_slope),
                      a_up * torch.where(a_up >= 0, up_slope, lo_slope_u)], 1)
     # intercepts: only the upper line has one; it enters where the upper line was taken
-    ub = up_bias.flatten(2).transpose(1, 2)                                   # [B, N, 1]
     bias_lo = torch.bmm(a_lo.clamp(max=0).flatten(2), ub).squeeze(-1)
     bias_up = torch.bmm(a_up.clamp(min=0).flatten(2), ub).squeeze(-1)
     return out, bias + torch.cat([bias_lo, bias_up], 1)
@@ -114,7 +125,7 @@ def _relu_back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u):
 def _relu(ins, ps, attrs):
     a, bias, relax = ins
     up_slope, up_bias, lo_slope = relax.unsqueeze(2)       # each [B, 1, ...]
-    return _relu_back(a, bias, up_slope, up_bias, lo_slope, lo_slope)
+    return _relu_back(a, bias, up_slope, up_bias, lo_slope, lo_slope, attrs.get("lower_only", False))
 
 
 def _relu_alpha(ins, ps, attrs):
@@ -134,10 +145,11 @@ def _relu_alpha(ins, ps, attrs):
     else:
         up_slope, up_bias, lo_slope = relax.unsqueeze(2)
         lo_slope = torch.where(up_bias > 0, alpha, lo_slope)   # up_bias > 0 exactly when l < 0 < u
-        s = a.shape[1] // 2
-        out, bias = _relu_back(a, bias, up_slope, up_bias, lo_slope[:, :s], lo_slope[:, s:])
+        s = _halves(a, attrs)
+        out, bias = _relu_back(a, bias, up_slope, up_bias, lo_slope[:, :s], lo_slope[:, s:],
+                               attrs.get("lower_only", False))
     if beta is not None:
-        s = a.shape[1] // 2
+        s = _halves(a, attrs)
         out = torch.cat([out[:, :s] - beta[:, :s], out[:, s:] + beta[:, s:]], 1)
     return out, bias
 
@@ -168,21 +180,26 @@ def accumulate(ins, ps, attrs):
 def concretize(ins, ps, attrs):
     """stack(lower, upper) of A x + bias over the input box: A c -/+ |A| r."""
     a, bias, box = ins
-    s = a.shape[1] // 2
+    s = _halves(a, attrs)
     a = a.flatten(2)
     lo, hi = box.flatten(2)
     c = ((hi + lo) / 2).unsqueeze(-1)
     r = ((hi - lo) / 2).unsqueeze(-1)
     mid = torch.bmm(a, c).squeeze(-1) + bias
     rad = torch.bmm(a.abs(), r).squeeze(-1)
-    return (torch.stack((mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:])),)
+    return (_sides(mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:]),)
+
+
+def _sides(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """stack(lower, upper); upper = +inf after a lower-only pass (upper is then empty)."""
+    return torch.stack((lower, upper if upper.shape[1] else torch.full_like(lower, torch.inf)))
 
 
 def concretize_const(ins, ps, attrs):
     """A pass that never reached the input: the bound is the bias alone."""
     (bias,) = ins
-    s = bias.shape[1] // 2
-    return (torch.stack((bias[:, :s], bias[:, s:])),)
+    s = bias.shape[1] if attrs.get("lower_only") else bias.shape[1] // 2
+    return (_sides(bias[:, :s], bias[:, s:]),)
 
 
 RULES = {

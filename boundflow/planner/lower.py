@@ -13,7 +13,8 @@
              for the output from intermediate bounds given as inputs "interm:<relu input>"
              ([2, B, *shape], already clamped by the domain's splits), with slopes
              "alpha:<output>:<relu input>" and signed split multipliers
-             "beta:<output>:<relu input>" (boundflow.verify.relu_bab)
+             "beta:<output>:<relu input>" (boundflow.verify.relu_bab); lower bounds only
+             (the upper bounds come out as +inf)
 
 With config.export_intermediate, the final interval of every ReLU input is also an output,
 "interm:<relu input>" (the starting point of ReLU branch and bound).
@@ -197,7 +198,8 @@ class _Lowering:
             self.relax[v] = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
             em.emit("relu.relax", [self.bounds[v]], [self.relax[v]], source=node.name)
         em.phase = "output"
-        self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True))
+        self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True,
+                                                lower_only=True))
         return em.out
 
     def set_output(self, role: str, bid: int):
@@ -270,14 +272,15 @@ class _Lowering:
 
     # -- one CROWN backward pass -------------------------------------------------------------
     def backward(self, target: str, spec: int | None = None, onehot_index: int | None = None,
-                 alpha: bool = False):
+                 alpha: bool = False, lower_only: bool = False):
         """Emit a backward pass bounding `target`: the rows of C (or every output) for the graph
         output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
-        stack(lower, upper), [2, B, S]."""
+        stack(lower, upper), [2, B, S] (upper +inf when lower_only)."""
         g, em, B = self.g, self.em, self.B
         is_output = target == g.outputs[0]
         numel = g.values[target].type.numel
-        rows2 = 2 * (self.S if spec is not None else numel)
+        rows2 = (1 if lower_only else 2) * (self.S if spec is not None else numel)
+        sides = {"lower_only": True} if lower_only else {}
         dynamic = 1 if onehot_index is not None else None   # the unstable count is known at run time
         idx_in = [onehot_index] if onehot_index is not None else []
 
@@ -306,7 +309,7 @@ class _Lowering:
             A[x_in], skip = a, node0
         else:
             a, bias = a_buf(target), bias_buf()
-            attrs = {"batch": B, "shape": list(self.shape(target)), "numel": numel}
+            attrs = {"batch": B, "shape": list(self.shape(target)), "numel": numel, **sides}
             if is_output:
                 em.emit("linear.start_spec", [spec] if spec is not None else [], [a, bias], attrs=attrs, source=target)
             else:
@@ -337,6 +340,7 @@ class _Lowering:
             attrs = dict(node.attrs, in_shape=list(self.shape(var[0])))
             op = node.op
             if node.op == "relu":
+                attrs.update(sides)
                 ins.append(self.relax[node.inputs[0]])
                 if alpha:
                     kinds = ("alpha", "beta") if self.method == SPLIT_METHOD else ("alpha",)
@@ -354,12 +358,13 @@ class _Lowering:
             for i, buf in zip(var, new_as):
                 give(i, buf)
 
-        res = em.buffer(f"crown({target})", (2, B, rows2 // 2), dynamic_axis=None if dynamic is None else 2)
+        res = em.buffer(f"crown({target})", (2, B, rows2 // (1 if lower_only else 2)),
+                        dynamic_axis=None if dynamic is None else 2)
         x = g.inputs[0]
         if x in A:
-            em.emit("linear.concretize", [A[x], bias, self.bounds[x]], [res], source=target)
+            em.emit("linear.concretize", [A[x], bias, self.bounds[x]], [res], attrs=sides, source=target)
         else:
-            em.emit("linear.concretize_const", [bias], [res], source=target)
+            em.emit("linear.concretize_const", [bias], [res], attrs=sides, source=target)
         return res
 
 

@@ -14,6 +14,7 @@ bound (boundflow.verify.relu_bab), which feeds the plan from other variables.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -73,11 +74,13 @@ class Descent:
 def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, torch.Tensor],
             groups: list[dict], feed: Callable[[], dict[int, torch.Tensor]], project: Callable[[], None],
             config: AlphaConfig, start: dict[str, torch.Tensor] | None = None,
-            track_variables: bool = False) -> Descent:
+            track_variables: bool = False, deadline: float | None = None) -> Descent:
     """Projected Adam on the variables of ``groups`` (torch param groups, leaf tensors with
     requires_grad, the region axis first). ``feed()`` maps them to module input buffers;
     ``project()`` puts them back in their feasible set after each step. Every output keeps its
-    best value per element, starting from ``start`` (e.g. the CROWN run's)."""
+    best value per element, starting from ``start`` (e.g. the CROWN run's). Stops early after
+    ``config.early_stop_patience`` steps without progress or once ``deadline`` (a
+    ``time.perf_counter`` value) has passed."""
     variables = [v for g in groups for v in g["params"]]
     loop = loop_ops(module, set(feed()))
     opt = torch.optim.Adam(groups)
@@ -105,11 +108,14 @@ def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, t
             for keep, v in zip(best_vars, variables):
                 keep[better] = v.detach()[better]
         stale = 0 if improved else stale + 1
-        if it == config.iterations or stale >= config.early_stop_patience:
+        if it == config.iterations or stale >= config.early_stop_patience or \
+                (deadline is not None and time.perf_counter() >= deadline):
             break
         # lower rows only see the lower half of each slope tensor and vice versa: one loss
-        # optimises the lower and the upper bounds independently
-        loss = bounds[1].sum() - bounds[0].sum()
+        # optimises the lower and the upper bounds independently (a lower-only plan's upper
+        # bounds are +inf and take no part)
+        upper = bounds[1]
+        loss = torch.where(torch.isinf(upper), 0.0, upper).sum() - bounds[0].sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

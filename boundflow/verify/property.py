@@ -114,19 +114,23 @@ class Problem:
 
     # ---------------------------------------------------------------- proofs
 
-    def row_lower_bounds(self, lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    def row_lower_bounds(self, lb: torch.Tensor, ub: torch.Tensor,
+                         outputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Sound lower bounds [B, S] (float64) of ``C f(x)`` from the bounds of ``C_bound f(x)``.
 
         When C is exact in float32 these are ``lb`` itself. Otherwise ``C = C32 + E`` and
         ``E f(x) >= -|E| max(|lb_y|, |ub_y|)``, with the output bounds ``lb_y, ub_y`` read
-        from the identity rows appended to ``C_bound``.
+        from the identity rows appended to ``C_bound``, or taken from ``outputs`` ([B, O]
+        each: any sound output bounds over the region, e.g. a parent box's).
         """
         lb = lb.detach().to(torch.float64)
         rows = lb[:, : self.num_rows]
         if self.C_bound.shape[0] == self.num_rows:
             return rows
-        ub = ub.detach().to(torch.float64)
-        y_abs = torch.maximum(lb[:, self.num_rows:].abs(), ub[:, self.num_rows:].abs())
+        if outputs is None:
+            outputs = lb[:, self.num_rows:], ub[:, self.num_rows:]
+        y_lo, y_hi = (t.detach().to(torch.float64) for t in outputs)
+        y_abs = torch.maximum(y_lo.abs(), y_hi.abs())
         err = torch.from_numpy(np.abs(self.C - self.C_bound[: self.num_rows].double().numpy()))
         return rows - y_abs @ err.T
 

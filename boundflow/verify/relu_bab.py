@@ -56,6 +56,7 @@ class ReluBabConfig:
     lr_beta: float = 0.05
     max_batch: int = 1024           # children bounded per call (a power of two)
     call_seconds: float = 1.0       # target wall time of one call (keeps deadlines)
+    memory_budget: int = 2 << 30    # bytes one call may hold (its buffers, autograd's copies)
     queue_budget: int = 1 << 30     # bytes of queued domains before giving up ("unknown")
     attack_share: float = 0.1       # at most this share of the search time goes to PGD
 
@@ -108,9 +109,18 @@ class ReluBranchAndBound:
         self.relus = list(dict.fromkeys(n.inputs[0] for n in self.graph.nodes if n.op == "relu"))
         self.pairs = pairs
         self.subs = [problem.restrict(b, k) for b, k in pairs]
-        self.rows = max(sub.C_bound.shape[0] for sub in self.subs)
-        self.C = torch.stack([torch.cat([sub.C_bound, sub.C_bound[:1].expand(self.rows - sub.C_bound.shape[0], -1)])
+        self.rows = max(sub.num_rows for sub in self.subs)
+        # the plan bounds the spec rows rounded to float32 (lower bounds only); rows float32
+        # cannot hold exactly are corrected with CROWN output bounds over the pair's box
+        self.C = torch.stack([torch.cat([sub.C_bound[: sub.num_rows],
+                                         sub.C_bound[:1].expand(self.rows - sub.num_rows, -1)])
                               for sub in self.subs])                            # [pairs, S, O]
+        self.outputs = None
+        if problem.C_bound.shape[0] > problem.num_rows:
+            shape = (problem.num_boxes,) + problem.input_shape
+            y = api.bound(model, problem.outer_lo.reshape(shape), problem.outer_hi.reshape(shape), "crown",
+                          config=self.planner)
+            self.outputs = y.lb, y.ub                                           # [boxes, O]
         self.box = torch.stack([torch.cat([sub.outer_lo, sub.outer_hi]) for sub in self.subs])  # [pairs, 2, n]
         self.stats = {"pairs": len(pairs), "rounds": 0, "domains_bounded": 0, "leaves_proven": 0,
                       "max_queue": 0, "unsplittable": 0, "max_batch": 0, "bound_s": 0.0}
@@ -122,14 +132,19 @@ class ReluBranchAndBound:
         for p in pair.unique().tolist():
             mine = pair == p
             sub = self.subs[p]
-            rows = sub.C_bound.shape[0]
-            out[mine] = sub.disjunct_margins(sub.row_lower_bounds(lb[mine, :rows], ub[mine, :rows]))[:, 0]
+            outputs = None
+            if self.outputs is not None:
+                box = self.pairs[p][0]
+                outputs = tuple(t[box:box + 1].expand(int(mine.sum()), -1) for t in self.outputs)
+            rows = sub.row_lower_bounds(lb[mine, : sub.num_rows], ub[mine, : sub.num_rows], outputs)
+            out[mine] = sub.disjunct_margins(rows)[:, 0]
         return out.nan_to_num(nan=-math.inf)
 
     # -- bounding ---------------------------------------------------------------------------
-    def bound(self, domains: DomainSet, iterations: int) -> DomainSet:
-        """Optimise alpha and beta on the domains (padded to a power of two); returns them with
-        new margins (never below the old), warm starts and scores."""
+    def bound(self, domains: DomainSet, iterations: int, deadline: float | None = None) -> DomainSet:
+        """Optimise alpha and beta on the domains (padded to a power of two) until ``iterations``
+        or ``deadline``; returns them with new margins (never below the old), warm starts and
+        scores."""
         t0 = time.perf_counter()
         n = len(domains)
         size = 1 << max(0, math.ceil(math.log2(n)))
@@ -174,7 +189,7 @@ class ReluBranchAndBound:
                           lr_decay=self.config.optimiser.lr_decay,
                           early_stop_patience=self.config.optimiser.early_stop_patience)
         found = descend(module, executor, env, groups, feed, project, opt,
-                        start={"bounds": crown}, track_variables=True)
+                        start={"bounds": crown}, track_variables=True, deadline=deadline)
         lb, ub = found.best["bounds"]
         out = dict(t)
         out["margin"] = torch.maximum(t["margin"], self.margins(pair, lb, ub))
@@ -187,7 +202,7 @@ class ReluBranchAndBound:
         self.stats["bound_s"] += seconds
         self.stats["domains_bounded"] += n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
-        self._resize(size, seconds)
+        self._resize(size, seconds, module.stats["logical_bytes"])
         return result
 
     def _scores(self, module, env, out: dict) -> None:
@@ -207,8 +222,11 @@ class ReluBranchAndBound:
             score = a_neg * intercept + 1e-3 * a_pos * torch.minimum(hi, -lo).clamp(min=0)
             out[f"score:{v}"] = score.masked_fill(~free, -math.inf)
 
-    def _resize(self, size: int, seconds: float) -> None:
-        cap = self.config.max_batch
+    def _resize(self, size: int, seconds: float, plan_bytes: int) -> None:
+        """The next batch: double while within the time target of a call and the memory
+        budget (every buffer of the plan is kept for autograd, plus the optimiser's state:
+        about three times the plan's logical bytes)."""
+        cap = min(self.config.max_batch, self.config.memory_budget * size / max(1, 3 * plan_bytes))
         if seconds > 0:
             cap = min(cap, self.config.call_seconds * size / seconds)
         cap = 1 << max(1, int(math.floor(math.log2(max(2.0, cap)))))
@@ -262,7 +280,7 @@ class ReluBranchAndBound:
     def run(self, root: DomainSet, deadline: float) -> ReluBabOutcome:
         t0 = time.perf_counter()
         attack_before = self.attack.seconds if self.attack else 0.0
-        queue = self.bound(root, self.config.root_iterations)
+        queue = self.bound(root, self.config.root_iterations, deadline)
         queue = queue.select(~(queue.t["margin"] > 0))
         while len(queue):
             if time.perf_counter() >= deadline:
@@ -279,7 +297,7 @@ class ReluBranchAndBound:
                 self.stats["unsplittable"] += stuck
                 return self._outcome("unknown", None, t0)
             if len(children):
-                children = self.bound(children, self.config.optimiser.iterations)
+                children = self.bound(children, self.config.optimiser.iterations, deadline)
                 proven = children.t["margin"] > 0
                 self.stats["leaves_proven"] += int(proven.sum())
                 queue = DomainSet.cat([queue, children.select(~proven)])

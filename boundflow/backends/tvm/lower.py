@@ -247,6 +247,8 @@ def _lower_segment(ctx: _Ctx, seg: Segment, extents: dict[int, DynamicExtent], n
                 if rule is None:
                     raise LoweringError(f"TVMTaskExecutor has no Relax rule for {op.op!r} ({op.source}); "
                                         "add one to boundflow.backends.tvm.lower.RULES")
+                if op.attrs.get("lower_only"):       # only branch and bound plans use it
+                    raise LoweringError(f"TVMTaskExecutor has no lower-only variant of {op.op!r} ({op.source})")
                 results = rule(ctx, [env[b] for b in op.inputs], [ctx.weight(p) for p in op.params], op.attrs)
                 if len(results) != len(op.outputs):
                     raise LoweringError(f"Relax rule for {op.op} returned {len(results)} values for "
