@@ -57,6 +57,7 @@ class ReluBabConfig:
     # prop_1_0.03, 5 steps need 3441 domains in 1.4 s of bounding, 20 steps 3239 in 5.1 s
     optimiser: AlphaConfig = AlphaConfig(iterations=5, lr=0.1, lr_decay=0.98, early_stop_patience=5)
     root_iterations: int = 20       # the root's slopes start from CROWN's
+    exhausted_iterations: int = 200  # for a domain with nothing left to split, before "unknown"
     lr_beta: float = 0.05
     max_batch: int = 1024           # children bounded per call (a power of two)
     call_seconds: float = 1.0       # target wall time of one call (keeps deadlines)
@@ -183,7 +184,7 @@ class ReluBranchAndBound:
 
     # -- bounding ---------------------------------------------------------------------------
     def bound(self, domains: DomainSet, iterations: int, deadline: float | None = None,
-              trial: bool = False) -> DomainSet:
+              trial: bool = False, exhausted: bool = False) -> DomainSet:
         """Bound the domains (padded to a power of two): from their warm-start alpha and beta (or
         CROWN's slopes and no multipliers at the root), then ``iterations`` steps of projected
         Adam on both, until ``deadline``. Returns the domains with new margins (never below the
@@ -220,7 +221,7 @@ class ReluBranchAndBound:
         start = env[module.outputs["bounds"]]
         last_env = env
         if iterations > 0:
-            found = self._optimise(module, env, t, signs, iterations, start, deadline)
+            found = self._optimise(module, env, t, signs, iterations, start, deadline, exhausted)
             start, last_env = found.best["bounds"], found.last_env
             for k, v in enumerate(self.relus):
                 t[f"alpha:{v}"] = found.best_variables[k]
@@ -237,8 +238,11 @@ class ReluBranchAndBound:
             self._resize(size, seconds, module.stats["logical_bytes"])
         return result
 
-    def _optimise(self, module, env, t, signs, iterations, start, deadline):
-        """Projected Adam on alpha (in [0, 1]) and beta (>= 0) from the domains' warm starts."""
+    def _optimise(self, module, env, t, signs, iterations, start, deadline, exhausted):
+        """Projected Adam on alpha (in [0, 1]) and beta (>= 0) from the domains' warm starts.
+        On ``exhausted`` domains (the network linear there) the bound is a Lagrangian dual of
+        a linear program, which may need large multipliers (an empty domain's dual is
+        unbounded): beta's steps are ten times larger and do not decay."""
         alpha_ids = {v: module.inputs[f"alpha:{self.output}:{v}"] for v in self.relus}
         beta_ids = {v: module.inputs[f"beta:{self.output}:{v}"] for v in self.relus}
         alphas = {v: t[f"alpha:{v}"].clone().requires_grad_(True) for v in self.relus}
@@ -255,9 +259,9 @@ class ReluBranchAndBound:
                 betas[v].clamp_(min=0.0)
 
         groups = [{"params": list(alphas.values()), "lr": self.config.optimiser.lr},
-                  {"params": list(betas.values()), "lr": self.config.lr_beta}]
+                  {"params": list(betas.values()), "lr": self.config.lr_beta * (10 if exhausted else 1)}]
         opt = AlphaConfig(iterations=iterations, lr=self.config.optimiser.lr,
-                          lr_decay=self.config.optimiser.lr_decay,
+                          lr_decay=1.0 if exhausted else self.config.optimiser.lr_decay,
                           early_stop_patience=self.config.optimiser.early_stop_patience)
         return descend(module, api._executor, env, groups, feed, project, opt,
                        start={"bounds": start}, track_variables=True, deadline=deadline)
@@ -361,9 +365,18 @@ class ReluBranchAndBound:
             parents = queue.pop(max(1, self.batch // 2))     # the worst domains first
             index = self.choose(parents, deadline)
             self.stats["rounds"] += 1
-            if (index < 0).any():   # every neuron fixed or stable and still unproven: give up
-                self.stats["unsplittable"] += int((index < 0).sum())
-                return self._outcome("unknown", None, t0)
+            if (index < 0).any():
+                # every neuron split or stable: the network is linear there and only the
+                # multipliers can still move the bound, given many more steps
+                exhausted = self.bound(parents.select(index < 0), self.config.exhausted_iterations, deadline,
+                                       exhausted=True)
+                self.stats["exhausted"] = self.stats.get("exhausted", 0) + len(exhausted)
+                if not (exhausted.t["margin"] > 0).all():
+                    self.stats["unsplittable"] += int((~(exhausted.t["margin"] > 0)).sum())
+                    return self._outcome("unknown", None, t0)
+                parents, index = parents.select(index >= 0), index[index >= 0]
+                if not len(parents):
+                    continue
             children = self.bound(self.split(parents, index), self.config.optimiser.iterations, deadline)
             proven = children.t["margin"] > 0
             self.stats["leaves_proven"] += int(proven.sum())
