@@ -23,7 +23,7 @@ from boundflow.frontends.vnnlib import parse_vnnlib
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.alpha import AlphaConfig
 from boundflow.verify.property import make_problem
-from boundflow.verify.relu_bab import DomainSet, ReluBabConfig, ReluBranchAndBound
+from boundflow.verify.relu_bab import DomainQueue, DomainSet, ReluBabConfig, ReluBranchAndBound
 from boundflow.verify.verifier import VerifyConfig, verify
 
 from nets import export_onnx, networks, sample_box
@@ -174,3 +174,53 @@ def test_relu_split_proves_what_alpha_crown_cannot(tmp_path, weight):
     assert res.stats["decided_by"] == "relu_bab" and res.stats["relu_bab"]["rounds"] > 5, res.stats
     prop.write_text(property_text(4, 3, lo, hi, low + 1e-3, weight))    # a sampled point violates it
     assert verify(path, prop, timeout=10, config=config).verdict != "holds"
+
+
+@settings(SETTINGS, max_examples=6)
+@given(setup=setups())
+def test_unsplit_beta_crown_is_crown(setup):
+    """With CROWN's intermediate bounds, no splits and no multipliers, the lower-only beta-crown
+    pass reproduces CROWN's lower bound (the same relaxations, half the rows)."""
+    net, lo, hi, _ = setup
+    n_in = lo.numel()
+    shape = net.input_shape
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net.module, torch.zeros(shape), os.path.join(tmp, "net.onnx"))
+        problem = make_problem(parse_vnnlib(property_text(n_in, net.num_outputs, lo, hi, 0.0)), shape)
+        C = problem.C_bound[: problem.num_rows]
+        crown = api.bound(path, problem.outer_lo.reshape(shape), problem.outer_hi.reshape(shape), "crown",
+                          C=C, config=EXPORT)
+        search = ReluBranchAndBound(path, problem, [(0, 0)], None, ReluBabConfig(), EXPORT)
+        root = search.root(crown.intermediate, torch.full((1, 1), -math.inf))
+        margin = float(search.bound(root, 0).t["margin"][0])
+        want = float(problem.disjunct_margins(problem.row_lower_bounds(crown.lb, crown.ub))[0, 0])
+        assert abs(margin - want) <= 1e-5 * max(1.0, abs(want)), (repr(net), margin, want)
+
+
+def test_queue_pops_the_worst_domains_and_keeps_the_rest():
+    queue = DomainQueue()
+    queue.push(DomainSet({"margin": torch.tensor([-1.0, -5.0, -2.0], dtype=torch.float64),
+                          "id": torch.tensor([0, 1, 2])}))
+    queue.push(DomainSet({"margin": torch.tensor([-4.0, -0.5], dtype=torch.float64), "id": torch.tensor([3, 4])}))
+    worst = queue.pop(3)
+    assert sorted(worst.t["id"].tolist()) == [1, 2, 3] and len(queue) == 2
+    assert sorted(queue.pop(5).t["id"].tolist()) == [0, 4] and len(queue) == 0
+
+
+def test_split_children_clamp_and_sign_one_neuron(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    path = export_onnx(module, torch.zeros(1, 3), tmp_path / "net.onnx")
+    lo, hi = -torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    problem = make_problem(parse_vnnlib(property_text(3, 2, lo, hi, 0.0)), (1, 3))
+    search = ReluBranchAndBound(str(path), problem, [(0, 0)], None, ReluBabConfig(), EXPORT)
+    (v,) = search.relus
+    parent = DomainSet({"pair": torch.tensor([0]), "margin": torch.tensor([-1.0], dtype=torch.float64),
+                        f"lo:{v}": -torch.ones(1, 1, 4), f"hi:{v}": torch.ones(1, 1, 4),
+                        f"sign:{v}": torch.zeros(1, 1, 4, dtype=torch.int8)})
+    children = search.split(parent, torch.tensor([2]))
+    t = children.t
+    assert t[f"lo:{v}"][0, 0].tolist() == [-1, -1, 0, -1] and t[f"hi:{v}"][0, 0].tolist() == [1, 1, 1, 1]
+    assert t[f"lo:{v}"][1, 0].tolist() == [-1, -1, -1, -1] and t[f"hi:{v}"][1, 0].tolist() == [1, 1, 0, 1]
+    assert t[f"sign:{v}"][:, 0, 2].tolist() == [1, -1] and int(t[f"sign:{v}"].abs().sum()) == 2
+    assert parent.t[f"lo:{v}"].min() == -1 and parent.t[f"sign:{v}"].abs().sum() == 0   # parent untouched

@@ -6,6 +6,7 @@ Every "violated" is re-checked here, independently, with onnxruntime on the orig
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import subprocess
@@ -449,3 +450,15 @@ def test_run_suite_end_to_end(shared, tmp_path):
     assert [r["wrong"] for r in rows] == ["WRONG", ""]
     assert list(rows[0]) == list(suite.CSV_FIELDS)
     assert all(float(r["seconds"]) > 0 for r in rows)
+
+
+def test_progress_lines_only_when_enabled(caplog):
+    from boundflow.verify.progress import Progress
+
+    progress = Progress("search", every=0.0)
+    with caplog.at_level(logging.WARNING, logger="boundflow.verify"):
+        progress.tick(domains=3)
+    assert caplog.text == ""
+    with caplog.at_level(logging.INFO, logger="boundflow.verify"):
+        progress.tick(domains=5, queued=2)
+    assert "search" in caplog.text and "domains 5, queued 2" in caplog.text

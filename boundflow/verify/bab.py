@@ -23,6 +23,7 @@ import torch
 
 from boundflow import api
 from boundflow.verify.attack import Attacker, Counterexample
+from boundflow.verify.progress import Progress
 from boundflow.verify.property import Problem
 
 
@@ -240,7 +241,9 @@ class BranchAndBound:
         queue = DomainQueue(roots.select(slice(0, 0)))
         cex = self._prioritise(roots)
         queue.push(roots)
+        progress = Progress("input branch and bound")
         while cex is None and len(queue):
+            progress.tick(domains=self.stats["domains_bounded"], queued=len(queue))
             if time.perf_counter() >= deadline:
                 return self._outcome("timeout", None, t0)
             if queue.nbytes() > self.config.queue_budget:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -58,6 +59,8 @@ def add_commands(sub) -> None:
     v.add_argument("--seed", type=int, default=0, help="seed of the attacks (default: %(default)s)")
     v.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object (verdict, seconds, stats)")
+    v.add_argument("--progress", action="store_true",
+                   help="print a progress line to stderr every 5 s of branch and bound")
     v.set_defaults(run=cmd_verify)
 
     s = sub.add_parser(
@@ -98,6 +101,12 @@ def cmd_verify(args) -> int:
         if args.threads < 1:
             raise CliError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.progress:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log = logging.getLogger("boundflow.verify")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         model = _existing_file(args.model, "model")
         prop = _existing_file(args.property, "property")

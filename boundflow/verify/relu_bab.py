@@ -41,6 +41,7 @@ from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import SPLIT_METHOD
 from boundflow.verify.alpha import AlphaConfig, descend, starting_slopes
 from boundflow.verify.attack import Counterexample
+from boundflow.verify.progress import Progress
 from boundflow.verify.property import Problem
 
 
@@ -107,6 +108,10 @@ class DomainQueue:
     def push(self, domains: DomainSet) -> None:
         if len(domains):
             self.chunks.append(domains)
+
+    def worst(self) -> float:
+        """The lowest margin queued (+inf when empty)."""
+        return min((float(c.t["margin"].min()) for c in self.chunks), default=math.inf)
 
     def pop(self, count: int) -> DomainSet:
         """The ``count`` domains of lowest margin."""
@@ -353,6 +358,7 @@ class ReluBranchAndBound:
     def run(self, root: DomainSet, deadline: float) -> ReluBabOutcome:
         t0 = time.perf_counter()
         attack_before = self.attack.seconds if self.attack else 0.0
+        progress = Progress("ReLU branch and bound")
         bounded = self.bound(root, self.config.root_iterations, deadline)
         queue = DomainQueue()
         queue.push(bounded.select(~(bounded.t["margin"] > 0)))
@@ -381,6 +387,8 @@ class ReluBranchAndBound:
             proven = children.t["margin"] > 0
             self.stats["leaves_proven"] += int(proven.sum())
             queue.push(children.select(~proven))
+            progress.tick(domains=self.stats["domains_bounded"], queued=len(queue),
+                          worst_margin=f"{queue.worst():.4g}")
             self.stats["max_queue"] = max(self.stats["max_queue"], len(queue))
             if self.attack and len(queue) and \
                     self.attack.seconds - attack_before <= self.config.attack_share * (time.perf_counter() - t0):
