@@ -318,6 +318,7 @@ EASY = [  # (benchmark, onnx, vnnlib, timeout): quick ones, plus two hard ones o
     ("mnistfc", "mnist-net_256x2.onnx", "prop_9_0.03.vnnlib", 20),      # ReLU branch and bound
     ("mnistfc", "mnist-net_256x2.onnx", "prop_13_0.03.vnnlib", 20),     # three disjuncts at once
     ("oval21", "nets/cifar_base_kw.onnx", "vnnlib/cifar_base_kw-img4549-eps0.00392156862745098.vnnlib", 30),
+    ("oval21", "nets/cifar_base_kw.onnx", "vnnlib/cifar_base_kw-img4631-eps0.016339869281045753.vnnlib", 6),
 ]
 
 

@@ -273,11 +273,9 @@ class ReluBranchAndBound:
 
     def _scores(self, module, env, out: dict) -> None:
         """BaBSR's intercept score per neuron (-inf where no split is possible)."""
-        coeff = {}
-        for op in module.ops():
-            if op.op == "linear.relu_alpha":
-                role = next(r for r, b in module.inputs.items() if b == op.inputs[3])
-                coeff[role.split(":", 2)[2]] = env[op.inputs[0]].detach()[:, : self.rows]
+        relu_of = {module.inputs[f"alpha:{self.output}:{v}"]: v for v in self.relus}   # names may hold ":"
+        coeff = {relu_of[op.inputs[3]]: env[op.inputs[0]].detach()
+                 for op in module.ops() if op.op == "linear.relu_alpha"}
         for v in self.relus:
             lo, hi, sign = out[f"lo:{v}"], out[f"hi:{v}"], out[f"sign:{v}"]
             free = (lo < 0) & (hi > 0) & (sign == 0)
