@@ -1,10 +1,26 @@
 """Counterexample search: batched PGD with random restarts, and the onnxruntime check.
 
 The network is run from BoundFlow's primal graph with the concrete op rules (differentiable
-torch ops), so gradients are cheap. A point is only *reported* after the original ONNX file,
-run by onnxruntime, confirms it: the input lies in a box of the property as written (float64)
-and the output meets every row of one disjunct of the unsafe set strictly. A candidate that
-fails this check is discarded and counted (``stats["rejected"]``).
+torch ops), so gradients are cheap. PGD starts, for every (region, disjunct) pair, from the
+centre of the region, from uniform samples and from *neuron corners*.
+
+Neuron corners: a ReLU that is off passes no gradient, so PGD cannot learn that switching it on
+would help. On sparse networks that is where counterexamples hide: in the eps = 0.05 boxes of
+the VNN-COMP mnistfc MLPs (trained to one-hot outputs) ~246 of the 256 first-layer ReLUs are
+off, and every uniform restart ends in the same local optimum. So for every ReLU unit that is
+off at the centre of a region and, to first order, can switch on in it, the corner of the
+region that maximises its input (the sign of its input's gradient: exact for the first ReLU
+layer, whose input is affine in x as every primal op but relu is; a local linearisation
+beyond) is a start. The corners are evaluated, and each (region, disjunct) pair starts from
+the few with the lowest objective.
+
+Restarts: where the box has few inputs (ACAS Xu: 5) the default call batches hundreds of
+uniform starts; small networks cost per step, not per point.
+
+A point is only *reported* after the original ONNX file, run by onnxruntime, confirms it: the
+input lies in a box of the property as written (float64) and the output meets every row of one
+disjunct of the unsafe set strictly. A candidate that fails this check is discarded and counted
+(``stats["rejected"]``).
 """
 from __future__ import annotations
 
@@ -31,6 +47,11 @@ class AttackConfig:
     step_end: float = 0.01
     max_points: int = 4096          # points per PGD batch (restarts x disjuncts x boxes)
     max_checks_per_step: int = 4    # candidates sent to onnxruntime per step
+    fill_points: int = 256          # calls with the default restarts on at most
+    fill_max_inputs: int = 32       # this many inputs add uniform samples up to this many points
+    corner_starts: int = 8          # neuron corners per (region, disjunct), at most ``restarts``
+    jacobian_rows: int = 4096       # ReLU-unit gradients per call (regions x units), for corners
+    jacobian_entries: int = 1 << 23  # ... and their entries (x inputs): memory
 
 
 @dataclass
@@ -76,10 +97,20 @@ class AttackStats:
     points: int = 0          # network evaluations (points x steps)
     candidates: int = 0      # points our forward pass flagged, sent to onnxruntime
     rejected: int = 0        # of those, not confirmed by onnxruntime
+    corners: int = 0         # neuron-corner starts
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(vars(self))
+
+
+def _first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows of ``keys`` [P, c] and, for each, the index of its first occurrence
+    (ascending)."""
+    distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.full((distinct.shape[0],), keys.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), reduce="amin")
+    return distinct, first.sort().values
 
 
 @dataclass
@@ -91,6 +122,10 @@ class Attacker:
     config: AttackConfig = AttackConfig()
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     stats: AttackStats = field(default_factory=AttackStats)
+    # the inputs of the ReLUs that depend on the network input; computed on first use
+    _relus: list[str] | None = field(default=None, init=False, repr=False)
+    # regions already attacked from their deterministic starts (centre, neuron corners)
+    _seen: set = field(default_factory=set, init=False, repr=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs [N, O] of flat inputs [N, n]; differentiable when x requires grad."""
@@ -126,35 +161,198 @@ class Attacker:
     def run(self, lo: torch.Tensor, hi: torch.Tensor, box: torch.Tensor, alive: torch.Tensor,
             deadline: float, steps: int | None = None, restarts: int | None = None) -> Counterexample | None:
         """PGD inside the sub-boxes [lo, hi] ([M, n], from property box ``box[m]``) against each
-        disjunct still alive there (``alive`` [M, K]). Returns a confirmed counterexample or None
-        (steps run out, or ``deadline``, a ``time.perf_counter`` value, passed)."""
+        disjunct still alive there (``alive`` [M, K]). ``restarts`` starts per (region, disjunct)
+        pair: the centre and uniform samples; plus up to ``min(corner_starts, restarts)`` neuron
+        corners. Returns a confirmed counterexample or None (steps run out, or ``deadline``, a
+        ``time.perf_counter`` value, passed)."""
         t0 = time.perf_counter()
         self.stats.runs += 1
         try:
-            starts = self._starts(lo, hi, box, alive, restarts or self.config.restarts)
-            if starts is None:
-                return None
+            # many uniform starts pay off where the box has few dimensions (ACAS Xu: 5), and
+            # there the per-step overhead dominates the cost of a point; on image-sized inputs
+            # they all fall into the same optimum (the neuron corners do the work there)
+            few = self.problem.num_inputs <= self.config.fill_max_inputs
+            fill = self.config.fill_points if restarts is None and few else 0
+            with torch.no_grad():
+                starts = self._starts(lo, hi, box, alive, restarts or self.config.restarts, fill)
+            if isinstance(starts, Counterexample) or starts is None:
+                return starts
             return self._descend(*starts, steps or self.config.steps, deadline)
         finally:
             self.stats.seconds += time.perf_counter() - t0
 
-    def _starts(self, lo, hi, box, alive, restarts):
+    def _starts(self, lo, hi, box, alive, restarts, fill=0):
         """Per point: its sub-box (clipped to the inward-rounded property box), its disjunct and
-        a start (the centre for the first restart, uniform samples for the others)."""
+        a start. Points are laid out by kind, most promising first, so that the ``max_points``
+        cap drops uniform samples first: the centres, the neuron corners, the uniform samples.
+        Regions seen before get uniform samples only (the other starts are deterministic).
+        Returns a counterexample when a neuron corner already is one."""
         lo = torch.maximum(lo, self.problem.inner_lo[box])
         hi = torch.minimum(hi, self.problem.inner_hi[box])
         usable = alive & (lo <= hi).all(dim=1, keepdim=True)
         region, disjunct = torch.nonzero(usable, as_tuple=True)
         if region.numel() == 0:
             return None
-        per_point = max(1, min(restarts, self.config.max_points // region.numel()))
-        region = region.repeat(per_point)[: self.config.max_points]
-        disjunct = disjunct.repeat(per_point)[: self.config.max_points]
+        cap = self.config.max_points
+        fresh = self._fresh(lo, hi, box)
+        parts_region, parts_disjunct, parts_x = [], [], []
+        # the centres
+        keep = fresh[region]
+        centre = (lo + hi) / 2
+        parts_region.append(region[keep])
+        parts_disjunct.append(disjunct[keep])
+        parts_x.append(centre[region[keep]])
+        # the neuron corners
+        count = min(self.config.corner_starts, restarts)
+        if count > 0 and bool(fresh.any()):
+            corners = self._corners(lo, hi, usable & fresh[:, None], count,
+                                    max(1, (cap - int(keep.sum())) // max(1, region.numel())))
+            if isinstance(corners, Counterexample):
+                return corners
+            if corners is not None:
+                parts_region.append(corners[0])
+                parts_disjunct.append(corners[1])
+                parts_x.append(corners[2])
+                self.stats.corners += corners[0].numel()
+        # the uniform samples: restarts - 1 per pair where the centre was used, restarts elsewhere,
+        # and more, the same number for every pair, until the batch has ``fill`` points
+        used = sum(r.numel() for r in parts_region)
+        per_pair = torch.where(keep, restarts - 1, restarts)
+        short = min(fill, cap) - used - int(per_pair.sum())
+        if short > 0:
+            per_pair = per_pair + math.ceil(short / region.numel())
+        rounds = int(per_pair.max()) if per_pair.numel() else 0
+        if rounds > 0 and used < cap:
+            reps = torch.arange(rounds).repeat_interleave(region.numel())
+            ur = region.repeat(rounds)[reps < per_pair.repeat(rounds)][: cap - used]
+            ud = disjunct.repeat(rounds)[reps < per_pair.repeat(rounds)][: cap - used]
+            u = torch.rand((ur.numel(), lo.shape[1]), generator=self.generator)
+            parts_region.append(ur)
+            parts_disjunct.append(ud)
+            parts_x.append(lo[ur] + u * (hi[ur] - lo[ur]))
+        region = torch.cat(parts_region)[:cap]
+        disjunct = torch.cat(parts_disjunct)[:cap]
+        if region.numel() == 0:
+            return None
         plo, phi = lo[region], hi[region]
-        u = torch.rand(plo.shape, generator=self.generator)
-        u[: usable.sum()] = 0.5                       # first restart: the centres
-        x = torch.minimum(torch.maximum(plo + u * (phi - plo), plo), phi)
+        x = torch.minimum(torch.maximum(torch.cat(parts_x)[:cap], plo), phi)
         return x, plo, phi, disjunct
+
+    def _fresh(self, lo: torch.Tensor, hi: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """[M] bool: the regions not attacked before (and remember them)."""
+        fresh = torch.ones(lo.shape[0], dtype=torch.bool)
+        for m in range(lo.shape[0]):
+            key = (int(box[m]), hash(lo[m].numpy().tobytes()), hash(hi[m].numpy().tobytes()))
+            fresh[m] = key not in self._seen
+            self._seen.add(key)
+        return fresh
+
+    def _corners(self, lo, hi, usable, count, per_region):
+        """Neuron-corner starts. For every usable region m, the ReLUs that are off at its centre
+        and, to first order, can switch on in it (the ``per_region`` that come closest), each
+        with the corner that maximises its input to first order; for every usable (region,
+        disjunct) pair the ``count`` of these corners with the lowest objective. Returns
+        (region, disjunct, x) of the starts, a confirmed counterexample found at a corner, or
+        None."""
+        rows = torch.nonzero(usable.any(dim=1)).flatten()
+        units = self._units_per_region(rows.numel())
+        if units == 0:
+            return None
+        rows = rows[: max(1, self.config.jacobian_rows // units)]
+        centre, half = (lo[rows] + hi[rows]) / 2, (hi[rows] - lo[rows]) / 2
+        z, grad = self._unit_gradients(centre, units)                 # [R, U], [R, U, n]
+        reach = z + (grad.abs() * half[:, None, :]).sum(dim=2)        # first-order maximum
+        reach = torch.where((z <= 0) & (reach > 0), reach, -math.inf)
+        k = min(per_region, units)
+        top, unit = torch.topk(reach, k, dim=1)                       # [R, k]
+        r, slot = torch.nonzero(top > -math.inf, as_tuple=True)
+        if r.numel() == 0:
+            return None
+        up = grad[r, unit[r, slot]] > 0                                # [P, n]
+        # one start per distinct corner of a region (few inputs: many units share a corner)
+        code = up.double() @ torch.randn(up.shape[1], generator=torch.Generator().manual_seed(0),
+                                         dtype=torch.float64)
+        _, first = _first_of_each(torch.stack([r.double(), code], dim=1))
+        r, slot, up = r[first], slot[first], up[first]
+        region = rows[r]
+        x = torch.where(up, hi[region], lo[region])
+        self.stats.points += x.shape[0]
+        f = self.problem.violations(self.forward(x))                  # [P, K]
+        f = f.masked_fill(~usable[region], math.inf)
+        cex = self.confirm(x, f.amin(dim=1))
+        if cex is not None:
+            return cex
+        # per pair: the `count` lowest corners of its region
+        M, K = lo.shape[0], f.shape[1]
+        table = torch.full((M, k, K), math.inf)
+        table[region, slot] = f
+        best, order = torch.topk(table, min(count, k), dim=1, largest=False)   # [M, c, K]
+        m, c, d = torch.nonzero(best < math.inf, as_tuple=True)
+        index = torch.full((M, k), -1, dtype=torch.long)
+        index[region, slot] = torch.arange(region.numel())
+        # most promising first (the cap cuts from the end): by rank, then region, disjunct
+        rank = torch.argsort(c * (M * K) + m * K + d, stable=True)
+        m, c, d = m[rank], c[rank], d[rank]
+        return m, d, x[index[m, order[m, c, d]]]
+
+    def _relu_inputs(self) -> list[str]:
+        """The distinct inputs of the ReLUs that depend on the network input, in topological order."""
+        if self._relus is None:
+            const = concrete.constant_valued(self.graph)
+            names = [node.inputs[0] for node in self.graph.nodes
+                     if node.op == "relu" and node.inputs[0] not in const]
+            self._relus = list(dict.fromkeys(names))
+        return self._relus
+
+    def _units_per_region(self, regions: int) -> int:
+        """How many ReLU units (the first ones in topological order) get a gradient per region:
+        all of them unless ``jacobian_rows`` (per call) or ``jacobian_entries`` runs out."""
+        names = self._relu_inputs()
+        total = sum(math.prod(self.graph.shape(name)) for name in names)
+        budget = min(self.config.jacobian_rows // max(1, regions),
+                     self.config.jacobian_entries // max(1, regions * self.problem.num_inputs))
+        return min(total, budget)
+
+    def _unit_gradients(self, centre: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """At each point of ``centre`` [R, n]: the inputs of the first ``units`` ReLU units
+        ([R, U]) and their gradients w.r.t. the network input ([R, U, n]; exact for the first
+        ReLU layer, which is affine in x, a local linearisation beyond)."""
+        R, n = centre.shape
+        x = centre.repeat_interleave(units, dim=0).requires_grad_(True)   # row r*U + u
+        with torch.enable_grad():
+            z = self._pre_activations(x, units)                            # [R U, U]
+            picked = z.gather(1, torch.arange(units).repeat(R)[:, None]).squeeze(1)
+            (grad,) = torch.autograd.grad(picked.sum(), x)
+        self.stats.points += x.shape[0]
+        return picked.detach().reshape(R, units), grad.reshape(R, units, n)
+
+    def _pre_activations(self, x: torch.Tensor, units: int) -> torch.Tensor:
+        """[N, units]: the inputs of the first ``units`` ReLU units (topological order, each
+        ReLU's input flattened) at the flat points x [N, n]. Runs the graph only as far as needed."""
+        graph = self.graph
+        names = self._relu_inputs()
+        env = {graph.inputs[0]: x.reshape((x.shape[0],) + self.problem.input_shape)}
+        const = {name for name, v in graph.values.items() if v.kind in ("param", "const")}
+        for name in const:
+            env[name] = graph.values[name].data
+        wanted, have, out = {}, 0, []
+        for name in names:
+            if have >= units:
+                break
+            wanted[name] = len(wanted)
+            have += math.prod(graph.shape(name))
+        for node in graph.nodes:
+            args = [env[i] for i in node.inputs]
+            if all(i in const for i in node.inputs):
+                const.update(node.outputs)
+                env[node.outputs[0]] = concrete.apply_constant(node, args)
+            else:
+                env[node.outputs[0]] = concrete.apply(node, args)
+            if node.op == "relu" and node.inputs[0] in wanted and wanted[node.inputs[0]] == len(out):
+                out.append(env[node.inputs[0]].reshape(x.shape[0], -1))
+                if len(out) == len(wanted):
+                    break
+        return torch.cat(out, dim=1)[:, :units]
 
     def _descend(self, x, lo, hi, disjunct, steps, deadline) -> Counterexample | None:
         """Sign-gradient descent of each point's objective, projected onto its box; every
@@ -175,4 +373,3 @@ class Attacker:
             f = self.problem.violation(self.forward(x), disjunct)
         self.stats.points += x.shape[0]
         return self.confirm(x, f)
-
