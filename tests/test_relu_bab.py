@@ -35,13 +35,8 @@ EXPORT = PlannerConfig(export_intermediate=True)
 
 def pre_activations(graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every ReLU input's value at the points x [N, *input shape]."""
-    env = {graph.inputs[0]: x}
-    for name, v in graph.values.items():
-        if v.kind in ("param", "const"):
-            env[name] = v.data
     with torch.no_grad():
-        for node in graph.nodes:
-            env[node.outputs[0]] = concrete.apply(node, [env[i] for i in node.inputs])
+        env = concrete.values(graph, x)
     return {n.inputs[0]: env[n.inputs[0]] for n in graph.nodes if n.op == "relu"}
 
 

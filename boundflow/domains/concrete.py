@@ -127,9 +127,10 @@ def infer_shape(graph: Graph, node: Node) -> tuple[int, ...]:
     return tuple(out.shape[1:])
 
 
-def evaluate(graph: Graph, x: torch.Tensor) -> list[torch.Tensor]:
-    """Run the graph on a batch of points x: [B, *input_shape]. Returns the graph outputs.
-    Differentiable (attacks use the gradient); wrap in torch.no_grad() when it is not needed."""
+def values(graph: Graph, x: torch.Tensor, stop: Callable[[dict], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Run the graph on a batch of points x: [B, *input_shape]. Returns every value computed,
+    by name, stopping early once ``stop(values)`` holds. Differentiable (attacks use the
+    gradient); wrap in torch.no_grad() when it is not needed."""
     in_shape = graph.shape(graph.inputs[0])
     if tuple(x.shape[1:]) != tuple(in_shape):
         raise ValueError(f"evaluate: input of shape {list(x.shape)} does not match [B, *{list(in_shape)}]")
@@ -145,4 +146,12 @@ def evaluate(graph: Graph, x: torch.Tensor) -> list[torch.Tensor]:
             env[node.outputs[0]] = apply_constant(node, args)
         else:
             env[node.outputs[0]] = apply(node, args)
+        if stop is not None and stop(env):
+            break
+    return env
+
+
+def evaluate(graph: Graph, x: torch.Tensor) -> list[torch.Tensor]:
+    """The graph outputs at points x: [B, *input_shape] (see :func:`values`)."""
+    env = values(graph, x)
     return [env[o] for o in graph.outputs]

@@ -329,30 +329,15 @@ class Attacker:
     def _pre_activations(self, x: torch.Tensor, units: int) -> torch.Tensor:
         """[N, units]: the inputs of the first ``units`` ReLU units (topological order, each
         ReLU's input flattened) at the flat points x [N, n]. Runs the graph only as far as needed."""
-        graph = self.graph
-        names = self._relu_inputs()
-        env = {graph.inputs[0]: x.reshape((x.shape[0],) + self.problem.input_shape)}
-        const = {name for name, v in graph.values.items() if v.kind in ("param", "const")}
-        for name in const:
-            env[name] = graph.values[name].data
-        wanted, have, out = {}, 0, []
-        for name in names:
+        wanted, have = [], 0
+        for name in self._relu_inputs():
             if have >= units:
                 break
-            wanted[name] = len(wanted)
-            have += math.prod(graph.shape(name))
-        for node in graph.nodes:
-            args = [env[i] for i in node.inputs]
-            if all(i in const for i in node.inputs):
-                const.update(node.outputs)
-                env[node.outputs[0]] = concrete.apply_constant(node, args)
-            else:
-                env[node.outputs[0]] = concrete.apply(node, args)
-            if node.op == "relu" and node.inputs[0] in wanted and wanted[node.inputs[0]] == len(out):
-                out.append(env[node.inputs[0]].reshape(x.shape[0], -1))
-                if len(out) == len(wanted):
-                    break
-        return torch.cat(out, dim=1)[:, :units]
+            wanted.append(name)
+            have += math.prod(self.graph.shape(name))
+        env = concrete.values(self.graph, x.reshape((x.shape[0],) + self.problem.input_shape),
+                              stop=lambda env: all(name in env for name in wanted))
+        return torch.cat([env[name].reshape(x.shape[0], -1) for name in wanted], dim=1)[:, :units]
 
     def _descend(self, x, lo, hi, disjunct, steps, deadline) -> Counterexample | None:
         """Sign-gradient descent of each point's objective, projected onto its box; every
