@@ -2,6 +2,13 @@
 
     python -m boundflow.bench.vnncomp --json out.json --benchmarks mnistfc,acasxu,oval21 \\
         --limit 10 --timeout-cap 30 [--filter mnistfc=256x2] [--jobs 1]
+    python -m boundflow.bench.vnncomp --preset issue --json out.json
+
+``--preset issue`` runs the subsets the verification issue sets as the target (all 30 mnistfc
+mnist-net_256x2 instances at a 60 s cap, the first 45 ACAS Xu instances at 60 s, the first 5
+oval21 instances at 120 s) and puts alpha-beta-CROWN's reference numbers beside ours, with the
+ratios: solved counts, and its median time over ours on the same instances (ACAS Xu: its
+reference covers the first 10).
 
 Each instance runs as a fresh ``boundflow verify`` process with one torch thread, timed from
 launch to exit, as VNN-COMP measures it (Python and torch start-up included). Instances are the
@@ -20,6 +27,17 @@ from boundflow.bench.common import machine_info, shared_dir, table, versions, wr
 from boundflow.verify import suite
 
 
+# alpha-beta-CROWN (Dec 2025 release) on a machine like ours, one torch thread, its VNN-COMP 2021
+# configs without MIP solvers or CPLEX cuts, whole-process times, as the issue reports them
+REFERENCE = {
+    "mnistfc": {"tool": "alpha-beta-CROWN", "instances": 30, "solved": 29, "median_s": 11.0},
+    "acasxu": {"tool": "alpha-beta-CROWN", "instances": 10, "solved": 10, "median_s": 14.0},
+    "oval21": {"tool": "alpha-beta-CROWN", "instances": 5, "solved": 4, "median_s": 40.2},
+}
+# benchmark -> (onnx filter, first N, timeout cap in s)
+PRESETS = {"issue": {"mnistfc": ("256x2", 30, 60.0), "acasxu": ("", 45, 60.0), "oval21": ("", 5, 120.0)}}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m boundflow.bench.vnncomp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,17 +50,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="crown", help="bound method of the search (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=1, help="instances in parallel (default: %(default)s)")
     p.add_argument("--shared", help="the shared data folder (default: $BOUNDFLOW_SHARED or ../shared)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="fixed subsets with their caps and the reference numbers (overrides "
+                        "--benchmarks, --limit, --timeout-cap, --filter)")
     return p.parse_args(argv)
 
 
-def select(benchmark: str, args) -> list[suite.Instance]:
-    csv_path = shared_dir(args.shared) / "benchmarks" / "vnncomp2021" / benchmark / f"{benchmark}_instances.csv"
-    instances = suite.read_instances(csv_path, args.timeout_cap)
-    for f in args.filter:
-        name, _, text = f.partition("=")
-        if name == benchmark:
-            instances = [i for i in instances if text in i.onnx]
-    return instances[: args.limit]
+def plan_runs(args) -> dict[str, tuple[str, int, float]]:
+    """benchmark -> (onnx filter, first N, timeout cap)."""
+    if args.preset:
+        return dict(PRESETS[args.preset])
+    filters = {name: text for name, _, text in (f.partition("=") for f in args.filter)}
+    return {b: (filters.get(b, ""), args.limit, args.timeout_cap)
+            for b in (b.strip() for b in args.benchmarks.split(",")) if b}
+
+
+def select(benchmark: str, shared: str | None, text: str, limit: int, cap: float) -> list[suite.Instance]:
+    csv_path = shared_dir(shared) / "benchmarks" / "vnncomp2021" / benchmark / f"{benchmark}_instances.csv"
+    instances = [i for i in suite.read_instances(csv_path, cap) if text in i.onnx]
+    return instances[:limit]
+
+
+def against_reference(benchmark: str, outcomes: list[suite.Outcome]) -> dict | None:
+    """The reference beside ours on the instances it covers (the first ``instances``)."""
+    ref = REFERENCE.get(benchmark)
+    if ref is None or len(outcomes) < ref["instances"]:
+        return None
+    ours = summarise(outcomes[: ref["instances"]])
+    return {"reference": ref,
+            "ours_on_same": {"instances": ref["instances"], "solved": ours["solved"], "median_s": ours["median_s"],
+                             "wrong": ours["wrong"]},
+            "solved_minus_reference": ours["solved"] - ref["solved"],
+            "median_speedup": ref["median_s"] / ours["median_s"] if ours["median_s"] else None}
 
 
 def summarise(outcomes: list[suite.Outcome]) -> dict:
@@ -64,9 +103,9 @@ def summarise(outcomes: list[suite.Outcome]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = {}
-    for benchmark in [b.strip() for b in args.benchmarks.split(",") if b.strip()]:
-        instances = select(benchmark, args)
+    results, runs = {}, plan_runs(args)
+    for benchmark, (text, limit, cap) in runs.items():
+        instances = select(benchmark, args.shared, text, limit, cap)
         done: list = []
 
         def report(outcome, total=len(instances)) -> None:
@@ -74,18 +113,28 @@ def main(argv=None) -> int:
             print(suite.progress_line(len(done), total, outcome, suite.tally(done), sys.stdout.isatty()),
                   flush=True)
 
-        print(f"{benchmark}: {len(instances)} instances, timeout cap {args.timeout_cap} s", flush=True)
-        results[benchmark] = summarise(suite.run_suite(instances, args.jobs, args.method, 1, report))
+        print(f"{benchmark}: {len(instances)} instances, timeout cap {cap} s", flush=True)
+        outcomes = suite.run_suite(instances, args.jobs, args.method, 1, report)
+        results[benchmark] = summarise(outcomes)
+        results[benchmark]["versus"] = against_reference(benchmark, outcomes)
     rows = [[b, r["instances"], r["solved"], r["holds"], r["violated"], r["unknown"] + r["timeout"],
              r["error"], r["wrong"], f"{r['median_s']:.2f}", f"{r['median_solved_s'] or 0:.2f}"]
             for b, r in results.items()]
     print()
     print(table(rows, ["benchmark", "n", "solved", "holds", "violated", "unsolved", "error", "wrong",
                        "median s", "median solved s"]))
+    versus = [[b, v["reference"]["instances"], v["ours_on_same"]["solved"], v["reference"]["solved"],
+               f"{v['ours_on_same']['median_s']:.2f}", f"{v['reference']['median_s']:.2f}",
+               f"{v['median_speedup']:.1f}x" if v["median_speedup"] else "-"]
+              for b, r in results.items() if (v := r["versus"])]
+    if versus:
+        print()
+        print(table(versus, ["benchmark", "same n", "solved", "ref solved", "median s", "ref median s",
+                             "ref / ours"]))
     out = {"benchmark": "vnncomp2021", "machine": machine_info(), "versions": versions(),
-           "config": {"timeout_cap_s": args.timeout_cap, "limit": args.limit, "filters": args.filter,
-                      "method": args.method, "jobs": args.jobs, "torch_threads_per_instance": 1,
-                      "timing": "whole process, launch to exit"},
+           "config": {"runs": {b: {"onnx_filter": t, "limit": n, "timeout_cap_s": c} for b, (t, n, c) in runs.items()},
+                      "preset": args.preset, "method": args.method, "jobs": args.jobs,
+                      "torch_threads_per_instance": 1, "timing": "whole process, launch to exit"},
            "results": results}
     if args.json:
         write_json(out, args.json)

@@ -1,0 +1,49 @@
+"""The VNN-COMP benchmark's bookkeeping: presets, the reference beside our numbers, one real
+instance end to end (JSON written, verdict counted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from boundflow.bench import vnncomp
+from boundflow.verify import suite
+
+from conftest import REPO
+
+
+def outcome(verdict: str, seconds: float, expected: str = "holds") -> suite.Outcome:
+    inst = suite.Instance("mnistfc", "m.onnx", "p.vnnlib", 60.0, Path("m.onnx"), Path("p.vnnlib"), expected)
+    return suite.Outcome(inst, verdict, seconds)
+
+
+def test_issue_preset_runs_the_target_subsets():
+    args = vnncomp.parse_args(["--preset", "issue", "--limit", "3"])
+    assert vnncomp.plan_runs(args) == {"mnistfc": ("256x2", 30, 60.0), "acasxu": ("", 45, 60.0),
+                                       "oval21": ("", 5, 120.0)}
+    args = vnncomp.parse_args(["--benchmarks", "acasxu, oval21", "--limit", "3", "--filter", "oval21=wide"])
+    assert vnncomp.plan_runs(args) == {"acasxu": ("", 3, 60.0), "oval21": ("wide", 3, 60.0)}
+
+
+def test_reference_compared_on_the_instances_it_covers():
+    runs = [outcome("holds", 2.0)] * 20 + [outcome("timeout", 60.0)] * 5 + [outcome("violated", 1.0)] * 5
+    versus = vnncomp.against_reference("mnistfc", runs)
+    assert versus["ours_on_same"]["solved"] == 25 and versus["solved_minus_reference"] == 25 - 29
+    assert versus["ours_on_same"]["wrong"] == 5                       # violated where holds is expected
+    assert abs(versus["median_speedup"] - 11.0 / 2.0) < 1e-9
+    assert vnncomp.against_reference("mnistfc", runs[:10]) is None    # fewer than the reference ran
+    # ACAS Xu's reference covers the first 10 instances only
+    acas = [outcome("holds", 1.0)] * 10 + [outcome("timeout", 60.0)] * 35
+    assert vnncomp.against_reference("acasxu", acas)["ours_on_same"]["solved"] == 10
+
+
+def test_one_instance_end_to_end(shared, tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "boundflow.bench.vnncomp", "--benchmarks", "mnistfc", "--limit", "1",
+                           "--timeout-cap", "30", "--json", str(out), "--shared", str(shared)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())["results"]["mnistfc"]
+    assert res["instances"] == 1 and res["wrong"] == 0 and res["solved"] == 1
+    assert res["rows"][0]["verdict"] in suite.SOLVED
