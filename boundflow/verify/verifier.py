@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from boundflow import api
-from boundflow.planner.config import PlannerConfig
 from boundflow.frontends.vnnlib import read_vnnlib
+from boundflow.planner.config import PlannerConfig
 from boundflow.verify.attack import AttackConfig, Attacker, Counterexample, OrtChecker
 from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, combine
 from boundflow.verify.property import Problem, make_problem
