@@ -12,6 +12,8 @@ Kernel signature, shared by every domain: fn(inputs, params, attrs) -> tuple of 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -202,6 +204,92 @@ def concretize_const(ins, ps, attrs):
     return (_sides(bias[:, :s], bias[:, s:]),)
 
 
+# -- patches: refinement passes on conv outputs ------------------------------------------------
+#
+# A CROWN pass that bounds neurons of a conv output through a chain conv -> relu -> ... -> conv
+# -> input only ever touches a window of each intermediate value: the neuron's receptive
+# field. Patches keep A as that window, [B, 2k, C, ph, pw] (one window per row; rows 0..k-1
+# lower, k..2k-1 upper, for the neurons idx), instead of the whole value. The window of row r
+# starts at (i_r * S - P, j_r * T - Q), with (i_r, j_r) the neuron's position in the target and
+# (S, T, P, Q) the chain's cumulative strides and paddings (attrs "grid"): it only depends on
+# idx. Positions outside a value are its conv's zero padding: the windows of the relaxation and
+# of the box are read with zeros there, which zeroes A (and its contribution) exactly.
+
+def _selected(ins: list, at: int, attrs) -> torch.Tensor:
+    """The target neurons of a patch pass: the index input, or every neuron without one."""
+    return ins[at] if len(ins) > at else torch.arange(math.prod(attrs["target"]))
+
+
+def _positions(idx: torch.Tensor, attrs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window origins (top, left) of the 2k rows for the target neurons idx."""
+    _, h, w = attrs["target"]
+    s, t, p, q = attrs["grid"]
+    pix = (idx % (h * w)).repeat(2)
+    return (pix // w) * s - p, (pix % w) * t - q
+
+
+def _windows(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """x [..., C, H, W] read at the windows (top_r, left_r) of size ph x pw, zeros outside:
+    [..., R, C, ph, pw]."""
+    h, w = x.shape[-2:]
+    if not top.numel():
+        return x.new_zeros(x.shape[:-3] + (0, x.shape[-3], ph, pw))
+    mt, ml = max(0, -int(top.min())), max(0, -int(left.min()))
+    mb, mr = max(0, int(top.max()) + ph - h), max(0, int(left.max()) + pw - w)
+    xp = F.pad(x, (ml, mr, mt, mb))
+    rows = (top + mt)[:, None, None] + torch.arange(ph)[None, :, None]
+    cols = (left + ml)[:, None, None] + torch.arange(pw)[None, None, :]
+    return xp[..., rows, cols].movedim(-4, -3)
+
+
+def patch_start(ins, ps, attrs):
+    """The selected neurons' rows of the target conv: its kernel, as a window on its input."""
+    idx = _selected(ins, 0, attrs)
+    w, b = ps
+    c = (idx // (attrs["target"][1] * attrs["target"][2])).repeat(2)
+    a = w[c].unsqueeze(0).expand((attrs["batch"],) + (c.numel(),) + tuple(w.shape[1:]))
+    bias = (torch.zeros(c.numel()) if b is None else b[c]).unsqueeze(0).expand(attrs["batch"], -1)
+    return a, bias
+
+
+def patch_relu(ins, ps, attrs):
+    """_relu_back on windows: each row reads the relaxation at its own window."""
+    a, bias, relax = ins[:3]
+    top, left = _positions(_selected(ins, 3, attrs), attrs)
+    relax = _windows(relax.flatten(2, 3) if relax.dim() == 6 else relax, top, left, a.shape[-2], a.shape[-1])
+    up_slope, up_bias, lo_slope = relax                  # each [B, 2k, C, ph, pw]
+    k = a.shape[1] // 2
+    a_lo, a_up = a[:, :k], a[:, k:]
+    out = torch.cat([a_lo * torch.where(a_lo >= 0, lo_slope[:, :k], up_slope[:, :k]),
+                     a_up * torch.where(a_up >= 0, up_slope[:, k:], lo_slope[:, k:])], 1)
+    extra = torch.cat([(a_lo.clamp(max=0) * up_bias[:, :k]).flatten(2).sum(-1),
+                       (a_up.clamp(min=0) * up_bias[:, k:]).flatten(2).sum(-1)], 1)
+    return out, bias + extra
+
+
+def patch_conv(ins, ps, attrs):
+    """Back through a conv: the window grows to the kernel's reach (no cropping: what falls on
+    the conv's padding is zeroed by the next window read)."""
+    a, bias = ins
+    w, b = ps
+    lead = a.shape[:2]
+    x = F.conv_transpose2d(a.flatten(0, 1), w, None, stride=tuple(attrs["stride"]))
+    new_bias = bias.clone() if b is None else bias + a.sum((-1, -2)) @ b
+    return x.reshape(lead + x.shape[1:]), new_bias
+
+
+def patch_concretize(ins, ps, attrs):
+    """stack(lower, upper) of the rows over the input box read at their windows."""
+    a, bias, box = ins[:3]
+    top, left = _positions(_selected(ins, 3, attrs), attrs)
+    lo, hi = _windows(box.flatten(2, 3) if box.dim() == 6 else box, top, left, a.shape[-2], a.shape[-1])
+    c, r = (hi + lo) / 2, (hi - lo) / 2
+    mid = (a * c).flatten(2).sum(-1) + bias
+    rad = (a.abs() * r).flatten(2).sum(-1)
+    k = a.shape[1] // 2
+    return (torch.stack((mid[:, :k] - rad[:, :k], mid[:, k:] + rad[:, k:])),)
+
+
 RULES = {
     "linear": _linear,
     "conv2d": _conv2d,
@@ -218,4 +306,8 @@ RULES = {
     "accumulate": accumulate,
     "concretize": concretize,
     "concretize_const": concretize_const,
+    "patch_start": patch_start,
+    "patch_relu": patch_relu,
+    "patch_conv": patch_conv,
+    "patch_concretize": patch_concretize,
 }

@@ -20,6 +20,10 @@ class PlannerConfig:
     # start a CROWN pass on a conv output by gathering rows of the conv's dense matrix (made once
     # at plan time) when that matrix takes at most this many bytes; else one-hot + conv backward
     dense_conv_start_bytes: int = 64 << 20
+    # refinement passes on a conv output through a plain conv/relu chain keep A as receptive-
+    # field windows ("patches") instead of whole values (the Python executor only: the TVM
+    # backend has no rules for them and plans with patches=False)
+    patches: bool = True
     # partitioning: split tasks larger than this many ops; then split until at least min_tasks
     max_ops_per_task: int | None = None
     min_tasks: int = 1

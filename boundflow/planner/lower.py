@@ -270,6 +270,66 @@ class _Lowering:
             em.emit("interval.flatten", [self.bounds[out]], [res], source=out)
         return res
 
+    # -- patches -----------------------------------------------------------------------------
+    def patch_chain(self, target: str) -> list[Node] | None:
+        """The nodes conv, relu, conv, ..., conv from ``target`` back to the network input when
+        the target's ancestors are exactly such a chain of 2-d convs (no groups, no dilation)
+        over [C, H, W] values (a unit leading axis allowed); else None."""
+        g, chain, v = self.g, [], target
+        while v != g.inputs[0]:
+            node = self.producer.get(v)
+            want = "conv2d" if len(chain) % 2 == 0 else "relu"
+            if node is None or node.op != want:
+                return None
+            if want == "conv2d" and (node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1)):
+                return None
+            shape = tuple(self.shape(node.inputs[0]))
+            if not (len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)):
+                return None
+            chain.append(node)
+            v = node.inputs[0]
+        return chain if chain and chain[-1].op == "conv2d" else None
+
+    def patch_backward(self, target: str, chain: list[Node], idx: int | None) -> int:
+        """The refinement pass of the neurons ``idx`` (all when None) of a conv output over
+        patches (see domains/linear.py); the same bounds as the dense pass, at the cost of the
+        windows."""
+        g, em, B = self.g, self.em, self.B
+        rows2 = 2 * g.values[target].type.numel
+        dynamic = None if idx is None else 1
+        sel = [] if idx is None else [idx]
+        out_shape = tuple(self.shape(target))[-3:]
+        (s, t), pad = chain[0].attrs["stride"], chain[0].attrs["padding"]
+        grid = [s, t, pad[0], pad[1]]
+        w0 = g.data(chain[0].inputs[1])
+        window = list(w0.shape[1:])                               # [C, ph, pw] on the conv input
+
+        def a_buf(v):
+            return em.buffer(f"A({target}->{v})", (B, rows2) + tuple(window), dynamic_axis=dynamic)
+
+        def bias_buf():
+            return em.buffer(f"bias({target})", (B, rows2), dynamic_axis=dynamic)
+
+        geo = {"target": list(out_shape)}
+        a, bias = a_buf(chain[0].inputs[0]), bias_buf()
+        em.emit("linear.patch_start", sel, [a, bias], _linear_params(em, chain[0], g),
+                {"batch": B, **geo}, source=target)
+        for relu, conv in zip(chain[1::2], chain[2::2]):
+            new_a, new_bias = a_buf(relu.inputs[0]), bias_buf()
+            em.emit("linear.patch_relu", [a, bias, self.relax[relu.inputs[0]]] + sel, [new_a, new_bias],
+                    attrs={**geo, "grid": list(grid)}, source=target)
+            (cs, ct), cpad = conv.attrs["stride"], conv.attrs["padding"]
+            kh, kw = g.data(conv.inputs[1]).shape[-2:]
+            window = [g.data(conv.inputs[1]).shape[1], (window[1] - 1) * cs + kh, (window[2] - 1) * ct + kw]
+            grid = [grid[0] * cs, grid[1] * ct, grid[2] * cs + cpad[0], grid[3] * ct + cpad[1]]
+            a, bias = a_buf(conv.inputs[0]), bias_buf()
+            em.emit("linear.patch_conv", [new_a, new_bias], [a, bias], _linear_params(em, conv, g),
+                    {"stride": [cs, ct]}, source=target)
+        res = em.buffer(f"crown({target})", (2, B, rows2 // 2), dynamic_axis=None if idx is None else 2)
+        em.emit("linear.patch_concretize", [a, bias, self.bounds[g.inputs[0]]] + sel, [res],
+                attrs={**geo, "grid": list(grid)}, source=target)
+        return res
+
     # -- one CROWN backward pass -------------------------------------------------------------
     def backward(self, target: str, spec: int | None = None, onehot_index: int | None = None,
                  alpha: bool = False, lower_only: bool = False):
@@ -277,6 +337,10 @@ class _Lowering:
         output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
         stack(lower, upper), [2, B, S] (upper +inf when lower_only)."""
         g, em, B = self.g, self.em, self.B
+        if target != g.outputs[0] and not alpha and self.cfg.patches:
+            chain = self.patch_chain(target)
+            if chain is not None:
+                return self.patch_backward(target, chain, onehot_index)
         is_output = target == g.outputs[0]
         numel = g.values[target].type.numel
         rows2 = (1 if lower_only else 2) * (self.S if spec is not None else numel)

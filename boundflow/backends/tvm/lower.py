@@ -244,6 +244,9 @@ def _lower_segment(ctx: _Ctx, seg: Segment, extents: dict[int, DynamicExtent], n
         with bb.dataflow():
             for op in seg.ops:
                 rule = RULES.get(op.op)
+                if rule is None and op.op.startswith("linear.patch_"):
+                    raise LoweringError(f"TVMTaskExecutor has no Relax rules for patches ({op.op}, {op.source}); "
+                                        "plan with PlannerConfig(patches=False)")
                 if rule is None:
                     raise LoweringError(f"TVMTaskExecutor has no Relax rule for {op.op!r} ({op.source}); "
                                         "add one to boundflow.backends.tvm.lower.RULES")
