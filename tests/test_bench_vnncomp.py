@@ -28,14 +28,15 @@ def test_issue_preset_runs_the_target_subsets():
 
 def test_reference_compared_on_the_instances_it_covers():
     runs = [outcome("holds", 2.0)] * 20 + [outcome("timeout", 60.0)] * 5 + [outcome("violated", 1.0)] * 5
-    versus = vnncomp.against_reference("mnistfc", runs)
+    versus = vnncomp.against_reference("mnistfc", "256x2", runs)
     assert versus["ours_on_same"]["solved"] == 25 and versus["solved_minus_reference"] == 25 - 29
     assert versus["ours_on_same"]["wrong"] == 5                       # violated where holds is expected
     assert abs(versus["median_speedup"] - 11.0 / 2.0) < 1e-9
-    assert vnncomp.against_reference("mnistfc", runs[:10]) is None    # fewer than the reference ran
+    assert vnncomp.against_reference("mnistfc", "256x2", runs[:10]) is None    # fewer than it ran
+    assert vnncomp.against_reference("mnistfc", "256x4", runs) is None         # another subset
     # ACAS Xu's reference covers the first 10 instances only
     acas = [outcome("holds", 1.0)] * 10 + [outcome("timeout", 60.0)] * 35
-    assert vnncomp.against_reference("acasxu", acas)["ours_on_same"]["solved"] == 10
+    assert vnncomp.against_reference("acasxu", "", acas)["ours_on_same"]["solved"] == 10
 
 
 def test_one_instance_end_to_end(shared, tmp_path):
