@@ -5,7 +5,6 @@ made once per (model, method, batch, spec rows, config) and cached, and each cal
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import stat
@@ -179,8 +178,6 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     runner = _get_executor(executor, tvm_options, method)
     config = config or _default_config(crown_interm)
-    if executor == "tvm" and config.patches:          # the TVM backend has no patch rules yet
-        config = dataclasses.replace(config, patches=False)
     lo, hi = _as_tensor(x_lower, "x_lower"), _as_tensor(x_upper, "x_upper")
     if lo.shape != hi.shape:
         raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")

@@ -56,7 +56,7 @@ def fixture_plan(shared, name: str, method: str, **config):
     """A fresh plan of a golden fixture, and its inputs."""
     fx = load_fixture(shared, name)
     graph, _ = boundflow.load_model(str(fx.model))
-    module = boundflow.plan(graph, method, boundflow.PlannerConfig(**{"patches": False, **config}), batch=1,
+    module = boundflow.plan(graph, method, boundflow.PlannerConfig(**config), batch=1,
                             spec_rows=None if fx.C is None else fx.C.shape[0])
     inputs = {"box": torch.stack((fx.lower, fx.upper)).unsqueeze(1)}
     if fx.C is not None:
@@ -69,7 +69,7 @@ def module_plan(module: nn.Module, shape, method: str, spec_rows: int | None = N
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen)
     graph, _ = boundflow.load_model(module, x)
-    plan = boundflow.plan(graph, method, boundflow.PlannerConfig(patches=False), batch=1, spec_rows=spec_rows)
+    plan = boundflow.plan(graph, method, batch=1, spec_rows=spec_rows)
     inputs = {"box": torch.stack((x - 0.3, x + 0.3)).unsqueeze(1)}
     if spec_rows is not None:
         n_out = graph.values[graph.outputs[0]].type.numel
@@ -153,28 +153,25 @@ def test_no_unstable_neuron(shared, executors, python):
 
 
 def test_every_ibp_and_crown_op_has_a_rule():
-    """Each kernel has a Relax rule, but the data-dependent host op, alpha-CROWN's slopes
-    (alpha-CROWN optimises through torch autograd, so it stays on the Python executor) and the
-    patch ops (TVM plans with PlannerConfig(patches=False))."""
-    patches = {"linear.patch_start", "linear.patch_relu", "linear.patch_conv", "linear.patch_concretize"}
-    assert set(KERNELS) - set(RULES) <= {"bound.unstable", "linear.relu_alpha"} | patches
+    """Each kernel has a Relax rule, but the data-dependent host op and alpha-CROWN's slopes
+    (alpha-CROWN optimises through torch autograd, so it stays on the Python executor)."""
+    assert set(KERNELS) - set(RULES) <= {"bound.unstable", "linear.relu_alpha"}
 
 
-def test_patch_plans_are_refused_and_the_api_plans_without_them(shared):
-    fx = load_fixture(shared, "cnn_small__eps0.1")
-    graph, _ = boundflow.load_model(str(fx.model))
-    module = boundflow.plan(graph, "crown", boundflow.PlannerConfig(patches=True), batch=1,
-                            spec_rows=None if fx.C is None else fx.C.shape[0])
-    assert any(op.op.startswith("linear.patch_") for op in module.ops())
-    inputs = {"box": torch.stack((fx.lower, fx.upper)).unsqueeze(1)}
-    if fx.C is not None:
-        inputs["C"] = fx.C.unsqueeze(0).contiguous()
-    with pytest.raises(LoweringError, match=r"patches=False"):
-        TVMTaskExecutor().run(module, inputs)
-    res = boundflow.bound(str(fx.model), fx.lower, fx.upper, "crown", C=fx.C, executor="tvm")
-    want = boundflow.bound(str(fx.model), fx.lower, fx.upper, "crown", C=fx.C)
-    assert res.stats["config"]["patches"] is False and want.stats["config"]["patches"] is True
-    assert close(res.lb, want.lb) and close(res.ub, want.ub)
+@pytest.mark.parametrize("interm", ["sparse", "pure"])
+def test_patches_match_on_a_deep_conv_chain(python, interm):
+    """Three convs (rectangular kernels and input, strides 1 and 2, paddings 0 to 2, one without
+    bias): the patch ops' Relax rules give the torch kernels' bounds."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(2, 4, (3, 2), stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, stride=1, padding=2, bias=False), nn.ReLU(),
+                        nn.Conv2d(5, 3, (2, 3), stride=2, padding=0), nn.ReLU(), nn.Flatten(), nn.Linear(18, 4))
+    x = torch.randn(1, 2, 9, 7)
+    graph, _ = boundflow.load_model(net, x)
+    module = boundflow.plan(graph, "crown", boundflow.PlannerConfig(crown_interm=interm), batch=2)
+    assert sum(op.op == "linear.patch_conv" for op in module.ops()) >= 2
+    inputs = {"box": torch.stack((x - 0.2, x + 0.2)).expand(2, 2, *x.shape).contiguous()}
+    assert close(TVMTaskExecutor().run(module, inputs)["bounds"], python.run(module, inputs)["bounds"])
 
 
 # -- failing clearly ---------------------------------------------------------------------------

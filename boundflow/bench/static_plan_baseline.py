@@ -124,7 +124,7 @@ def run_model(case: Case, method: str, min_tasks: int, iters: int, warmup: int) 
     rows, times = [], {}
     reference = None
     for reuse, static in QUADRANTS:
-        config = PlannerConfig(min_tasks=min_tasks, enable_storage_reuse=reuse, patches=False)
+        config = PlannerConfig(min_tasks=min_tasks, enable_storage_reuse=reuse)
         module = boundflow.plan(graph, method, config)
         inputs = inputs_for(case, module)
         mode = MemoryPlanMode.DEFAULT if static else MemoryPlanMode.DISABLE_STATIC_PLAN

@@ -220,26 +220,32 @@ def _selected(ins: list, at: int, attrs) -> torch.Tensor:
     return ins[at] if len(ins) > at else torch.arange(math.prod(attrs["target"]))
 
 
-def _positions(idx: torch.Tensor, attrs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window origins (top, left) of the 2k rows for the target neurons idx."""
-    _, h, w = attrs["target"]
+def patch_margins(attrs, h: int, w: int, ph: int, pw: int) -> tuple[int, int, int, int]:
+    """Zero padding (top, bottom, left, right) of an h x w value so that every window of size
+    ph x pw the target's neurons can have lies inside: origins run over i S - P, i < H_t."""
+    _, ht, wt = attrs["target"]
     s, t, p, q = attrs["grid"]
-    pix = (idx % (h * w)).repeat(2)
-    return (pix // w) * s - p, (pix % w) * t - q
+    return max(0, p), max(0, (ht - 1) * s - p + ph - h), max(0, q), max(0, (wt - 1) * t - q + pw - w)
 
 
-def _windows(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    """x [..., C, H, W] read at the windows (top_r, left_r) of size ph x pw, zeros outside:
-    [..., R, C, ph, pw]."""
+def _windows(x: torch.Tensor, idx: torch.Tensor, attrs, ph: int, pw: int) -> torch.Tensor:
+    """x [..., C, H, W] read at the windows of the neurons idx [k] (size ph x pw, zeros outside):
+    [..., k, C, ph, pw]."""
     h, w = x.shape[-2:]
-    if not top.numel():
-        return x.new_zeros(x.shape[:-3] + (0, x.shape[-3], ph, pw))
-    mt, ml = max(0, -int(top.min())), max(0, -int(left.min()))
-    mb, mr = max(0, int(top.max()) + ph - h), max(0, int(left.max()) + pw - w)
+    mt, mb, ml, mr = patch_margins(attrs, h, w, ph, pw)
+    _, ht, wt = attrs["target"]
+    s, t, p, q = attrs["grid"]
+    pix = idx % (ht * wt)
+    top, left = (pix // wt) * s - p + mt, (pix % wt) * t - q + ml
     xp = F.pad(x, (ml, mr, mt, mb))
-    rows = (top + mt)[:, None, None] + torch.arange(ph)[None, :, None]
-    cols = (left + ml)[:, None, None] + torch.arange(pw)[None, None, :]
+    rows = top[:, None, None] + torch.arange(ph)[None, :, None]
+    cols = left[:, None, None] + torch.arange(pw)[None, None, :]
     return xp[..., rows, cols].movedim(-4, -3)
+
+
+def _unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Drop the model's unit batch axis of a [..., 1, C, H, W] tensor with `dims` leading axes."""
+    return x.flatten(dims, dims + 1) if x.dim() == dims + 4 else x
 
 
 def patch_start(ins, ps, attrs):
@@ -253,18 +259,17 @@ def patch_start(ins, ps, attrs):
 
 
 def patch_relu(ins, ps, attrs):
-    """_relu_back on windows: each row reads the relaxation at its own window."""
+    """_relu_back on windows: each row reads the relaxation at its neuron's window."""
     a, bias, relax = ins[:3]
-    top, left = _positions(_selected(ins, 3, attrs), attrs)
-    relax = _windows(relax.flatten(2, 3) if relax.dim() == 6 else relax, top, left, a.shape[-2], a.shape[-1])
-    up_slope, up_bias, lo_slope = relax                  # each [B, 2k, C, ph, pw]
     k = a.shape[1] // 2
-    a_lo, a_up = a[:, :k], a[:, k:]
-    out = torch.cat([a_lo * torch.where(a_lo >= 0, lo_slope[:, :k], up_slope[:, :k]),
-                     a_up * torch.where(a_up >= 0, up_slope[:, k:], lo_slope[:, k:])], 1)
-    extra = torch.cat([(a_lo.clamp(max=0) * up_bias[:, :k]).flatten(2).sum(-1),
-                       (a_up.clamp(min=0) * up_bias[:, k:]).flatten(2).sum(-1)], 1)
-    return out, bias + extra
+    win = _windows(_unit_lead(relax, 2), _selected(ins, 3, attrs), attrs, a.shape[-2], a.shape[-1])
+    up_slope, up_bias, lo_slope = win.unsqueeze(2)       # each [B, 1, k, C, ph, pw]
+    a = a.unflatten(1, (2, k))
+    lower = torch.tensor([True, False]).reshape(1, 2, 1, 1, 1, 1)
+    slope = torch.where(a >= 0, torch.where(lower, lo_slope, up_slope), torch.where(lower, up_slope, lo_slope))
+    chosen = torch.where(lower, a.clamp(max=0), a.clamp(min=0))
+    extra = (chosen * up_bias).flatten(3).sum(-1).flatten(1)
+    return (a * slope).flatten(1, 2), bias + extra
 
 
 def patch_conv(ins, ps, attrs):
@@ -281,13 +286,13 @@ def patch_conv(ins, ps, attrs):
 def patch_concretize(ins, ps, attrs):
     """stack(lower, upper) of the rows over the input box read at their windows."""
     a, bias, box = ins[:3]
-    top, left = _positions(_selected(ins, 3, attrs), attrs)
-    lo, hi = _windows(box.flatten(2, 3) if box.dim() == 6 else box, top, left, a.shape[-2], a.shape[-1])
-    c, r = (hi + lo) / 2, (hi - lo) / 2
-    mid = (a * c).flatten(2).sum(-1) + bias
-    rad = (a.abs() * r).flatten(2).sum(-1)
     k = a.shape[1] // 2
-    return (torch.stack((mid[:, :k] - rad[:, :k], mid[:, k:] + rad[:, k:])),)
+    lo, hi = _windows(_unit_lead(box, 2), _selected(ins, 3, attrs), attrs, a.shape[-2], a.shape[-1])
+    c, r = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)      # [B, 1, k, C, ph, pw]
+    a = a.unflatten(1, (2, k))
+    mid = (a * c).flatten(3).sum(-1) + bias.unflatten(1, (2, k))          # [B, 2, k]
+    rad = (a.abs() * r).flatten(3).sum(-1)
+    return (torch.stack((mid[:, 0] - rad[:, 0], mid[:, 1] + rad[:, 1])),)
 
 
 RULES = {

@@ -21,8 +21,7 @@ class PlannerConfig:
     # at plan time) when that matrix takes at most this many bytes; else one-hot + conv backward
     dense_conv_start_bytes: int = 64 << 20
     # refinement passes on a conv output through a plain conv/relu chain keep A as receptive-
-    # field windows ("patches") instead of whole values (the Python executor only: the TVM
-    # backend has no rules for them and plans with patches=False)
+    # field windows ("patches") instead of whole values
     patches: bool = True
     # partitioning: split tasks larger than this many ops; then split until at least min_tasks
     max_ops_per_task: int | None = None

@@ -24,6 +24,7 @@ which is what the compile cache keys on.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -34,6 +35,7 @@ from tvm import relax, tirx
 from tvm.relax import BlockBuilder, TensorType
 from tvm.relax import op as R
 
+from boundflow.domains import linear
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.task import BFTaskModule, TaskOp
 
@@ -244,9 +246,6 @@ def _lower_segment(ctx: _Ctx, seg: Segment, extents: dict[int, DynamicExtent], n
         with bb.dataflow():
             for op in seg.ops:
                 rule = RULES.get(op.op)
-                if rule is None and op.op.startswith("linear.patch_"):
-                    raise LoweringError(f"TVMTaskExecutor has no Relax rules for patches ({op.op}, {op.source}); "
-                                        "plan with PlannerConfig(patches=False)")
                 if rule is None:
                     raise LoweringError(f"TVMTaskExecutor has no Relax rule for {op.op!r} ({op.source}); "
                                         "add one to boundflow.backends.tvm.lower.RULES")
@@ -677,6 +676,110 @@ def _ln_concretize_const(ctx, ins, ps, attrs):
     return (R.permute_dims(ctx.emit(R.reshape(bias, [batch, 2, _half(rows)])), [1, 0, 2]),)
 
 
+# -- patches (linear.patch_*): A as one receptive-field window per row ----------------------
+def _i64(v: int) -> relax.Constant:
+    return relax.const(v, "int64")
+
+
+def _patch_index(ctx: _Ctx, ins: list, at: int, attrs: dict) -> relax.Expr:
+    """The target neurons: the index input, or all of them."""
+    return ins[at] if len(ins) > at else ctx.emit(R.arange(0, math.prod(attrs["target"]), 1, "int64"))
+
+
+def _patch_windows(ctx: _Ctx, x: relax.Expr, idx: relax.Expr, attrs: dict, ph: int, pw: int) -> relax.Expr:
+    """linear._windows: x [L, C, H, W] (a unit axis before C dropped) at the windows of the
+    neurons idx [k], zeros outside: [L, k, C, ph, pw]. A gather from the padded, flattened
+    value (the padding is static: linear.patch_margins)."""
+    shape = ctx.shape(x)
+    if len(shape) == 6:
+        x = ctx.emit(R.reshape(x, shape[:2] + shape[3:]))
+        shape = ctx.shape(x)
+    lead, (c, h, w) = shape[:-3], shape[-3:]
+    mt, mb, ml, mr = linear.patch_margins(attrs, h, w, ph, pw)
+    _, ht, wt = attrs["target"]
+    s, t, p, q = attrs["grid"]
+    hp, wp = h + mt + mb, w + ml + mr
+    xp = ctx.emit(R.nn.pad(x, [0, 0] * (len(lead) + 1) + [mt, mb, ml, mr]))
+    flat = ctx.emit(R.reshape(xp, lead + [c, hp * wp]))
+    pix = ctx.emit(R.floor_mod(idx, _i64(ht * wt)))
+    top = ctx.emit(R.add(R.multiply(R.floor_divide(pix, _i64(wt)), _i64(s)), _i64(mt - p)))
+    left = ctx.emit(R.add(R.multiply(R.floor_mod(pix, _i64(wt)), _i64(t)), _i64(ml - q)))
+    origin = ctx.emit(R.add(R.multiply(top, _i64(wp)), left))                       # [k]
+    offsets = relax.const((np.arange(ph)[:, None] * wp + np.arange(pw)[None, :]).astype("int64"), "int64")
+    where = ctx.emit(R.add(ctx.emit(R.reshape(origin, [-1, 1, 1])), offsets))       # [k, ph, pw]
+    k = ctx.shape(idx)[0]
+    # in range by construction; "clip" keeps a wrong index from reading out of bounds
+    got = ctx.emit(R.take(flat, ctx.emit(R.reshape(where, [-1])), axis=len(lead) + 1, mode="clip"))
+    got = ctx.emit(R.reshape(got, lead + [c, k, ph, pw]))
+    n = len(lead)
+    return ctx.emit(R.permute_dims(got, list(range(n)) + [n + 1, n, n + 2, n + 3]))
+
+
+def _ln_patch_start(ctx, ins, ps, attrs):
+    w, b = ps
+    idx = _patch_index(ctx, ins, 0, attrs)
+    _, ht, wt = attrs["target"]
+    c = ctx.emit(R.floor_divide(idx, _i64(ht * wt)))
+    c2 = ctx.emit(R.concat([c, c], axis=0))
+    rows = ctx.emit(R.take(w, c2, axis=0, mode="clip"))          # [2k, C_in, kh, kw]
+    shape = ctx.shape(rows)
+    batch = attrs["batch"]
+    a = R.broadcast_to(ctx.emit(R.reshape(rows, [1] + shape)), [batch] + shape)
+    bias = (R.zeros([batch, shape[0]], "float32") if b is None else
+            R.broadcast_to(ctx.emit(R.reshape(ctx.emit(R.take(b, c2, axis=0, mode="clip")), [1, shape[0]])),
+                           [batch, shape[0]]))
+    return a, bias
+
+
+def _ln_patch_relu(ctx, ins, ps, attrs):
+    a, bias, relaxation = ins[:3]
+    batch, rows, c, ph, pw = ctx.shape(a)
+    k = _half(rows)
+    win = _patch_windows(ctx, relaxation, _patch_index(ctx, ins, 3, attrs), attrs, ph, pw)  # [3, B, k, C, ph, pw]
+    up_slope, up_bias, lo_slope = (ctx.emit(R.expand_dims(_index(ctx, win, i), [1])) for i in range(3))
+    a6 = ctx.emit(R.reshape(a, [batch, 2, k, c, ph, pw]))
+    lower = _lower_half_mask(6)
+    pos_slope = ctx.emit(R.where(lower, lo_slope, up_slope))
+    neg_slope = ctx.emit(R.where(lower, up_slope, lo_slope))
+    slope = ctx.emit(R.where(ctx.emit(R.greater_equal(a6, _f32(0.0))), pos_slope, neg_slope))
+    chosen = ctx.emit(R.where(lower, ctx.emit(R.minimum(a6, _f32(0.0))), ctx.emit(R.maximum(a6, _f32(0.0)))))
+    extra = ctx.emit(R.sum(ctx.emit(R.multiply(chosen, up_bias)), axis=[-1, -2, -3]))     # [B, 2, k]
+    return (R.reshape(ctx.emit(R.multiply(a6, slope)), [batch, rows, c, ph, pw]),
+            R.add(bias, ctx.emit(R.reshape(extra, [batch, rows]))))
+
+
+def _ln_patch_conv(ctx, ins, ps, attrs):
+    a, bias = ins
+    w, b = ps
+    batch, rows, c_out, ph, pw = ctx.shape(a)
+    _, c_in, kh, kw = ctx.shape(w)
+    sh, sw = attrs["stride"]
+    out_hw = ((ph - 1) * sh + kh, (pw - 1) * sw + kw)
+    conv = {"padding": (0, 0, 0, 0), "stride": (sh, sw), "dilation": (1, 1), "groups": 1}
+    x = _conv_transpose(ctx, ctx.emit(R.reshape(a, [_prod([batch, rows]), c_out, ph, pw])), w, out_hw, conv)
+    new_a = R.reshape(x, [batch, rows, c_in, out_hw[0], out_hw[1]])
+    if b is None:
+        return new_a, bias
+    per_channel = ctx.emit(R.sum(a, axis=[-1, -2]))                 # [B, 2k, c_out]
+    return new_a, R.add(bias, _matvec_rows(ctx, per_channel, b))
+
+
+def _ln_patch_concretize(ctx, ins, ps, attrs):
+    a, bias, box = ins[:3]
+    batch, rows, c, ph, pw = ctx.shape(a)
+    k = _half(rows)
+    win = _patch_windows(ctx, box, _patch_index(ctx, ins, 3, attrs), attrs, ph, pw)       # [2, B, k, C, ph, pw]
+    lo, hi = _index(ctx, win, 0), _index(ctx, win, 1)
+    centre = ctx.emit(R.expand_dims(ctx.emit(R.multiply(R.add(hi, lo), _f32(0.5))), [1]))
+    radius = ctx.emit(R.expand_dims(ctx.emit(R.multiply(R.subtract(hi, lo), _f32(0.5))), [1]))
+    a6 = ctx.emit(R.reshape(a, [batch, 2, k, c, ph, pw]))
+    mid = ctx.emit(R.add(ctx.emit(R.sum(ctx.emit(R.multiply(a6, centre)), axis=[-1, -2, -3])),
+                         ctx.emit(R.reshape(bias, [batch, 2, k]))))
+    rad = ctx.emit(R.sum(ctx.emit(R.multiply(ctx.emit(R.abs(a6)), radius)), axis=[-1, -2, -3]))
+    sign = relax.const(np.array([[[-1.0], [1.0]]], dtype="float32"))
+    return (R.permute_dims(ctx.emit(R.add(mid, ctx.emit(R.multiply(sign, rad)))), [1, 0, 2]),)
+
+
 # -- bound bookkeeping ---------------------------------------------------------------------
 def _merge_sparse(ctx, ins, ps, attrs):
     """The selected neurons take their CROWN bounds (intersected with the interval ones when
@@ -723,6 +826,10 @@ RULES: dict[str, Rule] = {
     "linear.accumulate": _ln_accumulate,
     "linear.concretize": _ln_concretize,
     "linear.concretize_const": _ln_concretize_const,
+    "linear.patch_start": _ln_patch_start,
+    "linear.patch_relu": _ln_patch_relu,
+    "linear.patch_conv": _ln_patch_conv,
+    "linear.patch_concretize": _ln_patch_concretize,
     "bound.merge_sparse": _merge_sparse,
     "bound.replace": _replace,
 }
