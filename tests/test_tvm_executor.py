@@ -155,7 +155,7 @@ def test_no_unstable_neuron(shared, executors, python):
 def test_every_ibp_and_crown_op_has_a_rule():
     """Each kernel has a Relax rule, but the data-dependent host op and alpha-CROWN's slopes
     (alpha-CROWN optimises through torch autograd, so it stays on the Python executor)."""
-    assert set(KERNELS) - set(RULES) <= {"bound.unstable", "linear.relu_alpha"}
+    assert set(KERNELS) - set(RULES) <= {"bound.unstable", "linear.relu_alpha", "linear.patch_relu_alpha"}
 
 
 @pytest.mark.parametrize("interm", ["sparse", "pure"])

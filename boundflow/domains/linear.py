@@ -258,18 +258,42 @@ def patch_start(ins, ps, attrs):
     return a, bias
 
 
-def patch_relu(ins, ps, attrs):
-    """_relu_back on windows: each row reads the relaxation at its neuron's window."""
-    a, bias, relax = ins[:3]
+def _patch_relax(relax: torch.Tensor, idx: torch.Tensor, attrs, a: torch.Tensor) -> torch.Tensor:
+    """The relaxation at each neuron's window: [3, B, 1, k, C, ph, pw] (broadcasts over halves)."""
+    return _windows(_unit_lead(relax, 2), idx, attrs, a.shape[-2], a.shape[-1]).unsqueeze(2)
+
+
+def _patch_relu_back(a, bias, win, alpha=None):
+    """_relu_back on windows; alpha [B, 2k, C, ph, pw] replaces the lower slope of unstable
+    neurons (patch_relu_alpha), one per row as in _relu_alpha."""
     k = a.shape[1] // 2
-    win = _windows(_unit_lead(relax, 2), _selected(ins, 3, attrs), attrs, a.shape[-2], a.shape[-1])
-    up_slope, up_bias, lo_slope = win.unsqueeze(2)       # each [B, 1, k, C, ph, pw]
+    up_slope, up_bias, lo_slope = win                    # each [B, 1, k, C, ph, pw]
     a = a.unflatten(1, (2, k))
+    if alpha is not None:
+        lo_slope = torch.where(up_bias > 0, alpha.unflatten(1, (2, k)), lo_slope)
     lower = torch.tensor([True, False]).reshape(1, 2, 1, 1, 1, 1)
     slope = torch.where(a >= 0, torch.where(lower, lo_slope, up_slope), torch.where(lower, up_slope, lo_slope))
     chosen = torch.where(lower, a.clamp(max=0), a.clamp(min=0))
     extra = (chosen * up_bias).flatten(3).sum(-1).flatten(1)
     return (a * slope).flatten(1, 2), bias + extra
+
+
+def patch_relu(ins, ps, attrs):
+    """_relu_back on windows: each row reads the relaxation at its neuron's window."""
+    a, bias, relax = ins[:3]
+    return _patch_relu_back(a, bias, _patch_relax(relax, _selected(ins, 3, attrs), attrs, a))
+
+
+def patch_relu_alpha(ins, ps, attrs):
+    """patch_relu with optimised lower slopes (alpha-CROWN); without them (None), CROWN's."""
+    a, bias, relax, alpha = ins[:4]
+    return _patch_relu_back(a, bias, _patch_relax(relax, _selected(ins, 4, attrs), attrs, a), alpha)
+
+
+def patch_start_slopes(a: torch.Tensor, relax: torch.Tensor, idx: torch.Tensor, attrs) -> torch.Tensor:
+    """CROWN's lower slopes at each row's window, shaped like alpha: alpha-CROWN's start."""
+    lo_slope = _patch_relax(relax, idx, attrs, a)[2]    # [B, 1, k, C, ph, pw]
+    return lo_slope.expand(a.unflatten(1, (2, a.shape[1] // 2)).shape).flatten(1, 2)
 
 
 def patch_conv(ins, ps, attrs):
@@ -313,6 +337,7 @@ RULES = {
     "concretize_const": concretize_const,
     "patch_start": patch_start,
     "patch_relu": patch_relu,
+    "patch_relu_alpha": patch_relu_alpha,
     "patch_conv": patch_conv,
     "patch_concretize": patch_concretize,
 }

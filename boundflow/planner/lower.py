@@ -290,7 +290,7 @@ class _Lowering:
             v = node.inputs[0]
         return chain if chain and chain[-1].op == "conv2d" else None
 
-    def patch_backward(self, target: str, chain: list[Node], idx: int | None) -> int:
+    def patch_backward(self, target: str, chain: list[Node], idx: int | None, alpha: bool) -> int:
         """The refinement pass of the neurons ``idx`` (all when None) of a conv output over
         patches (see domains/linear.py); the same bounds as the dense pass, at the cost of the
         windows."""
@@ -316,7 +316,13 @@ class _Lowering:
                 {"batch": B, **geo}, source=target)
         for relu, conv in zip(chain[1::2], chain[2::2]):
             new_a, new_bias = a_buf(relu.inputs[0]), bias_buf()
-            em.emit("linear.patch_relu", [a, bias, self.relax[relu.inputs[0]]] + sel, [new_a, new_bias],
+            ins = [a, bias, self.relax[relu.inputs[0]]]
+            if alpha:                     # one slope per row and window position, as A
+                role = f"alpha:{target}:{relu.inputs[0]}"
+                em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(window), role="input",
+                                                dynamic_axis=dynamic)
+                ins.append(em.out.inputs[role])
+            em.emit("linear.patch_relu_alpha" if alpha else "linear.patch_relu", ins + sel, [new_a, new_bias],
                     attrs={**geo, "grid": list(grid)}, source=target)
             (cs, ct), cpad = conv.attrs["stride"], conv.attrs["padding"]
             kh, kw = g.data(conv.inputs[1]).shape[-2:]
@@ -337,10 +343,10 @@ class _Lowering:
         output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
         stack(lower, upper), [2, B, S] (upper +inf when lower_only)."""
         g, em, B = self.g, self.em, self.B
-        if target != g.outputs[0] and not alpha and self.cfg.patches:
+        if target != g.outputs[0] and self.cfg.patches:
             chain = self.patch_chain(target)
             if chain is not None:
-                return self.patch_backward(target, chain, onehot_index)
+                return self.patch_backward(target, chain, onehot_index, alpha)
         is_output = target == g.outputs[0]
         numel = g.values[target].type.numel
         rows2 = (1 if lower_only else 2) * (self.S if spec is not None else numel)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from boundflow.domains import linear
 from boundflow.ir.task import BFTaskModule
 from boundflow.runtime.python_executor import PythonTaskExecutor
 
@@ -57,6 +58,10 @@ def starting_slopes(module: BFTaskModule, env: dict[int, torch.Tensor]) -> dict[
         if op.op == "linear.relu_alpha":
             a, relax, bid = env[op.inputs[0]], env[op.inputs[2]], op.inputs[3]
             alphas[bid] = relax[2].unsqueeze(1).expand(a.shape).clone()
+        elif op.op == "linear.patch_relu_alpha":
+            a, relax, bid = env[op.inputs[0]], env[op.inputs[2]], op.inputs[3]
+            idx = linear._selected([env[b] for b in op.inputs], 4, op.attrs)
+            alphas[bid] = linear.patch_start_slopes(a, relax, idx, op.attrs).clone()
     return alphas
 
 
