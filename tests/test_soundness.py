@@ -259,6 +259,21 @@ def test_patches_equal_dense_passes(data):
         assert ((a - b).abs() <= 10 * _tol(b)).all(), (repr(net), interm, side, (a - b).abs().max().item())
 
 
+def patched_and_dense(module, lo, hi, method: str, op: str, **config) -> dict:
+    """Bounds with patches (True) and without (False); the patched plan has ``op``, the other
+    not, and both give the same bounds."""
+    got = {}
+    for patches in (True, False):
+        cfg = boundflow.PlannerConfig(patches=patches, **config)
+        got[patches] = boundflow.bound(module, lo, hi, method, config=cfg)
+        graph, key = boundflow.load_model(module, lo)
+        plan, _ = boundflow.api.get_plan(graph, key, method, 1, None, cfg)
+        assert any(o.op == op for o in plan.ops()) == patches
+    assert torch.allclose(got[True].lb, got[False].lb, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got[True].ub, got[False].ub, rtol=1e-5, atol=1e-5)
+    return got
+
+
 @pytest.mark.parametrize("interm", ["sparse", "pure"])
 def test_patches_on_a_deep_conv_chain(interm):
     """Three convs (strides 1 and 2, paddings 0 to 2, rectangular kernels and input, one without
@@ -272,16 +287,7 @@ def test_patches_on_a_deep_conv_chain(interm):
     x = torch.randn(1, 2, 9, 7)
     module(x)
     lo, hi = x - 0.2, x + 0.2
-    got = {}
-    for patches in (True, False):
-        config = boundflow.PlannerConfig(crown_interm=interm, patches=patches)
-        res = boundflow.bound(module, lo, hi, "crown", config=config)
-        graph, key = boundflow.load_model(module, lo)
-        plan, _ = boundflow.api.get_plan(graph, key, "crown", 1, None, config)
-        assert any(op.op == "linear.patch_conv" for op in plan.ops()) == patches
-        got[patches] = res
-    assert torch.allclose(got[True].lb, got[False].lb, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(got[True].ub, got[False].ub, rtol=1e-5, atol=1e-5)
+    got = patched_and_dense(module, lo, hi, "crown", "linear.patch_conv", crown_interm=interm)
     pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_inside(module(pts).double(), got[True].lb[0], got[True].ub[0], f"deep conv chain {interm}")
@@ -298,15 +304,7 @@ def test_alpha_crown_patches_equal_dense():
     x = torch.randn(1, 2, 8, 8)
     module(x)
     lo, hi = x - 0.3, x + 0.3
-    got = {}
-    for patches in (True, False):
-        config = boundflow.PlannerConfig(patches=patches)
-        got[patches] = boundflow.bound(module, lo, hi, "alpha-crown", config=config)
-        graph, key = boundflow.load_model(module, lo)
-        plan, _ = boundflow.api.get_plan(graph, key, "alpha-crown", 1, None, config)
-        assert any(op.op == "linear.patch_relu_alpha" for op in plan.ops()) == patches
-    assert torch.allclose(got[True].lb, got[False].lb, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(got[True].ub, got[False].ub, rtol=1e-5, atol=1e-5)
+    got = patched_and_dense(module, lo, hi, "alpha-crown", "linear.patch_relu_alpha")
     crown = boundflow.bound(module, lo, hi, "crown")
     assert (got[True].lb >= crown.lb - 1e-5).all() and (got[True].ub <= crown.ub + 1e-5).all()
     pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS, torch.Generator().manual_seed(1))
