@@ -215,7 +215,7 @@ def concretize_const(ins, ps, attrs):
 # idx. Positions outside a value are its conv's zero padding: the windows of the relaxation and
 # of the box are read with zeros there, which zeroes A (and its contribution) exactly.
 
-def _selected(ins: list, at: int, attrs) -> torch.Tensor:
+def selected_neurons(ins: list, at: int, attrs) -> torch.Tensor:
     """The target neurons of a patch pass: the index input, or every neuron without one."""
     return ins[at] if len(ins) > at else torch.arange(math.prod(attrs["target"]))
 
@@ -250,7 +250,7 @@ def _unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
 
 def patch_start(ins, ps, attrs):
     """The selected neurons' rows of the target conv: its kernel, as a window on its input."""
-    idx = _selected(ins, 0, attrs)
+    idx = selected_neurons(ins, 0, attrs)
     w, b = ps
     c = (idx // (attrs["target"][1] * attrs["target"][2])).repeat(2)
     a = w[c].unsqueeze(0).expand((attrs["batch"],) + (c.numel(),) + tuple(w.shape[1:]))
@@ -281,13 +281,13 @@ def _patch_relu_back(a, bias, win, alpha=None):
 def patch_relu(ins, ps, attrs):
     """_relu_back on windows: each row reads the relaxation at its neuron's window."""
     a, bias, relax = ins[:3]
-    return _patch_relu_back(a, bias, _patch_relax(relax, _selected(ins, 3, attrs), attrs, a))
+    return _patch_relu_back(a, bias, _patch_relax(relax, selected_neurons(ins, 3, attrs), attrs, a))
 
 
 def patch_relu_alpha(ins, ps, attrs):
     """patch_relu with optimised lower slopes (alpha-CROWN); without them (None), CROWN's."""
     a, bias, relax, alpha = ins[:4]
-    return _patch_relu_back(a, bias, _patch_relax(relax, _selected(ins, 4, attrs), attrs, a), alpha)
+    return _patch_relu_back(a, bias, _patch_relax(relax, selected_neurons(ins, 4, attrs), attrs, a), alpha)
 
 
 def patch_start_slopes(a: torch.Tensor, relax: torch.Tensor, idx: torch.Tensor, attrs) -> torch.Tensor:
@@ -311,7 +311,7 @@ def patch_concretize(ins, ps, attrs):
     """stack(lower, upper) of the rows over the input box read at their windows."""
     a, bias, box = ins[:3]
     k = a.shape[1] // 2
-    lo, hi = _windows(_unit_lead(box, 2), _selected(ins, 3, attrs), attrs, a.shape[-2], a.shape[-1])
+    lo, hi = _windows(_unit_lead(box, 2), selected_neurons(ins, 3, attrs), attrs, a.shape[-2], a.shape[-1])
     c, r = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)      # [B, 1, k, C, ph, pw]
     a = a.unflatten(1, (2, k))
     mid = (a * c).flatten(3).sum(-1) + bias.unflatten(1, (2, k))          # [B, 2, k]

@@ -60,7 +60,7 @@ def starting_slopes(module: BFTaskModule, env: dict[int, torch.Tensor]) -> dict[
             alphas[bid] = relax[2].unsqueeze(1).expand(a.shape).clone()
         elif op.op == "linear.patch_relu_alpha":
             a, relax, bid = env[op.inputs[0]], env[op.inputs[2]], op.inputs[3]
-            idx = linear._selected([env[b] for b in op.inputs], 4, op.attrs)
+            idx = linear.selected_neurons([env[b] for b in op.inputs], 4, op.attrs)
             alphas[bid] = linear.patch_start_slopes(a, relax, idx, op.attrs).clone()
     return alphas
 
