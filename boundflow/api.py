@@ -5,6 +5,7 @@ made once per (model, method, batch, spec rows, config) and cached, and each cal
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import stat
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from boundflow.domains.rounding import down, round_outward, up
 from boundflow.errors import ModelLoadError, ShapeError
 from boundflow.ir.primal import Graph
 from boundflow.ir.task import BFTaskModule
@@ -100,11 +102,13 @@ def num_outputs(model) -> int:
 
 
 def _as_tensor(x, what: str) -> torch.Tensor:
+    """x as a tensor of its own float precision (float64 stays float64: it may be exact there)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise ShapeError(f"{what} must be a torch tensor or numpy array, not {type(x).__name__}")
-    return x.detach().to(torch.float32)
+    return x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
 
 
 def _regions(x: torch.Tensor, in_shape: tuple[int, ...], what: str) -> torch.Tensor:
@@ -133,6 +137,30 @@ def _spec(C, batch: int, num_out: int) -> torch.Tensor | None:
     return C.contiguous()
 
 
+def _spec_rows(C: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the spec the plan bounds, the part of C it loses). A C that `dtype` holds exactly is
+    bounded as it is; otherwise its rounding E = C - C' is covered by bounding the outputs too
+    (identity rows appended), see _correct."""
+    if C is None or C.dtype == dtype:
+        return C, None
+    rounded = C.to(dtype)
+    err = C - rounded.to(C.dtype)
+    if not err.any():
+        return rounded, None
+    eye = torch.eye(C.shape[2], dtype=dtype).expand(C.shape[0], -1, -1)
+    return torch.cat([rounded, eye], 1), err
+
+
+def _correct(lb: torch.Tensor, ub: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of C y from those of C' y and y (appended rows): C y = C' y + E y and
+    |E y| <= |E| max(|y_lo|, |y_hi|), in float64, rounded outward back to lb's dtype."""
+    S = err.shape[1]
+    y_abs = torch.maximum(lb[:, S:].abs(), ub[:, S:].abs()).double()
+    slack = 2 * torch.bmm(err.abs().double(), y_abs.unsqueeze(-1)).squeeze(-1)   # doubled: its rounding
+    box = torch.stack((down(lb[:, :S].double() - slack), up(ub[:, :S].double() + slack)))
+    return tuple(round_outward(box, lb.dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def _default_config(crown_interm: str) -> PlannerConfig:
     return PlannerConfig(crown_interm=crown_interm)
@@ -148,7 +176,7 @@ def get_plan(graph: Graph, graph_key, method: str, batch: int, spec_rows: int | 
     return _remember(_plans, key, plan(graph, method, config, batch=batch, spec_rows=spec_rows)), False
 
 
-def _get_executor(executor: str, tvm_options, method: str):
+def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool):
     """The executor that runs plans: PythonTaskExecutor, or one TVMTaskExecutor per options
     (so its compiled modules are reused across calls)."""
     if executor == "python":
@@ -157,6 +185,9 @@ def _get_executor(executor: str, tvm_options, method: str):
         return _executor
     if executor != "tvm":
         raise ValueError(f"unknown executor {executor!r}; available: 'python', 'tvm'")
+    if sound_fp:
+        raise ValueError("sound_fp plans run on executor='python' (the TVM lowering has no floating-point "
+                         "error rules)")
     if method == "alpha-crown":
         raise ValueError("alpha-crown optimises its slopes through torch autograd: use executor='python'")
     from boundflow.runtime.tvm_executor import TVMExecutorOptions, TVMTaskExecutor
@@ -169,15 +200,20 @@ def _get_executor(executor: str, tvm_options, method: str):
 
 def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
           config: PlannerConfig | None = None, executor: str = "python", alpha=None,
-          tvm_options=None) -> BoundsResult:
+          tvm_options=None, sound_fp: bool = False) -> BoundsResult:
     """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper].
     executor: "python" (torch kernels) or "tvm" (TVM-compiled tasks, options in tvm_options, a
-    boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]")."""
+    boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]").
+    sound_fp: bounds sound in floating point (float64, every rounding error bounded, see
+    domains/fp.py; also PlannerConfig(sound_fp=True)); lb and ub are then float64."""
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    runner = _get_executor(executor, tvm_options, method)
     config = config or _default_config(crown_interm)
+    if sound_fp and not config.sound_fp:
+        config = dataclasses.replace(config, sound_fp=True)
+    runner = _get_executor(executor, tvm_options, method, config.sound_fp)
+    dtype = torch.float64 if config.sound_fp else torch.float32
     lo, hi = _as_tensor(x_lower, "x_lower"), _as_tensor(x_upper, "x_upper")
     if lo.shape != hi.shape:
         raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")
@@ -193,8 +229,9 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         i = tuple(bad[0].tolist())
         raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
                          f"{box[0][i].item()} > {box[1][i].item()}")
+    box = round_outward(box, dtype)
     batch = box.shape[1]
-    C = _spec(C, batch, graph.values[graph.outputs[0]].type.numel)
+    C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel), dtype)
     module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)
     t1 = time.perf_counter()
     inputs = {"box": box}
@@ -207,6 +244,8 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     else:
         outputs = runner.run(module, inputs)
     lb, ub = outputs["bounds"]
+    if c_err is not None:
+        lb, ub = _correct(lb, ub, c_err)
     intermediate = {role.split(":", 1)[1]: t for role, t in outputs.items() if role.startswith("interm:")}
     t2 = time.perf_counter()
     if executor == "tvm":

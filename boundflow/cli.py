@@ -17,7 +17,7 @@ import torch
 
 from boundflow import api
 from boundflow.errors import BoundflowError
-from boundflow.frontends.vnnlib import format_row, outward_float32, read_vnnlib
+from boundflow.frontends.vnnlib import format_row, read_vnnlib
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
@@ -47,12 +47,16 @@ input region (exactly one of):
                      with or without a leading batch dimension of 1, or flat.
   --box BOX.json     {"lower": [...], "upper": [...]}, flat or nested lists (row-major).
 
-Boxes are rounded outward to float32 (lower down, upper up), so the bounds stay sound.
+Boxes are rounded outward to float32 (lower down, upper up), and a spec row float32 cannot
+hold exactly is corrected with bounds on the outputs, so the bounds hold for the region and rows
+as written. They are computed in float32; --sound-fp computes them in float64 with every
+rounding error bounded, so that they hold in floating point too (the box as written, exactly).
 
 examples:
   boundflow bounds model.onnx --vnnlib prop.vnnlib --method crown
   boundflow bounds model.onnx --center x.npy --eps 0.01 --clip-min 0 --clip-max 1 --method ibp
   boundflow bounds model.onnx --box box.json --spec C.json --method crown-ibp --json
+  boundflow bounds model.onnx --vnnlib prop.vnnlib --sound-fp
 """
 
 
@@ -102,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true",
         help='print {"lb": [...], "ub": [...], "method": ..., "stats": {...}} instead of a table '
         "(lb/ub are lists of lists, one per box, when a VNNLIB property has several boxes)",
+    )
+    b.add_argument(
+        "--sound-fp", action="store_true",
+        help="bounds sound in floating point, not only in real arithmetic (float64, every rounding "
+        "error bounded; python executor only)",
     )
     b.add_argument(
         "--executor", choices=("python", "tvm"), default="python",
@@ -306,12 +315,13 @@ def cmd_bounds(args) -> int:
     elif prop is None:
         labels = [format_row(c) for c in C]
 
-    lows, highs = zip(*(outward_float32(lo, hi) for lo, hi in boxes))
-    x_lower = torch.from_numpy(np.stack(lows)).reshape(len(boxes), *shape)
-    x_upper = torch.from_numpy(np.stack(highs)).reshape(len(boxes), *shape)
-    C_t = None if C is None else torch.as_tensor(C, dtype=torch.float32)
+    # float64, as written: the bound rounds them outward (float32) or takes them exactly (--sound-fp)
+    x_lower = torch.from_numpy(np.stack([lo for lo, _ in boxes]).astype(np.float64)).reshape(len(boxes), *shape)
+    x_upper = torch.from_numpy(np.stack([hi for _, hi in boxes]).astype(np.float64)).reshape(len(boxes), *shape)
+    C_t = None if C is None else torch.as_tensor(C, dtype=torch.float64)
 
-    res = api.bound(model, x_lower, x_upper, method=args.method, C=C_t, executor=args.executor)
+    res = api.bound(model, x_lower, x_upper, method=args.method, C=C_t, executor=args.executor,
+                    sound_fp=args.sound_fp)
     lb = res.lb.detach().to(torch.float64).reshape(len(boxes), -1).numpy()
     ub = res.ub.detach().to(torch.float64).reshape(len(boxes), -1).numpy()
     if lb.shape[1] != len(labels):  # a bug, not a user error: let it show a traceback
@@ -347,14 +357,14 @@ def cmd_bounds(args) -> int:
             rows.append(r)
         lines += _table(headers, rows)
         if prop is not None:
-            lines += _hint(prop, lb[b], labels, thresholds)
+            lines += _hint(prop, lb[b], labels, thresholds, args.sound_fp)
     lines.append("")
     lines.append(stats_line(res.stats))
     print("\n".join(lines))
     return 0
 
 
-def _hint(prop, lb_row: np.ndarray, labels: list[str], thresholds: np.ndarray) -> list[str]:
+def _hint(prop, lb_row: np.ndarray, labels: list[str], thresholds: np.ndarray, sound_fp: bool) -> list[str]:
     """Per disjunct of the unsafe set: do these bounds alone show it unreachable?"""
     unreachable = prop.disjunct_unreachable(lb_row)
     out = ["", "hint (from these bounds alone, not a verdict): unsafe-set disjuncts"]
@@ -367,7 +377,8 @@ def _hint(prop, lb_row: np.ndarray, labels: list[str], thresholds: np.ndarray) -
             why = "not shown unreachable by these bounds"
         out.append(f"  {k + 1}. {cond}: {why}")
     if all(unreachable):
-        out.append("  every disjunct is unreachable over this box: the bounds prove the property here")
+        out.append("  every disjunct is unreachable over this box: the bounds prove the property here"
+                   + ("" if sound_fp else " (in real arithmetic; --sound-fp also bounds the rounding)"))
     return out
 
 

@@ -9,7 +9,7 @@ import sys
 from conftest import REPO
 
 CASE = "mlp_small__eps0.05"
-METHODS = ["ibp", "crown-ibp", "crown", "crown-pure"]
+METHODS = ["ibp", "crown-ibp", "crown", "crown-pure", "crown-sound"]
 SPREAD = {"median", "min", "p25", "p75", "max", "n"}
 
 
@@ -49,5 +49,6 @@ def test_quick_run_writes_json(shared, tmp_path):
 
     tg = data["targets"]
     assert set(tg["ibp_vs_forward"]["per_case"]) == {CASE}
+    assert set(tg["sound_fp_cost"]["per_case"]) == {CASE} and tg["sound_fp_cost"]["per_case"][CASE]["ratio"] > 0
     assert isinstance(tg["ibp_vs_forward"]["pass"], bool)
     assert tg["crown_vs_lirpa"]["pass"] is None  # its case was not selected

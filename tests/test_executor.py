@@ -23,7 +23,7 @@ def test_kernels_fresh_and_arena_matches_functional(shared, name, method):
     fx = load_fixture(shared, name)
     graph, _ = boundflow.load_model(str(fx.model))
     module = boundflow.plan(graph, method, PlannerConfig(), spec_rows=None if fx.C is None else fx.C.shape[0])
-    ex = PythonTaskExecutor(check_aliasing=True)
+    ex = PythonTaskExecutor(checked=True)
     arena = ex.run(module, _inputs(fx))["bounds"]
     functional = ex.run_functional(module, _inputs(fx))[module.outputs["bounds"]]
     assert torch.equal(arena, functional)

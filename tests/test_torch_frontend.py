@@ -109,7 +109,7 @@ def test_cnn_conv_bn_pool_flatten():
     # avg pools become depthwise convs with weight 1/(kh*kw)
     pool = convs[2]  # pool2 runs after c1, c2
     assert pool.attrs["groups"] == 8 and pool.attrs["padding"] == (1, 1, 1, 1)
-    assert torch.allclose(g.data(pool.inputs[1]), torch.full((8, 1, 3, 3), 1 / 9))
+    assert torch.allclose(g.data(pool.inputs[1]).float(), torch.full((8, 1, 3, 3), 1 / 9))
     # eval batch norm -> affine with [C, 1, 1] constants
     bn = next(n for n in g.nodes if n.op == "affine")
     assert g.shape(bn.inputs[1]) == (8, 1, 1) and g.shape(bn.inputs[2]) == (8, 1, 1)
@@ -399,7 +399,9 @@ def test_values_typed_by_infer_shape():
         assert tuple(infer_shape(g, node)) == g.shape(node.outputs[0])
     for v in g.values.values():
         if v.kind in ("param", "const"):
-            assert v.data.dtype == torch.float32 and tuple(v.data.shape) == v.type.shape
+            # float32, or float64 with an error bound for a constant computed at import (BatchNorm)
+            assert v.data.dtype == (torch.float32 if v.err is None else torch.float64)
+            assert tuple(v.data.shape) == v.type.shape
             assert not v.data.requires_grad
 
 

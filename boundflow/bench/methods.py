@@ -31,7 +31,9 @@ time (``cpu_ms``, ``*_cpu`` ratios: robust to other processes sharing the machin
 
 Targets (``targets`` in the JSON): IBP takes at most 3x a torch forward pass on every case, and
 CROWN on mnist-net_256x2 with the prop_0_0.03 box is at least 2x faster than auto_LiRPA's
-recorded CROWN time with a mean width no larger than its (up to 1e-5 relative).
+recorded CROWN time with a mean width no larger than its (up to 1e-5 relative). Also measured:
+the cost of floating-point soundness, CROWN with ``sound_fp=True`` ("crown-sound", compared
+with auto_LiRPA's CROWN too) against plain CROWN, aiming at 1.2x.
 """
 from __future__ import annotations
 
@@ -54,13 +56,15 @@ from boundflow.domains import concrete
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.ir.primal import Graph
 
-# (label, compute_bounds method, crown_interm, key in a golden fixture)
+# (label, compute_bounds method, crown_interm, sound_fp, key in a golden fixture)
 METHODS = [
-    ("ibp", "ibp", "sparse", "IBP"),
-    ("crown-ibp", "crown-ibp", "sparse", "CROWN-IBP"),
-    ("crown", "crown", "sparse", "CROWN"),
-    ("crown-pure", "crown", "pure", "CROWN:pure_interm"),
+    ("ibp", "ibp", "sparse", False, "IBP"),
+    ("crown-ibp", "crown-ibp", "sparse", False, "CROWN-IBP"),
+    ("crown", "crown", "sparse", False, "CROWN"),
+    ("crown-pure", "crown", "pure", False, "CROWN:pure_interm"),
+    ("crown-sound", "crown", "sparse", True, "CROWN"),
 ]
+SOUND_FP_COST_AIM = 1.2      # CROWN with sound_fp=True against plain CROWN
 CIFAR_FIXTURE = "cifar_base_kw__cifar_base_kw-img2908-eps0.019869281045751634"
 # (model under benchmarks/vnncomp2021, box: a vnnlib file there or "golden:<fixture>")
 MODEL_CASES = [
@@ -151,7 +155,7 @@ def torch_forward(graph: Graph) -> Callable[[torch.Tensor], torch.Tensor]:
     steps = []
     for k, node in enumerate(graph.nodes):
         rule, attrs = concrete.RULES[node.op], node.attrs
-        args = [(slots[i], None) if graph.is_variable(i) else (None, graph.data(i)) for i in node.inputs]
+        args = [(slots[i], None) if graph.is_variable(i) else (None, graph.data(i).float()) for i in node.inputs]
         if args[0][0] is not None and all(s is None for s, _ in args[1:]):
             src, consts = args[0][0], [c for _, c in args[1:]]
             steps.append(lambda env, r=rule, s=src, cs=consts, a=attrs: r(env[s], *cs, attrs=a))
@@ -208,15 +212,17 @@ def run_case(case: Case, repeats: int, warmup: int, threads: int) -> list[dict[s
                "torch_vs_onnxruntime_max_abs_diff": float(np.abs(y.numpy().ravel() - y_ort[0].ravel()).max())}
 
     rows = []
-    for label, method, interm, key in METHODS:
-        first_ms, first = time_once(lambda: boundflow.bound(path, lo, hi, method, C, crown_interm=interm))
+    for label, method, interm, sound, key in METHODS:
+        first_ms, first = time_once(lambda: boundflow.bound(path, lo, hi, method, C, crown_interm=interm,
+                                                            sound_fp=sound))
         wall, cpu, (lb, ub) = time_calls(
-            lambda: boundflow.compute_bounds(path, lo, hi, method=method, C=C, crown_interm=interm), repeats, warmup)
+            lambda: boundflow.compute_bounds(path, lo, hi, method=method, C=C, crown_interm=interm, sound_fp=sound),
+            repeats, warmup)
         width = _num((ub - lb).double().mean().item())
         ms = wall["median"]
         row = {
             "case": case.name, "model": case.model.name, "box": case.box, "method": label,
-            "compute_bounds": {"method": method, "crown_interm": interm},
+            "compute_bounds": {"method": method, "crown_interm": interm, "sound_fp": sound},
             "input_shape": list(in_shape), "batch": 1, "spec_rows": None if C is None else C.shape[0],
             "load_ms": load_ms, "first_call_ms": first_ms, "plan_cached": bool(first.stats["plan_cached"]),
             "time_ms": wall, "cpu_ms": cpu, "forward": forward, "forward_ms": fwd_wall["median"],
@@ -243,6 +249,14 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
            for r in rows if r["method"] == "ibp"}
     out = {"ibp_vs_forward": {"limit": IBP_FORWARD_LIMIT, "per_case": ibp,
                               "pass": bool(ibp) and all(v["pass"] for v in ibp.values())}}
+    by = {(r["case"], r["method"]): r for r in rows}
+    cost = {case: {"crown_ms": by[case, "crown"]["time_ms"]["median"], "sound_ms": r["time_ms"]["median"],
+                   "ratio": _ratio(r["time_ms"]["median"], by[case, "crown"]["time_ms"]["median"]),
+                   "ratio_cpu": _ratio(r["cpu_ms"]["median"], by[case, "crown"]["cpu_ms"]["median"])}
+            for (case, method), r in by.items() if method == "crown-sound" and (case, "crown") in by}
+    out["sound_fp_cost"] = {"aim": SOUND_FP_COST_AIM, "per_case": cost,
+                            "within_aim": sum(v["ratio"] is not None and v["ratio"] <= SOUND_FP_COST_AIM
+                                              for v in cost.values()), "cases": len(cost)}
     crown = next((r for r in rows if r["case"] == CROWN_TARGET_CASE and r["method"] == "crown"), None)
     if crown is None or crown["lirpa"] is None:
         out["crown_vs_lirpa"] = {"case": CROWN_TARGET_CASE, "pass": None, "note": "case not run"}
@@ -278,6 +292,11 @@ def report(rows: list[dict[str, Any]], tg: dict[str, Any]) -> str:
     for name, v in ibp["per_case"].items():
         lines.append(f"    {name}: {fmt(v['ibp_ms'])} ms / {fmt(v['forward_ms'], 2)} ms = "
                      f"{fmt(v['ratio'])}x  {'pass' if v['pass'] else 'FAIL'}  (cpu time: {fmt(v['ratio_cpu'])}x)")
+    sc = tg["sound_fp_cost"]
+    lines.append(f"  CROWN with sound_fp within {sc['aim']:g}x of plain CROWN: {sc['within_aim']} of {sc['cases']} cases")
+    for name, v in sc["per_case"].items():
+        lines.append(f"    {name}: {fmt(v['sound_ms'])} ms / {fmt(v['crown_ms'])} ms = {fmt(v['ratio'])}x "
+                     f"(cpu time: {fmt(v['ratio_cpu'])}x)")
     cr = tg["crown_vs_lirpa"]
     if cr["pass"] is None:
         lines.append(f"  CROWN vs auto_LiRPA on {cr['case']}: not run")

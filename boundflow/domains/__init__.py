@@ -5,15 +5,16 @@ interval  IBP rules on (lower, upper)
 linear    CROWN backward rules on linear coefficients
 relu      the ReLU relaxation the linear rules use
 bound     bookkeeping between domains (unstable neurons, merging bounds)
+fp        floating-point error vectors of sound_fp plans (rounding.py: the error model)
 
 KERNELS maps a TaskOp's op name "<domain>.<rule>" to its kernel fn(inputs, params, attrs).
 Adding an op means adding its concrete rule, its interval rule and its linear rule.
 """
-from boundflow.domains import bound, interval, linear, relu
+from boundflow.domains import bound, fp, interval, linear, relu
 
 KERNELS = {f"{name}.{op}": fn
            for name, table in (("interval", interval.RULES), ("linear", linear.RULES),
-                               ("relu", relu.RULES), ("bound", bound.RULES))
+                               ("relu", relu.RULES), ("bound", bound.RULES), ("fp", fp.RULES))
            for op, fn in table.items()}
 
 # Kernels whose results may be views of their inputs (reshapes, splits). Every other kernel

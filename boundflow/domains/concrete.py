@@ -79,6 +79,9 @@ RULES: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def apply(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+    # constants may be kept in float64 (Value.err); the op computes in its input's precision
+    dtype = args[0].dtype
+    args = [a if a is None or a.dtype == dtype else a.to(dtype) for a in args]
     if node.op == "concat":
         return _concat(*args, attrs=node.attrs)
     return RULES[node.op](*args, attrs=node.attrs)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from boundflow.domains import fp
 from boundflow.domains.concrete import conv2d
+from boundflow.domains.rounding import gamma, magnitude, slack
 from boundflow.ir.primal import Graph, Node
 
 TO_CR = torch.tensor([[0.5, 0.5], [-0.5, 0.5]])    # (l, u) -> (c, r)
@@ -18,11 +20,11 @@ FROM_CR = torch.tensor([[1.0, -1.0], [1.0, 1.0]])  # (c, r) -> (l, u)
 
 
 def to_cr(s: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(TO_CR, s.reshape(2, -1)).view(s.shape)
+    return torch.matmul(TO_CR.to(s.dtype), s.reshape(2, -1)).view(s.shape)
 
 
 def from_cr(s: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(FROM_CR, s.reshape(2, -1)).view(s.shape)
+    return torch.matmul(FROM_CR.to(s.dtype), s.reshape(2, -1)).view(s.shape)
 
 
 def _linear(ins, ps, attrs):
@@ -81,12 +83,18 @@ def _spec_linear(ins, ps, attrs):
 
 
 def _spec_box(ins, ps, attrs):
-    """Bounds of C @ y for y in a box: C+ lo + C- hi."""
+    """Bounds of C @ y for y in a box: C+ lo + C- hi. In a sound_fp plan (attrs "fp") widened
+    by the sums' rounding, gamma(n) |C| max|y|, and rounded outward."""
     s, C = ins
     lo, hi = s.flatten(2).unsqueeze(-1)
     pos, neg = C.clamp(min=0), C.clamp(max=0)
-    return (torch.stack(((torch.bmm(pos, lo) + torch.bmm(neg, hi)).squeeze(-1),
-                         (torch.bmm(pos, hi) + torch.bmm(neg, lo)).squeeze(-1))),)
+    out = torch.stack(((torch.bmm(pos, lo) + torch.bmm(neg, hi)).squeeze(-1),
+                       (torch.bmm(pos, hi) + torch.bmm(neg, lo)).squeeze(-1)))
+    if attrs.get("fp"):
+        n = C.shape[-1] + 2
+        err = torch.bmm(C.abs(), magnitude(s).flatten(1).unsqueeze(-1)).squeeze(-1)
+        out = fp.widen(out, 2 * gamma(n, C.dtype) * err + slack(n, C.dtype))
+    return (out,)
 
 
 def _flatten(ins, ps, attrs):

@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from boundflow.domains.rounding import down, gamma, magnitude, slack, unit_roundoff, up
+
 
 def _sum_lead(a: torch.Tensor, keep: int) -> torch.Tensor:
     """Sum A [B, 2S, ...] over every per-region axis except the last `keep` ones."""
@@ -37,10 +39,10 @@ def start_spec(ins, ps, attrs):
         a = c.reshape((batch, c.shape[1]) + shape)
     else:
         n = attrs["numel"]
-        a = torch.eye(n, dtype=torch.float32).reshape((1, n) + shape).expand((batch, n) + shape)
+        a = torch.eye(n, dtype=_dtype(attrs)).reshape((1, n) + shape).expand((batch, n) + shape)
     if not attrs.get("lower_only"):
         a = torch.cat([a, a], dim=1)
-    return a, torch.zeros(batch, a.shape[1])
+    return a, torch.zeros(batch, a.shape[1], dtype=a.dtype)
 
 
 def start_onehot(ins, ps, attrs):
@@ -48,25 +50,36 @@ def start_onehot(ins, ps, attrs):
     batch, shape, n = attrs["batch"], tuple(attrs["shape"]), attrs["numel"]
     idx = ins[0] if ins else torch.arange(n)
     k = idx.numel()
-    a = torch.zeros(batch, 2 * k, n)
+    a = torch.zeros(batch, 2 * k, n, dtype=_dtype(attrs))
     rows = torch.arange(2 * k)
     a[:, rows, idx.repeat(2)] = 1.0
-    return a.reshape((batch, 2 * k) + shape), torch.zeros(batch, 2 * k)
+    return a.reshape((batch, 2 * k) + shape), torch.zeros(batch, 2 * k, dtype=a.dtype)
 
 
 def start_rows(ins, ps, attrs):
     """Fused start + backward through the target's producer, when that op is a matrix on its
     flattened input (a linear over unit leading axes, or a conv given as its dense matrix):
-    A on the input is just the selected rows of the matrix."""
+    A on the input is just the selected rows of the matrix. In a sound_fp plan the last input
+    is the producer's error vector (domains/fp.py): with one-hot rows, each row's bound takes
+    the error of its own neuron."""
     w, b = ps
     batch, in_shape = attrs["batch"], tuple(attrs["in_shape"])
-    if ins:
-        (idx,) = ins
+    sel = ins[:-1] if attrs.get("fp") else ins
+    if sel:
+        (idx,) = sel
         w, b = w.index_select(0, idx), b.index_select(0, idx)
     a = torch.cat([w, w], 0)
     bias = torch.cat([b, b], 0)
     s2 = a.shape[0]
-    return a.reshape((1, s2) + in_shape).expand((batch, s2) + in_shape), bias.unsqueeze(0).expand(batch, s2)
+    a = a.reshape((1, s2) + in_shape).expand((batch, s2) + in_shape)
+    bias = bias.unsqueeze(0).expand(batch, s2)
+    if attrs.get("fp"):
+        e = ins[-1].flatten(1)
+        if sel:
+            e = e.index_select(1, sel[0])
+        k = e.shape[1]
+        bias = torch.cat([down(bias[:, :k] - e), up(bias[:, k:] + e)], 1)
+    return a, bias
 
 
 # -- backward rules, keyed by primal op ------------------------------------------------------
@@ -105,6 +118,41 @@ def _affine(ins, ps, attrs):
 def _halves(a: torch.Tensor, attrs) -> int:
     """The number of lower rows of A: all of them in a lower-only pass, else half."""
     return a.shape[1] if attrs.get("lower_only") else a.shape[1] // 2
+
+
+def _dtype(attrs) -> torch.dtype:
+    return torch.float64 if attrs.get("dtype") == "float64" else torch.float32
+
+
+def fp_widen(a_mag: torch.Tensor, bias: torch.Tensor, e: torch.Tensor, attrs) -> torch.Tensor:
+    """The bias after an op of a sound_fp plan, widened by the rounding error the op made: row r
+    takes sum_j a_mag_rj e_j (a_mag = |A| on the op's output, e its error vector) and the
+    rounding of the bias update itself, lower rows down and upper rows up (domains/fp.py)."""
+    err = torch.bmm(a_mag.flatten(2), e.flatten(1).unsqueeze(-1)).squeeze(-1)
+    u = unit_roundoff(bias.dtype)
+    err = 2 * (err + u * bias.abs()) + slack(e[0].numel() + 2, bias.dtype)
+    s = _halves(a_mag, attrs)
+    return torch.cat([down(bias[:, :s] - err[:, :s]), up(bias[:, s:] + err[:, s:])], 1)
+
+
+def _sound(rule, magnitude_of=lambda ins: ins[0].abs()):
+    """The backward rule `rule`; in a sound_fp plan (attrs "fp") its last input is the op's error
+    vector and the new bias is widened by it (fp_widen). `magnitude_of(ins)` bounds |A| as the
+    op's arithmetic sees it."""
+    def kernel(ins, ps, attrs):
+        if not attrs.get("fp"):
+            return rule(ins, ps, attrs)
+        ins, e = ins[:-1], ins[-1]
+        *a_new, bias = rule(ins, ps, attrs)
+        return (*a_new, fp_widen(magnitude_of(ins), bias, e, attrs))
+    kernel.__doc__ = rule.__doc__
+    return kernel
+
+
+def _relu_alpha_magnitude(ins):
+    """|A| plus the split multipliers that relu_alpha adds to it (beta-CROWN)."""
+    beta = ins[4] if len(ins) > 4 else None
+    return ins[0].abs() if beta is None else ins[0].abs() + beta.abs()
 
 
 def _relu_back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u, lower_only=False):
@@ -176,11 +224,20 @@ def _concat(ins, ps, attrs):
 
 
 def accumulate(ins, ps, attrs):
-    return (ins[0] + ins[1],)
+    """A value read by several ops gets the sum of their coefficients. In a sound_fp plan the
+    inputs are (A1, A2, bias, interval of the value) and the bias also takes the sum's rounding,
+    u |A| max|x| per row."""
+    if not attrs.get("fp"):
+        return (ins[0] + ins[1],)
+    a1, a2, bias, s = ins
+    a = a1 + a2
+    return a, fp_widen(a.abs(), bias, unit_roundoff(a.dtype) * magnitude(s), attrs)
 
 
 def concretize(ins, ps, attrs):
-    """stack(lower, upper) of A x + bias over the input box: A c -/+ |A| r."""
+    """stack(lower, upper) of A x + bias over the input box: A c -/+ |A| r. In a sound_fp plan
+    the sums' rounding (and that of c and r) is subtracted, gamma(n) (|A| max|x| + |bias|), and
+    the result rounded outward."""
     a, bias, box = ins
     s = _halves(a, attrs)
     a = a.flatten(2)
@@ -189,7 +246,13 @@ def concretize(ins, ps, attrs):
     r = ((hi - lo) / 2).unsqueeze(-1)
     mid = torch.bmm(a, c).squeeze(-1) + bias
     rad = torch.bmm(a.abs(), r).squeeze(-1)
-    return (_sides(mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:]),)
+    lower, upper = mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:]
+    if attrs.get("fp"):
+        n = a.shape[-1] + 4
+        err = torch.bmm(a.abs(), magnitude(box).flatten(1).unsqueeze(-1)).squeeze(-1) + bias.abs()
+        err = 2 * gamma(n, a.dtype) * err + slack(n, a.dtype)
+        lower, upper = down(lower - err[:, :s]), up(upper + err[:, s:])
+    return (_sides(lower, upper),)
 
 
 def _sides(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
@@ -249,13 +312,30 @@ def _unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def patch_start(ins, ps, attrs):
-    """The selected neurons' rows of the target conv: its kernel, as a window on its input."""
-    idx = selected_neurons(ins, 0, attrs)
+    """The selected neurons' rows of the target conv: its kernel, as a window on its input. In
+    a sound_fp plan the last input is the conv's error vector: each row's bound takes its own
+    neuron's error (as start_rows)."""
+    sel, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
+    idx = selected_neurons(sel, 0, attrs)
     w, b = ps
     c = (idx // (attrs["target"][1] * attrs["target"][2])).repeat(2)
     a = w[c].unsqueeze(0).expand((attrs["batch"],) + (c.numel(),) + tuple(w.shape[1:]))
-    bias = (torch.zeros(c.numel()) if b is None else b[c]).unsqueeze(0).expand(attrs["batch"], -1)
+    bias = (torch.zeros(c.numel(), dtype=w.dtype) if b is None else b[c]).unsqueeze(0).expand(attrs["batch"], -1)
+    if e is not None:
+        e = e.flatten(1)[:, idx]
+        bias = torch.cat([down(bias[:, :len(idx)] - e), up(bias[:, len(idx):] + e)], 1)
     return a, bias
+
+
+def _patch_fp_widen(a: torch.Tensor, bias: torch.Tensor, e: torch.Tensor, idx: torch.Tensor, attrs) -> torch.Tensor:
+    """fp_widen on windows: row r takes sum |A_r| e over its neuron's window of the op's error
+    vector e (zeros outside the value, where A is zero too)."""
+    k = a.shape[1] // 2
+    win = _windows(_unit_lead(e, 1), idx, attrs, a.shape[-2], a.shape[-1]).unsqueeze(1)   # [B, 1, k, C, ph, pw]
+    err = (a.unflatten(1, (2, k)).abs() * win).flatten(3).sum(-1).flatten(1)
+    u = unit_roundoff(bias.dtype)
+    err = 2 * (err + u * bias.abs()) + slack(math.prod(a.shape[2:]) + 2, bias.dtype)
+    return torch.cat([down(bias[:, :k] - err[:, :k]), up(bias[:, k:] + err[:, k:])], 1)
 
 
 def _patch_relax(relax: torch.Tensor, idx: torch.Tensor, attrs, a: torch.Tensor) -> torch.Tensor:
@@ -279,15 +359,22 @@ def _patch_relu_back(a, bias, win, alpha=None):
 
 
 def patch_relu(ins, ps, attrs):
-    """_relu_back on windows: each row reads the relaxation at its neuron's window."""
+    """_relu_back on windows: each row reads the relaxation at its neuron's window. In a
+    sound_fp plan the last input is the ReLU's error vector (_patch_fp_widen)."""
+    ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, relax = ins[:3]
-    return _patch_relu_back(a, bias, _patch_relax(relax, selected_neurons(ins, 3, attrs), attrs, a))
+    idx = selected_neurons(ins, 3, attrs)
+    out, new_bias = _patch_relu_back(a, bias, _patch_relax(relax, idx, attrs, a))
+    return out, new_bias if e is None else _patch_fp_widen(a, new_bias, e, idx, attrs)
 
 
 def patch_relu_alpha(ins, ps, attrs):
     """patch_relu with optimised lower slopes (alpha-CROWN); without them (None), CROWN's."""
+    ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, relax, alpha = ins[:4]
-    return _patch_relu_back(a, bias, _patch_relax(relax, selected_neurons(ins, 4, attrs), attrs, a), alpha)
+    idx = selected_neurons(ins, 4, attrs)
+    out, new_bias = _patch_relu_back(a, bias, _patch_relax(relax, idx, attrs, a), alpha)
+    return out, new_bias if e is None else _patch_fp_widen(a, new_bias, e, idx, attrs)
 
 
 def patch_start_slopes(a: torch.Tensor, relax: torch.Tensor, idx: torch.Tensor, attrs) -> torch.Tensor:
@@ -298,12 +385,17 @@ def patch_start_slopes(a: torch.Tensor, relax: torch.Tensor, idx: torch.Tensor, 
 
 def patch_conv(ins, ps, attrs):
     """Back through a conv: the window grows to the kernel's reach (no cropping: what falls on
-    the conv's padding is zeroed by the next window read)."""
-    a, bias = ins
+    the conv's padding is zeroed by the next window read). In a sound_fp plan the inputs end
+    with the conv's error vector and the selected neurons (attrs "grid": the window geometry
+    of A on the conv's output)."""
+    a, bias = ins[:2]
     w, b = ps
     lead = a.shape[:2]
     x = F.conv_transpose2d(a.flatten(0, 1), w, None, stride=tuple(attrs["stride"]))
     new_bias = bias.clone() if b is None else bias + a.sum((-1, -2)) @ b
+    if attrs.get("fp"):
+        e, idx = ins[2], selected_neurons(ins, 3, attrs)
+        new_bias = _patch_fp_widen(a, new_bias, e, idx, attrs)
     return x.reshape(lead + x.shape[1:]), new_bias
 
 
@@ -316,15 +408,21 @@ def patch_concretize(ins, ps, attrs):
     a = a.unflatten(1, (2, k))
     mid = (a * c).flatten(3).sum(-1) + bias.unflatten(1, (2, k))          # [B, 2, k]
     rad = (a.abs() * r).flatten(3).sum(-1)
-    return (torch.stack((mid[:, 0] - rad[:, 0], mid[:, 1] + rad[:, 1])),)
+    lower, upper = mid[:, 0] - rad[:, 0], mid[:, 1] + rad[:, 1]
+    if attrs.get("fp"):                  # as concretize: the sums' rounding, then outward
+        n = math.prod(a.shape[3:]) + 4
+        err = (a.abs() * torch.maximum(lo.abs(), hi.abs()).unsqueeze(1)).flatten(3).sum(-1) + bias.unflatten(1, (2, k)).abs()
+        err = 2 * gamma(n, a.dtype) * err + slack(n, a.dtype)
+        lower, upper = down(lower - err[:, 0]), up(upper + err[:, 1])
+    return (torch.stack((lower, upper)),)
 
 
 RULES = {
-    "linear": _linear,
-    "conv2d": _conv2d,
-    "affine": _affine,
-    "relu": _relu,
-    "relu_alpha": _relu_alpha,
+    "linear": _sound(_linear),
+    "conv2d": _sound(_conv2d),
+    "affine": _sound(_affine),
+    "relu": _sound(_relu),
+    "relu_alpha": _sound(_relu_alpha, _relu_alpha_magnitude),
     "reshape": _reshape,
     "transpose": _transpose,
     "concat": _concat,

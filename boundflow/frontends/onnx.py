@@ -22,9 +22,15 @@ Conventions:
     linear/conv2d, `const` otherwise (affine scale and shift).
   * Primal values keep the ONNX tensor names; nodes inserted by a lowering get fresh names
     derived from the ONNX node's name.
+  * Float constants keep their precision (float64 stays float64). A constant computed at import
+    (1 / divisor, a BatchNorm's scale and shift, a folded constant expression) is computed in
+    float64 with a rigorous bound on its distance to the exact value its formula defines
+    (`Value.err`, domains/rounding.py), so that sound_fp bounds cover the model's real-arithmetic
+    semantics.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -39,6 +45,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from boundflow.domains.concrete import infer_shape
+from boundflow.domains.rounding import Enclosed, unit_roundoff
 from boundflow.errors import ModelLoadError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node, TensorType, Value
 
@@ -178,6 +185,7 @@ class _Importer:
     inferred: dict[str, tuple[int, ...] | None]
     graph: Graph = field(init=False)
     consts: dict[str, np.ndarray] = field(default_factory=dict)  # ONNX name -> constant array
+    errs: dict[str, np.ndarray] = field(default_factory=dict)    # error bounds of computed float constants
     env: dict[str, str] = field(default_factory=dict)            # ONNX name -> primal value name
     initializers: set[str] = field(default_factory=set)
     taken: set[str] = field(default_factory=set)
@@ -224,15 +232,16 @@ class _Importer:
                                      f"{name!r}, which no earlier node or initializer defines")
         inputs = [n for n in node.input if n]
         if node.op_type in FOLDERS and all(n in self.consts for n in inputs):
-            arrays = [self.consts[n] if n else None for n in node.input]
             try:
-                results = FOLDERS[node.op_type](self, _attrs(node), *arrays)
+                results = _fold(self, node)
             except (ValueError, IndexError, TypeError, KeyError) as e:
                 raise ModelLoadError(f"{self.source}: cannot constant-fold {node.op_type} node "
                                      f"{self.node_label!r}: {e}") from e
-            for out, arr in zip(node.output, results):
+            for out, (arr, err) in zip(node.output, results):
                 if out:
                     self.consts[out] = np.asarray(arr)
+                    if err is not None and np.any(err):
+                        self.errs[out] = np.asarray(err)
             return
         lower = LOWERINGS.get(node.op_type)
         if lower is None:
@@ -284,6 +293,13 @@ class _Importer:
             self.unsupported(f"{what} {name!r} must be a constant (it depends on the network input)")
         return self.consts[name]
 
+    def enclosed(self, name: str, what: str = "input") -> Enclosed:
+        """A float constant with its error bound (zero for initializers)."""
+        arr = np.asarray(self.const(name, what), dtype=np.float64)
+        err = self.errs.get(name)
+        return Enclosed(torch.from_numpy(arr.copy()),
+                        torch.zeros(arr.shape, dtype=torch.float64) if err is None else torch.from_numpy(err.copy()))
+
     def var(self, name: str) -> str:
         """Primal name of a variable ONNX tensor."""
         return self.env[name]
@@ -301,17 +317,19 @@ class _Importer:
         self.taken.add(name)
         return name
 
-    def tensor(self, arr: np.ndarray | torch.Tensor, what: str, kind: str = "const",
+    def tensor(self, arr: np.ndarray | Enclosed, what: str, kind: str = "const",
                onnx_name: str | None = None) -> str:
-        """A param/const value holding `arr` as float32. `onnx_name`: the initializer it is verbatim."""
+        """A param/const value holding `arr` (an exact array, or an Enclosed computed constant,
+        stored as Enclosed.stored says). `onnx_name`: the initializer it is verbatim."""
         if onnx_name is not None and onnx_name in self.initializers:
             if onnx_name not in self.graph.values:
-                data = torch.from_numpy(np.array(self.consts[onnx_name], dtype=np.float32))
+                data, _ = Enclosed.exact(torch.from_numpy(_float(self.consts[onnx_name]))).stored()
                 self.graph.values[onnx_name] = Value(onnx_name, TensorType(tuple(data.shape)), "param", data)
             return onnx_name
-        data = arr.float() if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr, dtype=np.float32))
+        enc = arr if isinstance(arr, Enclosed) else Enclosed.exact(torch.from_numpy(_float(arr)))
+        data, err = enc.stored()
         name = self.fresh(f"{self.node.name or self.node.op_type}/{what}")
-        self.graph.values[name] = Value(name, TensorType(tuple(data.shape)), kind, data)
+        self.graph.values[name] = Value(name, TensorType(tuple(data.shape)), kind, data, err)
         return name
 
     def emit(self, op: str, inputs: list[str], attrs: dict | None = None, out: str | None = None) -> str:
@@ -342,7 +360,7 @@ class _Importer:
 
 def _rename(graph: Graph, old: str, new: str) -> None:
     v = graph.values.pop(old)
-    graph.values[new] = Value(new, v.type, v.kind, v.data)
+    graph.values[new] = dataclasses.replace(v, name=new)
     for n in graph.nodes:
         n.inputs = [new if i == old else i for i in n.inputs]
         n.outputs = [new if o == old else o for o in n.outputs]
@@ -356,7 +374,7 @@ def _annotate_layouts(graph: Graph) -> None:
     def set_layout(name, layout):
         v = graph.values[name]
         if len(v.type.shape) == 4 and v.type.layout is None:
-            graph.values[name] = Value(v.name, TensorType(v.type.shape, v.type.dtype, layout), v.kind, v.data)
+            graph.values[name] = dataclasses.replace(v, type=TensorType(v.type.shape, v.type.dtype, layout))
 
     for node in graph.nodes:
         if node.op != "conv2d":
@@ -485,6 +503,71 @@ def _fold_shape(imp, attrs, x):
     return [np.array(x.shape[attrs.get("start", 0):attrs.get("end", None)], dtype=np.int64)]
 
 
+def _float(arr) -> np.ndarray:
+    """A constant as floats, exactly: float64 stays float64 (and integers become float64),
+    float32 / float16 / bfloat16 become float32."""
+    arr = np.asarray(arr)
+    return np.array(arr, dtype=np.float64 if arr.dtype in (np.float64, np.int64, np.int32) else np.float32)
+
+
+def _is_float(arr) -> bool:
+    return arr is not None and np.issubdtype(np.asarray(arr).dtype, np.floating)
+
+
+def _gemm_enclosed(attrs, a, b, c=None):
+    a = a.map(lambda t: t.T) if attrs.get("transA", 0) else a
+    b = b.map(lambda t: t.T) if attrs.get("transB", 0) else b
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    y = a.matmul(b) if alpha == 1.0 else a.matmul(b) * alpha
+    return y if c is None else y + (c if beta == 1.0 else c * beta)
+
+
+# float arithmetic folded in float64 with a rigorous error bound (domains/rounding.py)
+ENCLOSED_FOLDERS: dict[str, Callable] = {
+    "Add": lambda attrs, a, b: a + b,
+    "Sub": lambda attrs, a, b: a - b,
+    "Mul": lambda attrs, a, b: a * b,
+    "Div": lambda attrs, a, b: a * b.reciprocal(),
+    "Neg": lambda attrs, x: -x,
+    "Sqrt": lambda attrs, x: x.sqrt(),
+    "MatMul": lambda attrs, a, b: a.matmul(b),
+    "Gemm": _gemm_enclosed,
+}
+
+
+def _fold(imp, node) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(value, error bound or None) of each output of a node whose inputs are all constant.
+
+    Float arithmetic is evaluated on enclosures; the other folders only rearrange, index or
+    copy their inputs (or compute integer shapes), so applying them to the inputs' error bounds
+    gives the outputs' (Relu too: it is 1-Lipschitz), and a Cast to a float type adds its rounding."""
+    attrs = _attrs(node)
+    arrays = [imp.consts[n] if n else None for n in node.input]
+    op = node.op_type
+    floats = [_is_float(a) for a in arrays]
+    if op in ENCLOSED_FOLDERS and all(floats):
+        y = ENCLOSED_FOLDERS[op](attrs, *(imp.enclosed(n) for n in node.input if n))
+        value, err = y.value.numpy(), y.err.expand_as(y.value).numpy()
+        return [(value, err)]
+    results = FOLDERS[op](imp, attrs, *arrays)
+    if not any(n in imp.errs for n in node.input if n):
+        return [(r, None) for r in results]
+    if op == "Cast":
+        return [_cast_err(imp, node, arrays[0], results[0])]
+    errs = [imp.errs.get(n, np.zeros(np.shape(a))) if f else a for n, a, f in zip(node.input, arrays, floats)]
+    return [(r, e if _is_float(r) else None) for r, e in zip(results, FOLDERS[op](imp, attrs, *errs))]
+
+
+def _cast_err(imp, node, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A Cast of an inexact constant: to a float type, the error grows by the rounding to it."""
+    if not _is_float(y):
+        imp.unsupported("casting a computed float constant to an integer type (its error has no bound)")
+    err = imp.errs[node.input[0]]
+    u = unit_roundoff(torch.float64 if y.dtype == np.float64 else torch.float32)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    return y, 2 * (err + u * (np.abs(x64) + err) + np.abs(y64 - x64))
+
+
 FOLDERS: dict[str, Callable] = {
     "Constant": _fold_constant,
     "Identity": lambda imp, attrs, x: [x],
@@ -539,7 +622,7 @@ def _lower_relu(imp, node, attrs):
     imp.bind(node.output[0], imp.emit("relu", [imp.var(node.input[0])], out=node.output[0]))
 
 
-def _linear(imp, x: str, w: np.ndarray, b: np.ndarray | None, out: str | None = None,
+def _linear(imp, x: str, w: np.ndarray | Enclosed, b: np.ndarray | Enclosed | None, out: str | None = None,
             w_name: str | None = None, b_name: str | None = None) -> str:
     """linear over the last axis with W [out, in]; *_name: the initializer a tensor is verbatim."""
     inputs = [x, imp.tensor(w, "weight", "param", w_name)]
@@ -548,7 +631,7 @@ def _linear(imp, x: str, w: np.ndarray, b: np.ndarray | None, out: str | None = 
     return imp.emit("linear", inputs, out=out)
 
 
-def _affine(imp, x: str, scale: np.ndarray, shift: np.ndarray, out: str | None = None,
+def _affine(imp, x: str, scale: np.ndarray | Enclosed, shift: np.ndarray | Enclosed, out: str | None = None,
             shift_name: str | None = None) -> str:
     """y = x * scale + shift; reshapes x first if the constants add leading axes of size 1."""
     s_shape = imp.shape(x)
@@ -572,33 +655,37 @@ def _lower_gemm(imp, node, attrs):
     alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
     trans_a, trans_b = attrs.get("transA", 0), attrs.get("transB", 0)
     out = node.output[0]
-    cc = None if c is None else beta * imp.const(c, "C").astype(np.float32)
+    cc = None if c is None else imp.enclosed(c, "C")
+    if cc is not None and beta != 1.0:
+        cc = cc * beta
     if not imp.is_const(a) and imp.is_const(b):
         x = imp.var(a)
         if trans_a:
             x = imp.transpose(x, (1, 0))
-        bb = imp.const(b, "B").astype(np.float32)
-        w = alpha * (bb if trans_b else bb.T)  # [N, K]
+        bb = imp.enclosed(b, "B")
+        w = bb if trans_b else bb.map(lambda t: t.T)  # [N, K]
+        w = w if alpha == 1.0 else w * alpha
         n = w.shape[0]
         w_name = b if (trans_b and alpha == 1.0) else None
-        if cc is None or cc.ndim < 2 or cc.shape[0] == 1:  # C is the same for every row: a bias
-            bias = None if cc is None else np.broadcast_to(cc, (1, n)).reshape(n)
+        if cc is None or len(cc.shape) < 2 or cc.shape[0] == 1:  # C is the same for every row: a bias
+            bias = None if cc is None else cc.map(lambda t: t.broadcast_to((1, n)).reshape(n))
             b_name = c if (cc is not None and beta == 1.0 and cc.shape == (n,)) else None
             y = _linear(imp, x, w, bias, out, w_name, b_name)
         else:  # C varies along rows: add it after the product
             y = _linear(imp, x, w, None, w_name=w_name)
-            y = _affine(imp, y, np.ones_like(cc), cc, out)
+            y = _affine(imp, y, _ones(cc), cc, out)
     elif imp.is_const(a) and not imp.is_const(b):
         # Y = A' @ X'  =>  Y^T = X'^T @ A'^T: a linear with W = A' on the rows of X'^T
-        aa = imp.const(a, "A").astype(np.float32)
-        w = alpha * (aa.T if trans_a else aa)  # [M, K]
+        aa = imp.enclosed(a, "A")
+        w = aa.map(lambda t: t.T) if trans_a else aa  # [M, K]
+        w = w if alpha == 1.0 else w * alpha
         x = imp.var(b)
         xt = x if trans_b else imp.transpose(x, (1, 0))  # [N, K]
         y = _linear(imp, xt, w, None)
         if cc is None:
             y = imp.transpose(y, (1, 0), out)
         else:
-            y = _affine(imp, imp.transpose(y, (1, 0)), np.ones_like(cc), cc, out)
+            y = _affine(imp, imp.transpose(y, (1, 0)), _ones(cc), cc, out)
     elif imp.is_const(a) and imp.is_const(b):  # unreachable: folded
         raise AssertionError("constant Gemm should have been folded")
     else:
@@ -613,38 +700,43 @@ def _lower_matmul(imp, node, attrs):
         imp.unsupported("both operands are variables (a product of two variables is not linear; "
                         "no sound rule)")
     if imp.is_const(b):  # x @ W
-        w = imp.const(b, "B").astype(np.float32)
+        w = imp.enclosed(b, "B")
         x = imp.var(a)
-        if w.ndim == 2:
-            y = _linear(imp, x, w.T, None, out)
-        elif w.ndim == 1:  # x [..., k] @ w [k] -> [...]
-            y = _linear(imp, x, w[None, :], None)
+        if len(w.shape) == 2:
+            y = _linear(imp, x, w.map(lambda t: t.T), None, out)
+        elif len(w.shape) == 1:  # x [..., k] @ w [k] -> [...]
+            y = _linear(imp, x, w.map(lambda t: t[None, :]), None)
             y = imp.reshape(y, imp.shape(x)[:-1], out)
         else:
             imp.unsupported(f"batched constant matrix of shape {list(w.shape)}")
     else:  # W @ x
-        w = imp.const(a, "A").astype(np.float32)
+        w = imp.enclosed(a, "A")
         x = imp.var(b)
         xs = imp.shape(x)
-        if w.ndim not in (1, 2):
+        ndim = len(w.shape)
+        if ndim not in (1, 2):
             imp.unsupported(f"batched constant matrix of shape {list(w.shape)}")
-        w2 = w if w.ndim == 2 else w[None, :]
-        verbatim = a if w.ndim == 2 else None
+        w2 = w if ndim == 2 else w.map(lambda t: t[None, :])
+        verbatim = a if ndim == 2 else None
         if len(xs) == 1:  # W [m, k] @ x [k] -> [m]
-            y = _linear(imp, x, w2, None, None if w.ndim == 1 else out, w_name=verbatim)
-            if w.ndim == 1:
+            y = _linear(imp, x, w2, None, None if ndim == 1 else out, w_name=verbatim)
+            if ndim == 1:
                 y = imp.reshape(y, (), out)
         else:  # W @ x [..., k, n]: transpose the last two axes, linear, transpose back
             y = _linear(imp, imp.swap_last_two(x), w2, None, w_name=verbatim)  # [..., n, m]
-            if w.ndim == 2:
+            if ndim == 2:
                 y = imp.swap_last_two(y, out)
             else:
                 y = imp.reshape(y, xs[:-2] + xs[-1:], out)
     imp.bind(out, y)
 
 
-def _const_operand(imp, node, var_pos: int) -> np.ndarray:
-    return imp.const(node.input[1 - var_pos]).astype(np.float32)
+def _const_operand(imp, node, var_pos: int) -> Enclosed:
+    return imp.enclosed(node.input[1 - var_pos])
+
+
+def _ones(c: Enclosed) -> np.ndarray:
+    return np.ones(c.shape, dtype=np.float32)
 
 
 def _same_shape_vars(imp, a: str, b: str, verb: str) -> tuple[str, str]:
@@ -664,7 +756,7 @@ def _lower_add(imp, node, attrs):
         return
     var_pos = 0 if not imp.is_const(a) else 1
     c = _const_operand(imp, node, var_pos)
-    imp.bind(out, _affine(imp, imp.var(node.input[var_pos]), np.ones_like(c), c, out,
+    imp.bind(out, _affine(imp, imp.var(node.input[var_pos]), _ones(c), c, out,
                           shift_name=node.input[1 - var_pos]))
 
 
@@ -676,11 +768,11 @@ def _lower_sub(imp, node, attrs):
         neg = imp.emit("affine", [y, imp.tensor(np.float32(-1), "minus_one"), imp.tensor(np.float32(0), "zero")])
         imp.bind(out, imp.emit("add", [x, neg], out=out))
     elif not imp.is_const(a):  # x - c
-        c = imp.const(b).astype(np.float32)
-        imp.bind(out, _affine(imp, imp.var(a), np.ones_like(c), -c, out))
+        c = imp.enclosed(b)
+        imp.bind(out, _affine(imp, imp.var(a), _ones(c), -c, out))
     else:  # c - x
-        c = imp.const(a).astype(np.float32)
-        imp.bind(out, _affine(imp, imp.var(b), -np.ones_like(c), c, out))
+        c = imp.enclosed(a)
+        imp.bind(out, _affine(imp, imp.var(b), -_ones(c), c, out))
 
 
 def _lower_mul(imp, node, attrs):
@@ -689,7 +781,7 @@ def _lower_mul(imp, node, attrs):
         imp.unsupported("both operands are variables (not linear; no sound rule)")
     var_pos = 0 if not imp.is_const(a) else 1
     c = _const_operand(imp, node, var_pos)
-    imp.bind(node.output[0], _affine(imp, imp.var(node.input[var_pos]), c, np.zeros_like(c), node.output[0]))
+    imp.bind(node.output[0], _affine(imp, imp.var(node.input[var_pos]), c, 0 * _ones(c), node.output[0]))
 
 
 def _lower_div(imp, node, attrs):
@@ -698,10 +790,12 @@ def _lower_div(imp, node, attrs):
         imp.unsupported("dividing by a variable (not linear; no sound rule)")
     if not imp.is_const(b):
         imp.unsupported("both operands are variables (not linear; no sound rule)")
-    c = imp.const(b).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        scale = (1.0 / c).astype(np.float32)
-    imp.bind(node.output[0], _affine(imp, imp.var(a), scale, np.zeros_like(c), node.output[0]))
+    c = imp.enclosed(b)
+    try:
+        scale = c.reciprocal()
+    except ValueError:
+        imp.unsupported("dividing by a constant that is (or may be) zero")
+    imp.bind(node.output[0], _affine(imp, imp.var(a), scale, 0 * _ones(c), node.output[0]))
 
 
 def _same_pads(imp, auto_pad: str, in_hw, kernel, strides, dilations) -> tuple[int, int, int, int]:
@@ -737,16 +831,16 @@ def _lower_conv(imp, node, attrs):
     if imp.is_const(node.input[0]):
         raise AssertionError("constant Conv should have been folded")
     x = imp.var(node.input[0])
-    w = imp.const(node.input[1], "weight").astype(np.float32)
-    if w.ndim != 4 or len(imp.shape(x)) != 4:
-        imp.unsupported(f"only 2-D convolutions are supported (weight rank {w.ndim}, input rank "
+    w = imp.enclosed(node.input[1], "weight")
+    if len(w.shape) != 4 or len(imp.shape(x)) != 4:
+        imp.unsupported(f"only 2-D convolutions are supported (weight rank {len(w.shape)}, input rank "
                         f"{len(imp.shape(x))})")
     if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != w.shape[2:]:
         imp.unsupported(f"kernel_shape {attrs['kernel_shape']} disagrees with the weight {list(w.shape)}")
     stride, padding, dilation = _window_attrs(imp, attrs, imp.shape(x), w.shape[2:])
     inputs = [x, imp.tensor(w, "weight", "param", node.input[1])]
     if len(node.input) > 2 and node.input[2]:
-        inputs.append(imp.tensor(imp.const(node.input[2], "bias"), "bias", "param", node.input[2]))
+        inputs.append(imp.tensor(imp.enclosed(node.input[2], "bias"), "bias", "param", node.input[2]))
     y = imp.emit("conv2d", inputs, {"stride": stride, "padding": padding, "dilation": dilation,
                                      "groups": int(attrs.get("group", 1))}, out=node.output[0])
     imp.bind(node.output[0], y)
@@ -758,27 +852,30 @@ def _lower_batchnorm(imp, node, attrs):
     if any(o for o in node.output[1:]):
         imp.unsupported("BatchNormalization with running-statistics outputs (training mode)")
     x = imp.var(node.input[0])
-    gamma, beta, mean, var = (imp.const(n).astype(np.float64) for n in node.input[1:5])
-    scale = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+    gamma, beta, mean, var = (imp.enclosed(n) for n in node.input[1:5])
+    try:
+        scale = gamma * (var + float(attrs.get("epsilon", 1e-5))).sqrt().reciprocal()
+    except ValueError as e:
+        imp.unsupported(f"its variance plus epsilon is (or may be) zero or negative ({e})")
     shift = beta - mean * scale
     xs = imp.shape(x)
     if len(xs) < 2:
         imp.unsupported(f"input of rank {len(xs)} has no channel axis")
     c = xs[1]
-    if scale.size == c:  # per channel (axis 1), broadcast over the spatial axes
+    if math.prod(scale.shape) == c:  # per channel (axis 1), broadcast over the spatial axes
         target = (c,) + (1,) * (len(xs) - 2)
     elif scale.shape == xs[1:]:  # opset <= 8 with spatial=0: one statistic per activation
         target = xs[1:]
     else:
         imp.unsupported(f"statistics of shape {list(scale.shape)} for an input of shape {list(xs)}")
-    imp.bind(node.output[0], _affine(imp, x, scale.reshape(target).astype(np.float32),
-                                     shift.reshape(target).astype(np.float32), node.output[0]))
+    imp.bind(node.output[0], _affine(imp, x, scale.map(lambda t: t.reshape(target)),
+                                     shift.map(lambda t: t.reshape(target)), node.output[0]))
 
 
 def _avg_conv(imp, node, x: str, kernel, stride, padding, dilation) -> str:
     """Average pooling as a depthwise conv2d with weights 1 / (kh * kw)."""
     c = imp.shape(x)[-3]
-    w = np.full((c, 1) + tuple(kernel), 1.0 / math.prod(kernel), dtype=np.float32)
+    w = Enclosed.exact(torch.full((c, 1) + tuple(kernel), float(math.prod(kernel)))).reciprocal()
     return imp.emit("conv2d", [x, imp.tensor(w, "avg_weight", "param")],
                     {"stride": tuple(stride), "padding": tuple(padding), "dilation": tuple(dilation),
                      "groups": c}, out=node.output[0])

@@ -51,6 +51,7 @@ import torch
 import torch.fx
 
 from boundflow.domains.concrete import infer_shape
+from boundflow.domains.rounding import Enclosed
 from boundflow.errors import ModelLoadError, ShapeError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node, TensorType, Value
 
@@ -68,6 +69,7 @@ class _Const:
 
     data: Any  # usually a tensor; a tuple for folded multi-output ops
     roots: frozenset[str]  # module tensors (params/buffers/lifted constants) it was computed from
+    err: Any = None  # for a computed float tensor: a bound on its distance to the exact value
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,10 @@ def _source_location(fx: torch.fx.Node) -> str:
 
 
 def _as_data(t: torch.Tensor) -> torch.Tensor:
-    """Graph constants are detached, contiguous float32 CPU copies, never aliases of the module."""
-    return t.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+    """Graph constants are detached, contiguous CPU copies (float64 stays float64, other floats
+    become float32), never aliases of the module."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
 
 
 def _op_name(target: Any) -> str:
@@ -157,20 +161,21 @@ class _Lowering:
             name, k = f"{fx.name}_{suffix}_{k}", k + 1
         return name
 
-    def tensor_value(self, data: torch.Tensor, roots: frozenset[str], fx: torch.fx.Node,
+    def tensor_value(self, data: torch.Tensor | Enclosed, roots: frozenset[str], fx: torch.fx.Node,
                      role: str) -> str:
-        """Materialise a constant tensor as a param/const Value; reuse module tensors' names."""
-        data = data.detach()
+        """Materialise a constant tensor (exact, or an Enclosed computed one) as a param/const
+        Value; reuse module tensors' names."""
+        data, err = data.stored() if isinstance(data, Enclosed) else (data.detach(), None)
         # A folded tensor identical to a module tensor it was computed from (W.t().t(), ...)
         # is that tensor: keep its name so the graph reads like the module.
-        for root in sorted(roots):
+        for root in sorted(roots) if err is None else ():
             src = self.module_tensors[root]
             if src.shape == data.shape and src.dtype.is_floating_point and \
                     torch.equal(_as_data(src), _as_data(data)):
                 return self._module_value(root)
         name = self.helper_name(fx, role)
         kind = "param" if roots else "const"
-        self.graph.values[name] = Value(name, TensorType(tuple(data.shape)), kind, _as_data(data))
+        self.graph.values[name] = Value(name, TensorType(tuple(data.shape)), kind, _as_data(data), err)
         return name
 
     def _module_value(self, state_name: str) -> str:
@@ -233,16 +238,17 @@ class _Lowering:
                                        "but it depends on the network input")
         return e
 
-    def const_tensor(self, arg: Any, fx: torch.fx.Node, what: str) -> tuple[torch.Tensor, frozenset[str]]:
+    def const_tensor(self, arg: Any, fx: torch.fx.Node, what: str) -> tuple[Enclosed, frozenset[str]]:
+        """A constant argument in float64 with its error bound (zero unless computed)."""
         c = self.const(arg, fx, what)
         data = c.data
         if isinstance(data, (bool, int, float)):
-            data = torch.tensor(float(data))
+            data = torch.tensor(float(data), dtype=torch.float64)
         if not isinstance(data, torch.Tensor):
             raise self.unsupported(fx, f"{what} must be a tensor or number, got {type(data).__name__}")
-        # float64 stays float64 until rounded once into a graph constant
-        dtype = torch.float64 if data.dtype == torch.float64 else torch.float32
-        return data.detach().to("cpu", dtype), c.roots
+        value = data.detach().to("cpu", torch.float64)
+        err = torch.zeros_like(value) if c.err is None else c.err.to(torch.float64)
+        return Enclosed(value, err), c.roots
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.graph.shape(name)
@@ -280,8 +286,8 @@ class _Lowering:
                out: str | None = None) -> str:
         """y = x * scale + shift with constants that broadcast to x without enlarging it."""
         xshape = self.shape(x)
-        scale = torch.as_tensor(scale, dtype=torch.float32) if not isinstance(scale, torch.Tensor) else scale
-        shift = torch.as_tensor(shift, dtype=torch.float32) if not isinstance(shift, torch.Tensor) else shift
+        scale, shift = (c if isinstance(c, Enclosed) else Enclosed.exact(torch.as_tensor(c, dtype=torch.float64))
+                        for c in (scale, shift))
         for c in (scale, shift):
             try:
                 ok = tuple(torch.broadcast_shapes(xshape, tuple(c.shape))) == xshape
@@ -292,18 +298,18 @@ class _Lowering:
                                            f"variable of shape {list(xshape)} to a larger shape")
         # Drop leading singleton axes beyond x's rank: the runtime prepends the region axis,
         # so a constant may not have more axes than the per-region shape.
-        scale = scale.reshape(tuple(scale.shape[max(0, scale.dim() - len(xshape)):]))
-        shift = shift.reshape(tuple(shift.shape[max(0, shift.dim() - len(xshape)):]))
+        scale, shift = (c.map(lambda t: t.reshape(tuple(t.shape[max(0, t.dim() - len(xshape)):])))
+                        for c in (scale, shift))
         s_name = self.tensor_value(scale, scale_roots, fx, "scale")
         b_name = self.tensor_value(shift, shift_roots, fx, "shift")
         return self.emit("affine", [x, s_name, b_name], {}, fx,
                          out=out or self.helper_name(fx, "affine"))
 
-    def linear(self, x: str, w: torch.Tensor, b: torch.Tensor | None, roots: frozenset[str],
+    def linear(self, x: str, w: Enclosed, b: Enclosed | None, roots: frozenset[str],
                fx: torch.fx.Node, out: str) -> str:
-        inputs = [x, self.tensor_value(w.contiguous(), roots, fx, "weight")]
+        inputs = [x, self.tensor_value(w, roots, fx, "weight")]
         if b is not None:
-            inputs.append(self.tensor_value(b.contiguous(), roots, fx, "bias"))
+            inputs.append(self.tensor_value(b, roots, fx, "bias"))
         return self.emit("linear", inputs, {}, fx, out=out)
 
     def swap_last2(self, x: str, fx: torch.fx.Node, out: str | None = None) -> str:
@@ -327,7 +333,7 @@ class _Lowering:
                                        "(only products with constant matrices are linear)")
         out_shape = _meta_shape(fx)
         bias_t, bias_roots = (None, frozenset()) if bias is None else self.const_tensor(bias, fx, "bias")
-        if bias_t is not None:
+        if bias_t is not None and beta != 1.0:
             bias_t = bias_t * beta
         final = fx.name if bias_t is None else self.helper_name(fx, "matmul")
 
@@ -341,19 +347,21 @@ class _Lowering:
             x = self.var(a, fx)
             xs = self.shape(x)
             mat, roots = self.const_tensor(b, fx, "right-hand matrix")
-            if mat.dim() == 1:  # [..., k] @ [k] -> [...]
+            if len(mat.shape) == 1:  # [..., k] @ [k] -> [...]
                 expect(xs[:-1])
-                y = self.linear(x, mat[None, :] * alpha, None, roots, fx, out=self.helper_name(fx, "linear"))
+                y = self.linear(x, _scaled(mat.map(lambda t: t[None, :]), alpha), None, roots, fx,
+                                out=self.helper_name(fx, "linear"))
                 y = self.emit("reshape", [y], {"shape": tuple(xs[:-1])}, fx, out=final)
             else:
-                w = _shared_matrix(mat, self, fx).transpose(0, 1) * alpha  # [out, in]
+                w = _scaled(_shared_matrix(mat, self, fx).map(lambda t: t.transpose(0, 1)), alpha)  # [out, in]
                 expect(xs[:-1] + (w.shape[0],))
                 # A bias that is the same for every row is linear's own bias; otherwise add it after.
                 vec = None
                 if bias_t is not None and out_shape:
-                    full = bias_t.expand(out_shape)
-                    row = full.reshape(-1, out_shape[-1])[0]
-                    if torch.equal(full, row.expand(out_shape)):
+                    full = bias_t.map(lambda t: t.expand(out_shape))
+                    row = full.map(lambda t: t.reshape(-1, out_shape[-1])[0])
+                    if torch.equal(full.value, row.value.expand(out_shape)) and \
+                            torch.equal(full.err, row.err.expand(out_shape)):
                         vec, bias_t = row, None
                         final = fx.name
                 y = self.linear(x, w, vec, roots | bias_roots, fx, out=final)
@@ -361,21 +369,23 @@ class _Lowering:
             x = self.var(b, fx)
             xs = self.shape(x)
             mat, roots = self.const_tensor(a, fx, "left-hand matrix")
+            rank = len(mat.shape)
             if len(xs) == 1:  # C @ v is linear(v, C); a rank-1 C is a dot product
-                w = (mat[None, :] if mat.dim() == 1 else _shared_matrix(mat, self, fx)) * alpha
-                expect(() if mat.dim() == 1 else (w.shape[0],))
-                if mat.dim() == 1:
+                w = _scaled(mat.map(lambda t: t[None, :]) if rank == 1 else _shared_matrix(mat, self, fx), alpha)
+                expect(() if rank == 1 else (w.shape[0],))
+                if rank == 1:
                     y = self.linear(x, w, None, roots, fx, out=self.helper_name(fx, "linear"))
                     y = self.emit("reshape", [y], {"shape": ()}, fx, out=final)
                 else:
                     y = self.linear(x, w, None, roots, fx, out=final)
-            elif mat.dim() == 1:  # [k] @ [..., k, n] -> [..., n]
+            elif rank == 1:  # [k] @ [..., k, n] -> [..., n]
                 expect(xs[:-2] + (xs[-1],))
                 xt = self.swap_last2(x, fx)
-                y = self.linear(xt, mat[None, :] * alpha, None, roots, fx, out=self.helper_name(fx, "linear"))
+                y = self.linear(xt, _scaled(mat.map(lambda t: t[None, :]), alpha), None, roots, fx,
+                                out=self.helper_name(fx, "linear"))
                 y = self.emit("reshape", [y], {"shape": tuple(xs[:-2] + (xs[-1],))}, fx, out=final)
             else:
-                w = _shared_matrix(mat, self, fx) * alpha  # [out, in] already
+                w = _scaled(_shared_matrix(mat, self, fx), alpha)  # [out, in] already
                 expect(xs[:-2] + (w.shape[0], xs[-1]))
                 xt = self.swap_last2(x, fx)
                 yt = self.linear(xt, w, None, roots, fx, out=self.helper_name(fx, "linear"))
@@ -385,16 +395,21 @@ class _Lowering:
         return y
 
 
-def _shared_matrix(mat: torch.Tensor, L: _Lowering, fx: torch.fx.Node) -> torch.Tensor:
+def _shared_matrix(mat: Enclosed, L: _Lowering, fx: torch.fx.Node) -> Enclosed:
     """The single 2-D matrix of a (possibly batched but batch-constant) constant operand."""
-    if mat.dim() == 2:
+    if len(mat.shape) == 2:
         return mat
-    if mat.dim() < 2:
+    if len(mat.shape) < 2:
         raise L.unsupported(fx, "matrix product with a rank-1 constant")
-    flat = mat.reshape(-1, *mat.shape[-2:])
-    if not torch.equal(flat, flat[:1].expand_as(flat)):
+    flat = mat.map(lambda t: t.reshape(-1, *t.shape[-2:]))
+    if not torch.equal(flat.value, flat.value[:1].expand_as(flat.value)):
         raise L.unsupported(fx, "batched product with a different constant matrix per batch entry")
-    return flat[0]
+    return Enclosed(flat.value[0], flat.err.amax(0))
+
+
+def _scaled(c: Enclosed, k: float) -> Enclosed:
+    """k * c, with no rounding when k is 1."""
+    return c if k == 1.0 else c * k
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +491,7 @@ def _clamp_scalars(L: _Lowering, fx: torch.fx.Node, x: str, lo: float | None, hi
         if hi is None:
             return t if lo == 0 else L.affine(t, 1.0, lo, fx, out=fx.name)
         # t = max(x, a) - a;  min(t + a, b) = b - relu(b - a - t)
-        u = L.affine(t, -1.0, hi - lo, fx)
+        u = L.affine(t, -1.0, Enclosed.exact(torch.tensor(hi, dtype=torch.float64)) - lo, fx)
     else:
         u = L.affine(x, -1.0, hi, fx)
     r = L.emit("relu", [u], {}, fx, out=L.helper_name(fx, "relu"))
@@ -526,7 +541,7 @@ def _add_sub(L: _Lowering, fx: torch.fx.Node, sign: float) -> str:
         return L.emit("add", [x, y], {}, fx)
     if L.is_var(a):
         c, roots = L.const_tensor(b, fx, "operand")
-        return L.affine(L.var(a, fx), 1.0, c * k, fx, shift_roots=roots, out=fx.name)
+        return L.affine(L.var(a, fx), 1.0, _scaled(c, k), fx, shift_roots=roots, out=fx.name)
     c, roots = L.const_tensor(a, fx, "operand")
     return L.affine(L.var(b, fx), k, c, fx, shift_roots=roots, out=fx.name)
 
@@ -563,7 +578,11 @@ def _div(L: _Lowering, fx: torch.fx.Node) -> str:
     if L.is_var(b):
         raise L.unsupported(fx, "division by a tensor that depends on the input")
     c, roots = L.const_tensor(b, fx, "divisor")
-    return L.affine(L.var(a, fx), 1.0 / c, 0.0, fx, scale_roots=roots, out=fx.name)
+    try:
+        scale = c.reciprocal()
+    except ValueError:
+        raise L.unsupported(fx, "division by a constant that is (or may be) zero") from None
+    return L.affine(L.var(a, fx), scale, 0.0, fx, scale_roots=roots, out=fx.name)
 
 
 def _neg(L: _Lowering, fx: torch.fx.Node) -> str:
@@ -578,8 +597,8 @@ def _mm(L: _Lowering, fx: torch.fx.Node) -> str:
 def _linear(L: _Lowering, fx: torch.fx.Node) -> str:
     x = L.var(fx.args[0], fx)
     w, w_roots = L.const_tensor(fx.args[1], fx, "linear weight")
-    if w.dim() != 2:
-        raise L.unsupported(fx, f"linear weight of rank {w.dim()}")
+    if len(w.shape) != 2:
+        raise L.unsupported(fx, f"linear weight of rank {len(w.shape)}")
     bias = _arg(fx, 2, "bias")
     b, b_roots = (None, frozenset()) if bias is None else L.const_tensor(bias, fx, "linear bias")
     return L.linear(x, w, b, w_roots | b_roots, fx, out=fx.name)
@@ -600,8 +619,8 @@ def _convolution(L: _Lowering, fx: torch.fx.Node) -> str:
     # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     x, extra = L.var_and_pad(fx.args[0], fx)
     w, w_roots = L.const_tensor(fx.args[1], fx, "convolution weight")
-    if w.dim() != 4:
-        raise L.unsupported(fx, f"only 2-D convolutions are supported (weight has rank {w.dim()})")
+    if len(w.shape) != 4:
+        raise L.unsupported(fx, f"only 2-D convolutions are supported (weight has rank {len(w.shape)})")
     if bool(fx.args[6]):
         raise L.unsupported(fx, "transposed convolution")
     stride, (ph, pw), dilation = _pair(fx.args[3]), _pair(fx.args[4]), _pair(fx.args[5])
@@ -649,9 +668,9 @@ def _avg_pool2d(L: _Lowering, fx: torch.fx.Node) -> str:
     if len(shape) < 3:
         raise L.unsupported(fx, "avg_pool2d needs a [..., C, H, W] input")
     channels = shape[-3]
-    w = torch.full((channels, 1, kh, kw), 1.0 / (divisor if divisor else kh * kw))
-    wname = L.helper_name(fx, "weight")
-    L.graph.values[wname] = Value(wname, TensorType(tuple(w.shape)), "const", w)
+    count = float(divisor if divisor else kh * kw)
+    w = Enclosed.exact(torch.full((channels, 1, kh, kw), count, dtype=torch.float64)).reciprocal()
+    wname = L.tensor_value(w, frozenset(), fx, "weight")
     pads = (ph + extra[0], pw + extra[1], ph + extra[2], pw + extra[3])
     out = L.emit("conv2d", [x, wname], {"stride": stride, "padding": pads, "dilation": (1, 1),
                                         "groups": channels}, fx)
@@ -668,22 +687,24 @@ def _batch_norm_eval(L: _Lowering, fx: torch.fx.Node) -> tuple:
     var, r2 = L.const_tensor(fx.args[4], fx, "running var")
     eps = float(fx.args[6])
     roots = r1 | r2
-    gamma = torch.ones_like(mean)
-    beta = torch.zeros_like(mean)
+    gamma = Enclosed.exact(torch.ones_like(mean.value))
+    beta = Enclosed.exact(torch.zeros_like(mean.value))
     if fx.args[1] is not None:
         gamma, r = L.const_tensor(fx.args[1], fx, "weight")
         roots |= r
     if fx.args[2] is not None:
         beta, r = L.const_tensor(fx.args[2], fx, "bias")
         roots |= r
-    # Fold in float64, round once to float32.
-    scale = gamma.double() / torch.sqrt(var.double() + eps)
-    shift = beta.double() - mean.double() * scale
+    try:
+        scale = gamma * (var + eps).sqrt().reciprocal()
+    except ValueError as e:
+        raise L.unsupported(fx, f"batch norm whose variance plus eps is (or may be) zero or negative ({e})") from e
+    shift = beta - mean * scale
     ndim = len(L.shape(x))
     if ndim < 2:
         raise L.unsupported(fx, "batch norm of a rank < 2 tensor")
-    bshape = (scale.numel(),) + (1,) * (ndim - 2)  # channel axis is per-region axis 1
-    y = L.affine(x, scale.float().reshape(bshape), shift.float().reshape(bshape), fx,
+    bshape = (scale.value.numel(),) + (1,) * (ndim - 2)  # channel axis is per-region axis 1
+    y = L.affine(x, scale.map(lambda t: t.reshape(bshape)), shift.map(lambda t: t.reshape(bshape)), fx,
                  scale_roots=roots, shift_roots=roots, out=fx.name)
     return (y, None, None)  # (output, save_mean, save_invstd): only the output is meaningful
 
@@ -863,8 +884,32 @@ def load_torch(module: torch.nn.Module, example_input: torch.Tensor) -> Graph:
     return L.graph
 
 
+# aten ops that fold constants exactly (they rearrange, select or copy): applied to the error
+# bounds of their inputs, they give the error bound of their output
+_EXACT_FOLDS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.t.default,
+    aten.transpose.int, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.clone.default, aten.alias.default, aten.detach.default, aten.slice.Tensor,
+    aten.select.int, aten.cat.default, aten.lift_fresh_copy.default, aten.index_select.default,
+}
+# float arithmetic on constants, folded on enclosures (domains/rounding.py)
+_ENCLOSED_FOLDS = {
+    aten.add.Tensor: lambda a, b, alpha=1: a + (b if alpha == 1 else b * float(alpha)),
+    aten.sub.Tensor: lambda a, b, alpha=1: a - (b if alpha == 1 else b * float(alpha)),
+    aten.mul.Tensor: lambda a, b: a * b,
+    aten.div.Tensor: lambda a, b: a * Enclosed.lift(b).reciprocal(),
+    aten.neg.default: lambda a: -a,
+    aten.sqrt.default: lambda a: a.sqrt(),
+    aten.rsqrt.default: lambda a: a.sqrt().reciprocal(),
+    aten.reciprocal.default: lambda a: a.reciprocal(),
+}
+
+
 def _fold(L: _Lowering, fx: torch.fx.Node, deps: list[_Const]) -> _Const:
-    """Evaluate an op whose inputs are all constants by running the op itself."""
+    """Evaluate an op whose inputs are all constants by running the op itself; a float result
+    also gets an error bound (domains/rounding.py): arithmetic is redone on enclosures, exact
+    rearrangements move their inputs' errors, and any other op's result is marked unbounded
+    (err = inf), which sound_fp plans refuse."""
     roots = frozenset().union(*(d.roots for d in deps)) if deps else frozenset()
     args, kwargs = torch.fx.node.map_arg((fx.args, fx.kwargs), lambda n: L.env[n.name].data)
     try:
@@ -872,7 +917,25 @@ def _fold(L: _Lowering, fx: torch.fx.Node, deps: list[_Const]) -> _Const:
             value = fx.target(*args, **kwargs)
     except Exception as e:
         raise L.unsupported(fx, f"could not fold constant expression: {e}") from e
-    return _Const(value, roots)
+    if not (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
+        return _Const(value, roots)
+    inexact = any(d.err is not None for d in deps)
+    if fx.target in _ENCLOSED_FOLDS:
+        def enclosed(n):
+            c = L.env[n.name]
+            return Enclosed(c.data.double(), torch.zeros_like(c.data, dtype=torch.float64) if c.err is None else c.err)
+        eargs, ekwargs = torch.fx.node.map_arg((fx.args, fx.kwargs), enclosed)
+        y = _ENCLOSED_FOLDS[fx.target](*eargs, **ekwargs)
+        return _Const(y.value, roots, y.err.expand_as(y.value))
+    if fx.target in _EXACT_FOLDS or (fx.target == aten._to_copy.default and value.dtype == torch.float64):
+        if not inexact:
+            return _Const(value, roots)
+        errs, ekwargs = torch.fx.node.map_arg(
+            (fx.args, fx.kwargs), lambda n: L.env[n.name].err if L.env[n.name].err is not None
+            else torch.zeros_like(L.env[n.name].data, dtype=torch.float64))
+        with torch.no_grad():
+            return _Const(value, roots, fx.target(*errs, **ekwargs).to(torch.float64))
+    return _Const(value, roots, torch.full(value.shape, torch.inf, dtype=torch.float64))
 
 
 def _check_shape(L: _Lowering, fx: torch.fx.Node, result: _Entry) -> None:

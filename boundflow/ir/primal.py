@@ -46,6 +46,9 @@ class Value:
     type: TensorType
     kind: str = "intermediate"
     data: torch.Tensor | None = None  # set for param / const
+    # for a constant derived at import or by simplification (1 / std, a folded BatchNorm): a
+    # bound on |exact value - data| (domains/rounding.py); None when data is exact
+    err: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.kind not in VALUE_KINDS:
@@ -99,6 +102,14 @@ class Graph:
         if v.data is None:
             raise KeyError(f"value {name!r} has no constant data")
         return v.data
+
+    def enclosed(self, name: str):
+        """The constant `name` as float64 with its error bound (domains.rounding.Enclosed)."""
+        from boundflow.domains.rounding import Enclosed
+
+        data = self.data(name).to(torch.float64)
+        err = self.values[name].err
+        return Enclosed(data, torch.zeros_like(data) if err is None else err.to(torch.float64))
 
     def copy(self) -> "Graph":
         return Graph(dict(self.values), [Node(n.op, list(n.inputs), list(n.outputs), dict(n.attrs), n.name)

@@ -181,12 +181,13 @@ def fold_transpose_into_linear(graph: Graph) -> Graph | None:
             continue
         t, reshape = match
         x, perm = t.inputs[0], tuple(t.attrs["perm"])
-        w = graph.data(lin.inputs[1])
+        w = graph.enclosed(lin.inputs[1])
         block = flattened_block(graph.shape(x), perm, w.shape[1])
         if block is None:
             continue
         g = graph.copy()
-        w_new = _add_tensor(g, lin.inputs[1], w[:, column_order(graph.shape(x), *block)].clone(), "param", "_permuted")
+        columns = column_order(graph.shape(x), *block)
+        w_new = _add_tensor(g, lin.inputs[1], w.map(lambda t: t[:, columns].clone()), "param", "_permuted")
         hint = dict(lin.attrs.get(HINT) or {"folded": True, "into": "weight columns", "transposes": []})
         hint["transposes"] = hint["transposes"] + [list(perm)]
         g.nodes[graph.nodes.index(reshape)] = Node("reshape", [x], list(reshape.outputs), dict(reshape.attrs),

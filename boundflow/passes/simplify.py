@@ -15,14 +15,21 @@ instead of editing them.
   remove_dead_nodes              nodes and values nothing reads
 
 Linear-linear chains are deliberately not merged: that changes IBP bounds.
+
+Folded constants are computed in float64 on enclosures (domains/rounding.py): each keeps a
+rigorous bound on its distance to the exact value (`Value.err`), so that floating-point-sound
+bounds (sound_fp) of the simplified graph hold for the model as written.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Callable
 
 import torch
 
 from boundflow.domains.concrete import apply, infer_shape
+from boundflow.domains.rounding import Enclosed, gamma
 from boundflow.ir.primal import Graph, Node, TensorType, Value
 
 # Ops whose every input carries the region axis at run time; the others only their first input.
@@ -43,9 +50,10 @@ def _fresh(graph: Graph, base: str) -> str:
     return name
 
 
-def _add_tensor(graph: Graph, base: str, data: torch.Tensor, kind: str = "param", tag: str = "_folded") -> str:
+def _add_tensor(graph: Graph, base: str, enc: Enclosed, kind: str = "param", tag: str = "_folded") -> str:
     name = _fresh(graph, base.replace(tag, "") + tag)  # not "w_folded_folded"
-    graph.values[name] = Value(name, TensorType(tuple(data.shape)), kind, data)
+    data, err = enc.stored()
+    graph.values[name] = Value(name, TensorType(tuple(data.shape)), kind, data, err)
     return name
 
 
@@ -57,12 +65,14 @@ def _sole_consumer(graph: Graph, consumers: dict[str, list[Node]], name: str) ->
     return users[0]
 
 
-def _along_axis(t: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor | None:
-    """If `t`, broadcast to `shape`, varies only along `axis`, its values along that axis."""
-    if t.dim() > len(shape) or len(shape) == 0:
+def _along_axis(t: Enclosed, shape: tuple[int, ...], axis: int) -> Enclosed | None:
+    """If `t`, broadcast to `shape`, varies only along `axis`, its values along that axis (with
+    the largest error bound along the other axes)."""
+    if t.value.dim() > len(shape) or len(shape) == 0:
         return None
     try:
-        full = t.expand(shape)
+        full = t.value.expand(shape)
+        err = t.err.expand(shape)
     except RuntimeError:  # t would broadcast `shape` to something larger
         return None
     ax = axis % len(shape)
@@ -72,17 +82,18 @@ def _along_axis(t: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Ten
     view[ax] = shape[ax]
     if not torch.equal(full, vec.reshape(view).expand(shape)):
         return None
-    return vec.clone()
+    others = tuple(i for i in range(len(shape)) if i != ax)
+    return Enclosed(vec.clone(), err.amax(dim=others) if others else err.clone())
 
 
-def _bias(graph: Graph, node: Node, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    return graph.data(node.inputs[2]) if len(node.inputs) > 2 else torch.zeros(n_out, dtype=like.dtype)
+def _bias(graph: Graph, node: Node, n_out: int) -> Enclosed:
+    return graph.enclosed(node.inputs[2]) if len(node.inputs) > 2 else Enclosed.exact(torch.zeros(n_out))
 
 
-def _affine_constants(graph: Graph, node: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _affine_constants(graph: Graph, node: Node) -> tuple[Enclosed, Enclosed] | None:
     if not all(_is_constant(graph, i) for i in node.inputs[1:]):
         return None
-    return graph.data(node.inputs[1]), graph.data(node.inputs[2])
+    return graph.enclosed(node.inputs[1]), graph.enclosed(node.inputs[2])
 
 
 def _signature(graph: Graph) -> tuple:
@@ -107,16 +118,46 @@ def fold_constants(graph: Graph) -> Graph:
         if node.outputs[0] in g.outputs or not all(_is_constant(g, i) for i in node.inputs):
             kept.append(node)
             continue
-        args = [g.data(i).unsqueeze(0) if k == 0 or node.op in _ALL_REGION_INPUTS else g.data(i)
-                for k, i in enumerate(node.inputs)]
-        out = apply(node, args)[0]  # drop the region axis of size 1
+        args = [g.enclosed(i).map(lambda t: t.unsqueeze(0)) if k == 0 or node.op in _ALL_REGION_INPUTS
+                else g.enclosed(i) for k, i in enumerate(node.inputs)]
+        out = _enclosed_apply(node, args).map(lambda t: t[0])  # drop the region axis of size 1
+        data, err = out.stored()
         name = node.outputs[0]
-        g.values[name] = Value(name, TensorType(tuple(out.shape), layout=g.values[name].type.layout), "const", out)
+        g.values[name] = Value(name, TensorType(tuple(data.shape), layout=g.values[name].type.layout), "const",
+                               data, err)
         folded = True
     g.nodes = kept
     if folded:
         _refresh_shapes(g)
     return g
+
+
+def _enclosed_apply(node: Node, args: list[Enclosed]) -> Enclosed:
+    """A primal op on constants, in float64 with an error bound. linear / conv2d: the error of
+    the inputs through |W| and |x|, plus gamma(n) |W| |x| for the sums; ops that only move
+    values move their errors (a ReLU is 1-Lipschitz, so its error passes unchanged)."""
+    x = args[0]
+    if node.op == "linear":
+        y = x.matmul(args[1].map(lambda t: t.T))
+        return y + args[2] if len(args) > 2 else y
+    if node.op == "affine":
+        return x * args[1] + args[2]
+    if node.op == "add":
+        return x + args[1]
+    if node.op == "conv2d":
+        w = args[1]
+        b = args[2].value if len(args) > 2 else None
+        conv = lambda a, k, bias=None: apply(node, [a, k, bias])   # noqa: E731
+        xv, wv = x.value.abs(), w.value.abs()
+        xe, we = x.err.expand_as(x.value), w.err.expand_as(w.value)
+        n = math.prod(w.value.shape[1:]) + 1
+        err = conv(xe, wv) + conv(xv, we) + conv(xe, we) + gamma(n) * conv(xv, wv)
+        if len(args) > 2:
+            err = err + args[2].err.expand_as(args[2].value).reshape(-1, 1, 1) + gamma(n) * args[2].value.abs().reshape(-1, 1, 1)
+        return Enclosed.rounded(conv(x.value, w.value, b), err)
+    values = apply(node, [a.value for a in args])
+    errs = apply(node, [a.err.expand_as(a.value) for a in args])
+    return Enclosed(values, errs)
 
 
 def _refresh_shapes(g: Graph) -> None:
@@ -127,7 +168,7 @@ def _refresh_shapes(g: Graph) -> None:
         shape = tuple(infer_shape(g, node))
         v = g.values[node.outputs[0]]
         if shape != v.type.shape:
-            g.values[v.name] = Value(v.name, TensorType(shape, v.type.dtype, v.type.layout), v.kind, v.data)
+            g.values[v.name] = dataclasses.replace(v, type=TensorType(shape, v.type.dtype, v.type.layout))
 
 
 def remove_identity_reshapes(graph: Graph) -> Graph:
@@ -174,10 +215,10 @@ def fold_affine_into_linear(graph: Graph) -> Graph:
         t = _along_axis(consts[1], g.shape(x), axis)
         if s is None or t is None:
             continue
-        w = g.data(p.inputs[1])
-        b = _bias(g, p, w.shape[0], w)
-        new_w = w * s.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
-        new_b = b * s.to(b.dtype) + t.to(b.dtype)
+        w = g.enclosed(p.inputs[1])
+        b = _bias(g, p, w.shape[0])
+        new_w = w * s.map(lambda v: v.reshape((-1,) + (1,) * (len(w.shape) - 1)))
+        new_b = b * s + t
         bias_base = p.inputs[2] if len(p.inputs) > 2 else f"{node.outputs[0]}.bias"
         p.inputs = [p.inputs[0], _add_tensor(g, f"{p.inputs[1]}_folded", new_w),
                     _add_tensor(g, f"{bias_base}_folded", new_b)]
@@ -194,10 +235,10 @@ def _fold_into_linear(g: Graph, lin: Node, s_view: torch.Tensor, t_view: torch.T
     s, t = _along_axis(s_view, shape, -1), _along_axis(t_view, shape, -1)
     if s is None or t is None:
         return False
-    w = g.data(lin.inputs[1])
-    b = _bias(g, lin, w.shape[0], w)
-    new_w = w * s.to(w.dtype)[None, :]
-    new_b = b + w @ t.to(w.dtype)
+    w = g.enclosed(lin.inputs[1])
+    b = _bias(g, lin, w.shape[0])
+    new_w = w * s.map(lambda v: v[None, :])
+    new_b = b + w.matmul(t)
     lin.inputs[1:] = [_add_tensor(g, f"{lin.inputs[1]}_folded", new_w),
                       _add_tensor(g, f"{lin.outputs[0]}.bias_folded", new_b)]
     return True
@@ -212,15 +253,15 @@ def _fold_into_conv(g: Graph, conv: Node, s_view: torch.Tensor, t_view: torch.Te
     s, t = _along_axis(s_view, shape, -3), _along_axis(t_view, shape, -3)
     if s is None or t is None:
         return False
-    w = g.data(conv.inputs[1])  # [co, ci/g, kh, kw]
+    w = g.enclosed(conv.inputs[1])  # [co, ci/g, kh, kw]
     co, ci_g = w.shape[0], w.shape[1]
     groups = conv.attrs["groups"]
     # input channel feeding weight[o, j]: group(o) * ci_g + j
     channel = (torch.arange(co)[:, None] // (co // groups)) * ci_g + torch.arange(ci_g)[None, :]
-    s_mat = s.to(w.dtype)[channel][:, :, None, None]
-    t_mat = t.to(w.dtype)[channel][:, :, None, None]
-    b = _bias(g, conv, co, w)
-    new_b = b + (w * t_mat).sum(dim=(1, 2, 3))
+    s_mat = s.map(lambda v: v[channel][:, :, None, None])
+    t_mat = t.map(lambda v: v[channel][:, :, None, None])
+    b = _bias(g, conv, co)
+    new_b = b + (w * t_mat).sum((1, 2, 3))
     conv.inputs[1:] = [_add_tensor(g, f"{conv.inputs[1]}_folded", w * s_mat),
                        _add_tensor(g, f"{conv.outputs[0]}.bias_folded", new_b)]
     return True
@@ -249,7 +290,7 @@ def fold_affine_into_next_linear(graph: Graph) -> Graph:
         if g.shape(y) != x_shape:  # the constants broadcast x to a larger shape
             continue
         try:
-            s_full, t_full = (c.expand(x_shape) for c in consts)
+            s_full, t_full = (c.map(lambda v: v.expand(x_shape)) for c in consts)
         except RuntimeError:
             continue
         reshape = None
@@ -262,7 +303,7 @@ def fold_affine_into_next_linear(graph: Graph) -> Graph:
         if nxt.inputs[0] != (reshape.outputs[0] if reshape else y):
             continue
         in_shape = g.shape(nxt.inputs[0])
-        s_view, t_view = s_full.reshape(in_shape), t_full.reshape(in_shape)
+        s_view, t_view = (c.map(lambda v: v.reshape(in_shape)) for c in (s_full, t_full))
         fold = _fold_into_linear if nxt.op == "linear" else _fold_into_conv
         if not fold(g, nxt, s_view, t_view):
             continue

@@ -38,6 +38,9 @@ class PlannerConfig:
     export_intermediate: bool = False
     # prove the storage plan safe (no live buffers sharing bytes) before returning it
     verify: bool = True
+    # bounds sound in floating point, not only in real arithmetic: float64 buffers, every op's
+    # rounding error (and its constants' error bounds) added outward (domains/fp.py); no patches
+    sound_fp: bool = False
 
     def __post_init__(self):
         if self.crown_interm not in CROWN_INTERM_MODES:

@@ -18,6 +18,12 @@
 
 With config.export_intermediate, the final interval of every ReLU input is also an output,
 "interm:<relu input>" (the starting point of ReLU branch and bound).
+
+With config.sound_fp the plan computes in float64 and is sound in floating point: after each
+rounding op's interval rule an "fp.<op>" op widens the interval by the op's error vector
+(domains/fp.py), every backward rule through it reads that vector and widens its bias, fan-in
+sums and the final concretization add their own rounding, and everything is rounded outward.
+beta-crown then also runs the interval pass (the error vectors need every value's magnitude).
 """
 from __future__ import annotations
 
@@ -26,10 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from boundflow.domains import interval, linear
+from boundflow.domains import fp, interval, linear
 from boundflow.errors import ShapeError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node
-from boundflow.ir.task import BufferSpec, TaskOp
+from boundflow.ir.task import TORCH_DTYPES, BufferSpec, TaskOp
 from boundflow.planner.config import PlannerConfig
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
@@ -52,21 +58,23 @@ class Lowered:
 
 
 class _Emitter:
-    def __init__(self, batch: int):
+    def __init__(self, batch: int, dtype: str):
         self.batch = batch
+        self.dtype = dtype                  # of every float buffer and parameter
         self.out = Lowered()
         self.phase = "forward"
 
-    def buffer(self, name, shape, dtype="float32", dynamic_axis=None, role="state", layout=None) -> int:
+    def buffer(self, name, shape, dtype=None, dynamic_axis=None, role="state", layout=None) -> int:
         bid = len(self.out.buffers)
-        self.out.buffers[bid] = BufferSpec(bid, name, tuple(int(d) for d in shape), dtype, layout, role, dynamic_axis)
+        self.out.buffers[bid] = BufferSpec(bid, name, tuple(int(d) for d in shape), dtype or self.dtype, layout,
+                                           role, dynamic_axis)
         return bid
 
     def param(self, name: str, tensor: torch.Tensor | None) -> str | None:
         if tensor is None:
             return None
         if name not in self.out.params:
-            self.out.params[name] = tensor.detach().to(torch.float32).contiguous()
+            self.out.params[name] = tensor.detach().to(TORCH_DTYPES[self.dtype]).contiguous()
         return name
 
     def emit(self, op, inputs, outputs, params=(), attrs=None, source="", layout=None):
@@ -121,17 +129,18 @@ def _linear_params(em: _Emitter, node: Node, graph: Graph) -> list[str]:
     return []
 
 
-def _dense_conv(node: Node, graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_conv(node: Node, graph: Graph, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The conv as a matrix [out numel, in numel] and its bias per output element, by running
-    the conv's own backward rule on the identity (one source of truth for its semantics)."""
+    the conv's own backward rule on the identity (one source of truth for its semantics; each
+    entry is one weight, exactly)."""
     out_shape, in_shape = graph.shape(node.outputs[0]), graph.shape(node.inputs[0])
     n_out = graph.values[node.outputs[0]].type.numel
-    ps = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
+    ps = [graph.data(i).to(dtype) for i in node.inputs if not graph.is_variable(i)]
     w, b = ps[0], ps[1] if len(ps) > 1 else None
-    eye = torch.eye(n_out).reshape((1, n_out) + tuple(out_shape))
-    rows, _ = linear.RULES["conv2d"]([eye, torch.zeros(1, n_out)], [w, None],
+    eye = torch.eye(n_out, dtype=dtype).reshape((1, n_out) + tuple(out_shape))
+    rows, _ = linear.RULES["conv2d"]([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None],
                                      dict(node.attrs, in_shape=list(in_shape)))
-    bias = torch.zeros(out_shape) if b is None else b.reshape(-1, 1, 1).expand(out_shape[-3:]).reshape(out_shape)
+    bias = torch.zeros(out_shape, dtype=dtype) if b is None else b.reshape(-1, 1, 1).expand(out_shape[-3:]).reshape(out_shape)
     return rows.reshape(n_out, -1), bias.reshape(-1)
 
 
@@ -142,10 +151,13 @@ class _Lowering:
         if len(graph.outputs) != 1:
             raise UnsupportedOpError(f"model {graph.name!r} has {len(graph.outputs)} outputs; bounds need exactly one")
         self.g, self.method, self.B, self.S, self.cfg = graph, method, batch, spec_rows, config
-        self.em = _Emitter(batch)
+        self.sound = config.sound_fp
+        self.em = _Emitter(batch, "float64" if self.sound else "float32")
         self.producer = graph.producer()
         self.bounds: dict[str, int] = {}       # value -> its interval buffer, stack(lower, upper)
         self.relax: dict[str, int] = {}        # relu input value -> stack(up slope, up bias, lo slope)
+        self.errors: dict[str, int] = {}       # sound_fp: op output -> the op's error vector (domains/fp.py)
+        self.patches = config.patches
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, v):
@@ -186,15 +198,27 @@ class _Lowering:
 
     def run_split(self, relu_inputs: set[str]) -> Lowered:
         """beta-crown: the ReLU relaxations from the given intermediate bounds, then one
-        backward pass for the output."""
+        backward pass for the output. A sound_fp plan first runs the interval pass (with the
+        given bounds at the ReLU inputs) for the ops' error vectors."""
         em = self.em
+        given = {}
         for node in self.g.nodes:
+            v = node.inputs[0] if node.op == "relu" else None
+            if v is None or v in given:
+                continue
+            role = f"interm:{v}"
+            em.out.inputs[role] = given[v] = em.buffer(
+                role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
+        for node in self.g.nodes:
+            if self.sound:
+                self.forward(node)
+                if node.outputs[0] in given:
+                    self.bounds[node.outputs[0]] = given[node.outputs[0]]
+                continue
             v = node.inputs[0] if node.op == "relu" else None
             if v is None or v in self.relax:
                 continue
-            role = f"interm:{v}"
-            em.out.inputs[role] = self.bounds[v] = em.buffer(
-                role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
+            self.bounds[v] = given[v]
             self.relax[v] = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
             em.emit("relu.relax", [self.bounds[v]], [self.relax[v]], source=node.name)
         em.phase = "output"
@@ -208,8 +232,9 @@ class _Lowering:
         self.em.out.buffers[bid] = BufferSpec(spec.id, spec.name, spec.shape, spec.dtype, spec.layout, "output")
 
     def _ibp_spec_fold(self) -> Node | None:
-        """For IBP with C and a last linear op over a flat input, fold C into that op."""
-        if self.method != "ibp" or self.S is None:
+        """For IBP with C and a last linear op over a flat input, fold C into that op (not in a
+        sound_fp plan: C W would need an error term of its own)."""
+        if self.method != "ibp" or self.S is None or self.sound:
             return None
         node = self.producer.get(self.g.outputs[0])
         if node is None or node.op != "linear" or not _unit_lead(self.shape(node.inputs[0])):
@@ -220,17 +245,29 @@ class _Lowering:
 
     def forward(self, node: Node):
         em = self.em
+        y = node.outputs[0]
         if node.op == "relu" and self.method in _LINEAR:
             v = node.inputs[0]
             relax = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
             em.emit("relu.relax", [self.bounds[v]], [relax], source=node.name)
             self.relax[v] = relax
+            if self.sound:
+                self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
+                em.emit("fp.relu", [self.bounds[v], relax], [self.errors[y]],
+                        attrs={"n": fp.relu_length(self.g, node)}, source=node.name)
         ins = [self.bounds[i] for i in node.inputs if self.g.is_variable(i)]
-        ps = [em.param(f"{node.outputs[0]}.ibp{k}", t) for k, t in enumerate(interval.prepare_params(self.g, node))]
-        out = self.interval_buffer(node.outputs[0])
+        ps = [em.param(f"{y}.ibp{k}", t) for k, t in enumerate(interval.prepare_params(self.g, node))]
+        out = self.interval_buffer(y)
         em.emit(f"interval.{node.op}", ins, [out], ps, node.attrs, source=node.name,
                 layout=node.attrs.get("layout_hint"))
-        self.bounds[node.outputs[0]] = out
+        if self.sound and node.op in fp.ROUNDING_OPS:
+            raw, out = out, self.interval_buffer(y, "sound")
+            self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
+            weights = [em.param(f"{y}.fp{k}", t) for k, t in
+                       enumerate(fp.prepare_params(self.g, node, TORCH_DTYPES[em.dtype]))]
+            em.emit(f"fp.{node.op}", ins + [raw], [out, self.errors[y]], weights,
+                    dict(node.attrs, n=fp.dot_length(self.g, node)), source=node.name)
+        self.bounds[y] = out
 
     def refine(self, v: str):
         """CROWN bounds for the pre-activation value v, merged into its interval bounds."""
@@ -265,7 +302,7 @@ class _Lowering:
                     _linear_params(em, folded, self.g), source=folded.name,
                     layout=folded.attrs.get("layout_hint"))
         elif C is not None:
-            em.emit("interval.spec_box", [self.bounds[out], C], [res], source=out)
+            em.emit("interval.spec_box", [self.bounds[out], C], [res], attrs={"fp": self.sound}, source=out)
         else:
             em.emit("interval.flatten", [self.bounds[out]], [res], source=out)
         return res
@@ -310,9 +347,13 @@ class _Lowering:
         def bias_buf():
             return em.buffer(f"bias({target})", (B, rows2), dynamic_axis=dynamic)
 
-        geo = {"target": list(out_shape)}
+        geo = {"target": list(out_shape), **({"fp": True} if self.sound else {})}
+
+        def err(node):          # sound_fp: the op's error vector, read at each row's window
+            return [self.errors[node.outputs[0]]] if self.sound else []
+
         a, bias = a_buf(chain[0].inputs[0]), bias_buf()
-        em.emit("linear.patch_start", sel, [a, bias], _linear_params(em, chain[0], g),
+        em.emit("linear.patch_start", sel + err(chain[0]), [a, bias], _linear_params(em, chain[0], g),
                 {"batch": B, **geo}, source=target)
         for relu, conv in zip(chain[1::2], chain[2::2]):
             new_a, new_bias = a_buf(relu.inputs[0]), bias_buf()
@@ -322,15 +363,16 @@ class _Lowering:
                 em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(window), role="input",
                                                 dynamic_axis=dynamic)
                 ins.append(em.out.inputs[role])
-            em.emit("linear.patch_relu_alpha" if alpha else "linear.patch_relu", ins + sel, [new_a, new_bias],
-                    attrs={**geo, "grid": list(grid)}, source=target)
+            em.emit("linear.patch_relu_alpha" if alpha else "linear.patch_relu", ins + sel + err(relu),
+                    [new_a, new_bias], attrs={**geo, "grid": list(grid)}, source=target)
+            conv_geo = {**geo, "grid": list(grid)} if self.sound else {}
             (cs, ct), cpad = conv.attrs["stride"], conv.attrs["padding"]
             kh, kw = g.data(conv.inputs[1]).shape[-2:]
             window = [g.data(conv.inputs[1]).shape[1], (window[1] - 1) * cs + kh, (window[2] - 1) * ct + kw]
             grid = [grid[0] * cs, grid[1] * ct, grid[2] * cs + cpad[0], grid[3] * ct + cpad[1]]
             a, bias = a_buf(conv.inputs[0]), bias_buf()
-            em.emit("linear.patch_conv", [new_a, new_bias], [a, bias], _linear_params(em, conv, g),
-                    {"stride": [cs, ct]}, source=target)
+            em.emit("linear.patch_conv", [new_a, new_bias] + (err(conv) + sel if self.sound else []), [a, bias],
+                    _linear_params(em, conv, g), {"stride": [cs, ct], **conv_geo}, source=target)
         res = em.buffer(f"crown({target})", (2, B, rows2 // 2), dynamic_axis=None if idx is None else 2)
         em.emit("linear.patch_concretize", [a, bias, self.bounds[g.inputs[0]]] + sel, [res],
                 attrs={**geo, "grid": list(grid)}, source=target)
@@ -343,7 +385,7 @@ class _Lowering:
         output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
         stack(lower, upper), [2, B, S] (upper +inf when lower_only)."""
         g, em, B = self.g, self.em, self.B
-        if target != g.outputs[0] and self.cfg.patches:
+        if target != g.outputs[0] and self.patches:
             chain = self.patch_chain(target)
             if chain is not None:
                 return self.patch_backward(target, chain, onehot_index, alpha)
@@ -368,18 +410,20 @@ class _Lowering:
             rows = _linear_params(em, node0, g)
         elif not is_output and node0.op == "conv2d" and \
                 4 * numel * g.values[node0.inputs[0]].type.numel <= self.cfg.dense_conv_start_bytes:
-            dense, dense_bias = _dense_conv(node0, g)
+            dense, dense_bias = _dense_conv(node0, g, TORCH_DTYPES[em.dtype])
             rows = [em.param(f"{target}.dense", dense), em.param(f"{target}.dense_bias", dense_bias)]
+        fp_attrs = {"fp": True} if self.sound else {}
         if rows is not None:
             # fused start: the selected rows of the op's matrix are the coefficients on its input
             x_in = node0.inputs[0]
             a, bias = a_buf(x_in), bias_buf()
-            em.emit("linear.start_rows", idx_in, [a, bias], rows,
-                    {"batch": B, "in_shape": list(self.shape(x_in))}, source=target)
+            errs = [self.errors[target]] if self.sound else []
+            em.emit("linear.start_rows", idx_in + errs, [a, bias], rows,
+                    {"batch": B, "in_shape": list(self.shape(x_in)), **fp_attrs}, source=target)
             A[x_in], skip = a, node0
         else:
             a, bias = a_buf(target), bias_buf()
-            attrs = {"batch": B, "shape": list(self.shape(target)), "numel": numel, **sides}
+            attrs = {"batch": B, "shape": list(self.shape(target)), "numel": numel, "dtype": em.dtype, **sides}
             if is_output:
                 em.emit("linear.start_spec", [spec] if spec is not None else [], [a, bias], attrs=attrs, source=target)
             else:
@@ -387,12 +431,20 @@ class _Lowering:
             A[target] = a
 
         def give(v, buf):
-            if v in A:       # fan-out: contributions of every consumer add up
-                acc = a_buf(v)
-                em.emit("linear.accumulate", [A[v], buf], [acc], source=target)
-                A[v] = acc
-            else:
+            nonlocal bias
+            if v not in A:
                 A[v] = buf
+                return
+            # fan-out: contributions of every consumer add up (a sound plan also widens the bias)
+            acc = a_buf(v)
+            if self.sound:
+                new_bias = bias_buf()
+                em.emit("linear.accumulate", [A[v], buf, bias, self.bounds[v]], [acc, new_bias],
+                        attrs={**fp_attrs, **sides}, source=target)
+                bias = new_bias
+            else:
+                em.emit("linear.accumulate", [A[v], buf], [acc], source=target)
+            A[v] = acc
 
         ancestors = _ancestors(g, target)
         for node in reversed(g.nodes):     # reverse topological: all consumers of v come first
@@ -422,6 +474,9 @@ class _Lowering:
                     op = "relu_alpha"
             if node.op == "concat":
                 attrs["sizes"] = [self.shape(i)[node.attrs["axis"]] for i in var]
+            if out in self.errors:             # sound_fp: the op's error vector widens the bias
+                ins.append(self.errors[out])
+                attrs.update(fp_attrs, **sides)
             em.emit(f"linear.{op}", ins, [*new_as, new_bias], _linear_params(em, node, g), attrs, source=target,
                     layout=node.attrs.get("layout_hint"))
             bias = new_bias
@@ -432,7 +487,8 @@ class _Lowering:
                         dynamic_axis=None if dynamic is None else 2)
         x = g.inputs[0]
         if x in A:
-            em.emit("linear.concretize", [A[x], bias, self.bounds[x]], [res], attrs=sides, source=target)
+            em.emit("linear.concretize", [A[x], bias, self.bounds[x]], [res], attrs={**sides, **fp_attrs},
+                    source=target)
         else:
             em.emit("linear.concretize_const", [bias], [res], attrs=sides, source=target)
         return res

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from boundflow.domains import ALIASING_KERNELS, KERNELS
-from boundflow.ir.task import BFTaskModule
+from boundflow.ir.task import TORCH_DTYPES, BFTaskModule
 from boundflow.runtime.arena import allocate, bind_inputs
 
 
@@ -30,10 +30,12 @@ class PythonTaskExecutor:
 
     name = "python"
 
-    def __init__(self, check_aliasing: bool = False):
-        # check_aliasing: fail if a kernel that promises fresh results returns a view of an
-        # input (the storage plan relies on it); a debugging and testing aid
-        self.check_aliasing = check_aliasing
+    def __init__(self, checked: bool = False):
+        # checked: fail if a kernel breaks a promise the plan relies on: a result that is a view
+        # of an input (unless the kernel is listed as aliasing; the storage plan relies on it),
+        # or of another dtype than its buffer (copying it in would hide a lost precision, e.g.
+        # float32 arithmetic in a float64 sound_fp plan); a debugging and testing aid
+        self.checked = checked
         # prepared state (arenas, views) lives as long as its module and no longer
         self._prepared: weakref.WeakKeyDictionary[BFTaskModule, _Prepared] = weakref.WeakKeyDictionary()
         self.stats = {"runs": 0, "prepares": 0, "arena_bytes": 0, "run_ms_total": 0.0}
@@ -65,8 +67,8 @@ class PythonTaskExecutor:
         views, slots = p.views, p.slots
         for kernel, ins, outs, params, attrs, name in p.program:
             results = kernel([env[i] for i in ins], params, attrs)
-            if self.check_aliasing and name not in ALIASING_KERNELS:
-                _check_fresh(name, [env[i] for i in ins], results)
+            if self.checked:
+                _check_promises(name, [env[i] for i in ins], results, [module.buffers[b] for b in outs])
             for bid, t in zip(outs, results):
                 view = views[bid]
                 if view is None:                       # dynamic: a view of the data's size
@@ -93,9 +95,12 @@ class PythonTaskExecutor:
         return env
 
 
-def _check_fresh(name: str, inputs: list[torch.Tensor], results) -> None:
-    held = {t.untyped_storage().data_ptr() for t in inputs}
-    for k, t in enumerate(results):
-        if t.untyped_storage().data_ptr() in held:
+def _check_promises(name: str, inputs: list[torch.Tensor], results, specs) -> None:
+    held = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    for k, (t, spec) in enumerate(zip(results, specs)):
+        if name not in ALIASING_KERNELS and t.untyped_storage().data_ptr() in held:
             raise AssertionError(f"kernel {name} returned a view of an input as result {k}; "
                                  "add it to ALIASING_KERNELS or return a fresh tensor")
+        if t.dtype != TORCH_DTYPES[spec.dtype]:
+            raise AssertionError(f"kernel {name} returned {t.dtype} as result {k} for the {spec.dtype} "
+                                 f"buffer {spec.id} ({spec.name})")

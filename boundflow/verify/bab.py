@@ -87,10 +87,18 @@ def combine(parent_margins: torch.Tensor, child_margins: torch.Tensor) -> torch.
 
 
 class Bounder:
-    """Certified disjunct margins of many sub-boxes with one batched bound computation."""
+    """Certified disjunct margins of many sub-boxes with one batched bound computation.
 
-    def __init__(self, model: str, problem: Problem, method: str, options: dict):
+    A ``sound`` bounder computes bounds that are sound in floating point (api.bound's
+    sound_fp: float64, every rounding bounded, the spec rows exact). A bounder with a sound
+    ``confirm`` bounder computes fast float32 bounds and has every margin they prove (> 0)
+    recomputed by ``confirm``: only confirmed margins stay positive, so whatever proves a
+    disjunct anywhere in the search is sound in floating point."""
+
+    def __init__(self, model: str, problem: Problem, method: str, options: dict, sound: bool = False,
+                 confirm: Bounder | None = None):
         self.model, self.problem, self.method, self.options = model, problem, method, options
+        self.sound, self.confirm = sound, confirm
         self.calls = 0
         self.regions = 0
         self.seconds = 0.0
@@ -101,15 +109,31 @@ class Bounder:
         """[B, K] margins of the boxes [lo, hi] ([B, n]) for every disjunct."""
         t0 = time.perf_counter()
         shape = (lo.shape[0],) + self.problem.input_shape
-        res = api.bound(self.model, lo.reshape(shape), hi.reshape(shape), self.method,
-                        C=self.problem.C_bound, **self.options)
-        rows = self.problem.row_lower_bounds(res.lb, res.ub)
+        C = torch.from_numpy(self.problem.C) if self.sound else self.problem.C_bound
+        res = api.bound(self.model, lo.reshape(shape), hi.reshape(shape), self.method, C=C,
+                        sound_fp=self.sound, **self.options)
+        rows = res.lb.double() if self.sound else self.problem.row_lower_bounds(res.lb, res.ub)
         self.calls += 1
         self.regions += lo.shape[0]
         self.seconds += time.perf_counter() - t0
         self.last_stats = res.stats
         self.last_intermediate = res.intermediate
-        return self.problem.disjunct_margins(rows)
+        margins = self.problem.disjunct_margins(rows)
+        return margins if self.confirm is None else self._confirmed(lo, hi, margins)
+
+    def _confirmed(self, lo: torch.Tensor, hi: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+        """The margins with every proof (> 0) replaced by the sound bounder's margin."""
+        claims = (margins > 0).any(dim=1).nonzero().flatten()
+        if len(claims):
+            padded = torch.cat([claims, claims[:1].expand(_ceil_pow2(len(claims)) - len(claims))])  # few plans
+            sound = self.confirm.margins(lo[padded], hi[padded])[: len(claims)]
+            proven = margins[claims] > 0
+            margins[claims] = torch.where(proven, sound, margins[claims])
+        return margins
+
+
+def _ceil_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
 
 
 def _floor_pow2(x: float) -> int:

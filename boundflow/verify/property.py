@@ -84,6 +84,15 @@ class Problem:
     C_bound: torch.Tensor
 
     @property
+    def exact_lo(self) -> torch.Tensor:
+        """[nb, n] float64: the boxes as written (sound bounds take them as they are)."""
+        return torch.from_numpy(self.box_lo)
+
+    @property
+    def exact_hi(self) -> torch.Tensor:
+        return torch.from_numpy(self.box_hi)
+
+    @property
     def num_boxes(self) -> int:
         return self.outer_lo.shape[0]
 

@@ -19,6 +19,12 @@ Bounding a domain (the plan method "beta-crown", boundflow.planner.lower):
   split constraints back to the input, which clamping alone cannot;
 - a child's margin is at least its parent's (the parent's bound holds on the child).
 
+Soundness in floating point (``sound_fp``): the root's intermediate bounds come from a sound
+bound (the verifier's float64 alpha-CROWN), rounded outward to float32; the search bounds in
+float32, and every domain it proves is bounded once more by the sound beta-crown plan (float64,
+rounding bounded, exact spec rows) at its own slopes and multipliers. Only that proof counts; a
+domain it does not confirm goes back to the queue with the sound margin.
+
 Which neuron to split: candidates are ranked by how much their upper-line intercept costs the
 lower bound, ``|a_j^-| (-l_j u_j / (u_j - l_j))`` with ``a_j`` the coefficient of the neuron's
 ReLU output in the lower bound (BaBSR's intercept score); the best few are tried with one cheap
@@ -36,7 +42,10 @@ from typing import Protocol
 
 import torch
 
+import dataclasses
+
 from boundflow import api
+from boundflow.domains.rounding import round_outward
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import SPLIT_METHOD
 from boundflow.verify.alpha import AlphaConfig, descend, starting_slopes
@@ -146,11 +155,13 @@ class ReluBranchAndBound:
     disjunct's margin is a max over its rows, so a repeated row changes nothing)."""
 
     def __init__(self, model: str, problem: Problem, pairs: list[tuple[int, int]], attack: Attack | None,
-                 config: ReluBabConfig, planner: PlannerConfig | None = None):
+                 config: ReluBabConfig, planner: PlannerConfig | None = None, sound_fp: bool = False):
         """``attack(deadline)`` searches the pairs for a counterexample (PGD); ``attack.seconds``
-        is the time it spent so far."""
+        is the time it spent so far. With ``sound_fp`` every proof is confirmed by a sound plan
+        (see the module docstring)."""
         self.model, self.problem, self.attack, self.config = model, problem, attack, config
         self.planner = planner or PlannerConfig()
+        self.sound = dataclasses.replace(self.planner, sound_fp=True, export_intermediate=False) if sound_fp else None
         self.graph, self.key = api.load_model(model)
         self.output = self.graph.outputs[0]
         self.relus = list(dict.fromkeys(n.inputs[0] for n in self.graph.nodes if n.op == "relu"))
@@ -162,6 +173,8 @@ class ReluBranchAndBound:
         self.C = torch.stack([torch.cat([sub.C_bound[: sub.num_rows],
                                          sub.C_bound[:1].expand(self.rows - sub.num_rows, -1)])
                               for sub in self.subs])                            # [pairs, S, O]
+        self.C_exact = torch.stack([torch.from_numpy(sub.C[[*range(sub.num_rows)] + [0] * (self.rows - sub.num_rows)])
+                                    for sub in self.subs])                      # float64, for sound_fp
         self.outputs = None
         if problem.C_bound.shape[0] > problem.num_rows:
             shape = (problem.num_boxes,) + problem.input_shape
@@ -173,8 +186,9 @@ class ReluBranchAndBound:
                       "max_queue": 0, "unsplittable": 0, "max_batch": 0, "bound_s": 0.0}
         self.batch = 2
 
-    def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
-        """[N] certified margin of each domain's disjunct from the bounds of its rows."""
+    def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """[N] certified margin of each domain's disjunct from the bounds of its rows (of the
+        spec rows as float32 holds them, corrected; ``exact``: of the exact rows)."""
         out = torch.empty(len(pair), dtype=torch.float64)
         for p in pair.unique().tolist():
             mine = pair == p
@@ -183,34 +197,40 @@ class ReluBranchAndBound:
             if self.outputs is not None:
                 box = self.pairs[p][0]
                 outputs = tuple(t[box:box + 1].expand(int(mine.sum()), -1) for t in self.outputs)
-            rows = sub.row_lower_bounds(lb[mine, : sub.num_rows], ub[mine, : sub.num_rows], outputs)
+            rows = lb[mine, : sub.num_rows].double() if exact else \
+                sub.row_lower_bounds(lb[mine, : sub.num_rows], ub[mine, : sub.num_rows], outputs)
             out[mine] = sub.disjunct_margins(rows)[:, 0]
         return out.nan_to_num(nan=-math.inf)
 
     # -- bounding ---------------------------------------------------------------------------
     def bound(self, domains: DomainSet, iterations: int, deadline: float | None = None,
-              trial: bool = False, exhausted: bool = False) -> DomainSet:
+              trial: bool = False, exhausted: bool = False, sound: bool = False) -> DomainSet:
         """Bound the domains (padded to a power of two): from their warm-start alpha and beta (or
         CROWN's slopes and no multipliers at the root), then ``iterations`` steps of projected
         Adam on both, until ``deadline``. Returns the domains with new margins (never below the
-        old), warm starts and branching scores; a ``trial`` (look-ahead) only gets margins."""
+        old), warm starts and branching scores; a ``trial`` (look-ahead) only gets margins.
+        ``sound``: on the sound_fp plan (float64; its margins need no confirmation)."""
         t0 = time.perf_counter()
         n = len(domains)
         size = 1 << max(0, math.ceil(math.log2(n)))
         padded = domains if size == n else DomainSet.cat(
             [domains, domains.select(torch.zeros(size - n, dtype=torch.long))])
-        module, _ = api.get_plan(self.graph, self.key, SPLIT_METHOD, size, self.rows, self.planner)
+        planner, dtype = (self.sound, torch.float64) if sound else (self.planner, torch.float32)
+        module, _ = api.get_plan(self.graph, self.key, SPLIT_METHOD, size, self.rows, planner)
         t = dict(padded.t)
         pair = t["pair"]
-        box = self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape)
-        inputs = {"box": box, "C": self.C[pair]}
+        box = self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(dtype)
+        inputs = {"box": box, "C": (self.C_exact if sound else self.C)[pair]}
         for v in self.relus:
-            inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"]))
+            inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(dtype)
         executor = api._executor
         alpha_roles = {v: f"alpha:{self.output}:{v}" for v in self.relus}
         beta_roles = {v: f"beta:{self.output}:{v}" for v in self.relus}
-        signs = {v: t[f"sign:{v}"].to(torch.float32).unsqueeze(1) for v in self.relus}
+        signs = {v: t[f"sign:{v}"].to(dtype).unsqueeze(1) for v in self.relus}
         warm = f"alpha:{self.relus[0]}" in t
+        if warm:
+            for v in self.relus:
+                t[f"alpha:{v}"], t[f"beta:{v}"] = t[f"alpha:{v}"].to(dtype), t[f"beta:{v}"].to(dtype)
         with torch.no_grad():
             if warm:
                 given = {alpha_roles[v]: t[f"alpha:{v}"] for v in self.relus}
@@ -231,9 +251,12 @@ class ReluBranchAndBound:
             for k, v in enumerate(self.relus):
                 t[f"alpha:{v}"] = found.best_variables[k]
                 t[f"beta:{v}"] = found.best_variables[len(self.relus) + k]
-        t["margin"] = torch.maximum(t["margin"], self.margins(pair, start[0], start[1]))
+        t["margin"] = torch.maximum(t["margin"], self.margins(pair, start[0], start[1], exact=sound))
         if not trial:
             self._scores(module, last_env, t)
+        for key in t:                         # the queue keeps float32 warm starts and scores
+            if t[key].dtype == torch.float64 and key != "margin":
+                t[key] = t[key].float()
         result = DomainSet(t).select(slice(0, n))
         seconds = time.perf_counter() - t0
         self.stats["bound_s"] += seconds
@@ -242,6 +265,34 @@ class ReluBranchAndBound:
             self.stats["max_batch"] = max(self.stats["max_batch"], n)
             self._resize(size, seconds, module.stats["logical_bytes"])
         return result
+
+    def confirm(self, domains: DomainSet) -> DomainSet:
+        """The domains with every positive margin recomputed by the sound beta-crown plan at
+        their own slopes and multipliers (one run, no optimisation); without sound_fp, as
+        they are."""
+        proven = (domains.t["margin"] > 0).nonzero().flatten()
+        if self.sound is None or not len(proven):
+            return domains
+        t0 = time.perf_counter()
+        n = len(proven)
+        size = 1 << max(0, math.ceil(math.log2(n)))
+        t = domains.select(torch.cat([proven, proven[:1].expand(size - n)])).t
+        module, _ = api.get_plan(self.graph, self.key, SPLIT_METHOD, size, self.rows, self.sound)
+        pair = t["pair"]
+        f64 = torch.float64
+        inputs = {"box": self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(f64),
+                  "C": self.C_exact[pair]}
+        for v in self.relus:
+            inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(f64)
+            inputs[f"alpha:{self.output}:{v}"] = t[f"alpha:{v}"].to(f64)
+            inputs[f"beta:{self.output}:{v}"] = (t[f"beta:{v}"] * t[f"sign:{v}"].unsqueeze(1)).to(f64)
+        lb, ub = api._executor.run(module, inputs)["bounds"]
+        sound = self.margins(pair, lb, ub, exact=True)[:n]
+        margin = domains.t["margin"].clone()
+        margin[proven] = sound
+        self.stats["confirm_s"] = self.stats.get("confirm_s", 0.0) + time.perf_counter() - t0
+        self.stats["unconfirmed"] = self.stats.get("unconfirmed", 0) + int((~(sound > 0)).sum())
+        return DomainSet({**domains.t, "margin": margin})
 
     def _optimise(self, module, env, t, signs, iterations, start, deadline, exhausted):
         """Projected Adam on alpha (in [0, 1]) and beta (>= 0) from the domains' warm starts.
@@ -348,7 +399,7 @@ class ReluBranchAndBound:
         t = {"pair": torch.arange(len(self.pairs)),
              "margin": torch.stack([margins[b, k] for b, k in self.pairs]).double().nan_to_num(nan=-math.inf)}
         for v in self.relus:
-            lo, hi = intermediate[v][:, boxes]
+            lo, hi = round_outward(intermediate[v][:, boxes], torch.float32)   # still contains the sound bounds
             t[f"lo:{v}"], t[f"hi:{v}"] = lo.clone(), hi.clone()
             t[f"sign:{v}"] = torch.zeros(lo.shape, dtype=torch.int8)
         return DomainSet(t)
@@ -357,7 +408,7 @@ class ReluBranchAndBound:
         t0 = time.perf_counter()
         attack_before = self.attack.seconds if self.attack else 0.0
         progress = Progress("ReLU branch and bound")
-        bounded = self.bound(root, self.config.root_iterations, deadline)
+        bounded = self.confirm(self.bound(root, self.config.root_iterations, deadline))
         queue = DomainQueue()
         queue.push(bounded.select(~(bounded.t["margin"] > 0)))
         while len(queue):
@@ -372,8 +423,10 @@ class ReluBranchAndBound:
             if (index < 0).any():
                 # every neuron split or stable: the network is linear there and only the
                 # multipliers can still move the bound, given many more steps
+                # (on the sound plan directly when sound_fp: its large multipliers are where
+                # float32 and float64 disagree most)
                 exhausted = self.bound(parents.select(index < 0), self.config.exhausted_iterations, deadline,
-                                       exhausted=True)
+                                       exhausted=True, sound=self.sound is not None)
                 self.stats["exhausted"] = self.stats.get("exhausted", 0) + len(exhausted)
                 if not (exhausted.t["margin"] > 0).all():
                     self.stats["unsplittable"] += int((~(exhausted.t["margin"] > 0)).sum())
@@ -381,7 +434,8 @@ class ReluBranchAndBound:
                 parents, index = parents.select(index >= 0), index[index >= 0]
                 if not len(parents):
                     continue
-            children = self.bound(self.split(parents, index), self.config.optimiser.iterations, deadline)
+            children = self.confirm(self.bound(self.split(parents, index), self.config.optimiser.iterations,
+                                               deadline))
             proven = children.t["margin"] > 0
             self.stats["leaves_proven"] += int(proven.sum())
             queue.push(children.select(~proven))

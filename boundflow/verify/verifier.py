@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from boundflow import api
+from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.attack import AttackConfig, Attacker, Counterexample, OrtChecker
@@ -49,6 +50,10 @@ class VerifyConfig:
     # bounds), "auto" picks "relu" from refine_min_inputs inputs on
     split: str = "auto"
     seed: int = 0
+    # every proof sound in floating point (api.bound's sound_fp): the first and branch-and-bound
+    # bounds are float32 and each margin they prove is confirmed by a sound bound; the refining
+    # bound (the root of ReLU branch and bound) is sound itself. Off only to measure its cost.
+    sound_fp: bool = True
 
     def __post_init__(self):
         if self.split not in ("auto", "input", "relu"):
@@ -78,7 +83,9 @@ def verify(model_path, vnnlib_path, timeout: float, method: str = "crown", *,
     config = config or VerifyConfig()
     model = str(model_path)
     problem = _load(model, vnnlib_path)
-    attacker = Attacker(api.load_model(model)[0], problem, OrtChecker(model, problem), config.attack,
+    # the attack runs the network as imported, not simplified: folded constants (a normalisation
+    # merged into the first layer) round differently from the file onnxruntime checks
+    attacker = Attacker(load_onnx(model), problem, OrtChecker(model, problem), config.attack,
                         generator=torch.Generator().manual_seed(config.seed))
     bounders = _bounders(model, problem, method, config)
     stats: dict = {"method": method, "boxes": problem.num_boxes, "disjuncts": problem.num_disjuncts,
@@ -94,14 +101,19 @@ def verify(model_path, vnnlib_path, timeout: float, method: str = "crown", *,
 def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -> dict[str, Bounder]:
     """The bound computations of the phases: "first", "refine" (when it applies), "bab"."""
     options = config.bab.bound_options
-    out = {"first": Bounder(model, problem, config.first_method, options),
-           "bab": Bounder(model, problem, method, options)}
+    sound = config.sound_fp
+
+    def confirmed(method: str) -> Bounder:
+        confirm = Bounder(model, problem, method, options, sound=True) if sound else None
+        return Bounder(model, problem, method, options, confirm=confirm)
+
+    out = {"first": confirmed(config.first_method), "bab": confirmed(method)}
     if config.refine_method and problem.num_inputs >= config.refine_min_inputs:
         # its intermediate bounds are where ReLU branch and bound starts
         planner = options.get("config") or PlannerConfig(crown_interm=options.get("crown_interm", "sparse"))
         refine = dict(options, config=dataclasses.replace(planner, export_intermediate=True))
         refine.pop("crown_interm", None)
-        out["refine"] = Bounder(model, problem, config.refine_method, refine)
+        out["refine"] = Bounder(model, problem, config.refine_method, refine, sound=sound)
     return out
 
 
@@ -127,7 +139,7 @@ def _decide(model: str, problem: Problem, bounders: dict, attacker: Attacker, co
     if over():
         stats["decided_by"] = "deadline"
         return "timeout", None
-    margins = bounders["first"].margins(problem.outer_lo, problem.outer_hi)
+    margins = bounders["first"].margins(problem.exact_lo, problem.exact_hi)
     stats["first_margin"] = float(margins.amin())
     if bool((margins > 0).all()) or over():
         return _verdict_by_bound(margins, stats)
@@ -138,7 +150,7 @@ def _decide(model: str, problem: Problem, bounders: dict, attacker: Attacker, co
         return "violated", cex
     if "refine" in bounders and _affordable(bounders["first"], deadline):
         # both are sound lower bounds: keep the better one (fmax: a NaN is no information)
-        margins = torch.fmax(margins, bounders["refine"].margins(problem.outer_lo, problem.outer_hi))
+        margins = torch.fmax(margins, bounders["refine"].margins(problem.exact_lo, problem.exact_hi))
         stats["refined_margin"] = float(margins.amin())
         if bool((margins > 0).all()) or over():
             return _verdict_by_bound(margins, stats)
@@ -184,7 +196,7 @@ def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacke
         return "timeout", None
     pairs = [tuple(bk) for bk in (~(margins > 0)).nonzero().tolist()]
     search = ReluBranchAndBound(model, problem, pairs, _PairAttack(attacker, problem, pairs), config.relu_bab,
-                                refine.options["config"])
+                                refine.options["config"], sound_fp=config.sound_fp)
     outcome = search.run(search.root(refine.last_intermediate, margins), deadline)
     stats["decided_by"] = "relu_bab"
     stats["relu_bab"] = outcome.stats

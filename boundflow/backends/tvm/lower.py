@@ -251,6 +251,9 @@ def _lower_segment(ctx: _Ctx, seg: Segment, extents: dict[int, DynamicExtent], n
                                         "add one to boundflow.backends.tvm.lower.RULES")
                 if op.attrs.get("lower_only"):       # only branch and bound plans use it
                     raise LoweringError(f"TVMTaskExecutor has no lower-only variant of {op.op!r} ({op.source})")
+                if op.attrs.get("fp"):               # sound_fp plans: error terms have no Relax rules
+                    raise LoweringError(f"TVMTaskExecutor has no floating-point-sound variant of {op.op!r} "
+                                        f"({op.source}); run sound_fp plans with executor='python'")
                 results = rule(ctx, [env[b] for b in op.inputs], [ctx.weight(p) for p in op.params], op.attrs)
                 if len(results) != len(op.outputs):
                     raise LoweringError(f"Relax rule for {op.op} returned {len(results)} values for "

@@ -1,0 +1,324 @@
+"""Bounds sound in floating point (sound_fp): checked against exact rational arithmetic.
+
+The reference is the ONNX model's real-arithmetic semantics, evaluated with fractions.Fraction
+on the file's own float32 weights by the small interpreter below (independent of BoundFlow's
+frontends and simplifications). Sound bounds must contain the exact outputs at every sampled
+point and corner, with no tolerance at all. "Float trap" networks (huge normalisation ratios,
+large cancelling weights) show that plain float32 bounds miss the exact value there, so the
+check has teeth; the audit's findings 1 and 2 are regression tests here too.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import boundflow
+from boundflow.verify.verifier import verify
+
+METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
+
+
+# ---------------------------------------------------------------- exact evaluation
+
+def _exact(a: np.ndarray) -> np.ndarray:
+    return np.vectorize(lambda v: Fraction(float(v)), otypes=[object])(np.asarray(a))
+
+
+def exact_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[Fraction]:
+    """The model's output at x, in exact rational arithmetic (float weights taken as exact)."""
+    env = {init.name: _exact(numpy_helper.to_array(init)) for init in model.graph.initializer}
+    env[model.graph.input[0].name] = _exact(x)
+    for node in model.graph.node:
+        a = [env[i] for i in node.input]
+        attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        op = node.op_type
+        if op == "Gemm":
+            w = a[1].T if attrs.get("transB", 0) else a[1]
+            y = a[0] @ w
+            y = y + a[2] if len(a) > 2 else y
+        elif op == "MatMul":
+            y = a[0] @ a[1]
+        elif op in ("Add", "Sub", "Mul", "Div"):
+            y = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op](a[0], a[1])
+        elif op == "Relu":
+            y = np.vectorize(lambda v: max(v, Fraction(0)), otypes=[object])(a[0])
+        elif op == "Concat":
+            y = np.concatenate(a, axis=attrs["axis"])
+        elif op == "Identity":
+            y = a[0]
+        else:
+            raise NotImplementedError(op)
+        env[node.output[0]] = y
+    return list(env[model.graph.output[0].name].reshape(-1))
+
+
+# ---------------------------------------------------------------- building models
+
+def _tensor(name, arr):
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+
+def make_model(nodes, inits, n_in: int, n_out: int, out: str = "y") -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n_in])
+    y = helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, n_out])
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@st.composite
+def trap_nets(draw):
+    """Small DAGs with the shapes float32 gets wrong: a normalisation (x - m) / s with a huge
+    ratio |m| / s, wide weight scales, residual adds of nearly cancelling branches, concats."""
+    n_in = draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    nodes, inits, width, k = [], [], n_in, 0
+    mean = rng.uniform(-1, 1, (1, n_in)) * 10.0 ** draw(st.integers(0, 4))
+    std = rng.uniform(0.5, 2, (1, n_in)) * 10.0 ** draw(st.integers(-4, 0))
+    inits += [_tensor("m", mean), _tensor("s", std)]
+    nodes += [helper.make_node("Sub", ["x", "m"], ["t"]), helper.make_node("Div", ["t", "s"], ["h0"])]
+    h, prev = "h0", None
+    for _ in range(draw(st.integers(1, 3))):
+        out_w = draw(st.integers(1, 4))
+        scale = 10.0 ** draw(st.integers(-2, 3))
+        w = (rng.standard_normal((out_w, width)) * scale).astype(np.float32)
+        b = (rng.standard_normal(out_w) * scale).astype(np.float32)
+        k += 1
+        inits += [_tensor(f"W{k}", w), _tensor(f"b{k}", b)]
+        nodes.append(helper.make_node("Gemm", [h, f"W{k}", f"b{k}"], [f"g{k}"], transB=1))
+        cur = f"g{k}"
+        if draw(st.booleans()):
+            nodes.append(helper.make_node("Relu", [cur], [f"r{k}"]))
+            cur = f"r{k}"
+        if prev is not None and draw(st.booleans()):
+            # a near copy of an earlier branch, subtracted: the sum cancels almost exactly
+            inits += [_tensor(f"c{k}", -np.ones((1, out_w)))]
+            nodes.append(helper.make_node("Gemm", [prev[0], f"W{k}", f"b{k}"], [f"p{k}"], transB=1)
+                         if prev[1] == width else helper.make_node("Identity", [cur], [f"p{k}"]))
+            nodes.append(helper.make_node("Mul", [f"p{k}", f"c{k}"], [f"n{k}"]))
+            nodes.append(helper.make_node("Add", [cur, f"n{k}"], [f"a{k}"]))
+            nodes.append(helper.make_node("Concat", [cur, f"a{k}"], [f"cat{k}"], axis=1))
+            cur, out_w = f"cat{k}", 2 * out_w
+        prev, h, width = (h, width), cur, out_w
+    inits.append(_tensor("Wo", rng.standard_normal((2, width))))
+    nodes.append(helper.make_node("Gemm", [h, "Wo"], ["y"], transB=1))
+    centre = mean + rng.uniform(-1, 1, (1, n_in)) * std * 10.0 ** draw(st.integers(-6, 0))
+    eps = std * draw(st.sampled_from([0.0, 2.0 ** -20, 1e-3, 0.1]))
+    lo, hi = (centre - eps).astype(np.float32), (centre + eps).astype(np.float32)
+    return make_model(nodes, inits, n_in, 2), lo.astype(np.float64), np.maximum(hi, lo).astype(np.float64)
+
+
+def _points(lo: np.ndarray, hi: np.ndarray, rng, n: int = 12) -> list[np.ndarray]:
+    corners = [np.array(c).reshape(lo.shape) for c in itertools.product(*zip(lo.ravel(), hi.ravel()))]
+    inner = [lo + (hi - lo) * rng.uniform(size=lo.shape) for _ in range(n)]
+    return corners + inner
+
+
+def assert_contains_exact(model, lo, hi, method: str, C=None, seed: int = 0):
+    res = boundflow.api.bound(model, lo, hi, method, C=C, sound_fp=True)
+    assert res.lb.dtype == torch.float64
+    lb, ub = res.lb[0].tolist(), res.ub[0].tolist()
+    for x in _points(lo, hi, np.random.default_rng(seed)):
+        y = exact_outputs(model, x)
+        rows = y if C is None else [sum(Fraction(float(c)) * v for c, v in zip(row, y)) for row in np.asarray(C)]
+        for i, v in enumerate(rows):
+            assert Fraction(lb[i]) <= v <= Fraction(ub[i]), \
+                f"{method}: row {i} exact value {float(v)!r} outside [{lb[i]!r}, {ub[i]!r}] at x={x.tolist()}"
+
+
+# ---------------------------------------------------------------- against exact arithmetic
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(trap_nets(), st.sampled_from(METHODS))
+def test_sound_bounds_contain_the_exact_outputs(net, method):
+    model, lo, hi = net
+    assert_contains_exact(model, lo, hi, method)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(trap_nets(), st.sampled_from(("ibp", "crown")), st.integers(0, 2**31))
+def test_sound_bounds_with_a_float64_spec(net, method, seed):
+    model, lo, hi = net
+    C = np.random.default_rng(seed).standard_normal((3, 2)) * 1e3     # not exact in float32
+    assert_contains_exact(model, lo, hi, method, C=C)
+
+
+def test_sound_golden_bounds_are_close_to_the_float32_ones(shared):
+    """On ordinary models the error terms cost next to nothing (float64 is tighter anyway)."""
+    from golden import load_fixture
+    f = load_fixture(shared, "mnist-net_256x2__prop_1_0.05")
+    plain = boundflow.api.bound(str(f.model), f.lower, f.upper, "crown", C=f.C)
+    sound = boundflow.api.bound(str(f.model), f.lower, f.upper, "crown", C=f.C, sound_fp=True)
+    assert torch.allclose(sound.lb, plain.lb.double(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(sound.ub, plain.ub.double(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- float traps and the audit findings
+
+def normalisation_net() -> onnx.ModelProto:
+    """(x - 300) / 0.01 -> Gemm(1): the audit's finding 1."""
+    inits = [_tensor("m", [[300.0]]), _tensor("s", [[0.01]]), _tensor("W", [[1.0]]), _tensor("b", [0.0])]
+    nodes = [helper.make_node("Sub", ["x", "m"], ["t"]), helper.make_node("Div", ["t", "s"], ["u"]),
+             helper.make_node("Gemm", ["u", "W", "b"], ["y"])]
+    return make_model(nodes, inits, 1, 1)
+
+
+def test_folded_normalisation_trap():
+    """Folding (x - m) / s into one float32 affine loses |x / s| 2^-24: plain bounds exclude
+    the exact value; sound ones contain it (finding 1)."""
+    model = normalisation_net()
+    x = np.array([[300.000244140625]])
+    exact = exact_outputs(model, x)[0]
+    plain = boundflow.api.bound(model, x, x, "crown")
+    assert not Fraction(float(plain.lb)) <= exact <= Fraction(float(plain.ub))   # the trap is real
+    for method in METHODS:
+        sound = boundflow.api.bound(model, x, x, method, sound_fp=True)
+        assert Fraction(float(sound.lb)) <= exact <= Fraction(float(sound.ub)), method
+        assert float(sound.ub - sound.lb) < 1e-8
+
+
+def test_cancelling_weights_trap():
+    """y = (2^24 x + 1) - 2^24 x = 1 exactly; float32 interval arithmetic rounds 2^24 + 1 away."""
+    inits = [_tensor("W", [[2.0 ** 24], [2.0 ** 24]]), _tensor("b", [0.0, 1.0]), _tensor("V", [[-1.0, 1.0]])]
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "V"], ["y"], transB=1)]
+    model = make_model(nodes, inits, 1, 1)
+    x = np.array([[1.0]])
+    plain = boundflow.api.bound(model, x, x, "ibp")
+    assert float(plain.ub) < 1                                                  # the trap is real
+    for method in METHODS:
+        sound = boundflow.api.bound(model, x, x, method, sound_fp=True)
+        assert float(sound.lb) <= 1 <= float(sound.ub), method
+
+
+def identity_net() -> onnx.ModelProto:
+    return make_model([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [_tensor("W", [[1.0]])], 1, 1)
+
+
+@pytest.mark.parametrize("sound_fp", [False, True])
+def test_spec_not_exact_in_float32(sound_fp):
+    """C = [[16777217]] rounds to 2^24 in float32: the bounds must still hold (finding 2)."""
+    x = np.array([[1.0]])
+    C = np.array([[16777217.0]])
+    res = boundflow.api.bound(identity_net(), x, x, "crown", C=C, sound_fp=sound_fp)
+    assert float(res.lb) <= 16777217 <= float(res.ub)
+
+
+def test_cli_spec_not_exact_in_float32(tmp_path, capsys):
+    model = tmp_path / "id.onnx"
+    onnx.save(identity_net(), str(model))
+    (tmp_path / "box.json").write_text(json.dumps({"lower": [1.0], "upper": [1.0]}))
+    (tmp_path / "C.json").write_text(json.dumps([[16777217.0]]))
+    from boundflow.cli import main
+    for extra in ([], ["--sound-fp"]):
+        assert main(["bounds", str(model), "--box", str(tmp_path / "box.json"), "--spec", str(tmp_path / "C.json"),
+                     "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["lb"][0] <= 16777217 <= out["ub"][0]
+
+
+def test_verify_finds_the_folded_normalisation_counterexample(tmp_path):
+    """Finding 1 end to end: the property "Y_0 >= 0.024 is reachable" is violated at the one
+    point of the box; verify must not answer holds, and the attack must see it (it runs the
+    network as imported, not folded)."""
+    model = tmp_path / "norm.onnx"
+    onnx.save(normalisation_net(), str(model))
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (>= X_0 300.000244140625))\n"
+                    "(assert (<= X_0 300.000244140625))\n(assert (>= Y_0 0.024))\n")
+    res = verify(model, prop, timeout=20)
+    assert res.verdict == "violated"
+
+
+def test_sound_plans_compute_in_float64_only():
+    """Every kernel of a sound plan returns float64 (a float32 result copied into a float64
+    buffer would pass unnoticed and lose the guarantee)."""
+    from boundflow.api import get_plan, load_model
+    from boundflow.planner.config import PlannerConfig
+    from boundflow.runtime.python_executor import PythonTaskExecutor
+    model = normalisation_net()
+    graph, key = load_model(model)
+    for method in ("ibp", "crown", "crown-ibp"):
+        module, _ = get_plan(graph, key, method, 2, None, PlannerConfig(sound_fp=True))
+        ex = PythonTaskExecutor(checked=True)
+        box = torch.tensor([[[[299.0]], [[301.0]]], [[[299.5]], [[301.5]]]], dtype=torch.float64).reshape(2, 2, 1, 1)
+        ex.run(module, {"box": box})
+
+
+# ---------------------------------------------------------------- enclosures of computed constants
+
+from boundflow.domains.rounding import Enclosed  # noqa: E402
+
+finite = st.floats(-1e6, 1e6, allow_nan=False).filter(lambda v: abs(v) > 1e-6)
+
+
+@st.composite
+def enclosures(draw, n=3):
+    value = np.array([draw(finite) for _ in range(n)])
+    err = np.array([abs(draw(finite)) * 10.0 ** draw(st.integers(-20, -3)) for _ in range(n)])
+    return Enclosed(torch.tensor(value), torch.tensor(err))
+
+
+def _ends(e: Enclosed) -> list[list[Fraction]]:
+    """Per element, the two exact ends of the enclosure."""
+    v, r = e.value.tolist(), e.err.tolist()
+    return [[Fraction(a) - Fraction(b), Fraction(a) + Fraction(b)] for a, b in zip(v, r)]
+
+
+def _contains(e: Enclosed, i: int, exact: Fraction) -> bool:
+    return Fraction(e.value[i].item()) - Fraction(e.err[i].item()) <= exact <= \
+        Fraction(e.value[i].item()) + Fraction(e.err[i].item())
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(enclosures(), enclosures())
+def test_enclosed_arithmetic_contains_every_exact_result(a, b):
+    """Each result encloses the exact operation on any exact values inside the operands'
+    enclosures (the extremes of +, -, * lie at the ends; 1 / x and sqrt are monotone)."""
+    ea, eb = _ends(a), _ends(b)
+    for op, res in ((lambda x, y: x + y, a + b), (lambda x, y: x - y, a - b), (lambda x, y: x * y, a * b)):
+        for i in range(3):
+            for x in ea[i]:
+                for y in eb[i]:
+                    assert _contains(res, i, op(x, y))
+    if bool((a.err < a.value.abs()).all()):
+        inv = a.reciprocal()
+        for i in range(3):
+            assert all(_contains(inv, i, 1 / x) for x in ea[i])
+    pos = Enclosed(a.value.abs(), torch.minimum(a.err, a.value.abs()))
+    root = pos.sqrt()
+    for i in range(3):
+        for x in _ends(pos)[i]:
+            lo, hi = Fraction(root.value[i].item()) - Fraction(root.err[i].item()), \
+                Fraction(root.value[i].item()) + Fraction(root.err[i].item())
+            assert lo * lo <= x or lo < 0          # sqrt(x) >= lo
+            assert hi >= 0 and hi * hi >= x        # sqrt(x) <= hi
+    m = a.map(lambda t: t.reshape(1, 3)).matmul(b.map(lambda t: t.reshape(3, 1)))
+    for xs in itertools.product(*ea):
+        for ys in itertools.product(*eb):
+            exact = sum(x * y for x, y in zip(xs, ys))
+            assert Fraction(m.value.item()) - Fraction(m.err.item()) <= exact <= \
+                Fraction(m.value.item()) + Fraction(m.err.item())
+
+
+def test_folded_constants_carry_their_error():
+    """The normalisation folded into the Gemm: W = 1 / s and b = -m / s, each within its
+    recorded error of the exact value."""
+    graph, _ = boundflow.load_model(normalisation_net())
+    (node,) = graph.nodes
+    w, b = graph.values[node.inputs[1]], graph.values[node.inputs[2]]
+    s = Fraction(float(np.float32(0.01)))
+    for value, exact in ((w, 1 / s), (b, -300 / s)):
+        assert value.err is not None
+        assert abs(Fraction(value.data.item()) - exact) <= Fraction(value.err.item())
