@@ -13,7 +13,7 @@ from torch import nn
 
 import boundflow
 from boundflow.api import load_model
-from boundflow.domains.concrete import evaluate
+from boundflow.domains.concrete import evaluate, validate
 from boundflow.passes.layout import (HINT, RULES, column_order, compose, flattened_block, fold_layout,
                                      keeps_row_major_order)
 from boundflow.planner.config import PlannerConfig
@@ -95,7 +95,7 @@ def test_column_order_folds_a_flattened_permutation(data):
 # --------------------------------------------------------------------------------------------
 def _fold(g):
     out, report = fold_layout(g)
-    out.validate()
+    validate(out)
     assert_same(g, out)
     return out, report
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from boundflow.domains.concrete import evaluate, infer_shape
+from boundflow.domains.concrete import evaluate, infer_shape, validate
 from boundflow.errors import ModelLoadError, UnsupportedOpError
 from boundflow.frontends.onnx import load_onnx
 from boundflow.passes.simplify import simplify
@@ -66,7 +66,7 @@ def assert_close(graph, refs, points) -> None:
 def check(model: onnx.ModelProto, lo=-1.0, hi=1.0, batch=4):
     """Load, simplify, and compare both graphs to onnxruntime on `batch` random points."""
     graph = load_onnx(model)
-    graph.validate()
+    validate(graph)
     for node in graph.nodes:
         assert tuple(infer_shape(graph, node)) == graph.shape(node.outputs[0])
     shape = graph.shape(graph.inputs[0])

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import boundflow
-from boundflow.domains import ALIASING_KERNELS
+from boundflow.ops import ALIASING_KERNELS
 from boundflow.planner.config import PlannerConfig
 from golden import FIXTURES, load_fixture
 from nets import KINDS, networks

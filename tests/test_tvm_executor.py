@@ -27,7 +27,7 @@ from boundflow.backends.tvm import pipeline as tvm_pipeline
 from boundflow.backends.tvm.analysis import collect_relax_memory_stats
 from boundflow.backends.tvm.lower import RULES, LoweringError
 from boundflow.cli import main as cli_main
-from boundflow.domains import KERNELS
+from boundflow.ops import KERNELS
 from boundflow.runtime.python_executor import PythonTaskExecutor
 from boundflow.runtime.tvm_executor import (MemoryPlanMode, TVMExecutorOptions, TVMTaskExecutor,
                                             TVMUnavailableError)

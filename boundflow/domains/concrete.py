@@ -1,4 +1,5 @@
-"""Concrete semantics of the primal ops: the single source of truth for what each op computes.
+"""Concrete evaluation of primal graphs: running each op's forward rule (boundflow.ops), the
+single source of truth for what it computes.
 
 Every rule takes tensors with a leading region axis B followed by the per-region shape.
 Shape inference runs the same rules on small zero tensors, so shapes can never disagree with values.
@@ -8,83 +9,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from boundflow import ops
 from boundflow.ir.primal import Graph, Node
-
-
-def _lead_flatten(x: torch.Tensor, trailing: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """View x as [N, *last `trailing` dims]; returns the view and the leading shape."""
-    lead = tuple(x.shape[: x.dim() - trailing])
-    return x.reshape((-1,) + tuple(x.shape[x.dim() - trailing:])), lead
-
-
-def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict) -> torch.Tensor:
-    """conv2d over the last three axes; asymmetric padding via an explicit zero pad."""
-    xs, lead = _lead_flatten(x, 3)
-    top, left, bottom, right = attrs["padding"]
-    if (top, left) == (bottom, right):
-        pad = (top, left)
-    else:
-        xs = F.pad(xs, (left, right, top, bottom))
-        pad = (0, 0)
-    y = F.conv2d(xs, w, b, stride=tuple(attrs["stride"]), padding=pad,
-                 dilation=tuple(attrs["dilation"]), groups=attrs["groups"])
-    return y.reshape(lead + tuple(y.shape[1:]))
-
-
-def _linear(x, w, b=None, attrs=None):
-    return F.linear(x, w, b)
-
-
-def _conv(x, w, b=None, attrs=None):
-    return conv2d(x, w, b, attrs)
-
-
-def _affine(x, scale, shift, attrs=None):
-    return x * scale + shift
-
-
-def _add(x, y, attrs=None):
-    return x + y
-
-
-def _relu(x, attrs=None):
-    return torch.relu(x)
-
-
-def _reshape(x, attrs):
-    return x.reshape((x.shape[0],) + tuple(attrs["shape"]))
-
-
-def _transpose(x, attrs):
-    return x.permute((0,) + tuple(p + 1 for p in attrs["perm"]))
-
-
-def _concat(*xs, attrs):
-    return torch.cat(xs, dim=attrs["axis"] + 1)
-
-
-# op -> fn(*input tensors, attrs=...) ; inputs in node order (variables and params alike)
-RULES: dict[str, Callable[..., torch.Tensor]] = {
-    "linear": _linear,
-    "conv2d": _conv,
-    "affine": _affine,
-    "add": _add,
-    "relu": _relu,
-    "reshape": _reshape,
-    "transpose": _transpose,
-    "concat": _concat,
-}
 
 
 def apply(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
     # constants may be kept in float64 (Value.err); the op computes in its input's precision
     dtype = args[0].dtype
     args = [a if a is None or a.dtype == dtype else a.to(dtype) for a in args]
-    if node.op == "concat":
-        return _concat(*args, attrs=node.attrs)
-    return RULES[node.op](*args, attrs=node.attrs)
+    return ops.get(node.op).forward(*args, attrs=node.attrs)
 
 
 def apply_constant(node: Node, args: list[torch.Tensor]) -> torch.Tensor:
@@ -128,6 +62,32 @@ def infer_shape(graph: Graph, node: Node) -> tuple[int, ...]:
         raise ValueError(f"node {node.name!r} ({node.op}): inputs "
                          f"{[list(graph.values[i].type.shape) for i in node.inputs]} are invalid: {e}") from e
     return tuple(out.shape[1:])
+
+
+def validate(graph: Graph) -> None:
+    """Topological order, every name defined once, one network input, registered ops, and
+    declared shapes equal to what the shape rules give."""
+    defined = {n for n, v in graph.values.items() if v.kind in ("input", "param", "const")}
+    if len(graph.inputs) != 1:
+        raise ValueError(f"graph {graph.name!r}: exactly one network input is supported, got {graph.inputs}")
+    for node in graph.nodes:
+        if node.op not in ops.OPS:
+            raise ValueError(f"node {node.name!r}: {node.op!r} is not a primal op ({', '.join(sorted(ops.OPS))})")
+        for i in node.inputs:
+            if i not in defined:
+                raise ValueError(f"node {node.name!r} ({node.op}) reads {i!r} before it is defined")
+        for o in node.outputs:
+            if o in defined:
+                raise ValueError(f"node {node.name!r} ({node.op}) redefines {o!r}")
+            defined.add(o)
+        want = infer_shape(graph, node)
+        got = graph.shape(node.outputs[0])
+        if tuple(want) != tuple(got):
+            raise ValueError(f"node {node.name!r} ({node.op}): output {node.outputs[0]!r} declared "
+                             f"{list(got)} but the op gives {list(want)}")
+    for o in graph.outputs:
+        if o not in defined:
+            raise ValueError(f"graph output {o!r} is never computed")
 
 
 def values(graph: Graph, x: torch.Tensor, stop: Callable[[dict], bool] | None = None) -> dict[str, torch.Tensor]:

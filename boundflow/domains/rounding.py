@@ -60,6 +60,13 @@ def magnitude(s: torch.Tensor) -> torch.Tensor:
     return torch.maximum(s[0].abs(), s[1].abs())
 
 
+def enclosed(graph, name: str) -> Enclosed:
+    """The graph's constant `name` as float64 with its error bound (Value.err; zero if none)."""
+    data = graph.data(name).to(torch.float64)
+    err = graph.values[name].err
+    return Enclosed(data, torch.zeros_like(data) if err is None else err.to(torch.float64))
+
+
 @dataclass(frozen=True)
 class Enclosed:
     """A float64 tensor and a bound on its distance to an exact real value: the exact value lies

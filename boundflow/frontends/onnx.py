@@ -44,7 +44,7 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from boundflow.domains.concrete import infer_shape
+from boundflow.domains.concrete import infer_shape, validate
 from boundflow.domains.rounding import Enclosed, unit_roundoff
 from boundflow.errors import ModelLoadError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node, TensorType, Value
@@ -218,7 +218,7 @@ class _Importer:
         self._bind_outputs()
         _annotate_layouts(self.graph)
         try:
-            self.graph.validate()
+            validate(self.graph)
         except ValueError as e:  # a lowering bug, not a user error; still fail loudly
             raise ModelLoadError(f"{self.source}: the lowered graph is inconsistent: {e}") from e
         return self.graph

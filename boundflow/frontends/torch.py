@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from boundflow.domains.concrete import infer_shape
+from boundflow.domains.concrete import infer_shape, validate
 from boundflow.domains.rounding import Enclosed
 from boundflow.errors import ModelLoadError, ShapeError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node, TensorType, Value
@@ -880,7 +880,7 @@ def load_torch(module: torch.nn.Module, example_input: torch.Tensor) -> Graph:
                                      "the input (constant outputs are not supported)")
         L.graph.outputs.append(entry)
 
-    L.graph.validate()
+    validate(L.graph)
     return L.graph
 
 

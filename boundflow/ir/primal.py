@@ -4,17 +4,10 @@ Shapes are *per region*: the model's own tensor shapes as its file declares them
 input [1, 784, 1] stays [1, 784, 1]). Every runtime tensor carries one extra leading axis B,
 the number of input regions bounded together, so rules shift per-region axes by one.
 
-The primal op set is deliberately small; frontends lower everything to it:
-
-  linear     inputs (x, W[out,in], b[out]?)  y = x @ W.T + b over the last axis
-  conv2d     inputs (x, W[co,ci/g,kh,kw], b[co]?)  attrs stride, padding (top, left,
-             bottom, right), dilation, groups; x is [..., C, H, W]
-  affine     inputs (x, scale, shift)  y = x * scale + shift, constants broadcast to x
-  add        inputs (x, y)  two variable tensors of the same shape
-  relu       inputs (x,)
-  reshape    inputs (x,)  attrs shape (full per-region target shape)
-  transpose  inputs (x,)  attrs perm (over per-region axes)
-  concat     inputs (x1, x2, ...)  attrs axis (per-region, non-negative)
+A node's op names a primal op of the registry (boundflow.ops: one module per op family says
+what it computes and how each bound method handles it); frontends lower everything to those.
+This module is data only: graphs are checked against the ops by
+boundflow.domains.concrete.validate.
 """
 from __future__ import annotations
 
@@ -23,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-PRIMAL_OPS = ("linear", "conv2d", "affine", "add", "relu", "reshape", "transpose", "concat")
 
 VALUE_KINDS = ("input", "param", "const", "intermediate")
 
@@ -65,10 +56,6 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
     name: str = ""  # the source node's name, for error messages
 
-    def __post_init__(self):
-        if self.op not in PRIMAL_OPS:
-            raise ValueError(f"node {self.name!r}: {self.op!r} is not a primal op {PRIMAL_OPS}")
-
 
 @dataclass
 class Graph:
@@ -103,42 +90,9 @@ class Graph:
             raise KeyError(f"value {name!r} has no constant data")
         return v.data
 
-    def enclosed(self, name: str):
-        """The constant `name` as float64 with its error bound (domains.rounding.Enclosed)."""
-        from boundflow.domains.rounding import Enclosed
-
-        data = self.data(name).to(torch.float64)
-        err = self.values[name].err
-        return Enclosed(data, torch.zeros_like(data) if err is None else err.to(torch.float64))
-
     def copy(self) -> "Graph":
         return Graph(dict(self.values), [Node(n.op, list(n.inputs), list(n.outputs), dict(n.attrs), n.name)
                                          for n in self.nodes], list(self.inputs), list(self.outputs), self.name)
-
-    # -- checks ------------------------------------------------------------------
-    def validate(self) -> None:
-        """Topological order, every name defined once, shapes agree with the shape rules."""
-        from boundflow.domains.concrete import infer_shape
-
-        defined = {n for n, v in self.values.items() if v.kind in ("input", "param", "const")}
-        if len(self.inputs) != 1:
-            raise ValueError(f"graph {self.name!r}: exactly one network input is supported, got {self.inputs}")
-        for node in self.nodes:
-            for i in node.inputs:
-                if i not in defined:
-                    raise ValueError(f"node {node.name!r} ({node.op}) reads {i!r} before it is defined")
-            for o in node.outputs:
-                if o in defined:
-                    raise ValueError(f"node {node.name!r} ({node.op}) redefines {o!r}")
-                defined.add(o)
-            want = infer_shape(self, node)
-            got = self.shape(node.outputs[0])
-            if tuple(want) != tuple(got):
-                raise ValueError(f"node {node.name!r} ({node.op}): output {node.outputs[0]!r} declared "
-                                 f"{list(got)} but the op gives {list(want)}")
-        for o in self.outputs:
-            if o not in defined:
-                raise ValueError(f"graph output {o!r} is never computed")
 
     def __repr__(self) -> str:
         lines = [f"Graph {self.name}: input {self.inputs} {[list(self.shape(i)) for i in self.inputs]}"]

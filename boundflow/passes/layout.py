@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from boundflow.domains.concrete import validate
+from boundflow.domains.rounding import enclosed
 from boundflow.ir.primal import Graph, Node, TensorType, Value
 from boundflow.passes.simplify import _add_tensor, _sole_consumer, remove_dead_nodes, remove_identity_reshapes
 
@@ -181,7 +183,7 @@ def fold_transpose_into_linear(graph: Graph) -> Graph | None:
             continue
         t, reshape = match
         x, perm = t.inputs[0], tuple(t.attrs["perm"])
-        w = graph.enclosed(lin.inputs[1])
+        w = enclosed(graph, lin.inputs[1])
         block = flattened_block(graph.shape(x), perm, w.shape[1])
         if block is None:
             continue
@@ -244,5 +246,5 @@ def fold_layout(graph: Graph, max_rewrites: int = 10_000) -> tuple[Graph, Layout
             break
     else:
         raise RuntimeError(f"fold_layout: no fixpoint after {max_rewrites} rewrites of {graph.name!r}")
-    g.validate()
+    validate(g)
     return annotate(g), LayoutReport(count_transposes(graph), count_transposes(g), counts)

@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from boundflow.domains.concrete import apply, infer_shape
-from boundflow.domains.rounding import Enclosed, gamma
+from boundflow.domains.concrete import apply, infer_shape, validate
+from boundflow.domains.rounding import Enclosed, enclosed, gamma
 from boundflow.ir.primal import Graph, Node, TensorType, Value
 
 # Ops whose every input carries the region axis at run time; the others only their first input.
@@ -87,13 +87,13 @@ def _along_axis(t: Enclosed, shape: tuple[int, ...], axis: int) -> Enclosed | No
 
 
 def _bias(graph: Graph, node: Node, n_out: int) -> Enclosed:
-    return graph.enclosed(node.inputs[2]) if len(node.inputs) > 2 else Enclosed.exact(torch.zeros(n_out))
+    return enclosed(graph, node.inputs[2]) if len(node.inputs) > 2 else Enclosed.exact(torch.zeros(n_out))
 
 
 def _affine_constants(graph: Graph, node: Node) -> tuple[Enclosed, Enclosed] | None:
     if not all(_is_constant(graph, i) for i in node.inputs[1:]):
         return None
-    return graph.enclosed(node.inputs[1]), graph.enclosed(node.inputs[2])
+    return enclosed(graph, node.inputs[1]), enclosed(graph, node.inputs[2])
 
 
 def _signature(graph: Graph) -> tuple:
@@ -118,8 +118,8 @@ def fold_constants(graph: Graph) -> Graph:
         if node.outputs[0] in g.outputs or not all(_is_constant(g, i) for i in node.inputs):
             kept.append(node)
             continue
-        args = [g.enclosed(i).map(lambda t: t.unsqueeze(0)) if k == 0 or node.op in _ALL_REGION_INPUTS
-                else g.enclosed(i) for k, i in enumerate(node.inputs)]
+        args = [enclosed(g, i).map(lambda t: t.unsqueeze(0)) if k == 0 or node.op in _ALL_REGION_INPUTS
+                else enclosed(g, i) for k, i in enumerate(node.inputs)]
         out = _enclosed_apply(node, args).map(lambda t: t[0])  # drop the region axis of size 1
         data, err = out.stored()
         name = node.outputs[0]
@@ -215,7 +215,7 @@ def fold_affine_into_linear(graph: Graph) -> Graph:
         t = _along_axis(consts[1], g.shape(x), axis)
         if s is None or t is None:
             continue
-        w = g.enclosed(p.inputs[1])
+        w = enclosed(g, p.inputs[1])
         b = _bias(g, p, w.shape[0])
         new_w = w * s.map(lambda v: v.reshape((-1,) + (1,) * (len(w.shape) - 1)))
         new_b = b * s + t
@@ -235,7 +235,7 @@ def _fold_into_linear(g: Graph, lin: Node, s_view: torch.Tensor, t_view: torch.T
     s, t = _along_axis(s_view, shape, -1), _along_axis(t_view, shape, -1)
     if s is None or t is None:
         return False
-    w = g.enclosed(lin.inputs[1])
+    w = enclosed(g, lin.inputs[1])
     b = _bias(g, lin, w.shape[0])
     new_w = w * s.map(lambda v: v[None, :])
     new_b = b + w.matmul(t)
@@ -253,7 +253,7 @@ def _fold_into_conv(g: Graph, conv: Node, s_view: torch.Tensor, t_view: torch.Te
     s, t = _along_axis(s_view, shape, -3), _along_axis(t_view, shape, -3)
     if s is None or t is None:
         return False
-    w = g.enclosed(conv.inputs[1])  # [co, ci/g, kh, kw]
+    w = enclosed(g, conv.inputs[1])  # [co, ci/g, kh, kw]
     co, ci_g = w.shape[0], w.shape[1]
     groups = conv.attrs["groups"]
     # input channel feeding weight[o, j]: group(o) * ci_g + j
@@ -374,5 +374,5 @@ def simplify(graph: Graph, max_rounds: int = 100) -> Graph:
             g = p(g)
         if _signature(g) == before:
             break
-    g.validate()
+    validate(g)
     return g

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from boundflow.domains import ALIASING_KERNELS
+from boundflow.ops import ALIASING_KERNELS
 from boundflow.ir.task import BoundTask, TaskOp
 
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from boundflow.domains import fp, interval, linear
+from boundflow import ops
+from boundflow.domains import fp
 from boundflow.errors import ShapeError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node
 from boundflow.ir.task import TORCH_DTYPES, BufferSpec, TaskOp
@@ -43,8 +44,6 @@ SPLIT_METHOD = "beta-crown"
 _REFINED = ("crown", "alpha-crown")            # methods that refine ReLU inputs with CROWN
 _LINEAR = ("crown", "crown-ibp", "alpha-crown", SPLIT_METHOD)  # bound the output with CROWN
 _OPTIMISED = ("alpha-crown", SPLIT_METHOD)     # backward passes read their slopes from inputs
-_MIXING = ("linear", "conv2d")
-_ELEMENTWISE_OR_SHAPE = ("affine", "reshape", "transpose")
 
 
 @dataclass
@@ -62,6 +61,7 @@ class _Emitter:
         self.batch = batch
         self.dtype = dtype                  # of every float buffer and parameter
         self.out = Lowered()
+        self._sources: dict[int, tuple[str, torch.Tensor]] = {}   # id(source tensor) -> (param, tensor)
         self.phase = "forward"
 
     def buffer(self, name, shape, dtype=None, dynamic_axis=None, role="state", layout=None) -> int:
@@ -71,11 +71,20 @@ class _Emitter:
         return bid
 
     def param(self, name: str, tensor: torch.Tensor | None) -> str | None:
+        """The plan parameter `name` holding tensor (in the plan's dtype); a tensor already
+        given under another name (a weight both a start and a backward rule read) is shared."""
         if tensor is None:
             return None
+        known = self._sources.get(id(tensor))
+        if known is not None and known[1] is tensor:
+            return known[0]
         if name not in self.out.params:
             self.out.params[name] = tensor.detach().to(TORCH_DTYPES[self.dtype]).contiguous()
+            self._sources[id(tensor)] = (name, tensor)
         return name
+
+    def params(self, prefix: str, tensors) -> list[str | None]:
+        return [self.param(f"{prefix}{k}", t) for k, t in enumerate(tensors)]
 
     def emit(self, op, inputs, outputs, params=(), attrs=None, source="", layout=None):
         self.out.ops.append(TaskOp(op, list(inputs), list(outputs), list(params), dict(attrs or {}), layout, source))
@@ -93,9 +102,10 @@ def interval_is_exact(graph: Graph, value: str) -> bool:
     mixing, v = 0, value
     while v != graph.inputs[0]:
         node = producer[v]
-        if node.op in _MIXING:
+        op = ops.get(node.op)
+        if op.mixing:
             mixing += 1
-        elif node.op not in _ELEMENTWISE_OR_SHAPE:
+        elif not op.coordinatewise:
             return False
         var = [i for i in node.inputs if graph.is_variable(i)]
         if len(var) != 1:
@@ -115,35 +125,6 @@ def _ancestors(graph: Graph, value: str) -> set[str]:
     return seen
 
 
-def _linear_params(em: _Emitter, node: Node, graph: Graph) -> list[str]:
-    ps = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
-    key = node.outputs[0]
-    if node.op == "linear":
-        w = ps[0]
-        b = ps[1] if len(ps) > 1 else torch.zeros(w.shape[0])
-        return [em.param(f"{key}.W", w), em.param(f"{key}.b", b)]
-    if node.op == "conv2d":
-        return [em.param(f"{key}.W", ps[0]), em.param(f"{key}.b", ps[1] if len(ps) > 1 else None)]
-    if node.op == "affine":
-        return [em.param(f"{key}.scale", ps[0]), em.param(f"{key}.shift", ps[1])]
-    return []
-
-
-def _dense_conv(node: Node, graph: Graph, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conv as a matrix [out numel, in numel] and its bias per output element, by running
-    the conv's own backward rule on the identity (one source of truth for its semantics; each
-    entry is one weight, exactly)."""
-    out_shape, in_shape = graph.shape(node.outputs[0]), graph.shape(node.inputs[0])
-    n_out = graph.values[node.outputs[0]].type.numel
-    ps = [graph.data(i).to(dtype) for i in node.inputs if not graph.is_variable(i)]
-    w, b = ps[0], ps[1] if len(ps) > 1 else None
-    eye = torch.eye(n_out, dtype=dtype).reshape((1, n_out) + tuple(out_shape))
-    rows, _ = linear.RULES["conv2d"]([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None],
-                                     dict(node.attrs, in_shape=list(in_shape)))
-    bias = torch.zeros(out_shape, dtype=dtype) if b is None else b.reshape(-1, 1, 1).expand(out_shape[-3:]).reshape(out_shape)
-    return rows.reshape(n_out, -1), bias.reshape(-1)
-
-
 class _Lowering:
     def __init__(self, graph: Graph, method: str, batch: int, spec_rows: int | None, config: PlannerConfig):
         if method not in METHODS + (SPLIT_METHOD,):
@@ -155,13 +136,16 @@ class _Lowering:
         self.em = _Emitter(batch, "float64" if self.sound else "float32")
         self.producer = graph.producer()
         self.bounds: dict[str, int] = {}       # value -> its interval buffer, stack(lower, upper)
-        self.relax: dict[str, int] = {}        # relu input value -> stack(up slope, up bias, lo slope)
+        self.relax: dict[str, int] = {}        # relaxed op's output -> its lines (ops.Relaxation)
         self.errors: dict[str, int] = {}       # sound_fp: op output -> the op's error vector (domains/fp.py)
         self.patches = config.patches
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, v):
         return self.g.shape(v)
+
+    def backward_params(self, node: Node) -> list[str | None]:
+        return self.em.params(f"{node.outputs[0]}.bw", ops.get(node.op).backward_params(self.g, node))
 
     def interval_buffer(self, v: str, tag: str = "interval") -> int:
         """stack(lower, upper) of value v: [2, B, *shape]."""
@@ -179,7 +163,7 @@ class _Lowering:
             out_numel = g.values[g.outputs[0]].type.numel
             em.out.inputs["C"] = em.buffer("spec.C", (self.B, self.S, out_numel), role="input")
 
-        relu_inputs = {n.inputs[0] for n in g.nodes if n.op == "relu"}
+        relu_inputs = {n.inputs[0] for n in g.nodes if ops.get(n.op).relaxation is not None}
         if self.method == SPLIT_METHOD:
             return self.run_split(relu_inputs)
         folded_output = self._ibp_spec_fold()
@@ -197,15 +181,12 @@ class _Lowering:
         return em.out
 
     def run_split(self, relu_inputs: set[str]) -> Lowered:
-        """beta-crown: the ReLU relaxations from the given intermediate bounds, then one
-        backward pass for the output. A sound_fp plan first runs the interval pass (with the
-        given bounds at the ReLU inputs) for the ops' error vectors."""
+        """beta-crown: the relaxations from the given intermediate bounds, then one backward
+        pass for the output. A sound_fp plan first runs the interval pass (with the given
+        bounds at the relaxed ops' inputs) for the ops' error vectors."""
         em = self.em
         given = {}
-        for node in self.g.nodes:
-            v = node.inputs[0] if node.op == "relu" else None
-            if v is None or v in given:
-                continue
+        for v in sorted(relu_inputs):
             role = f"interm:{v}"
             em.out.inputs[role] = given[v] = em.buffer(
                 role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
@@ -214,13 +195,9 @@ class _Lowering:
                 self.forward(node)
                 if node.outputs[0] in given:
                     self.bounds[node.outputs[0]] = given[node.outputs[0]]
-                continue
-            v = node.inputs[0] if node.op == "relu" else None
-            if v is None or v in self.relax:
-                continue
-            self.bounds[v] = given[v]
-            self.relax[v] = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
-            em.emit("relu.relax", [self.bounds[v]], [self.relax[v]], source=node.name)
+            elif ops.get(node.op).relaxation is not None:
+                self.bounds[node.inputs[0]] = given[node.inputs[0]]
+                self.relax_node(node)
         em.phase = "output"
         self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True,
                                                 lower_only=True))
@@ -243,28 +220,30 @@ class _Lowering:
             return None
         return node
 
+    def relax_node(self, node: Node):
+        """The lines of a relaxed op (ops.Relaxation) from its input's interval, and in a
+        sound_fp plan its backward rules' error vector."""
+        em, op, y, v = self.em, ops.get(node.op), node.outputs[0], node.inputs[0]
+        lines = em.buffer(f"{node.op}.relax({v})", (op.relaxation.rows, self.B) + tuple(self.shape(v)))
+        em.emit(f"{node.op}.relax", [self.bounds[v]], [lines], source=node.name)
+        self.relax[y] = lines
+        if self.sound:
+            self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
+            em.emit(f"fp.{node.op}", [self.bounds[v], lines], [self.errors[y]], source=node.name)
+
     def forward(self, node: Node):
-        em = self.em
-        y = node.outputs[0]
-        if node.op == "relu" and self.method in _LINEAR:
-            v = node.inputs[0]
-            relax = em.buffer(f"relu.relax({v})", (3, self.B) + tuple(self.shape(v)))
-            em.emit("relu.relax", [self.bounds[v]], [relax], source=node.name)
-            self.relax[v] = relax
-            if self.sound:
-                self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
-                em.emit("fp.relu", [self.bounds[v], relax], [self.errors[y]],
-                        attrs={"n": fp.relu_length(self.g, node)}, source=node.name)
+        em, op, y = self.em, ops.get(node.op), node.outputs[0]
+        if op.relaxation is not None and self.method in _LINEAR:
+            self.relax_node(node)
         ins = [self.bounds[i] for i in node.inputs if self.g.is_variable(i)]
-        ps = [em.param(f"{y}.ibp{k}", t) for k, t in enumerate(interval.prepare_params(self.g, node))]
+        ps = em.params(f"{y}.ibp", op.interval_params(self.g, node))
         out = self.interval_buffer(y)
         em.emit(f"interval.{node.op}", ins, [out], ps, node.attrs, source=node.name,
                 layout=node.attrs.get("layout_hint"))
-        if self.sound and node.op in fp.ROUNDING_OPS:
+        if self.sound and op.fp is not None:
             raw, out = out, self.interval_buffer(y, "sound")
             self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
-            weights = [em.param(f"{y}.fp{k}", t) for k, t in
-                       enumerate(fp.prepare_params(self.g, node, TORCH_DTYPES[em.dtype]))]
+            weights = em.params(f"{y}.fp", op.fp_params(self.g, node, TORCH_DTYPES[em.dtype]))
             em.emit(f"fp.{node.op}", ins + [raw], [out, self.errors[y]], weights,
                     dict(node.attrs, n=fp.dot_length(self.g, node)), source=node.name)
         self.bounds[y] = out
@@ -299,7 +278,7 @@ class _Lowering:
         res = em.buffer("output.bounds", (2, self.B, rows))
         if folded is not None:
             em.emit("interval.spec_linear", [self.bounds[folded.inputs[0]], C], [res],
-                    _linear_params(em, folded, self.g), source=folded.name,
+                    self.backward_params(folded), source=folded.name,
                     layout=folded.attrs.get("layout_hint"))
         elif C is not None:
             em.emit("interval.spec_box", [self.bounds[out], C], [res], attrs={"fp": self.sound}, source=out)
@@ -353,17 +332,18 @@ class _Lowering:
             return [self.errors[node.outputs[0]]] if self.sound else []
 
         a, bias = a_buf(chain[0].inputs[0]), bias_buf()
-        em.emit("linear.patch_start", sel + err(chain[0]), [a, bias], _linear_params(em, chain[0], g),
+        em.emit("linear.patch_start", sel + err(chain[0]), [a, bias], self.backward_params(chain[0]),
                 {"batch": B, **geo}, source=target)
         for relu, conv in zip(chain[1::2], chain[2::2]):
             new_a, new_bias = a_buf(relu.inputs[0]), bias_buf()
-            ins = [a, bias, self.relax[relu.inputs[0]]]
+            ins = [a, bias, self.relax[relu.outputs[0]]]
             if alpha:                     # one slope per row and window position, as A
                 role = f"alpha:{target}:{relu.inputs[0]}"
                 em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(window), role="input",
                                                 dynamic_axis=dynamic)
                 ins.append(em.out.inputs[role])
-            em.emit("linear.patch_relu_alpha" if alpha else "linear.patch_relu", ins + sel + err(relu),
+            kernel = f"linear.patch_{relu.op}_alpha" if alpha else f"linear.patch_{relu.op}"
+            em.emit(kernel, ins + sel + err(relu),
                     [new_a, new_bias], attrs={**geo, "grid": list(grid)}, source=target)
             conv_geo = {**geo, "grid": list(grid)} if self.sound else {}
             (cs, ct), cpad = conv.attrs["stride"], conv.attrs["padding"]
@@ -372,7 +352,7 @@ class _Lowering:
             grid = [grid[0] * cs, grid[1] * ct, grid[2] * cs + cpad[0], grid[3] * ct + cpad[1]]
             a, bias = a_buf(conv.inputs[0]), bias_buf()
             em.emit("linear.patch_conv", [new_a, new_bias] + (err(conv) + sel if self.sound else []), [a, bias],
-                    _linear_params(em, conv, g), {"stride": [cs, ct], **conv_geo}, source=target)
+                    self.backward_params(conv), {"stride": [cs, ct], **conv_geo}, source=target)
         res = em.buffer(f"crown({target})", (2, B, rows2 // 2), dynamic_axis=None if idx is None else 2)
         em.emit("linear.patch_concretize", [a, bias, self.bounds[g.inputs[0]]] + sel, [res],
                 attrs={**geo, "grid": list(grid)}, source=target)
@@ -404,14 +384,12 @@ class _Lowering:
 
         A: dict[str, int] = {}
         node0 = self.producer[target]
+        op0 = ops.get(node0.op)
         skip = None
         rows = None
-        if not is_output and node0.op == "linear" and _unit_lead(self.shape(node0.inputs[0])):
-            rows = _linear_params(em, node0, g)
-        elif not is_output and node0.op == "conv2d" and \
-                4 * numel * g.values[node0.inputs[0]].type.numel <= self.cfg.dense_conv_start_bytes:
-            dense, dense_bias = _dense_conv(node0, g, TORCH_DTYPES[em.dtype])
-            rows = [em.param(f"{target}.dense", dense), em.param(f"{target}.dense_bias", dense_bias)]
+        if not is_output and op0.matrix is not None:
+            matrix = op0.matrix(g, node0, TORCH_DTYPES[em.dtype], self.cfg.dense_conv_start_bytes)
+            rows = None if matrix is None else em.params(f"{target}.rows", matrix)
         fp_attrs = {"fp": True} if self.sound else {}
         if rows is not None:
             # fused start: the selected rows of the op's matrix are the coefficients on its input
@@ -452,18 +430,19 @@ class _Lowering:
             if node is skip or out not in ancestors or out not in A:
                 continue
             var = [i for i in node.inputs if g.is_variable(i)]
-            if node.op == "add":
+            op = ops.get(node.op)
+            if op.backward is None:            # a sum: every input gets the same A
                 for i in var:
                     give(i, A[out])
                 continue
             new_as = [a_buf(i) for i in var]
             new_bias = bias_buf()
             ins = [A[out], bias]
-            attrs = dict(node.attrs, in_shape=list(self.shape(var[0])))
-            op = node.op
-            if node.op == "relu":
+            attrs = dict(node.attrs, in_shape=list(self.shape(var[0])), **op.backward_attrs(g, node))
+            kernel = f"linear.{node.op}"
+            if op.relaxation is not None:
                 attrs.update(sides)
-                ins.append(self.relax[node.inputs[0]])
+                ins.append(self.relax[out])
                 if alpha:
                     kinds = ("alpha", "beta") if self.method == SPLIT_METHOD else ("alpha",)
                     for kind in kinds:
@@ -471,13 +450,11 @@ class _Lowering:
                         em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(self.shape(node.inputs[0])),
                                                         role="input", dynamic_axis=dynamic)
                         ins.append(em.out.inputs[role])
-                    op = "relu_alpha"
-            if node.op == "concat":
-                attrs["sizes"] = [self.shape(i)[node.attrs["axis"]] for i in var]
+                    kernel = f"linear.{node.op}_alpha"
             if out in self.errors:             # sound_fp: the op's error vector widens the bias
                 ins.append(self.errors[out])
                 attrs.update(fp_attrs, **sides)
-            em.emit(f"linear.{op}", ins, [*new_as, new_bias], _linear_params(em, node, g), attrs, source=target,
+            em.emit(kernel, ins, [*new_as, new_bias], self.backward_params(node), attrs, source=target,
                     layout=node.attrs.get("layout_hint"))
             bias = new_bias
             for i, buf in zip(var, new_as):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from boundflow.domains import ALIASING_KERNELS, KERNELS
+from boundflow.ops import ALIASING_KERNELS, KERNELS
 from boundflow.ir.task import TORCH_DTYPES, BFTaskModule
 from boundflow.runtime.arena import allocate, bind_inputs
 

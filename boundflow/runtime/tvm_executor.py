@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from boundflow.domains import KERNELS
+from boundflow.ops import KERNELS
 from boundflow.errors import BoundflowError
 from boundflow.ir.task import BFTaskModule
 from boundflow.runtime.arena import allocate, bind_inputs

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from boundflow.domains import linear
+from boundflow.ops import OPS
 from boundflow.ir.task import BFTaskModule
 from boundflow.runtime.python_executor import PythonTaskExecutor
 
@@ -50,19 +50,14 @@ def loop_ops(module: BFTaskModule, variable_ids: set[int]):
     return loop
 
 
+# optimised kernel -> how its parameters start (each relaxed op says, boundflow.ops)
+_STARTS = {name: start for op in OPS.values() for name, start in op.alpha_starts().items()}
+
+
 def starting_slopes(module: BFTaskModule, env: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Slope buffer -> CROWN's adaptive lower slopes, broadcast to one per row of A, from a run
-    without slopes (``env``)."""
-    alphas = {}
-    for op in module.ops():
-        if op.op == "linear.relu_alpha":
-            a, relax, bid = env[op.inputs[0]], env[op.inputs[2]], op.inputs[3]
-            alphas[bid] = relax[2].unsqueeze(1).expand(a.shape).clone()
-        elif op.op == "linear.patch_relu_alpha":
-            a, relax, bid = env[op.inputs[0]], env[op.inputs[2]], op.inputs[3]
-            idx = linear.selected_neurons([env[b] for b in op.inputs], 4, op.attrs)
-            alphas[bid] = linear.patch_start_slopes(a, relax, idx, op.attrs).clone()
-    return alphas
+    """Slope buffer -> the starting slopes of the kernel that reads it (CROWN's, one per row of
+    A), from a run without slopes (``env``). Optimised kernels read (A, bias, lines, slopes, ...)."""
+    return {op.inputs[3]: _STARTS[op.op](op, env) for op in module.ops() if op.op in _STARTS}
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Each task becomes one Relax function over the buffers it reads and writes
 (``t<task>_<n>([dyn,] *inputs, *weights) -> (outputs...)``), built with ``relax.BlockBuilder``
-from a rule table keyed by op name, as ``boundflow.domains.KERNELS`` is. Each rule mirrors its
+from a rule table keyed by op name, as ``boundflow.ops.KERNELS`` is. Each rule mirrors its
 torch kernel op for op, so the two executors compute the same values up to summation order.
 All functions of a module go into one IRModule, so TVM builds a kernel shared by several tasks
 once.
@@ -35,7 +35,7 @@ from tvm import relax, tirx
 from tvm.relax import BlockBuilder, TensorType
 from tvm.relax import op as R
 
-from boundflow.domains import linear
+from boundflow.domains import patches
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.task import BFTaskModule, TaskOp
 
@@ -611,7 +611,7 @@ def _lower_half_mask(ndim: int) -> relax.Constant:
 
 def _ln_relu(ctx, ins, ps, attrs):
     """Lower-bound rows: positive coefficients take the lower line, negative ones the upper
-    line; upper-bound rows the other way round (linear._relu_back). Done on A viewed as
+    line; upper-bound rows the other way round (boundflow.ops.relu._back). Done on A viewed as
     [B, 2, S, ...] so both halves are one elementwise kernel."""
     a, bias, relaxation = ins
     batch, rows, *shape = ctx.shape(a)
@@ -692,13 +692,13 @@ def _patch_index(ctx: _Ctx, ins: list, at: int, attrs: dict) -> relax.Expr:
 def _patch_windows(ctx: _Ctx, x: relax.Expr, idx: relax.Expr, attrs: dict, ph: int, pw: int) -> relax.Expr:
     """linear._windows: x [L, C, H, W] (a unit axis before C dropped) at the windows of the
     neurons idx [k], zeros outside: [L, k, C, ph, pw]. A gather from the padded, flattened
-    value (the padding is static: linear.patch_margins)."""
+    value (the padding is static: patches.patch_margins)."""
     shape = ctx.shape(x)
     if len(shape) == 6:
         x = ctx.emit(R.reshape(x, shape[:2] + shape[3:]))
         shape = ctx.shape(x)
     lead, (c, h, w) = shape[:-3], shape[-3:]
-    mt, mb, ml, mr = linear.patch_margins(attrs, h, w, ph, pw)
+    mt, mb, ml, mr = patches.patch_margins(attrs, h, w, ph, pw)
     _, ht, wt = attrs["target"]
     s, t, p, q = attrs["grid"]
     hp, wp = h + mt + mb, w + ml + mr

@@ -1,0 +1,89 @@
+"""Patches: backward passes whose A is kept as receptive-field windows.
+
+A CROWN pass that bounds neurons of a conv output through a chain conv -> relu -> ... -> conv
+-> input only ever touches a window of each intermediate value: the neuron's receptive
+field. Patches keep A as that window, [B, 2k, C, ph, pw] (one window per row; rows 0..k-1
+lower, k..2k-1 upper, for the neurons idx), instead of the whole value. The window of row r
+starts at (i_r * S - P, j_r * T - Q), with (i_r, j_r) the neuron's position in the target and
+(S, T, P, Q) the chain's cumulative strides and paddings (attrs "grid"): it only depends on
+idx. Positions outside a value are its conv's zero padding: the windows of the relaxation and
+of the box are read with zeros there, which zeroes A (and its contribution) exactly.
+
+Here the window geometry, the end of a patch pass and the sound_fp widening on windows; the
+conv's and the ReLU's patch rules live with those ops (boundflow.ops.conv, boundflow.ops.relu).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from boundflow.domains.rounding import down, gamma, slack, unit_roundoff, up
+
+
+def selected_neurons(ins: list, at: int, attrs) -> torch.Tensor:
+    """The target neurons of a patch pass: the index input, or every neuron without one."""
+    return ins[at] if len(ins) > at else torch.arange(math.prod(attrs["target"]))
+
+
+def patch_margins(attrs, h: int, w: int, ph: int, pw: int) -> tuple[int, int, int, int]:
+    """Zero padding (top, bottom, left, right) of an h x w value so that every window of size
+    ph x pw the target's neurons can have lies inside: origins run over i S - P, i < H_t."""
+    _, ht, wt = attrs["target"]
+    s, t, p, q = attrs["grid"]
+    return max(0, p), max(0, (ht - 1) * s - p + ph - h), max(0, q), max(0, (wt - 1) * t - q + pw - w)
+
+
+def windows(x: torch.Tensor, idx: torch.Tensor, attrs, ph: int, pw: int) -> torch.Tensor:
+    """x [..., C, H, W] read at the windows of the neurons idx [k] (size ph x pw, zeros outside):
+    [..., k, C, ph, pw]."""
+    h, w = x.shape[-2:]
+    mt, mb, ml, mr = patch_margins(attrs, h, w, ph, pw)
+    _, ht, wt = attrs["target"]
+    s, t, p, q = attrs["grid"]
+    pix = idx % (ht * wt)
+    top, left = (pix // wt) * s - p + mt, (pix % wt) * t - q + ml
+    xp = F.pad(x, (ml, mr, mt, mb))
+    rows = top[:, None, None] + torch.arange(ph)[None, :, None]
+    cols = left[:, None, None] + torch.arange(pw)[None, None, :]
+    return xp[..., rows, cols].movedim(-4, -3)
+
+
+def unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Drop the model's unit batch axis of a [..., 1, C, H, W] tensor with `dims` leading axes."""
+    return x.flatten(dims, dims + 1) if x.dim() == dims + 4 else x
+
+
+def fp_widen(a: torch.Tensor, bias: torch.Tensor, e: torch.Tensor, idx: torch.Tensor, attrs) -> torch.Tensor:
+    """linear.fp_widen on windows: row r takes sum |A_r| e over its neuron's window of the op's
+    error vector e (zeros outside the value, where A is zero too)."""
+    k = a.shape[1] // 2
+    win = windows(unit_lead(e, 1), idx, attrs, a.shape[-2], a.shape[-1]).unsqueeze(1)   # [B, 1, k, C, ph, pw]
+    err = (a.unflatten(1, (2, k)).abs() * win).flatten(3).sum(-1).flatten(1)
+    u = unit_roundoff(bias.dtype)
+    err = 2 * (err + u * bias.abs()) + slack(math.prod(a.shape[2:]) + 2, bias.dtype)
+    return torch.cat([down(bias[:, :k] - err[:, :k]), up(bias[:, k:] + err[:, k:])], 1)
+
+
+def patch_concretize(ins, ps, attrs):
+    """stack(lower, upper) of the rows over the input box read at their windows (sound_fp: as
+    linear.concretize, the sums' rounding subtracted and the result rounded outward)."""
+    a, bias, box = ins[:3]
+    k = a.shape[1] // 2
+    lo, hi = windows(unit_lead(box, 2), selected_neurons(ins, 3, attrs), attrs, a.shape[-2], a.shape[-1])
+    c, r = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)      # [B, 1, k, C, ph, pw]
+    a = a.unflatten(1, (2, k))
+    mid = (a * c).flatten(3).sum(-1) + bias.unflatten(1, (2, k))          # [B, 2, k]
+    rad = (a.abs() * r).flatten(3).sum(-1)
+    lower, upper = mid[:, 0] - rad[:, 0], mid[:, 1] + rad[:, 1]
+    if attrs.get("fp"):
+        n = math.prod(a.shape[3:]) + 4
+        m = torch.maximum(lo.abs(), hi.abs()).unsqueeze(1)
+        err = (a.abs() * m).flatten(3).sum(-1) + bias.unflatten(1, (2, k)).abs()
+        err = 2 * gamma(n, a.dtype) * err + slack(n, a.dtype)
+        lower, upper = down(lower - err[:, 0]), up(upper + err[:, 1])
+    return (torch.stack((lower, upper)),)
+
+
+RULES = {"patch_concretize": patch_concretize}

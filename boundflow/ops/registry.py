@@ -1,0 +1,127 @@
+"""The operator registry: every primal op is one `Op`, defined in one module of boundflow.ops.
+
+An Op holds everything the rest of BoundFlow needs to know about the op:
+
+  forward     its semantics on [B, *shape] tensors, fn(*inputs, attrs=...); also its shape rule
+              (shape inference runs it on small zero tensors)
+  interval    its IBP kernel, "interval.<name>"
+  backward    its CROWN backward kernel, "linear.<name>": (A on the output, bias, ...) -> (A on
+              each variable input, bias); None when A passes unchanged to every input (a sum)
+  fp          for ops whose arithmetic rounds, "fp.<name>": (input intervals, rounded output
+              interval) -> (widened interval, error vector) (sound_fp plans; domains/fp.py)
+  relaxation  for a nonlinear op, how lines bound it (see Relaxation); its backward rule then
+              reads the lines
+  matrix      for an affine map, its matrix (a backward pass from its output starts there)
+  *_params    the plan-time parameters of the kernels, from the graph's constants
+  kernels     any further kernels by full name (patch rules, ...)
+
+Kernels share one signature everywhere: fn(inputs, params, attrs) -> tuple of tensors. The
+planner, the executors, alpha-CROWN, branch and bound and the attack look ops up here and never
+name an op's math themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from boundflow.errors import UnsupportedOpError
+
+Kernel = Callable[..., tuple]
+ParamFn = Callable[..., list]          # fn(graph, node, dtype) -> plan-time parameter tensors
+
+
+def constants(graph, node, dtype=torch.float32) -> list[torch.Tensor]:
+    """The node's constant inputs, in order (the default parameters of every kernel)."""
+    return [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Lines that bound a nonlinear op over its input interval, for the backward passes.
+
+    relax       "<op>.relax": stack(lower, upper) of the input -> the lines' coefficients,
+                [rows, B, *shape], which every backward rule of the op reads
+    fp          "fp.<op>": (input interval, lines) -> (error vector of the backward rules,)
+    optimised   "linear.<op>_alpha": the backward rule with optimisable parameters, one set per
+                row of A (alpha-CROWN), given as an input (None: the plain lines), and
+                optionally split multipliers (beta-CROWN)
+    start       (task op of `optimised`, env: buffer -> tensor of a run without the parameters)
+                -> the parameters' starting value
+    patch, patch_optimised, patch_start: the same on receptive-field windows (domains/patches.py)
+    """
+    relax: Kernel
+    rows: int
+    fp: Kernel
+    optimised: Kernel
+    start: Callable
+    patch: Kernel | None = None
+    patch_optimised: Kernel | None = None
+    patch_start: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    forward: Callable[..., torch.Tensor]
+    interval: Kernel
+    backward: Kernel | None = None
+    fp: Kernel | None = None
+    # an affine map that mixes coordinates: interval bounds are exact after one such op, not two
+    mixing: bool = False
+    # maps boxes onto boxes coordinate by coordinate, so interval bounds through it stay exact
+    coordinatewise: bool = False
+    relaxation: Relaxation | None = None
+    # the op as a matrix on its flattened input, fn(graph, node, dtype, max_bytes) -> (rows
+    # [out numel, in numel], bias [out numel]), or None where it is not one (or too big): a
+    # backward pass from its output starts from these rows (linear.start_rows)
+    matrix: Callable | None = None
+    interval_params: ParamFn = constants
+    backward_params: ParamFn = constants
+    fp_params: ParamFn | None = None
+    backward_attrs: Callable[..., dict] = lambda graph, node: {}
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+    # kernels (full names) whose results may be views of their inputs (the storage plan must know)
+    aliasing: frozenset[str] = frozenset()
+
+    def all_kernels(self) -> dict[str, Kernel]:
+        out = {f"interval.{self.name}": self.interval}
+        if self.backward is not None:
+            out[f"linear.{self.name}"] = self.backward
+        if self.fp is not None:
+            out[f"fp.{self.name}"] = self.fp
+        r = self.relaxation
+        if r is not None:
+            out.update({f"{self.name}.relax": r.relax, f"fp.{self.name}": r.fp,
+                        f"linear.{self.name}_alpha": r.optimised})
+            if r.patch is not None:
+                out.update({f"linear.patch_{self.name}": r.patch, f"linear.patch_{self.name}_alpha": r.patch_optimised})
+        return {**out, **self.kernels}
+
+    def alpha_starts(self) -> dict[str, Callable]:
+        """Optimised kernel name -> how its parameters start (alpha-CROWN): fn(task op, env)."""
+        r = self.relaxation
+        if r is None:
+            return {}
+        out = {f"linear.{self.name}_alpha": r.start}
+        if r.patch_start is not None:
+            out[f"linear.patch_{self.name}_alpha"] = r.patch_start
+        return out
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+    if op.name in OPS:
+        raise ValueError(f"op {op.name!r} is registered twice")
+    OPS[op.name] = op
+    return op
+
+
+def get(name: str) -> Op:
+    op = OPS.get(name)
+    if op is None:
+        raise UnsupportedOpError(f"no primal op {name!r}; registered: {', '.join(sorted(OPS))}")
+    return op

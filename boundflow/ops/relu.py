@@ -1,0 +1,171 @@
+"""relu: y = max(x, 0). Its linear relaxation (as auto_LiRPA's CROWN defines it), the backward
+rules that read it (with optimisable lower slopes for alpha-CROWN and split multipliers for
+beta-CROWN), its floating-point error vector and its patch rules.
+
+For pre-activation bounds [l, u]: upper line through (l, 0) and (u, u), i.e. slope
+d = u / (u - l) and intercept -l d (identity when l >= 0, zero when u <= 0); lower line y = x
+when u > -l, else y = 0 (the "adaptive" choice, y = 0 on a tie).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from boundflow.domains.linear import halves, sound
+from boundflow.domains.patches import fp_widen as patch_fp_widen
+from boundflow.domains.patches import selected_neurons, unit_lead, windows
+from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
+from boundflow.ops.registry import Op, Relaxation, register
+
+
+def forward(x, attrs=None):
+    return torch.relu(x)
+
+
+def interval(ins, ps, attrs):
+    return (ins[0].clamp(min=0),)
+
+
+def relax(ins, ps, attrs):
+    """stack(lower, upper) -> stack(upper slope, upper intercept, lower slope)."""
+    lo, hi = ins[0]
+    lo_r = lo.clamp(max=0)
+    hi_r = torch.maximum(hi.clamp(min=0), lo_r + 1e-8)   # keeps d finite when l = u = 0
+    up_slope = hi_r / (hi_r - lo_r)
+    up_bias = -lo_r * up_slope
+    lo_slope = (up_slope > 0.5).to(lo.dtype)
+    return (torch.stack((up_slope, up_bias, lo_slope)),)
+
+
+def _back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u, lower_only=False):
+    """Lower rows: positive coefficients take the lower line, negative ones the upper line;
+    upper rows the other way round. Slopes broadcast against A's halves."""
+    ub = up_bias.flatten(2).transpose(1, 2)                                   # [B, N, 1]
+    if lower_only:
+        out = a * torch.where(a >= 0, lo_slope_l, up_slope)
+        return out, bias + torch.bmm(a.clamp(max=0).flatten(2), ub).squeeze(-1)
+    s = a.shape[1] // 2
+    a_lo, a_up = a[:, :s], a[:, s:]
+    out = torch.cat([a_lo * torch.where(a_lo >= 0, lo_slope_l, up_slope),
+                     a_up * torch.where(a_up >= 0, up_slope, lo_slope_u)], 1)
+    # intercepts: only the upper line has one; it enters where the upper line was taken
+    bias_lo = torch.bmm(a_lo.clamp(max=0).flatten(2), ub).squeeze(-1)
+    bias_up = torch.bmm(a_up.clamp(min=0).flatten(2), ub).squeeze(-1)
+    return out, bias + torch.cat([bias_lo, bias_up], 1)
+
+
+def backward(ins, ps, attrs):
+    a, bias, lines = ins
+    up_slope, up_bias, lo_slope = lines.unsqueeze(2)       # each [B, 1, ...]
+    return _back(a, bias, up_slope, up_bias, lo_slope, lo_slope, attrs.get("lower_only", False))
+
+
+def backward_alpha(ins, ps, attrs):
+    """As backward, but the lower line of each unstable neuron has slope alpha (in [0, 1]), one
+    per row of A: alpha-CROWN. Stable neurons keep their exact line. Without alpha (None),
+    CROWN's adaptive slopes: that first run tells the optimiser the shapes and starting slopes.
+
+    An optional fifth input m (beta-CROWN, [B, 2S, *shape] like alpha, or None) holds the
+    split constraints' multipliers times their signs: m = beta * s with beta >= 0 and s = +1
+    for a neuron split active (z >= 0), -1 inactive (z <= 0), 0 unsplit. On the domain
+    s z >= 0, so the lower rows may subtract beta s z and the upper rows add it (a Lagrangian
+    relaxation of the split constraints; sound for any beta >= 0)."""
+    a, bias, lines, alpha = ins[:4]
+    beta = ins[4] if len(ins) > 4 else None
+    if alpha is None:
+        out, bias = backward(ins[:3], ps, attrs)
+    else:
+        up_slope, up_bias, lo_slope = lines.unsqueeze(2)
+        lo_slope = torch.where(up_bias > 0, alpha, lo_slope)   # up_bias > 0 exactly when l < 0 < u
+        s = halves(a, attrs)
+        out, bias = _back(a, bias, up_slope, up_bias, lo_slope[:, :s], lo_slope[:, s:],
+                          attrs.get("lower_only", False))
+    if beta is not None:
+        s = halves(a, attrs)
+        out = torch.cat([out[:, :s] - beta[:, :s], out[:, s:] + beta[:, s:]], 1)
+    return out, bias
+
+
+def _alpha_magnitude(ins):
+    """|A| plus the split multipliers that backward_alpha adds to it (beta-CROWN)."""
+    beta = ins[4] if len(ins) > 4 else None
+    return ins[0].abs() if beta is None else ins[0].abs() + beta.abs()
+
+
+def alpha_start(op, env) -> torch.Tensor:
+    """CROWN's adaptive lower slopes of backward_alpha's task op, one per row of A (from a run
+    without slopes, env: buffer -> tensor): alpha-CROWN's start."""
+    a, lines = env[op.inputs[0]], env[op.inputs[2]]
+    return lines[2].unsqueeze(1).expand(a.shape).clone()
+
+
+def fp_error(ins, ps, attrs):
+    """e of the backward rules, from the interval of the input and the relaxation: the products
+    A * slope (|slope| <= 1), the intercept sums over the layer, and how far the rounded upper
+    line s z + t may fall below relu(z) on [l, u] (relu minus a line is convex, so the worst is
+    at an end)."""
+    s, lines = ins
+    lo, hi = s
+    slope, intercept = lines[0], lines[1]
+    m = magnitude(s)
+    u = unit_roundoff(s.dtype)
+    gap = torch.maximum(hi.clamp(min=0) - (slope * hi + intercept), lo.clamp(min=0) - (slope * lo + intercept))
+    gap = gap.clamp(min=0) + 4 * u * (m + slope.abs() * m + intercept.abs())
+    n = math.prod(s.shape[2:]) + 4
+    return (2 * (2 * u * m + gamma(n, s.dtype) * intercept.abs() + gap) + slack(n, s.dtype),)
+
+
+# -- patches ------------------------------------------------------------------------------------
+
+def _window_lines(lines: torch.Tensor, idx: torch.Tensor, attrs, a: torch.Tensor) -> torch.Tensor:
+    """The relaxation at each neuron's window: [3, B, 1, k, C, ph, pw] (broadcasts over halves)."""
+    return windows(unit_lead(lines, 2), idx, attrs, a.shape[-2], a.shape[-1]).unsqueeze(2)
+
+
+def _patch_back(a, bias, win, alpha=None):
+    """_back on windows; alpha [B, 2k, C, ph, pw] replaces the lower slope of unstable neurons,
+    one per row as in backward_alpha."""
+    k = a.shape[1] // 2
+    up_slope, up_bias, lo_slope = win                    # each [B, 1, k, C, ph, pw]
+    a = a.unflatten(1, (2, k))
+    if alpha is not None:
+        lo_slope = torch.where(up_bias > 0, alpha.unflatten(1, (2, k)), lo_slope)
+    lower = torch.tensor([True, False]).reshape(1, 2, 1, 1, 1, 1)
+    slope = torch.where(a >= 0, torch.where(lower, lo_slope, up_slope), torch.where(lower, up_slope, lo_slope))
+    chosen = torch.where(lower, a.clamp(max=0), a.clamp(min=0))
+    extra = (chosen * up_bias).flatten(3).sum(-1).flatten(1)
+    return (a * slope).flatten(1, 2), bias + extra
+
+
+def patch_backward(ins, ps, attrs):
+    """backward on windows: each row reads the relaxation at its neuron's window. In a sound_fp
+    plan the last input is the ReLU's error vector (patches.fp_widen)."""
+    ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
+    a, bias, lines = ins[:3]
+    idx = selected_neurons(ins, 3, attrs)
+    out, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a))
+    return out, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
+
+
+def patch_backward_alpha(ins, ps, attrs):
+    """patch_backward with optimised lower slopes (alpha-CROWN); without them (None), CROWN's."""
+    ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
+    a, bias, lines, alpha = ins[:4]
+    idx = selected_neurons(ins, 4, attrs)
+    out, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a), alpha)
+    return out, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
+
+
+def patch_alpha_start(op, env) -> torch.Tensor:
+    """CROWN's lower slopes at each row's window, shaped like alpha: alpha-CROWN's start."""
+    a, lines = env[op.inputs[0]], env[op.inputs[2]]
+    idx = selected_neurons([env[b] for b in op.inputs], 4, op.attrs)
+    lo_slope = _window_lines(lines, idx, op.attrs, a)[2]    # [B, 1, k, C, ph, pw]
+    return lo_slope.expand(a.unflatten(1, (2, a.shape[1] // 2)).shape).flatten(1, 2).clone()
+
+
+RELU = register(Op(
+    "relu", forward, interval, sound(backward),
+    relaxation=Relaxation(relax, 3, fp_error, sound(backward_alpha, _alpha_magnitude), alpha_start,
+                          patch_backward, patch_backward_alpha, patch_alpha_start)))
