@@ -398,3 +398,21 @@ def onnx_runner(path: str | os.PathLike):
         return torch.from_numpy(np.stack(outs)).double()
 
     return run
+
+
+def onnx_file(nodes, inits: dict, in_shape, out_shape, path: str | os.PathLike,
+              elem_type: int | None = None) -> str:
+    """Write a hand-made ONNX graph (onnx.helper nodes, initializers {name: array}) with input "x"
+    and output "y" of `elem_type` (default FLOAT), opset 17, and return the path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem_type = TensorProto.FLOAT if elem_type is None else elem_type
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", elem_type, list(in_shape))],
+                              [helper.make_tensor_value_info("y", elem_type, list(out_shape))],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.fspath(path))
+    return os.fspath(path)

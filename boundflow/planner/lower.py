@@ -74,6 +74,11 @@ class _Emitter:
         self.out.phases.append(self.phase)
 
 
+def relu_inputs(graph: Graph) -> list[str]:
+    """Every ReLU input value of `graph`, once each, in node order."""
+    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if n.op == "relu"))
+
+
 def _unit_lead(shape) -> bool:
     return math.prod(shape[:-1]) == 1
 
@@ -167,20 +172,20 @@ class _Lowering:
             out_numel = g.values[g.outputs[0]].type.numel
             em.out.inputs["C"] = em.buffer("spec.C", (self.B, self.S, out_numel), role="input")
 
-        relu_inputs = {n.inputs[0] for n in g.nodes if n.op == "relu"}
+        relus = set(relu_inputs(g))
         if self.method == SPLIT_METHOD:
-            return self.run_split(relu_inputs)
+            return self.run_split(relus)
         folded_output = self._ibp_spec_fold()
         for node in g.nodes:
             if node is folded_output:
                 continue
             self.forward(node)
             v = node.outputs[0]
-            if self.method in _REFINED and v in relu_inputs and not interval_is_exact(g, v):
+            if self.method in _REFINED and v in relus and not interval_is_exact(g, v):
                 self.refine(v)
         self.set_output("bounds", self.output_bounds(folded_output))
         if self.cfg.export_intermediate:
-            for v in sorted(relu_inputs):
+            for v in sorted(relus):
                 self.set_output(f"interm:{v}", self.bounds[v])
         return em.out
 

@@ -38,7 +38,8 @@ import torch
 
 from boundflow import api
 from boundflow.planner.config import PlannerConfig
-from boundflow.planner.lower import SPLIT_METHOD
+from boundflow.planner.lower import SPLIT_METHOD, relu_inputs
+from boundflow.planner.pipeline import planned_graph
 from boundflow.verify.alpha import AlphaConfig, descend, starting_slopes
 from boundflow.verify.attack import Counterexample
 from boundflow.verify.progress import Progress
@@ -153,7 +154,8 @@ class ReluBranchAndBound:
         self.planner = planner or PlannerConfig()
         self.graph, self.key = api.load_model(model)
         self.output = self.graph.outputs[0]
-        self.relus = list(dict.fromkeys(n.inputs[0] for n in self.graph.nodes if n.op == "relu"))
+        # the plan's names: layout folding may rename a ReLU's input
+        self.relus = relu_inputs(planned_graph(self.graph, self.planner)[0])
         self.pairs = pairs
         self.subs = [problem.restrict(b, k) for b, k in pairs]
         self.rows = max(sub.num_rows for sub in self.subs)
