@@ -240,20 +240,56 @@ def test_search_names_relus_as_the_folded_plan_does(tmp_path, kind):
     assert abs(margin - want) <= 1e-5 * max(1.0, abs(want))
 
 
-def test_relu_split_verifies_a_net_whose_relu_folding_renames(tmp_path):
-    """End to end: a threshold between alpha-CROWN's bound and the sampled minimum sends verify
-    into ReLU branch and bound on the NHWC-relu net, which proves it."""
-    path = renamed_relu_net("transposes_cancel", tmp_path / "net.onnx")
-    lo, hi = -torch.ones(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
-    pts = sample_box(lo.float(), hi.float(), 20000, 64).reshape(-1, 1, 2, 4, 4)
+def gap_property(path: str, shape: tuple[int, ...], prop) -> None:
+    """Write a property Y_0 - Y_1 <= d over [-1, 1]^n with d halfway between alpha-CROWN's lower
+    bound and the sampled minimum: the root bounds cannot prove it, ReLU splitting can."""
+    n = math.prod(shape)
+    lo, hi = -torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    pts = sample_box(lo.float(), hi.float(), 20000, 64).reshape((-1,) + shape)
     low = float(spec_values(torch.cat([api.bound(path, p, p, "ibp").lb for p in pts.split(1000)]).double()).min())
-    C = torch.tensor([[1.0, -1.0]])
-    lb = float(api.bound(path, lo.float().reshape(1, 2, 4, 4), hi.float().reshape(1, 2, 4, 4), "alpha-crown",
-                         C=C).lb)
+    box = lo.float().reshape(shape), hi.float().reshape(shape)
+    lb = float(api.bound(path, *box, "alpha-crown", C=torch.tensor([[1.0, -1.0]])).lb)
     assert lb < low - 0.05, (lb, low)
-    prop = tmp_path / "p.vnnlib"
-    prop.write_text(property_text(32, 2, lo, hi, lb + 0.5 * (low - lb)))
-    res = verify(path, prop, timeout=30)
+    prop.write_text(property_text(n, 2, lo, hi, lb + 0.5 * (low - lb)))
+
+
+def test_relu_split_verifies_a_net_whose_relu_folding_renames(tmp_path):
+    path = renamed_relu_net("transposes_cancel", tmp_path / "net.onnx")
+    gap_property(path, (1, 2, 4, 4), tmp_path / "p.vnnlib")
+    res = verify(path, tmp_path / "p.vnnlib", timeout=30)
+    assert res.verdict == "holds" and res.stats["decided_by"] == "relu_bab", res.stats
+
+
+def input_relu_net(path) -> str:
+    """x [1, 32] -> relu -> dense 16 -> relu -> dense 2: a ReLU on the network input itself."""
+    from onnx import helper
+
+    rng = np.random.default_rng(2)
+    inits = {"A": rng.standard_normal((16, 32)).astype(np.float32) * 0.3,
+             "a": rng.standard_normal(16).astype(np.float32) * 0.3,
+             "B": rng.standard_normal((2, 16)).astype(np.float32) * 0.5}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gemm", ["r", "A", "a"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["s"]), helper.make_node("Gemm", ["s", "B"], ["y"], transB=1)]
+    return onnx_file(nodes, inits, [1, 32], [1, 2], path)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "alpha-crown"])
+def test_relu_on_the_input_exports_the_box(tmp_path, method):
+    """The exported interval of a ReLU on the network input is the input box (the plan crashed
+    making the box buffer a module output)."""
+    path = input_relu_net(tmp_path / "net.onnx")
+    lo, hi = -torch.rand(2, 1, 32), torch.rand(2, 1, 32)
+    res = api.bound(path, lo, hi, method, config=EXPORT)
+    assert torch.equal(res.intermediate["x"], torch.stack((lo, hi)))
+    assert torch.equal(res.lb, api.bound(path, lo, hi, method).lb)
+
+
+def test_relu_split_verifies_a_net_with_a_relu_on_its_input(tmp_path):
+    """32 inputs: the alpha-CROWN refine phase exports the input ReLU's bounds, and the search
+    splits that ReLU too."""
+    path = input_relu_net(tmp_path / "net.onnx")
+    gap_property(path, (1, 32), tmp_path / "p.vnnlib")
+    res = verify(path, tmp_path / "p.vnnlib", timeout=30)
     assert res.verdict == "holds" and res.stats["decided_by"] == "relu_bab", res.stats
 
 

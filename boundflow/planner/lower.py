@@ -186,7 +186,7 @@ class _Lowering:
         self.set_output("bounds", self.output_bounds(folded_output))
         if self.cfg.export_intermediate:
             for v in sorted(relus):
-                self.set_output(f"interm:{v}", self.bounds[v])
+                self.set_output(f"interm:{v}", self.computed(v))
         return em.out
 
     def run_split(self, relu_inputs: set[str]) -> Lowered:
@@ -206,6 +206,16 @@ class _Lowering:
         self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True,
                                                 lower_only=True))
         return em.out
+
+    def computed(self, v: str) -> int:
+        """v's interval buffer, copied when it is a module input (a ReLU on the network input):
+        a module output must be written by an op."""
+        bid = self.bounds[v]
+        if bid not in self.em.out.inputs.values():
+            return bid
+        copy = self.interval_buffer(v, "copy")
+        self.em.emit("interval.reshape", [bid], [copy], attrs={"shape": list(self.shape(v))}, source=v)
+        return copy
 
     def set_output(self, role: str, bid: int):
         spec = self.em.out.buffers[bid]
