@@ -382,7 +382,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
 
 def onnx_runner(path: str | os.PathLike):
     """f(points [N, *shape[1:]]) -> [N, O] float64 outputs by onnxruntime, one point per run
-    (the exported input has batch 1)."""
+    (the exported input has batch 1), fed in the model's input type (float or double)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -391,9 +391,10 @@ def onnx_runner(path: str | os.PathLike):
     sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64}[inp.type]
 
     def run(points: torch.Tensor) -> torch.Tensor:
-        x = points.detach().cpu().numpy().astype(np.float32)
+        x = points.detach().cpu().numpy().astype(dtype)
         outs = [sess.run(None, {inp.name: x[i].reshape(shape)})[0].reshape(-1) for i in range(len(x))]
         return torch.from_numpy(np.stack(outs)).double()
 

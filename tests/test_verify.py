@@ -26,7 +26,7 @@ from boundflow.verify.bab import BatchSizer, DomainQueue, Domains, combine, spli
 from boundflow.verify.property import ATOL, inward_float32, make_problem
 from boundflow.verify.verifier import Result, result_file_text, verify
 
-from nets import export_onnx, onnx_runner
+from nets import export_onnx, onnx_file, onnx_runner
 from test_vnnlib import MALFORMED
 
 VNNCOMP = "benchmarks/vnncomp2021"
@@ -91,6 +91,17 @@ class TwoRelu(nn.Module):
 def two_relu(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("nets") / "two_relu.onnx"
     export_onnx(TwoRelu(), torch.zeros(1, 2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_relu_double(tmp_path_factory) -> Path:
+    """TwoRelu as a DOUBLE-typed ONNX model (weights, input and output float64)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])]
+    path = tmp_path_factory.mktemp("nets") / "two_relu_double.onnx"
+    onnx_file(nodes, {"W": np.array([[1.0, 1.0], [1.0, -1.0]])}, [1, 2], [1, 2], path, TensorProto.DOUBLE)
     return path
 
 
@@ -261,6 +272,22 @@ def test_several_boxes_and_disjuncts(two_relu, tmp_path):
     safe = write(tmp_path, "q.vnnlib", header(2, 2) + boxes.replace("0.95", "0.5").replace(
         "(<= X_0 1)", "(<= X_0 0.8)") + "(assert (or (>= Y_0 1.9) (>= Y_1 0.9)))\n")
     assert verify(two_relu, safe, timeout=20).verdict == "holds"
+
+
+def test_double_model_verdicts(capsys, two_relu_double, tmp_path):
+    """A float64 model end to end: proven by the bound, by input splitting, and violated with a
+    counterexample onnxruntime confirms when fed float64 (it crashed feeding float32)."""
+    out = tmp_path / "res.txt"
+    cases = [("(assert (>= Y_0 2.5))\n", "unsat"), ("(assert (>= Y_0 1.6))\n(assert (>= Y_1 0.6))\n", "unsat"),
+             ("(assert (>= Y_0 1.4))\n(assert (>= Y_1 0.4))\n", "sat")]
+    for k, (rows, want) in enumerate(cases):
+        prop = write(tmp_path, f"p{k}.vnnlib", header(2, 2) + unit_box(2) + rows)
+        code = main(["verify", str(two_relu_double), str(prop), "--timeout", "3600", "--results", str(out)])
+        assert code == 0, capsys.readouterr().err
+        assert out.read_text().splitlines()[0] == want
+    res = verify(two_relu_double, prop, timeout=20)
+    assert res.verdict == "violated"
+    assert_counterexample(two_relu_double, prop, res)
 
 
 def test_zero_timeout(two_relu, tmp_path):
