@@ -310,3 +310,22 @@ def test_alpha_crown_patches_equal_dense():
     pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS, torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_inside(module(pts).double(), got[True].lb[0], got[True].ub[0], "alpha-crown patches")
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "alpha-crown"])
+def test_identity_model_bounds_are_the_box(tmp_path, method):
+    """output = input (an ONNX Identity, no op left after loading): the bounds are the box itself,
+    and C @ box exactly for a spec (CROWN crashed looking for the output's producer)."""
+    from onnx import helper
+
+    from nets import onnx_file
+
+    path = onnx_file([helper.make_node("Identity", ["x"], ["y"])], {}, [1, 3], [1, 3], tmp_path / "id.onnx")
+    lo, hi = torch.tensor([[[-1.0, 0.0, 2.0]], [[0.5, -4.0, 1.0]]]), torch.tensor([[[1.0, 0.5, 3.0]], [[0.5, 2.0, 8.0]]])
+    res = boundflow.bound(path, lo, hi, method)
+    assert torch.equal(res.lb, lo[:, 0]) and torch.equal(res.ub, hi[:, 0])
+    C = torch.tensor([[1.0, -1.0, 0.0], [0.0, 2.0, -0.5]])
+    res = boundflow.bound(path, lo, hi, method, C=C)
+    want_lb = C.clamp(min=0) @ lo[:, 0].T + C.clamp(max=0) @ hi[:, 0].T
+    want_ub = C.clamp(min=0) @ hi[:, 0].T + C.clamp(max=0) @ lo[:, 0].T
+    assert torch.equal(res.lb, want_lb.T) and torch.equal(res.ub, want_ub.T)

@@ -290,6 +290,25 @@ def test_double_model_verdicts(capsys, two_relu_double, tmp_path):
     assert_counterexample(two_relu_double, prop, res)
 
 
+def test_identity_model_verdicts(tmp_path):
+    """output = input: proven by the bound, violated by the attack; with 32 inputs an unprovable
+    property reaches ReLU branch and bound, which has nothing to split: "unknown" (it reported a
+    timeout before the deadline, and CROWN crashed on such a model before that)."""
+    from onnx import helper
+
+    for n in (3, 32):
+        path = onnx_file([helper.make_node("Identity", ["x"], ["y"])], {}, [1, n], [1, n], tmp_path / f"id{n}.onnx")
+        holds = write(tmp_path, "h.vnnlib", header(n, n) + unit_box(n) + "(assert (>= Y_0 1.5))\n")
+        assert verify(path, holds, timeout=20).verdict == "holds"
+        violated = write(tmp_path, "v.vnnlib", header(n, n) + unit_box(n) + "(assert (>= Y_0 0.5))\n")
+        res = verify(path, violated, timeout=20)
+        assert res.verdict == "violated"
+        assert_counterexample(path, violated, res)
+    touching = write(tmp_path, "t.vnnlib", header(32, 32) + unit_box(32) + "(assert (>= Y_0 1))\n")
+    res = verify(tmp_path / "id32.onnx", touching, timeout=20)
+    assert res.verdict == "unknown" and res.stats["decided_by"] == "relu_bab", res.stats
+
+
 def test_zero_timeout(two_relu, tmp_path):
     prop = write(tmp_path, "p.vnnlib", header(2, 2) + unit_box(2) + "(assert (>= Y_0 1.6))\n(assert (>= Y_1 0.6))\n")
     assert verify(two_relu, prop, timeout=0).verdict == "timeout"

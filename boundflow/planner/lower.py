@@ -376,7 +376,7 @@ class _Lowering:
             return em.buffer(f"bias({target})", (B, rows2), dynamic_axis=dynamic)
 
         A: dict[str, int] = {}
-        node0 = self.producer[target]
+        node0 = self.producer.get(target)      # None: the output is the input (an identity model)
         skip = None
         rows = None
         if not is_output and node0.op == "linear" and _unit_lead(self.shape(node0.inputs[0])):
