@@ -429,6 +429,33 @@ def test_cli_verify_malformed_vnnlib(capsys, two_relu, tmp_path, name):
     assert out.read_text() == "error\n"
 
 
+@pytest.mark.parametrize("error,fragment", [
+    (KeyError("t"), "internal error: KeyError: 't' (at "),
+    (RuntimeError("onnxruntime said\n  something"), "internal error: RuntimeError: onnxruntime said something"),
+    (OSError(5, "Input/output error", "x.onnx"), "x.onnx: Input/output error")])
+@pytest.mark.parametrize("debug", [False, True])
+def test_cli_verify_internal_error(capsys, monkeypatch, two_relu, tmp_path, error, fragment, debug):
+    """Whatever fails inside verify: the result file says error, stderr names the cause in one
+    line (and the traceback with --debug), exit status 2, and no verdict on stdout."""
+    from boundflow.verify import verifier
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(verifier, "verify", broken)
+    prop = write(tmp_path, "p.vnnlib", header(2, 2) + unit_box(2) + "(assert (>= Y_0 2.5))\n")
+    out = tmp_path / "res.txt"
+    argv = ["verify", str(two_relu), str(prop), "--timeout", "5", "--results", str(out)]
+    assert main(argv + ["--debug"] * debug) == 2
+    stdout, err = capsys.readouterr()
+    assert stdout == "" and out.read_text() == "error\n"
+    last = err.splitlines()[-1]
+    assert last.startswith("boundflow: error: ") and fragment in last
+    assert ("Traceback" in err) == debug
+    if not debug:
+        assert err.count("\n") == 1
+
+
 def test_cli_verify_bad_arguments(capsys, two_relu, tmp_path):
     prop = write(tmp_path, "p.vnnlib", header(2, 2) + unit_box(2) + "(assert (>= Y_0 2.5))\n")
     for argv, fragment in [
