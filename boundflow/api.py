@@ -1,12 +1,14 @@
 """The Python entry points: compute_bounds and friends.
 
-A model is loaded and simplified once (cached by file identity or object identity), a plan is
-made once per (model, method, batch, spec rows, config) and cached, and each call only runs it.
+A model is loaded and simplified once (cached by file identity, a ModelProto's serialized bytes,
+or a torch module's identity and a digest of its tensors), a plan is made once per (model,
+method, batch, spec rows, config) and cached, and each call only runs it.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import stat
 import time
@@ -68,16 +70,16 @@ def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph,
             raise ModelLoadError(f"model path is not a file: {path}")
         key = ("file", path, st.st_mtime_ns, st.st_size)
     elif isinstance(model, onnx.ModelProto):
-        key = ("onnx", id(model))
+        key = ("onnx", hashlib.sha256(model.SerializeToString()).hexdigest())
     elif isinstance(model, torch.nn.Module):
         if example_input is None:
             raise ShapeError("a torch.nn.Module needs an example input (x_lower gives its shape)")
-        key = ("torch", id(model), tuple(example_input.shape))
+        key = ("torch", id(model), tuple(example_input.shape), _module_digest(model))
     else:
         raise ModelLoadError(f"model must be an ONNX path, an onnx.ModelProto or a torch.nn.Module, "
                              f"not {type(model).__name__}")
     hit = _graphs.get(key)
-    if hit is not None and hit[1] is (model if key[0] != "file" else hit[1]):
+    if hit is not None and hit[1] is (model if key[0] == "torch" else None):
         _graphs.move_to_end(key)
         return hit[0], key
     if key[0] == "torch":
@@ -87,8 +89,23 @@ def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph,
         from boundflow.frontends.onnx import load_onnx
         graph = load_onnx(model)
     graph = simplify(graph)
-    _remember(_graphs, key, (graph, model if key[0] != "file" else None))
+    _remember(_graphs, key, (graph, model if key[0] == "torch" else None))
     return graph, key
+
+
+def _module_digest(model: torch.nn.Module) -> str:
+    """A digest of what the export of `model` reads besides its code: its structure and
+    hyperparameters (repr) and every tensor, parameter, buffer or plain attribute, byte by byte,
+    so weights changed in place make a new cache key."""
+    h = hashlib.sha256(repr(model).encode())
+    for prefix, m in model.named_modules():
+        tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False), *vars(m).items()]
+        for name, t in tensors:
+            # an uninitialized lazy parameter has no bytes yet (the export then says so)
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+                h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def input_shape(model) -> tuple[int, ...]:

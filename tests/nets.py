@@ -382,7 +382,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
 
 def onnx_runner(path: str | os.PathLike):
     """f(points [N, *shape[1:]]) -> [N, O] float64 outputs by onnxruntime, one point per run
-    (the exported input has batch 1)."""
+    (the exported input has batch 1), fed in the model's input type (float or double)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -391,10 +391,29 @@ def onnx_runner(path: str | os.PathLike):
     sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64}[inp.type]
 
     def run(points: torch.Tensor) -> torch.Tensor:
-        x = points.detach().cpu().numpy().astype(np.float32)
+        x = points.detach().cpu().numpy().astype(dtype)
         outs = [sess.run(None, {inp.name: x[i].reshape(shape)})[0].reshape(-1) for i in range(len(x))]
         return torch.from_numpy(np.stack(outs)).double()
 
     return run
+
+
+def onnx_file(nodes, inits: dict, in_shape, out_shape, path: str | os.PathLike,
+              elem_type: int | None = None) -> str:
+    """Write a hand-made ONNX graph (onnx.helper nodes, initializers {name: array}) with input "x"
+    and output "y" of `elem_type` (default FLOAT), opset 17, and return the path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem_type = TensorProto.FLOAT if elem_type is None else elem_type
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", elem_type, list(in_shape))],
+                              [helper.make_tensor_value_info("y", elem_type, list(out_shape))],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.fspath(path))
+    return os.fspath(path)

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,13 +21,14 @@ from hypothesis import strategies as st
 from boundflow import api
 from boundflow.domains import concrete
 from boundflow.frontends.vnnlib import parse_vnnlib
+from boundflow.passes.layout import fold_layout
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.alpha import AlphaConfig
 from boundflow.verify.property import make_problem
 from boundflow.verify.relu_bab import DomainQueue, DomainSet, ReluBabConfig, ReluBranchAndBound
 from boundflow.verify.verifier import VerifyConfig, verify
 
-from nets import export_onnx, networks, sample_box
+from nets import export_onnx, networks, onnx_file, sample_box
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -190,6 +192,105 @@ def test_unsplit_beta_crown_is_crown(setup):
         margin = float(search.bound(root, 0).t["margin"][0])
         want = float(problem.disjunct_margins(problem.row_lower_bounds(crown.lb, crown.ub))[0, 0])
         assert abs(margin - want) <= 1e-5 * max(1.0, abs(want)), (repr(net), margin, want)
+
+
+def renamed_relu_net(kind: str, path) -> str:
+    """x [1, 2, 4, 4] -> conv -> (a layout op that folding removes) -> relu -> flatten -> dense [2]:
+    after folding the ReLU reads the conv output directly, a value of another name."""
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    inits = {"W": rng.standard_normal((3, 2, 3, 3)).astype(np.float32) * 0.5,
+             "G": rng.standard_normal((2, 48)).astype(np.float32) * 0.3}
+    conv = helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1])
+    if kind == "transposes_cancel":     # NHWC relu: transpose, relu, inverse transpose
+        layout = [helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Relu", ["t"], ["r0"]),
+                  helper.make_node("Transpose", ["r0"], ["r"], perm=[0, 3, 1, 2])]
+    elif kind == "reshapes_collapse":   # flatten and back: an identity reshape chain
+        inits.update(s1=np.array([1, 48]), s2=np.array([1, 3, 4, 4]))
+        layout = [helper.make_node("Reshape", ["c", "s1"], ["f0"]), helper.make_node("Reshape", ["f0", "s2"], ["t"]),
+                  helper.make_node("Relu", ["t"], ["r"])]
+    else:                               # a transpose of unit axes only: a reshape, sunk below the relu
+        inits.update(s1=np.array([1, 1, 48]))
+        layout = [helper.make_node("Reshape", ["c", "s1"], ["f0"]),
+                  helper.make_node("Transpose", ["f0"], ["t"], perm=[1, 0, 2]),
+                  helper.make_node("Relu", ["t"], ["r"])]
+    head = [helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "G"], ["y"], transB=1)]
+    return onnx_file([conv, *layout, *head], inits, [1, 2, 4, 4], [1, 2], path)
+
+
+@pytest.mark.parametrize("kind", ["transposes_cancel", "reshapes_collapse", "unit_transpose"])
+def test_search_names_relus_as_the_folded_plan_does(tmp_path, kind):
+    """Layout folding renames the ReLU's input; the search must use the plan's names (it crashed
+    with a KeyError), and its unsplit bound is CROWN's."""
+    path = renamed_relu_net(kind, tmp_path / "net.onnx")
+    graph, _ = api.load_model(path)
+    folded, _ = fold_layout(graph)
+    relus = [{n.inputs[0] for n in g.nodes if n.op == "relu"} for g in (graph, folded)]
+    assert relus[0] != relus[1]                                 # the case at hand: folding renames
+    lo, hi = -torch.ones(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
+    shape = (1, 2, 4, 4)
+    problem = make_problem(parse_vnnlib(property_text(32, 2, lo, hi, 0.0)), shape)
+    crown = api.bound(path, problem.outer_lo.reshape(shape), problem.outer_hi.reshape(shape), "crown",
+                      C=problem.C_bound[: problem.num_rows], config=EXPORT)
+    search = ReluBranchAndBound(path, problem, [(0, 0)], None, ReluBabConfig(), EXPORT)
+    margin = float(search.bound(search.root(crown.intermediate, torch.full((1, 1), -math.inf)), 0).t["margin"][0])
+    want = float(problem.disjunct_margins(problem.row_lower_bounds(crown.lb, crown.ub))[0, 0])
+    assert abs(margin - want) <= 1e-5 * max(1.0, abs(want))
+
+
+def gap_property(path: str, shape: tuple[int, ...], prop) -> None:
+    """Write a property Y_0 - Y_1 <= d over [-1, 1]^n with d halfway between alpha-CROWN's lower
+    bound and the sampled minimum: the root bounds cannot prove it, ReLU splitting can."""
+    n = math.prod(shape)
+    lo, hi = -torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    pts = sample_box(lo.float(), hi.float(), 20000, 64).reshape((-1,) + shape)
+    low = float(spec_values(torch.cat([api.bound(path, p, p, "ibp").lb for p in pts.split(1000)]).double()).min())
+    box = lo.float().reshape(shape), hi.float().reshape(shape)
+    lb = float(api.bound(path, *box, "alpha-crown", C=torch.tensor([[1.0, -1.0]])).lb)
+    assert lb < low - 0.05, (lb, low)
+    prop.write_text(property_text(n, 2, lo, hi, lb + 0.5 * (low - lb)))
+
+
+def test_relu_split_verifies_a_net_whose_relu_folding_renames(tmp_path):
+    path = renamed_relu_net("transposes_cancel", tmp_path / "net.onnx")
+    gap_property(path, (1, 2, 4, 4), tmp_path / "p.vnnlib")
+    res = verify(path, tmp_path / "p.vnnlib", timeout=30)
+    assert res.verdict == "holds" and res.stats["decided_by"] == "relu_bab", res.stats
+
+
+def input_relu_net(path) -> str:
+    """x [1, 32] -> relu -> dense 16 -> relu -> dense 2: a ReLU on the network input itself."""
+    from onnx import helper
+
+    rng = np.random.default_rng(2)
+    inits = {"A": rng.standard_normal((16, 32)).astype(np.float32) * 0.3,
+             "a": rng.standard_normal(16).astype(np.float32) * 0.3,
+             "B": rng.standard_normal((2, 16)).astype(np.float32) * 0.5}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gemm", ["r", "A", "a"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["s"]), helper.make_node("Gemm", ["s", "B"], ["y"], transB=1)]
+    return onnx_file(nodes, inits, [1, 32], [1, 2], path)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "alpha-crown"])
+def test_relu_on_the_input_exports_the_box(tmp_path, method):
+    """The exported interval of a ReLU on the network input is the input box (the plan crashed
+    making the box buffer a module output)."""
+    path = input_relu_net(tmp_path / "net.onnx")
+    lo, hi = -torch.rand(2, 1, 32), torch.rand(2, 1, 32)
+    res = api.bound(path, lo, hi, method, config=EXPORT)
+    assert torch.equal(res.intermediate["x"], torch.stack((lo, hi)))
+    assert torch.equal(res.lb, api.bound(path, lo, hi, method).lb)
+
+
+def test_relu_split_verifies_a_net_with_a_relu_on_its_input(tmp_path):
+    """32 inputs: the alpha-CROWN refine phase exports the input ReLU's bounds, and the search
+    splits that ReLU too."""
+    path = input_relu_net(tmp_path / "net.onnx")
+    gap_property(path, (1, 32), tmp_path / "p.vnnlib")
+    res = verify(path, tmp_path / "p.vnnlib", timeout=30)
+    assert res.verdict == "holds" and res.stats["decided_by"] == "relu_bab", res.stats
 
 
 def test_queue_pops_the_worst_domains_and_keeps_the_rest():

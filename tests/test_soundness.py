@@ -310,3 +310,65 @@ def test_alpha_crown_patches_equal_dense():
     pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS, torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_inside(module(pts).double(), got[True].lb[0], got[True].ub[0], "alpha-crown patches")
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "alpha-crown"])
+def test_identity_model_bounds_are_the_box(tmp_path, method):
+    """output = input (an ONNX Identity, no op left after loading): the bounds are the box itself,
+    and C @ box exactly for a spec (CROWN crashed looking for the output's producer)."""
+    from onnx import helper
+
+    from nets import onnx_file
+
+    path = onnx_file([helper.make_node("Identity", ["x"], ["y"])], {}, [1, 3], [1, 3], tmp_path / "id.onnx")
+    lo, hi = torch.tensor([[[-1.0, 0.0, 2.0]], [[0.5, -4.0, 1.0]]]), torch.tensor([[[1.0, 0.5, 3.0]], [[0.5, 2.0, 8.0]]])
+    res = boundflow.bound(path, lo, hi, method)
+    assert torch.equal(res.lb, lo[:, 0]) and torch.equal(res.ub, hi[:, 0])
+    C = torch.tensor([[1.0, -1.0, 0.0], [0.0, 2.0, -0.5]])
+    res = boundflow.bound(path, lo, hi, method, C=C)
+    want_lb = C.clamp(min=0) @ lo[:, 0].T + C.clamp(max=0) @ hi[:, 0].T
+    want_ub = C.clamp(min=0) @ hi[:, 0].T + C.clamp(max=0) @ lo[:, 0].T
+    assert torch.equal(res.lb, want_lb.T) and torch.equal(res.ub, want_ub.T)
+
+
+def test_torch_module_changed_in_place_gets_fresh_bounds():
+    """The model cache is keyed by the module's tensors: weights scaled in place (through the
+    parameter or through .data, which torch's version counter does not see) give the bounds of
+    the new weights, which hold on samples (the old key, id(module), returned stale bounds)."""
+    torch.manual_seed(11)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    lo, hi = -torch.ones(1, 4), torch.ones(1, 4)
+    first = boundflow.bound(module, lo, hi, "crown")
+    assert boundflow.bound(module, lo, hi, "crown").stats["plan_cached"]      # unchanged: cached
+    pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS)
+    for scale in (lambda p: p.mul_(10), lambda p: p.data.mul_(10)):
+        with torch.no_grad():
+            for p in module.parameters():
+                scale(p)
+        res = boundflow.bound(module, lo, hi, "crown")
+        assert not torch.equal(res.lb, first.lb)
+        with torch.no_grad():
+            assert_inside(module(pts).double(), res.lb[0], res.ub[0], "scaled in place")
+        fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        fresh.load_state_dict(module.state_dict())
+        assert torch.equal(res.lb, boundflow.bound(fresh, lo, hi, "crown").lb)
+
+
+def test_model_proto_changed_in_place_gets_fresh_bounds(tmp_path):
+    """A ModelProto is cached by its serialized bytes: an initializer replaced in place gives the
+    bounds of the model as it now is (the same as its saved file's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from test_api_errors import _mlp_proto
+
+    model = _mlp_proto()
+    lo, hi = -torch.ones(1, 3), torch.ones(1, 3)
+    first = boundflow.bound(model, lo, hi, "crown")
+    w = model.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 10, w.name))
+    res = boundflow.bound(model, lo, hi, "crown")
+    assert not torch.equal(res.lb, first.lb)
+    onnx.save(model, str(tmp_path / "scaled.onnx"))
+    saved = boundflow.bound(str(tmp_path / "scaled.onnx"), lo, hi, "crown")
+    assert torch.equal(res.lb, saved.lb) and torch.equal(res.ub, saved.ub)

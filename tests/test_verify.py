@@ -26,7 +26,7 @@ from boundflow.verify.bab import BatchSizer, DomainQueue, Domains, combine, spli
 from boundflow.verify.property import ATOL, inward_float32, make_problem
 from boundflow.verify.verifier import Result, result_file_text, verify
 
-from nets import export_onnx, onnx_runner
+from nets import export_onnx, onnx_file, onnx_runner
 from test_vnnlib import MALFORMED
 
 VNNCOMP = "benchmarks/vnncomp2021"
@@ -91,6 +91,17 @@ class TwoRelu(nn.Module):
 def two_relu(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("nets") / "two_relu.onnx"
     export_onnx(TwoRelu(), torch.zeros(1, 2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_relu_double(tmp_path_factory) -> Path:
+    """TwoRelu as a DOUBLE-typed ONNX model (weights, input and output float64)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])]
+    path = tmp_path_factory.mktemp("nets") / "two_relu_double.onnx"
+    onnx_file(nodes, {"W": np.array([[1.0, 1.0], [1.0, -1.0]])}, [1, 2], [1, 2], path, TensorProto.DOUBLE)
     return path
 
 
@@ -263,6 +274,41 @@ def test_several_boxes_and_disjuncts(two_relu, tmp_path):
     assert verify(two_relu, safe, timeout=20).verdict == "holds"
 
 
+def test_double_model_verdicts(capsys, two_relu_double, tmp_path):
+    """A float64 model end to end: proven by the bound, by input splitting, and violated with a
+    counterexample onnxruntime confirms when fed float64 (it crashed feeding float32)."""
+    out = tmp_path / "res.txt"
+    cases = [("(assert (>= Y_0 2.5))\n", "unsat"), ("(assert (>= Y_0 1.6))\n(assert (>= Y_1 0.6))\n", "unsat"),
+             ("(assert (>= Y_0 1.4))\n(assert (>= Y_1 0.4))\n", "sat")]
+    for k, (rows, want) in enumerate(cases):
+        prop = write(tmp_path, f"p{k}.vnnlib", header(2, 2) + unit_box(2) + rows)
+        code = main(["verify", str(two_relu_double), str(prop), "--timeout", "3600", "--results", str(out)])
+        assert code == 0, capsys.readouterr().err
+        assert out.read_text().splitlines()[0] == want
+    res = verify(two_relu_double, prop, timeout=20)
+    assert res.verdict == "violated"
+    assert_counterexample(two_relu_double, prop, res)
+
+
+def test_identity_model_verdicts(tmp_path):
+    """output = input: proven by the bound, violated by the attack; with 32 inputs an unprovable
+    property reaches ReLU branch and bound, which has nothing to split: "unknown" (it reported a
+    timeout before the deadline, and CROWN crashed on such a model before that)."""
+    from onnx import helper
+
+    for n in (3, 32):
+        path = onnx_file([helper.make_node("Identity", ["x"], ["y"])], {}, [1, n], [1, n], tmp_path / f"id{n}.onnx")
+        holds = write(tmp_path, "h.vnnlib", header(n, n) + unit_box(n) + "(assert (>= Y_0 1.5))\n")
+        assert verify(path, holds, timeout=20).verdict == "holds"
+        violated = write(tmp_path, "v.vnnlib", header(n, n) + unit_box(n) + "(assert (>= Y_0 0.5))\n")
+        res = verify(path, violated, timeout=20)
+        assert res.verdict == "violated"
+        assert_counterexample(path, violated, res)
+    touching = write(tmp_path, "t.vnnlib", header(32, 32) + unit_box(32) + "(assert (>= Y_0 1))\n")
+    res = verify(tmp_path / "id32.onnx", touching, timeout=20)
+    assert res.verdict == "unknown" and res.stats["decided_by"] == "relu_bab", res.stats
+
+
 def test_zero_timeout(two_relu, tmp_path):
     prop = write(tmp_path, "p.vnnlib", header(2, 2) + unit_box(2) + "(assert (>= Y_0 1.6))\n(assert (>= Y_1 0.6))\n")
     assert verify(two_relu, prop, timeout=0).verdict == "timeout"
@@ -381,6 +427,33 @@ def test_cli_verify_malformed_vnnlib(capsys, two_relu, tmp_path, name):
     if line is not None:
         assert f"{prop}:{line}:" in err
     assert out.read_text() == "error\n"
+
+
+@pytest.mark.parametrize("error,fragment", [
+    (KeyError("t"), "internal error: KeyError: 't' (at "),
+    (RuntimeError("onnxruntime said\n  something"), "internal error: RuntimeError: onnxruntime said something"),
+    (OSError(5, "Input/output error", "x.onnx"), "x.onnx: Input/output error")])
+@pytest.mark.parametrize("debug", [False, True])
+def test_cli_verify_internal_error(capsys, monkeypatch, two_relu, tmp_path, error, fragment, debug):
+    """Whatever fails inside verify: the result file says error, stderr names the cause in one
+    line (and the traceback with --debug), exit status 2, and no verdict on stdout."""
+    from boundflow.verify import verifier
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(verifier, "verify", broken)
+    prop = write(tmp_path, "p.vnnlib", header(2, 2) + unit_box(2) + "(assert (>= Y_0 2.5))\n")
+    out = tmp_path / "res.txt"
+    argv = ["verify", str(two_relu), str(prop), "--timeout", "5", "--results", str(out)]
+    assert main(argv + ["--debug"] * debug) == 2
+    stdout, err = capsys.readouterr()
+    assert stdout == "" and out.read_text() == "error\n"
+    last = err.splitlines()[-1]
+    assert last.startswith("boundflow: error: ") and fragment in last
+    assert ("Traceback" in err) == debug
+    if not debug:
+        assert err.count("\n") == 1
 
 
 def test_cli_verify_bad_arguments(capsys, two_relu, tmp_path):

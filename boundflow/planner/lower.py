@@ -91,6 +91,13 @@ class _Emitter:
         self.out.phases.append(self.phase)
 
 
+def relaxed_inputs(graph: Graph) -> list[str]:
+    """The input value of every relaxed op (ops.Relaxation: ReLU) of `graph`, once each, in
+    node order: what beta-crown plans read intermediate bounds of, and what ReLU branch and
+    bound splits."""
+    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if ops.get(n.op).relaxation is not None))
+
+
 def _unit_lead(shape) -> bool:
     return math.prod(shape[:-1]) == 1
 
@@ -163,45 +170,55 @@ class _Lowering:
             out_numel = g.values[g.outputs[0]].type.numel
             em.out.inputs["C"] = em.buffer("spec.C", (self.B, self.S, out_numel), role="input")
 
-        relu_inputs = {n.inputs[0] for n in g.nodes if ops.get(n.op).relaxation is not None}
+        relus = set(relaxed_inputs(g))
         if self.method == SPLIT_METHOD:
-            return self.run_split(relu_inputs)
+            return self.run_split(relus)
         folded_output = self._ibp_spec_fold()
         for node in g.nodes:
             if node is folded_output:
                 continue
             self.forward(node)
             v = node.outputs[0]
-            if self.method in _REFINED and v in relu_inputs and not interval_is_exact(g, v):
+            if self.method in _REFINED and v in relus and not interval_is_exact(g, v):
                 self.refine(v)
         self.set_output("bounds", self.output_bounds(folded_output))
         if self.cfg.export_intermediate:
-            for v in sorted(relu_inputs):
-                self.set_output(f"interm:{v}", self.bounds[v])
+            for v in sorted(relus):
+                self.set_output(f"interm:{v}", self.computed(v))
         return em.out
 
-    def run_split(self, relu_inputs: set[str]) -> Lowered:
+    def run_split(self, relaxed: set[str]) -> Lowered:
         """beta-crown: the relaxations from the given intermediate bounds, then one backward
         pass for the output. A sound_fp plan first runs the interval pass (with the given
         bounds at the relaxed ops' inputs) for the ops' error vectors."""
         em = self.em
         given = {}
-        for v in sorted(relu_inputs):
+        for v in sorted(relaxed):
             role = f"interm:{v}"
             em.out.inputs[role] = given[v] = em.buffer(
                 role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
         for node in self.g.nodes:
-            if self.sound:
-                self.forward(node)
-                if node.outputs[0] in given:
-                    self.bounds[node.outputs[0]] = given[node.outputs[0]]
-            elif ops.get(node.op).relaxation is not None:
+            is_relaxed = ops.get(node.op).relaxation is not None
+            if is_relaxed:           # (an input of the network too: then the domain's own box)
                 self.bounds[node.inputs[0]] = given[node.inputs[0]]
+            if self.sound:
+                self.forward(node)   # every interval and error vector, relaxations from the given bounds
+            elif is_relaxed:
                 self.relax_node(node)
         em.phase = "output"
         self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True,
                                                 lower_only=True))
         return em.out
+
+    def computed(self, v: str) -> int:
+        """v's interval buffer, copied when it is a module input (a ReLU on the network input):
+        a module output must be written by an op."""
+        bid = self.bounds[v]
+        if bid not in self.em.out.inputs.values():
+            return bid
+        copy = self.interval_buffer(v, "copy")
+        self.em.emit("interval.reshape", [bid], [copy], attrs={"shape": list(self.shape(v))}, source=v)
+        return copy
 
     def set_output(self, role: str, bid: int):
         spec = self.em.out.buffers[bid]
@@ -383,11 +400,11 @@ class _Lowering:
             return em.buffer(f"bias({target})", (B, rows2), dynamic_axis=dynamic)
 
         A: dict[str, int] = {}
-        node0 = self.producer[target]
-        op0 = ops.get(node0.op)
+        node0 = self.producer.get(target)      # None: the output is the input (an identity model)
+        op0 = None if node0 is None else ops.get(node0.op)
         skip = None
         rows = None
-        if not is_output and op0.matrix is not None:
+        if not is_output and op0 is not None and op0.matrix is not None:
             matrix = op0.matrix(g, node0, TORCH_DTYPES[em.dtype], self.cfg.dense_conv_start_bytes)
             rows = None if matrix is None else em.params(f"{target}.rows", matrix)
         fp_attrs = {"fp": True} if self.sound else {}

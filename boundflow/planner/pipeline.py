@@ -28,10 +28,7 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
     config = config or PlannerConfig()
     timings = {}
     t_layout = time.perf_counter()
-    if config.fold_layout:
-        graph, layout = fold_layout(graph)
-    else:
-        layout = LayoutReport(count_transposes(graph), count_transposes(graph))
+    graph, layout = planned_graph(graph, config)
     t0 = time.perf_counter()
     low = lower(graph, method, batch, spec_rows, config)
     ins, outs = set(low.inputs.values()), set(low.outputs.values())
@@ -72,6 +69,15 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
         verify_plan(module)
         timings["verify_ms"] = (time.perf_counter() - t5) * 1e3
     return module
+
+
+def planned_graph(graph: Graph, config: PlannerConfig) -> tuple[Graph, LayoutReport]:
+    """The graph plan() lowers (layout folded when config.fold_layout) and what folding did. Its
+    value names are the plan's ("interm:<relu input>", ...), which folding may rename: whoever
+    names a plan's values reads them from here."""
+    if config.fold_layout:
+        return fold_layout(graph)
+    return graph, LayoutReport(count_transposes(graph), count_transposes(graph))
 
 
 def _reuse_stats(memory, buffers) -> dict:

@@ -32,9 +32,12 @@ import numpy as np
 import torch
 
 from boundflow.domains import concrete
+from boundflow.errors import UnsupportedOpError
 from boundflow.ir.primal import Graph
 from boundflow.verify.property import Problem
 
+# onnxruntime input types -> the numpy dtype fed
+_ORT_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
 @dataclass(frozen=True)
@@ -73,21 +76,28 @@ class OrtChecker:
         opts.intra_op_num_threads = 1   # single points: threads only add overhead
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.input_dtype = _ORT_INPUT_DTYPES.get(model_input.type)
+        if self.input_dtype is None:
+            raise UnsupportedOpError(f"{model_path}: network input {model_input.name!r} has type {model_input.type}; "
+                                     f"counterexamples can be checked for {', '.join(_ORT_INPUT_DTYPES)}")
         self.problem = problem
 
     def check(self, x: np.ndarray) -> Counterexample | None:
-        """The confirmed counterexample at float32 input ``x`` (flat), or None."""
-        x = np.asarray(x, dtype=np.float32).reshape(-1)
-        box = self.problem.box_containing(x)
+        """The confirmed counterexample at float32 input ``x`` (flat), or None. The model is run
+        on ``x`` in its declared input type."""
+        # exact, but for float16, which rounds: the point fed is the one checked and reported
+        fed = np.asarray(x, dtype=np.float32).reshape(-1).astype(self.input_dtype)
+        box = self.problem.box_containing(fed)
         if box is None:
             return None
-        feed = {self.input_name: x.reshape(self.problem.input_shape)}
+        feed = {self.input_name: fed.reshape(self.problem.input_shape)}
         y = np.asarray(self.session.run(None, feed)[0], dtype=np.float64).reshape(-1)
         disjunct = self.problem.violated_disjunct(y)
         if disjunct is None:
             return None
-        return Counterexample(x=x.copy(), y=y, box=box, disjunct=disjunct)
+        return Counterexample(x=fed.astype(np.float32), y=y, box=box, disjunct=disjunct)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ unsafe output set). Verdicts:
   violated  a counterexample, confirmed by onnxruntime on MODEL.onnx    (result file: sat + point)
   unknown   the search gave up before the timeout                       (result file: unknown)
   timeout   the timeout passed                                          (result file: timeout)
+Any error (a malformed model or property, or a failure inside the verifier) prints one line
+'boundflow: error: ...' to stderr, writes 'error' to the result file and exits with status 2.
 The timeout counts from the start of the process, as VNN-COMP measures it; the search stops
 about a second early to leave time for writing the result and exiting.
 
@@ -61,6 +64,8 @@ def add_commands(sub) -> None:
                    help="print the summary as one JSON object (verdict, seconds, stats)")
     v.add_argument("--progress", action="store_true",
                    help="print a progress line to stderr every 5 s of branch and bound")
+    v.add_argument("--debug", action="store_true",
+                   help="on an error, also print the full traceback to stderr")
     v.set_defaults(run=cmd_verify)
 
     s = sub.add_parser(
@@ -91,7 +96,7 @@ def process_age() -> float:
 
 
 def cmd_verify(args) -> int:
-    from boundflow.cli import CliError, _existing_file
+    from boundflow.cli import EXIT_ERROR, CliError, _existing_file
     from boundflow.errors import BoundflowError
     from boundflow.verify.verifier import VerifyConfig, result_file_text, verify
 
@@ -113,12 +118,30 @@ def cmd_verify(args) -> int:
         budget = args.timeout - process_age() - EXIT_RESERVE_S
         result = verify(model, prop, budget, method=args.method,
                         config=VerifyConfig(seed=args.seed))
-    except (CliError, BoundflowError):
+        text = result_file_text(result)
+        summary = _summary_json(result, args) if args.json else _summary_line(result, args)
+    except (CliError, BoundflowError, OSError):
         _write_results(args.results, result_file_text(None))
+        if args.debug:
+            traceback.print_exc()
         raise
-    _write_results(args.results, result_file_text(result))
-    print(_summary_json(result, args) if args.json else _summary_line(result, args))
+    except Exception as e:  # the command boundary: any other failure is an error, loudly, never a verdict
+        _write_results(args.results, result_file_text(None))
+        if args.debug:
+            traceback.print_exc()
+        print(f"boundflow: error: {_internal_error(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    _write_results(args.results, text)
+    print(summary)
     return 0
+
+
+def _internal_error(e: Exception) -> str:
+    """One line naming an unexpected exception and the line that raised it."""
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    message = " ".join(str(e).split())
+    return (f"internal error: {type(e).__name__}{': ' + message if message else ''} "
+            f"(at {where.filename}:{where.lineno}; --debug prints the traceback)")
 
 
 def _write_results(path: str | None, text: str) -> None:

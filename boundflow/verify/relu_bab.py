@@ -47,7 +47,8 @@ import dataclasses
 from boundflow import api
 from boundflow.domains.rounding import round_outward
 from boundflow.planner.config import PlannerConfig
-from boundflow.planner.lower import SPLIT_METHOD
+from boundflow.planner.lower import SPLIT_METHOD, relaxed_inputs
+from boundflow.planner.pipeline import planned_graph
 from boundflow.verify.alpha import AlphaConfig, descend, starting_slopes
 from boundflow.verify.attack import Counterexample
 from boundflow.verify.progress import Progress
@@ -164,7 +165,8 @@ class ReluBranchAndBound:
         self.sound = dataclasses.replace(self.planner, sound_fp=True, export_intermediate=False) if sound_fp else None
         self.graph, self.key = api.load_model(model)
         self.output = self.graph.outputs[0]
-        self.relus = list(dict.fromkeys(n.inputs[0] for n in self.graph.nodes if n.op == "relu"))
+        # the plan's names: layout folding may rename a ReLU's input
+        self.relus = relaxed_inputs(planned_graph(self.graph, self.planner)[0])
         self.pairs = pairs
         self.subs = [problem.restrict(b, k) for b, k in pairs]
         self.rows = max(sub.num_rows for sub in self.subs)

@@ -191,12 +191,16 @@ def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacke
     refine = bounders.get("refine")
     if refine is None:
         raise ValueError("ReLU branch and bound needs refine_method='alpha-crown' (its intermediate bounds)")
-    if not refine.last_intermediate:          # the refining bound did not fit before the deadline
+    if refine.calls == 0:                     # the refining bound did not fit before the deadline
         stats["decided_by"] = "deadline"
         return "timeout", None
     pairs = [tuple(bk) for bk in (~(margins > 0)).nonzero().tolist()]
     search = ReluBranchAndBound(model, problem, pairs, _PairAttack(attacker, problem, pairs), config.relu_bab,
                                 refine.options["config"], sound_fp=config.sound_fp)
+    if not search.relus:                      # a linear network: nothing to split, the bound is final
+        stats["decided_by"] = "relu_bab"
+        stats["relu_bab"] = {"stopped": "no ReLU to split"}
+        return "unknown", None
     outcome = search.run(search.root(refine.last_intermediate, margins), deadline)
     stats["decided_by"] = "relu_bab"
     stats["relu_bab"] = outcome.stats
