@@ -29,10 +29,17 @@ def merge_sparse(ins, ps, attrs):
     return (out.view(s.shape),)
 
 
+def intersect(ins, ps, attrs):
+    """CROWN bounds for every neuron, intersected with the interval bounds."""
+    s, crown = ins
+    crown = crown.view(s.shape)
+    return (torch.stack((torch.maximum(s[0], crown[0]), torch.minimum(s[1], crown[1]))),)
+
+
 def replace(ins, ps, attrs):
     """Textbook CROWN: the back-substitution bound replaces the interval bound."""
     s, crown = ins
     return (crown.view(s.shape),)
 
 
-RULES = {"unstable": unstable, "merge_sparse": merge_sparse, "replace": replace}
+RULES = {"unstable": unstable, "merge_sparse": merge_sparse, "intersect": intersect, "replace": replace}

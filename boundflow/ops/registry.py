@@ -43,9 +43,10 @@ class Relaxation:
 
     relax       "<op>.relax": stack(lower, upper) of the input -> the lines' coefficients,
                 [rows, B, *shape], which every backward rule of the op reads
-    fp          "fp.<op>": (input interval, lines) -> (error vector of the backward rules,)
-    optimised   "linear.<op>_alpha": the backward rule with optimisable parameters, one set per
-                row of A (alpha-CROWN), given as an input (None: the plain lines), and
+    fp          "fp.<op>_lines": (input interval, lines) -> (error vector of the backward rules,)
+    optimised   "linear.<op>_alpha": the backward rule with optimisable parameters in [0, 1],
+                `params` of them per row of A and neuron ([params, B, rows, *shape], or
+                [B, rows, *shape] for one), given as an input (None: the plain lines), and
                 optionally split multipliers (beta-CROWN)
     start       (task op of `optimised`, env: buffer -> tensor of a run without the parameters)
                 -> the parameters' starting value
@@ -59,6 +60,10 @@ class Relaxation:
     patch: Kernel | None = None
     patch_optimised: Kernel | None = None
     patch_start: Callable | None = None
+    params: int = 1
+    # a CROWN refinement of the op's input may skip the neurons whose interval bounds already
+    # make the op linear (bound.unstable: l < 0 < u, the ReLU's case); otherwise every neuron
+    sparse_refine: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class Op:
             out[f"fp.{self.name}"] = self.fp
         r = self.relaxation
         if r is not None:
-            out.update({f"{self.name}.relax": r.relax, f"fp.{self.name}": r.fp,
+            out.update({f"{self.name}.relax": r.relax, f"fp.{self.name}_lines": r.fp,
                         f"linear.{self.name}_alpha": r.optimised})
             if r.patch is not None:
                 out.update({f"linear.patch_{self.name}": r.patch, f"linear.patch_{self.name}_alpha": r.patch_optimised})

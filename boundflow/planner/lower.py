@@ -246,7 +246,7 @@ class _Lowering:
         self.relax[y] = lines
         if self.sound:
             self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
-            em.emit(f"fp.{node.op}", [self.bounds[v], lines], [self.errors[y]], source=node.name)
+            em.emit(f"fp.{node.op}_lines", [self.bounds[v], lines], [self.errors[y]], source=node.name)
 
     def forward(self, node: Node):
         em, op, y = self.em, ops.get(node.op), node.outputs[0]
@@ -272,7 +272,10 @@ class _Lowering:
         box = self.bounds[v]
         new = self.interval_buffer(v, "crown")
         mode = self.cfg.crown_interm
-        if mode in ("sparse", "intersect"):
+        # ReLU inputs skip the neurons whose interval is stable; other relaxed ops refine all
+        sparse = all(ops.get(n.op).relaxation is None or ops.get(n.op).relaxation.sparse_refine
+                     for n in self.g.consumers()[v])
+        if mode in ("sparse", "intersect") and sparse:
             fraction = self.cfg.dense_fraction if mode == "sparse" else 1.0
             idx = em.buffer(f"unstable({v})", (numel,), dtype="int64", dynamic_axis=0)
             em.emit("bound.unstable", [box], [idx], attrs={"dense_fraction": fraction}, source=v)
@@ -281,7 +284,7 @@ class _Lowering:
                     source=v)
         else:
             crown = self.backward(v, onehot_index=None, alpha=self.method == "alpha-crown")
-            em.emit("bound.replace", [box, crown], [new], source=v)
+            em.emit("bound.intersect" if mode == "intersect" else "bound.replace", [box, crown], [new], source=v)
         self.bounds[v] = new
         em.phase = "forward"
 
@@ -464,8 +467,12 @@ class _Lowering:
                     kinds = ("alpha", "beta") if self.method == SPLIT_METHOD else ("alpha",)
                     for kind in kinds:
                         role = f"{kind}:{target}:{node.inputs[0]}"
-                        em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(self.shape(node.inputs[0])),
-                                                        role="input", dynamic_axis=dynamic)
+                        # alpha: the relaxation's parameters per row; beta: a split multiplier per row
+                        per_row = op.relaxation.params if kind == "alpha" else 1
+                        lead = (per_row,) if per_row > 1 else ()
+                        em.out.inputs[role] = em.buffer(
+                            role, lead + (B, rows2) + tuple(self.shape(node.inputs[0])), role="input",
+                            dynamic_axis=None if dynamic is None else dynamic + len(lead))
                         ins.append(em.out.inputs[role])
                     kernel = f"linear.{node.op}_alpha"
             if out in self.errors:             # sound_fp: the op's error vector widens the bias

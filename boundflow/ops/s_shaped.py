@@ -1,0 +1,259 @@
+"""S-shaped activations: sigmoid and tanh. Increasing, convex left of 0, concave right of it,
+point-symmetric about (0, f(0)).
+
+Linear relaxation over a pre-activation interval [l, u] (lines a x + b with f in between):
+
+  u <= 0 (convex)   upper: the chord; lower: a tangent at t in [l, u] (CROWN: the midpoint)
+  l >= 0 (concave)  lower: the chord; upper: a tangent at t in [l, u] (CROWN: the midpoint)
+  l < 0 < u         lower: the chord when its slope is below f'(l) (it then stays under f), else a
+                    tangent at t <= d(u), the point left of 0 whose tangent passes under f(u)
+                    (precomputed on a grid of u; CROWN: t = d(u), or the midpoint when that is
+                    further left and so tighter near u); the upper line by symmetry
+
+alpha-CROWN optimises the tangent points: each line of each row of A has a parameter in [0, 1]
+that moves its tangent point across the range where the tangent stays a bound (the chords have
+none). Where u is beyond the grid no tangent passes under f(u) from a useful point, and the lower
+line is the constant f(l) (the upper one f(u)).
+
+The relaxation tensor ("<op>.relax") holds the CROWN lines and what the optimised rule needs:
+rows (lower slope, lower intercept, upper slope, upper intercept, l, u, d(u), -d(-l)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from boundflow.domains import fp
+from boundflow.domains.linear import halves, sound
+from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
+from boundflow.ops.registry import Op, Relaxation, register
+
+GRID_STEP = 0.01          # of the tangent-point table over u >= 0
+GRID_LIMIT = 64.0         # beyond: the flat line (sigmoid and tanh are constant there to 1e-27)
+# sound_fp: torch's float64 sigmoid, tanh and their derivatives are taken to be within this many
+# units in the last place (libm-grade; the fp error vectors rest on it)
+FUNCTION_ULPS = 8
+
+
+@dataclass(frozen=True)
+class SShape:
+    name: str
+    f: Callable[[torch.Tensor], torch.Tensor]
+    df: Callable[[torch.Tensor], torch.Tensor]
+    f_max: float              # sup |f|
+    df_max: float             # sup f' (at 0)
+    table: torch.Tensor       # d(u_i), u_i = i GRID_STEP, float64
+
+    def tangent_point(self, u: torch.Tensor) -> torch.Tensor:
+        """d(u) for u >= 0: a point <= 0 whose tangent passes under f on [d, u]: the table's entry
+        at the grid point at or above u (valid for every smaller u too); -inf beyond the grid."""
+        index = torch.ceil(u.clamp(min=0).double() / GRID_STEP).long()
+        inside = index < len(self.table)
+        d = self.table[index.clamp(max=len(self.table) - 1)].to(u.dtype)
+        return torch.where(inside, d, torch.full_like(d, -math.inf))
+
+
+def _tangent_table(f, df) -> torch.Tensor:
+    """For each grid point U >= 0 the largest d <= 0 (to binary-search precision, then rounded
+    down) whose tangent at d lies under f at U: f(d) + f'(d) (U - d) <= f(U)."""
+    upper = GRID_STEP * torch.arange(int(GRID_LIMIT / GRID_STEP) + 2, dtype=torch.float64)
+
+    def below(d):
+        return f(d) + df(d) * (upper - d) <= f(upper)
+
+    lo, hi = torch.full_like(upper, -1.0), torch.zeros_like(upper)
+    while not bool(below(lo).all()):            # a valid start: double until the tangent passes under
+        lo = torch.where(below(lo), lo, 2 * lo)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        ok = below(mid)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return lo - 1e-9                             # a margin against the search's own rounding
+
+
+def _shape(name, f, df, f_max, df_max) -> SShape:
+    return SShape(name, f, df, f_max, df_max, _tangent_table(f, df))
+
+
+def _dsigmoid(x):
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def _dtanh(x):
+    return 1 - torch.tanh(x) ** 2
+
+
+SIGMOID = _shape("sigmoid", torch.sigmoid, _dsigmoid, 1.0, 0.25)
+TANH = _shape("tanh", torch.tanh, _dtanh, 1.0, 1.0)
+
+
+# -- lines ----------------------------------------------------------------------------------------
+
+def _tangent(shape: SShape, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slope, intercept) of the tangent at t."""
+    k = shape.df(t)
+    return k, shape.f(t) - k * t
+
+
+def _chord(shape: SShape, l, u) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slope, intercept, whether l = u) of the chord; a point interval gets the tangent."""
+    fl, fu = shape.f(l), shape.f(u)
+    point = (u - l) <= 1e-12 * (1 + l.abs())
+    k = torch.where(point, shape.df(l), (fu - fl) / torch.where(point, torch.ones_like(u), u - l))
+    return k, fl - k * l, point
+
+
+def _ranges(shape: SShape, l, u, d_lo, d_up):
+    """Per neuron and line, the interval of tangent points that keep the tangent a bound, as
+    (start, end); empty (start = end = nan) where the line is a chord or flat."""
+    k, _, point = _chord(shape, l, u)
+    convex, concave = u <= 0, l >= 0
+    mixed = ~(convex | concave)
+    chord_lo = concave | (mixed & (k < shape.df(l))) | point
+    chord_up = convex | (mixed & (k < shape.df(u))) | point
+    flat_lo = mixed & ~chord_lo & torch.isinf(d_lo)
+    flat_up = mixed & ~chord_up & torch.isinf(d_up)
+    # lower line: a tangent at t in [l, u] (convex) or in [min(l, d), d] (mixed)
+    lo_a = torch.where(convex, l, torch.minimum(l, d_lo))
+    lo_b = torch.where(convex, u, d_lo)
+    up_a = torch.where(concave, l, d_up)
+    up_b = torch.where(concave, u, torch.maximum(u, d_up))
+    return (chord_lo, flat_lo, lo_a, lo_b), (chord_up, flat_up, up_a, up_b)
+
+
+def _lines_at(shape: SShape, l, u, d_lo, d_up, alpha_lo, alpha_up):
+    """(lower slope, lower intercept, upper slope, upper intercept) with the tangent points at
+    fractions alpha of their ranges."""
+    (chord_lo, flat_lo, lo_a, lo_b), (chord_up, flat_up, up_a, up_b) = _ranges(shape, l, u, d_lo, d_up)
+    kc, bc, _ = _chord(shape, l, u)
+    t_lo = torch.nan_to_num(lo_a + alpha_lo * (lo_b - lo_a))
+    t_up = torch.nan_to_num(up_a + alpha_up * (up_b - up_a))
+    k_lo, b_lo = _tangent(shape, t_lo)
+    k_up, b_up = _tangent(shape, t_up)
+    zero = torch.zeros_like(kc)
+    k_lo = torch.where(chord_lo, kc, torch.where(flat_lo, zero, k_lo))
+    b_lo = torch.where(chord_lo, bc, torch.where(flat_lo, shape.f(l), b_lo))
+    k_up = torch.where(chord_up, kc, torch.where(flat_up, zero, k_up))
+    b_up = torch.where(chord_up, bc, torch.where(flat_up, shape.f(u), b_up))
+    return k_lo, b_lo, k_up, b_up
+
+
+def _crown_alphas(shape: SShape, l, u, d_lo, d_up):
+    """CROWN's tangent points as fractions of their ranges: the midpoint in the convex/concave
+    cases; in the mixed case d (or the midpoint when that is further in)."""
+    (_, _, lo_a, lo_b), (_, _, up_a, up_b) = _ranges(shape, l, u, d_lo, d_up)
+    m = (l + u) / 2
+    t_lo = torch.where(u <= 0, m, torch.minimum(m, d_lo))
+    t_up = torch.where(l >= 0, m, torch.maximum(m, d_up))
+
+    def frac(t, a, b):
+        width = b - a
+        return torch.where(width > 0, (t - a) / torch.where(width > 0, width, torch.ones_like(width)),
+                           torch.ones_like(width)).clamp(0, 1).nan_to_num(1.0)
+    return frac(t_lo, lo_a, lo_b), frac(t_up, up_a, up_b)
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+def _relax(shape: SShape):
+    def relax(ins, ps, attrs):
+        """stack(lower, upper) -> the CROWN lines and (l, u, d(u), -d(-l)) (module docstring)."""
+        l, u = ins[0]
+        d_lo, d_up = shape.tangent_point(u), -shape.tangent_point(-l)
+        a_lo, a_up = _crown_alphas(shape, l, u, d_lo, d_up)
+        lines = _lines_at(shape, l, u, d_lo, d_up, a_lo, a_up)
+        return (torch.stack((*lines, l, u, d_lo, d_up)),)
+    return relax
+
+
+def _back(a, bias, k_lo, b_lo, k_up, b_up, s: int):
+    """Lower rows (the first s; all of them in a lower-only pass): positive coefficients take
+    the lower line, negative ones the upper line; upper rows the other way round. The lines are
+    [B, 1, ...] (shared by every row) or [B, rows, ...] (one per row)."""
+    def rows(t, lower):
+        return t if t.shape[1] == 1 else (t[:, :s] if lower else t[:, s:])
+
+    def side(a, lower):
+        (k_pos, b_pos, k_neg, b_neg) = (k_lo, b_lo, k_up, b_up) if lower else (k_up, b_up, k_lo, b_lo)
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        out = pos * rows(k_pos, lower) + neg * rows(k_neg, lower)
+        return out, (pos * rows(b_pos, lower) + neg * rows(b_neg, lower)).flatten(2).sum(-1)
+
+    lo, up = side(a[:, :s], True), side(a[:, s:], False)
+    return torch.cat([lo[0], up[0]], 1), bias + torch.cat([lo[1], up[1]], 1)
+
+
+def backward(ins, ps, attrs):
+    a, bias, lines = ins
+    k_lo, b_lo, k_up, b_up = lines[:4].unsqueeze(2)
+    return _back(a, bias, k_lo, b_lo, k_up, b_up, halves(a, attrs))
+
+
+def _backward_alpha(shape: SShape):
+    def backward_alpha(ins, ps, attrs):
+        """backward with each row's tangent points at fractions alpha [2, B, R, *shape] (lower
+        line, upper line) of their ranges; without alpha (None), CROWN's lines."""
+        a, bias, lines, alpha = ins[:4]
+        if alpha is None:
+            return backward(ins[:3], ps, attrs)
+        l, u, d_lo, d_up = lines[4:8].unsqueeze(2)
+        k_lo, b_lo, k_up, b_up = _lines_at(shape, l, u, d_lo, d_up, alpha[0], alpha[1])
+        return _back(a, bias, k_lo, b_lo, k_up, b_up, halves(a, attrs))
+    return backward_alpha
+
+
+def _alpha_start(shape: SShape):
+    def alpha_start(op, env) -> torch.Tensor:
+        """CROWN's tangent points as fractions, one pair per row of A."""
+        a, lines = env[op.inputs[0]], env[op.inputs[2]]
+        a_lo, a_up = _crown_alphas(shape, *lines[4:8])
+        return torch.stack((a_lo, a_up)).unsqueeze(2).expand((2,) + tuple(a.shape)).clone()
+    return alpha_start
+
+
+def _interval(shape: SShape):
+    def interval(ins, ps, attrs):
+        return (shape.f(ins[0]),)             # increasing: f(lower), f(upper)
+    return interval
+
+
+def _fp_interval(shape: SShape):
+    def fp_interval(ins, ps, attrs):
+        """f rounded by the library: FUNCTION_ULPS units in the last place of f."""
+        s, raw = ins
+        u = unit_roundoff(raw.dtype)
+        return fp.finish(raw, 2 * FUNCTION_ULPS * u * magnitude(raw), attrs["n"])
+    return fp_interval
+
+
+def _fp_lines(shape: SShape):
+    def fp_lines(ins, ps, attrs):
+        """e of the backward rules: the products A * slope (|slope| <= sup f'), the intercept
+        sums over the layer, and how far a rounded line (any tangent point in its range) may
+        cross f: FUNCTION_ULPS ulps of f and f' at the tangent point, carried along x - t."""
+        s, lines = ins
+        l, u, d_lo, d_up = lines[4:8]
+        reach = torch.stack((l.abs(), u.abs(), d_lo.abs().nan_to_num(0, 0, 0), d_up.abs().nan_to_num(0, 0, 0))).amax(0)
+        m = magnitude(s)
+        eps = unit_roundoff(s.dtype)
+        icpt = shape.f_max + shape.df_max * reach              # bounds |f(t) - f'(t) t|
+        gap = 4 * FUNCTION_ULPS * eps * (shape.f_max + shape.df_max * (m + reach)) + 4 * eps * icpt
+        n = math.prod(s.shape[2:]) + 4
+        return (2 * (2 * eps * shape.df_max * m + gamma(n, s.dtype) * icpt + gap) + slack(n, s.dtype),)
+    return fp_lines
+
+
+def _register(shape: SShape) -> Op:
+    return register(Op(
+        shape.name, lambda x, attrs=None, f=shape.f: f(x), _interval(shape), sound(backward),
+        fp=_fp_interval(shape), fp_params=lambda graph, node, dtype: [],
+        relaxation=Relaxation(_relax(shape), 8, _fp_lines(shape), sound(_backward_alpha(shape)),
+                              _alpha_start(shape), params=2)))
+
+
+SIGMOID_OP = _register(SIGMOID)
+TANH_OP = _register(TANH)
