@@ -52,7 +52,7 @@ import torch
 
 import boundflow
 from boundflow.bench.common import fmt, machine_info, shared_dir, table, time_calls, time_once, versions, write_json
-from boundflow.domains import concrete
+from boundflow import ops
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.ir.primal import Graph
 
@@ -154,7 +154,7 @@ def torch_forward(graph: Graph) -> Callable[[torch.Tensor], torch.Tensor]:
     slots = {graph.inputs[0]: 0}
     steps = []
     for k, node in enumerate(graph.nodes):
-        rule, attrs = concrete.RULES[node.op], node.attrs
+        rule, attrs = ops.get(node.op).forward, node.attrs
         args = [(slots[i], None) if graph.is_variable(i) else (None, graph.data(i).float()) for i in node.inputs]
         if args[0][0] is not None and all(s is None for s, _ in args[1:]):
             src, consts = args[0][0], [c for _, c in args[1:]]

@@ -64,6 +64,8 @@ class Relaxation:
     # a CROWN refinement of the op's input may skip the neurons whose interval bounds already
     # make the op linear (bound.unstable: l < 0 < u, the ReLU's case); otherwise every neuron
     sparse_refine: bool = False
+    # ReLU branch and bound may split its input at 0: `optimised` then takes split multipliers
+    splits_at_zero: bool = False
 
 
 @dataclass(frozen=True)

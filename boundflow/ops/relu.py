@@ -168,4 +168,5 @@ def patch_alpha_start(op, env) -> torch.Tensor:
 RELU = register(Op(
     "relu", forward, interval, sound(backward),
     relaxation=Relaxation(relax, 3, fp_error, sound(backward_alpha, _alpha_magnitude), alpha_start,
-                          patch_backward, patch_backward_alpha, patch_alpha_start, sparse_refine=True)))
+                          patch_backward, patch_backward_alpha, patch_alpha_start, sparse_refine=True,
+                          splits_at_zero=True)))

@@ -1,14 +1,18 @@
 """Lower a primal graph, for one bound method, to a flat list of TaskOps over logical buffers.
 
+Every op's rules come from the registry (boundflow.ops); a relaxed op (ReLU, sigmoid, ...: an
+ops.Relaxation) is bounded by lines computed from its input's interval.
+
   ibp        interval rules node by node; C folded into a last linear op, else applied to the box
   crown-ibp  interval intermediate bounds, one CROWN backward pass for the output
-  crown      as crown-ibp, but every ReLU input is refined by a CROWN backward pass as soon as
-             its interval is known (config.crown_interm says how), so later intervals start
-             from refined bounds
-  alpha-crown  as crown, but every backward pass reads its lower ReLU slopes from module
-             inputs "alpha:<target>:<relu input>" ([B, rows of A, *shape]), which an optimiser
-             tunes (boundflow.verify.alpha), as auto_LiRPA does: one set of slopes per
-             (ReLU, bounded value) pair, intermediate bounds recomputed with theirs
+  crown      as crown-ibp, but every relaxed op's input is refined by a CROWN backward pass as
+             soon as its interval is known (config.crown_interm says how), so later intervals
+             start from refined bounds
+  alpha-crown  as crown, but every backward pass reads the relaxations' parameters (the ReLU's
+             lower slopes, sigmoid's tangent points) from module inputs
+             "alpha:<target>:<relaxed input>" ([params?, B, rows of A, *shape]), which an
+             optimiser tunes (boundflow.verify.alpha), as auto_LiRPA does: one set per (relaxed
+             op, bounded value) pair, intermediate bounds recomputed with theirs
   beta-crown (for branch and bound on ReLU splits; not a user method) one CROWN backward pass
              for the output from intermediate bounds given as inputs "interm:<relu input>"
              ([2, B, *shape], already clamped by the domain's splits), with slopes
@@ -16,8 +20,8 @@
              "beta:<output>:<relu input>" (boundflow.verify.relu_bab); lower bounds only
              (the upper bounds come out as +inf)
 
-With config.export_intermediate, the final interval of every ReLU input is also an output,
-"interm:<relu input>" (the starting point of ReLU branch and bound).
+With config.export_intermediate, the final interval of every relaxed op's input is also an
+output, "interm:<input>" (the starting point of ReLU branch and bound).
 
 With config.sound_fp the plan computes in float64 and is sound in floating point: after each
 rounding op's interval rule an "fp.<op>" op widens the interval by the op's error vector
@@ -145,7 +149,6 @@ class _Lowering:
         self.bounds: dict[str, int] = {}       # value -> its interval buffer, stack(lower, upper)
         self.relax: dict[str, int] = {}        # relaxed op's output -> its lines (ops.Relaxation)
         self.errors: dict[str, int] = {}       # sound_fp: op output -> the op's error vector (domains/fp.py)
-        self.patches = config.patches
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, v):
@@ -170,20 +173,20 @@ class _Lowering:
             out_numel = g.values[g.outputs[0]].type.numel
             em.out.inputs["C"] = em.buffer("spec.C", (self.B, self.S, out_numel), role="input")
 
-        relus = set(relaxed_inputs(g))
+        relaxed = set(relaxed_inputs(g))
         if self.method == SPLIT_METHOD:
-            return self.run_split(relus)
+            return self.run_split(relaxed)
         folded_output = self._ibp_spec_fold()
         for node in g.nodes:
             if node is folded_output:
                 continue
             self.forward(node)
             v = node.outputs[0]
-            if self.method in _REFINED and v in relus and not interval_is_exact(g, v):
+            if self.method in _REFINED and v in relaxed and not interval_is_exact(g, v):
                 self.refine(v)
         self.set_output("bounds", self.output_bounds(folded_output))
         if self.cfg.export_intermediate:
-            for v in sorted(relus):
+            for v in sorted(relaxed):
                 self.set_output(f"interm:{v}", self.computed(v))
         return em.out
 
@@ -385,7 +388,7 @@ class _Lowering:
         output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
         stack(lower, upper), [2, B, S] (upper +inf when lower_only)."""
         g, em, B = self.g, self.em, self.B
-        if target != g.outputs[0] and self.patches:
+        if target != g.outputs[0] and self.cfg.patches:
             chain = self.patch_chain(target)
             if chain is not None:
                 return self.patch_backward(target, chain, onehot_index, alpha)

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boundflow import api
+from boundflow import api, ops
+from boundflow.errors import UnsupportedOpError
 from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.planner.config import PlannerConfig
@@ -117,10 +118,18 @@ def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -
     return out
 
 
-def _relu_split(problem: Problem, config: VerifyConfig) -> bool:
-    if config.split == "auto":
-        return problem.num_inputs >= config.refine_min_inputs
-    return config.split == "relu"
+def _relu_split(model: str, problem: Problem, config: VerifyConfig) -> bool:
+    """Whether to split ReLU neurons (else input boxes). ReLU branch and bound needs every
+    relaxed op of the network to be one it can split (ops.Relaxation.splits_at_zero)."""
+    relu = problem.num_inputs >= config.refine_min_inputs if config.split == "auto" else config.split == "relu"
+    if not relu:
+        return False
+    others = sorted({n.op for n in api.load_model(model)[0].nodes
+                     if ops.get(n.op).relaxation is not None and not ops.get(n.op).relaxation.splits_at_zero})
+    if others and config.split == "relu":
+        raise UnsupportedOpError(f"{model}: ReLU branch and bound splits ReLU neurons only; this network also "
+                                 f"has {', '.join(others)} (use split='input' or 'auto')")
+    return not others
 
 
 def _load(model: str, vnnlib_path) -> Problem:
@@ -154,7 +163,7 @@ def _decide(model: str, problem: Problem, bounders: dict, attacker: Attacker, co
         stats["refined_margin"] = float(margins.amin())
         if bool((margins > 0).all()) or over():
             return _verdict_by_bound(margins, stats)
-    if _relu_split(problem, config):
+    if _relu_split(model, problem, config):
         return _relu_search(model, problem, bounders, attacker, config, margins, deadline, stats)
     roots = Domains(problem.outer_lo, problem.outer_hi, torch.arange(problem.num_boxes),
                     combine(margins, margins), torch.zeros(problem.num_boxes, dtype=torch.float64))

@@ -331,7 +331,7 @@ def _flatten_from(ctx: _Ctx, x: relax.Expr, axis: int) -> relax.Expr:
 
 
 def _conv(ctx: _Ctx, x: relax.Expr, w: relax.Expr, b: relax.Expr | None, attrs: dict) -> relax.Expr:
-    """boundflow.domains.concrete.conv2d: conv over the last three axes of x."""
+    """boundflow.ops.conv.conv2d: conv over the last three axes of x."""
     shape = ctx.shape(x)
     lead = shape[:-3]
     xs = ctx.emit(R.reshape(x, [_prod(lead)] + shape[-3:]))
