@@ -42,12 +42,13 @@ class Relaxation:
     """Lines that bound a nonlinear op over its input interval, for the backward passes.
 
     relax       "<op>.relax": stack(lower, upper) of the input -> the lines' coefficients,
-                [rows, B, *shape], which every backward rule of the op reads
+                [rows, B, *shape] (shape: the input's, or as `lines_shape` says), which every
+                backward rule of the op reads
     fp          "fp.<op>_lines": (input interval, lines) -> (error vector of the backward rules,)
     optimised   "linear.<op>_alpha": the backward rule with optimisable parameters in [0, 1],
-                `params` of them per row of A and neuron ([params, B, rows, *shape], or
-                [B, rows, *shape] for one), given as an input (None: the plain lines), and
-                optionally split multipliers (beta-CROWN)
+                `params` of them per row of A and neuron of the lines ([params, B, rows, *shape],
+                or [B, rows, *shape] for one), given as an input (None: the plain lines), and
+                split multipliers (beta-CROWN) when it `splits_at_zero`
     start       (task op of `optimised`, env: buffer -> tensor of a run without the parameters)
                 -> the parameters' starting value
     patch, patch_optimised, patch_start: the same on receptive-field windows (domains/patches.py)
@@ -61,11 +62,24 @@ class Relaxation:
     patch_optimised: Kernel | None = None
     patch_start: Callable | None = None
     params: int = 1
+    # per-region shape of the lines (rows first) and parameter count when they depend on the
+    # node (fn(graph, node)): maxpool's live on its output, one weight per window element
+    lines_shape: Callable | None = None
+    params_of: Callable | None = None
     # a CROWN refinement of the op's input may skip the neurons whose interval bounds already
     # make the op linear (bound.unstable: l < 0 < u, the ReLU's case); otherwise every neuron
     sparse_refine: bool = False
     # ReLU branch and bound may split its input at 0: `optimised` then takes split multipliers
     splits_at_zero: bool = False
+
+    def shape(self, graph, node) -> tuple[int, ...]:
+        """Per-region shape of the lines, rows first."""
+        if self.lines_shape is not None:
+            return tuple(self.lines_shape(graph, node))
+        return (self.rows,) + tuple(graph.shape(node.inputs[0]))
+
+    def param_count(self, graph, node) -> int:
+        return self.params if self.params_of is None else self.params_of(graph, node)
 
 
 @dataclass(frozen=True)

@@ -244,12 +244,14 @@ class _Lowering:
         """The lines of a relaxed op (ops.Relaxation) from its input's interval, and in a
         sound_fp plan its backward rules' error vector."""
         em, op, y, v = self.em, ops.get(node.op), node.outputs[0], node.inputs[0]
-        lines = em.buffer(f"{node.op}.relax({v})", (op.relaxation.rows, self.B) + tuple(self.shape(v)))
-        em.emit(f"{node.op}.relax", [self.bounds[v]], [lines], source=node.name)
+        rows, *shape = op.relaxation.shape(self.g, node)
+        lines = em.buffer(f"{node.op}.relax({v})", (rows, self.B) + tuple(shape))
+        em.emit(f"{node.op}.relax", [self.bounds[v]], [lines], attrs=node.attrs, source=node.name)
         self.relax[y] = lines
         if self.sound:
             self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
-            em.emit(f"fp.{node.op}_lines", [self.bounds[v], lines], [self.errors[y]], source=node.name)
+            em.emit(f"fp.{node.op}_lines", [self.bounds[v], lines], [self.errors[y]], attrs=node.attrs,
+                    source=node.name)
 
     def forward(self, node: Node):
         em, op, y = self.em, ops.get(node.op), node.outputs[0]
@@ -467,14 +469,17 @@ class _Lowering:
                 attrs.update(sides)
                 ins.append(self.relax[out])
                 if alpha:
-                    kinds = ("alpha", "beta") if self.method == SPLIT_METHOD else ("alpha",)
-                    for kind in kinds:
+                    relaxation = op.relaxation
+                    split = self.method == SPLIT_METHOD and relaxation.splits_at_zero
+                    for kind in ("alpha", "beta") if split else ("alpha",):
                         role = f"{kind}:{target}:{node.inputs[0]}"
-                        # alpha: the relaxation's parameters per row; beta: a split multiplier per row
-                        per_row = op.relaxation.params if kind == "alpha" else 1
+                        # alpha: the relaxation's parameters per row and neuron of its lines;
+                        # beta: a split multiplier per row and input neuron
+                        per_row = relaxation.param_count(g, node) if kind == "alpha" else 1
                         lead = (per_row,) if per_row > 1 else ()
+                        shape = relaxation.shape(g, node)[1:] if kind == "alpha" else self.shape(node.inputs[0])
                         em.out.inputs[role] = em.buffer(
-                            role, lead + (B, rows2) + tuple(self.shape(node.inputs[0])), role="input",
+                            role, lead + (B, rows2) + tuple(shape), role="input",
                             dynamic_axis=None if dynamic is None else dynamic + len(lead))
                         ins.append(em.out.inputs[role])
                     kernel = f"linear.{node.op}_alpha"

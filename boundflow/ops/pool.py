@@ -1,0 +1,177 @@
+"""maxpool2d: the largest input of each window, over the last two axes of [..., C, H, W].
+attrs kernel (kh, kw), stride, padding (top, left, bottom, right; padded positions never win),
+dilation, ceil_mode (windows that start inside the padded input but run past its end count too).
+
+Relaxation of one output y = max_i x_i, x_i in [l_i, u_i] (i over its window):
+
+  lower  y >= sum_i w_i x_i for any weights on the simplex (CROWN: all on the input with the
+         largest l_i; alpha-CROWN optimises them, as alpha in [0, 1] normalised to sum 1)
+  upper  y <= x_j when that input dominates, l_j >= max_{i != j} u_i (then y = x_j); else the
+         constant max_i u_i
+
+Windows may overlap (stride < kernel) and have any dilation and padding: the backward rule
+spreads each window's coefficients over its inputs with a fold, which sums where windows
+overlap. The lines live on the output's shape: [2k + 1, B, *out] (k lower weights, k upper
+weights, the upper intercept), k = kh kw.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from boundflow.domains import fp
+from boundflow.domains.linear import halves, sound
+from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
+from boundflow.ops.registry import Op, Relaxation, register
+
+
+def out_size(n: int, k: int, s: int, d: int, pad_lo: int, pad_hi: int, ceil_mode: bool) -> int:
+    """ONNX / torch pooling: floor (or ceil) of (n + pads - d (k - 1) - 1) / s + 1; with ceil,
+    a last window must start inside the input or its leading padding."""
+    span = n + pad_lo + pad_hi - d * (k - 1) - 1
+    count = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (count - 1) * s >= n + pad_lo:
+        count -= 1
+    return count
+
+
+def _geometry(attrs, h: int, w: int):
+    """(extra bottom/right padding so every window fits, output height, output width)."""
+    (kh, kw), (sh, sw), (dh, dw) = attrs["kernel"], attrs["stride"], attrs["dilation"]
+    top, left, bottom, right = attrs["padding"]
+    ho = out_size(h, kh, sh, dh, top, bottom, attrs["ceil_mode"])
+    wo = out_size(w, kw, sw, dw, left, right, attrs["ceil_mode"])
+    need_h = (ho - 1) * sh + dh * (kh - 1) + 1
+    need_w = (wo - 1) * sw + dw * (kw - 1) + 1
+    return max(0, need_h - (h + top + bottom)), max(0, need_w - (w + left + right)), ho, wo
+
+
+def windows(x: torch.Tensor, attrs, fill: float) -> torch.Tensor:
+    """x [..., C, H, W] as its windows [..., C, k, Ho, Wo]; padding reads `fill`."""
+    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
+    top, left, bottom, right = attrs["padding"]
+    eb, er, ho, wo = _geometry(attrs, h, w)
+    xp = F.pad(x.reshape((-1, c, h, w)), (left, right + er, top, bottom + eb), value=fill)
+    cols = F.unfold(xp, attrs["kernel"], dilation=attrs["dilation"], stride=attrs["stride"])
+    return cols.reshape(lead + (c, math.prod(attrs["kernel"]), ho, wo))
+
+
+def fold(a: torch.Tensor, attrs, in_hw: tuple[int, int]) -> torch.Tensor:
+    """The transpose of `windows`: coefficients per window element [..., C, k, Ho, Wo] summed
+    onto the input [..., C, H, W] (padding dropped)."""
+    lead, (c, k, ho, wo) = a.shape[:-4], a.shape[-4:]
+    h, w = in_hw
+    top, left, bottom, right = attrs["padding"]
+    eb, er, _, _ = _geometry(attrs, h, w)
+    size = (h + top + bottom + eb, w + left + right + er)
+    x = F.fold(a.reshape((-1, c * k, ho * wo)), size, attrs["kernel"], dilation=attrs["dilation"],
+               stride=attrs["stride"])
+    return x[:, :, top:top + h, left:left + w].reshape(lead + (c, h, w))
+
+
+def forward(x, attrs):
+    return windows(x, attrs, -math.inf).amax(-3)
+
+
+def interval(ins, ps, attrs):
+    return (windows(ins[0], attrs, -math.inf).amax(-3),)         # max is increasing in each input
+
+
+def _dominant(lo_w: torch.Tensor, hi_w: torch.Tensor):
+    """(index of the largest lower bound per window, whether that input dominates the others)."""
+    best = lo_w.argmax(-3, keepdim=True)
+    others = hi_w.scatter(-3, best, -math.inf).amax(-3, keepdim=True)
+    return best, lo_w.gather(-3, best) >= others
+
+
+def relax(ins, ps, attrs):
+    """stack(lower, upper) of the input -> [2k + 1, B, *out]: CROWN's lower weights (one-hot on
+    the largest lower bound), the upper weights (one-hot where that input dominates) and the
+    upper intercept (max u elsewhere)."""
+    lo_w, hi_w = (windows(t, attrs, -math.inf) for t in ins[0])        # [B, *lead, C, k, Ho, Wo]
+    best, dominant = _dominant(lo_w, hi_w)
+    onehot = torch.zeros_like(lo_w).scatter(-3, best, 1.0)
+    upper = onehot * dominant
+    icpt = torch.where(dominant, torch.zeros_like(hi_w[..., :1, :, :]), hi_w.amax(-3, keepdim=True))
+    k = lo_w.shape[-3]
+    return (torch.cat([onehot.movedim(-3, 0), upper.movedim(-3, 0), icpt.movedim(-3, 0)]),)
+
+
+def _back(a, bias, w_lo, w_up, icpt, attrs, s: int):
+    """Lower rows (the first s): positive coefficients take the lower weights, negative ones the
+    upper line; upper rows the other way round. Weights [k, B, 1 or R, *out]."""
+    def rows(t, lower):
+        return t if t.shape[2] == 1 else (t[:, :, :s] if lower else t[:, :, s:])
+
+    def side(a, lower):
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        wp, wn = (rows(w_lo, lower), w_up) if lower else (w_up, rows(w_lo, lower))
+        coeff = pos.unsqueeze(0) * wp + neg.unsqueeze(0) * wn                # [k, B, R, *out]
+        extra = ((neg if lower else pos) * icpt).flatten(2).sum(-1)
+        return coeff.movedim(0, -3), extra
+
+    lo, up = side(a[:, :s], True), side(a[:, s:], False)
+    coeff = torch.cat([lo[0], up[0]], 1)                                      # [B, R, *lead, C, k, Ho, Wo]
+    in_hw = tuple(attrs["in_shape"][-2:])
+    return fold(coeff, attrs, in_hw), bias + torch.cat([lo[1], up[1]], 1)
+
+
+def backward(ins, ps, attrs):
+    a, bias, lines = ins
+    k = (lines.shape[0] - 1) // 2
+    w_lo, w_up, icpt = lines[:k].unsqueeze(2), lines[k:2 * k].unsqueeze(2), lines[2 * k].unsqueeze(1)
+    return _back(a, bias, w_lo, w_up, icpt, attrs, halves(a, attrs))
+
+
+def _inside(attrs, like: torch.Tensor) -> torch.Tensor:
+    """[k, 1, ..., Ho, Wo]: which window elements lie on the input, not on its padding."""
+    h, w = attrs["in_shape"][-2:]
+    inside = windows(torch.ones((1, h, w), dtype=like.dtype), attrs, 0.0)[0]          # [k, Ho, Wo]
+    return inside.reshape((inside.shape[0],) + (1,) * (like.dim() - 3) + tuple(inside.shape[1:]))
+
+
+def backward_alpha(ins, ps, attrs):
+    """backward with each row's lower weights alpha [k, B, R, *out] in [0, 1], normalised to sum
+    1 over the window's elements on the input (a convex combination of the inputs bounds their
+    max from below; padding holds no input); None: CROWN's."""
+    a, bias, lines, alpha = ins[:4]
+    if alpha is None:
+        return backward(ins[:3], ps, attrs)
+    k = (lines.shape[0] - 1) // 2
+    alpha = alpha * _inside(attrs, alpha)
+    w_lo = alpha / alpha.sum(0, keepdim=True).clamp(min=torch.finfo(alpha.dtype).tiny)
+    w_up, icpt = lines[k:2 * k].unsqueeze(2), lines[2 * k].unsqueeze(1)
+    return _back(a, bias, w_lo, w_up, icpt, attrs, halves(a, attrs))
+
+
+def alpha_start(op, env) -> torch.Tensor:
+    """CROWN's lower weights (one-hot), one set per row of A."""
+    a, lines = env[op.inputs[0]], env[op.inputs[2]]
+    k = (lines.shape[0] - 1) // 2
+    return lines[:k].unsqueeze(2).expand((k,) + tuple(a.shape)).clone()
+
+
+def fp_lines(ins, ps, attrs):
+    """e of the backward rules (over the output): the products A * weight, the fold's sums of
+    up to k terms per input, the normalised weights' sum off 1 by k ulps (|x| <= max|x| of the
+    window), and the intercept sums over the layer."""
+    s, lines = ins
+    k = (lines.shape[0] - 1) // 2
+    m = windows(magnitude(s), attrs, 0.0).amax(-3)
+    u = unit_roundoff(s.dtype)
+    icpt = lines[2 * k].abs()
+    n = math.prod(lines.shape[2:]) + 4
+    return (2 * (gamma(k + 2, s.dtype) * m + k * u * m + gamma(n, s.dtype) * icpt) + slack(n + k, s.dtype),)
+
+
+def lines_shape(graph, node) -> tuple[int, ...]:
+    """[2k + 1, *output shape]."""
+    return (2 * math.prod(node.attrs["kernel"]) + 1,) + tuple(graph.shape(node.outputs[0]))
+
+
+MAXPOOL = register(Op(
+    "maxpool2d", forward, interval, sound(backward), fp=None,
+    relaxation=Relaxation(relax, 0, fp_lines, sound(backward_alpha), alpha_start,
+                          params_of=lambda graph, node: math.prod(node.attrs["kernel"]), lines_shape=lines_shape)))

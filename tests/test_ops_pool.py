@@ -1,0 +1,78 @@
+"""maxpool2d (boundflow/ops/pool.py): the forward rule equals torch's max pooling for any kernel,
+stride, padding, dilation and ceil_mode; fold is the transpose of the window read; the lines
+bound the max for CROWN's weights and for any alpha."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from boundflow.ops import pool
+
+
+@st.composite
+def configs(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))   # torch's limit
+    h = draw(st.integers(dh * (kh - 1) + 1, 9))
+    w = draw(st.integers(dw * (kw - 1) + 1, 9))
+    attrs = {"kernel": (kh, kw), "stride": (sh, sw), "padding": (ph, pw, ph, pw), "dilation": (dh, dw),
+             "ceil_mode": draw(st.booleans())}
+    return attrs, (draw(st.integers(1, 3)), h, w)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(configs(), st.integers(0, 2**31))
+def test_forward_equals_torch(config, seed):
+    attrs, shape = config
+    x = torch.randn((2,) + shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    want = F.max_pool2d(x, attrs["kernel"], attrs["stride"], attrs["padding"][:2], attrs["dilation"],
+                        ceil_mode=attrs["ceil_mode"])
+    assert torch.equal(pool.forward(x, attrs), want)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(configs(), st.integers(0, 2**31))
+def test_fold_is_the_transpose_of_windows(config, seed):
+    """<fold(a), x> = <a, windows(x)> with zero padding."""
+    attrs, shape = config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((1,) + shape, generator=g, dtype=torch.float64)
+    win = pool.windows(x, attrs, 0.0)
+    a = torch.randn(win.shape, generator=g, dtype=torch.float64)
+    lhs = (pool.fold(a, attrs, shape[-2:]) * x).sum()
+    assert torch.allclose(lhs, (a * win).sum())
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(configs(), st.integers(0, 2**31), st.booleans())
+def test_lines_bound_the_max(config, seed, optimised):
+    """For sampled points of the box, lower line <= max over the window <= upper line."""
+    attrs, shape = config
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn((1,) + shape, generator=g, dtype=torch.float64)
+    radius = torch.rand((1,) + shape, generator=g, dtype=torch.float64)
+    box = torch.stack((centre - radius, centre + radius))
+    (lines,) = pool.relax([box], [], attrs)
+    k = math.prod(attrs["kernel"])
+    w_lo, w_up, icpt = lines[:k], lines[k:2 * k], lines[2 * k]
+    if optimised:           # the kernel's normalisation (over the window's inputs)
+        alpha = torch.rand(w_lo.shape, generator=g, dtype=torch.float64)
+        attrs_in = dict(attrs, in_shape=list(shape))
+        alpha = alpha * pool._inside(attrs_in, alpha)
+        w_lo = alpha / alpha.sum(0, keepdim=True).clamp(min=1e-300)
+    for _ in range(20):
+        x = centre + radius * (2 * torch.rand(centre.shape, generator=g, dtype=torch.float64) - 1)
+        win = pool.windows(x, attrs, 0.0).movedim(-3, 0)        # [k, 1, C, Ho, Wo] (padding reads 0)
+        valid = pool.windows(torch.ones_like(x), attrs, 0.0).movedim(-3, 0) > 0
+        y = pool.forward(x, attrs)
+        lower = (w_lo * win).sum(0)
+        upper = (w_up * win).sum(0) + icpt
+        assert (lower <= y + 1e-12).all()
+        assert (upper >= y - 1e-12).all()
+        assert (w_lo * ~valid).abs().sum() == 0                    # padding holds no input
