@@ -17,6 +17,9 @@ class PlannerConfig:
     #  "pure"      textbook CROWN: every neuron's bound is its back-substitution bound
     crown_interm: str = "sparse"
     dense_fraction: float = 0.9
+    # a relaxed op's input that is itself a relaxed op's output (a ReLU before a max pool) gets
+    # a CROWN pass of its own only up to this many neurons (every neuron is refined there)
+    refine_relaxed_outputs: int = 4096
     # start a CROWN pass on a conv output by gathering rows of the conv's dense matrix (made once
     # at plan time) when that matrix takes at most this many bytes; else one-hot + conv backward
     dense_conv_start_bytes: int = 64 << 20

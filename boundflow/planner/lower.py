@@ -182,7 +182,7 @@ class _Lowering:
                 continue
             self.forward(node)
             v = node.outputs[0]
-            if self.method in _REFINED and v in relaxed and not interval_is_exact(g, v):
+            if self.method in _REFINED and v in relaxed and self.needs_refining(node):
                 self.refine(v)
         self.set_output("bounds", self.output_bounds(folded_output))
         if self.cfg.export_intermediate:
@@ -269,6 +269,18 @@ class _Lowering:
             em.emit(f"fp.{node.op}", ins + [raw], [out, self.errors[y]], weights,
                     dict(node.attrs, n=fp.dot_length(self.g, node)), source=node.name)
         self.bounds[y] = out
+
+    def needs_refining(self, node: Node) -> bool:
+        """Whether a relaxed op's input, node's output, gets CROWN bounds: not where interval
+        bounds are exact already. At the output of a relaxed op (a ReLU before a max pool) the
+        interval already comes through the relaxation of a refined input (auto_LiRPA's CROWN
+        stops there); a pass of its own, over every neuron, is tighter but only affordable for
+        small values (config.refine_relaxed_outputs)."""
+        v = node.outputs[0]
+        if interval_is_exact(self.g, v):
+            return False
+        return ops.get(node.op).relaxation is None or \
+            self.g.values[v].type.numel <= self.cfg.refine_relaxed_outputs
 
     def refine(self, v: str):
         """CROWN bounds for the pre-activation value v, merged into its interval bounds."""
