@@ -209,6 +209,14 @@ def test_matmul_batched_constant_is_unsupported():
         load_onnx(make_model(nodes, (2, 3, 5), inits=[init("W", rand(2, 5, 4))]))
 
 
+def test_matmul_with_the_same_matrix_in_every_batch_entry():
+    """The matrix product is written once for both frontends (ops/linear.py): a batched
+    constant that repeats one matrix is that matrix, as torch's bmm of an expanded weight."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="bmm")]
+    graph, _ = check(make_model(nodes, (2, 3, 5), inits=[init("W", np.stack([rand(5, 4)] * 2))]))
+    assert ops(graph) == ["linear"]
+
+
 # --------------------------------------------------------------------------------------------
 # elementwise arithmetic
 # --------------------------------------------------------------------------------------------
@@ -236,6 +244,21 @@ def test_add_of_two_variables_with_broadcasting_is_unsupported():
              helper.make_node("Add", ["x", "r"], ["y"], name="bcast")]
     with pytest.raises(UnsupportedOpError):
         load_onnx(make_model(nodes, (1, 3, 4), opset=11))
+
+
+@pytest.mark.parametrize("opset,bounds", [(9, dict(min=0.0)), (9, dict(min=-0.5, max=0.25)), (9, dict(max=0.5)),
+                                          (13, dict(min=0.0)), (13, dict(min=-0.5, max=0.25)), (13, dict(max=0.5))])
+def test_clip(opset, bounds):
+    """Clip lowers to relu between affines (exact identities, as torch's clamp)."""
+    if opset < 11:
+        node, inits = helper.make_node("Clip", ["h"], ["y"], name="clip", **bounds), []
+    else:
+        names = [n if n in bounds else "" for n in ("min", "max")]
+        node = helper.make_node("Clip", ["h"] + names, ["y"], name="clip")
+        inits = [init(n, np.float32(v)) for n, v in bounds.items()]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), node]
+    graph, _ = check(make_model(nodes, (1, 4), inits=[init("W", rand(4, 3))] + inits, opset=opset))
+    assert ops(graph).count("relu") == len(bounds)
 
 
 def test_constant_node_and_identity_and_dropout():
@@ -578,3 +601,23 @@ def test_output_without_declared_shape_warns_but_loads():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.warns(UserWarning, match="checker"):
         assert load_onnx(model).shape("y") == (1, 3)
+
+
+def test_every_mapping_lives_in_an_op_module():
+    """The frontends keep only their format machinery: each ONNX op type and aten target is
+    mapped by the module of boundflow.ops that defines its primal op."""
+    import operator
+
+    import boundflow.frontends.torch  # noqa: F401  (registers operator.getitem, FX machinery)
+    from boundflow.ops import ONNX_LOWERINGS, TORCH_LOWERINGS
+    modules = {fn.__module__ for fn in list(ONNX_LOWERINGS.values()) + list(TORCH_LOWERINGS.values())}
+    assert modules == {"boundflow.ops.linear", "boundflow.ops.conv", "boundflow.ops.affine", "boundflow.ops.relu",
+                       "boundflow.ops.shape", "boundflow.frontends.torch"}
+    assert [k for k, fn in TORCH_LOWERINGS.items() if fn.__module__ == "boundflow.frontends.torch"] == [
+        operator.getitem]
+
+
+def test_a_second_mapping_of_one_op_type_is_refused():
+    from boundflow.ops import onnx_lowering
+    with pytest.raises(ValueError, match="Gemm has two lowerings"):
+        onnx_lowering("Gemm")(lambda b: None)

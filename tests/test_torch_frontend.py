@@ -349,6 +349,21 @@ def test_buffer_normalisation_and_constant_ops():
     assert g.values[sub.inputs[1]].kind == "const"  # scale = 1
 
 
+def test_constant_with_leading_unit_axes():
+    """A constant may add leading axes of size 1 to the variable (the affine lowering shared with
+    the ONNX frontend reshapes the variable to them)."""
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.randn(1, 1, 4))
+
+        def forward(self, x):
+            return F.relu(x + self.c)
+
+    g = check(Shift(), torch.randn(1, 4))
+    assert ops(g) == ["reshape", "affine", "relu"]
+
+
 def test_nhwc_input_permuted_to_nchw():
     class NHWC(nn.Module):
         def __init__(self):

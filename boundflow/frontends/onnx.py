@@ -9,17 +9,19 @@ How it works:
      Constant node, or the result of a node whose inputs are all constants, folded here with
      numpy; the shape of a variable tensor is static, so `Shape(x)` is a constant too) or a
      *variable* (depends on the network input). Constant nodes are evaluated by the functions in
-     `FOLDERS`; nodes with a variable input are lowered to primal ops by the functions in
-     `LOWERINGS`, one per ONNX op type.
+     `FOLDERS`; nodes with a variable input are lowered to primal ops by the mapping of their op
+     type that an op module of boundflow.ops registered (`ONNX_LOWERINGS`), through the importer,
+     which is their `Builder` (frontends/builder.py).
   3. Every primal value gets the shape `boundflow.domains.concrete.infer_shape` computes, which is
      cross-checked against ONNX shape inference; the graph is validated at the end.
 
 Conventions:
   * Per-region shapes are the ONNX shapes as declared (batch dimension 1 included); ONNX axis k
     is per-region axis k.
-  * An initializer used verbatim becomes a `param` value under its ONNX name. Tensors derived at
-    import (a transposed or scaled weight) are `param` when they are weights or biases of a
-    linear/conv2d, `const` otherwise (affine scale and shift).
+  * A constant identical to an initializer it was read from (used as it is) becomes a `param`
+    value under the initializer's name. Tensors derived at import (a transposed or scaled weight) are `param`
+    when they are weights or biases of a linear/conv2d, `const` otherwise (affine scale and
+    shift).
   * Primal values keep the ONNX tensor names; nodes inserted by a lowering get fresh names
     derived from the ONNX node's name.
   * Float constants keep their precision (float64 stays float64). A constant computed at import
@@ -31,12 +33,11 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import onnx
@@ -44,10 +45,14 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from boundflow.domains.concrete import infer_shape, validate
+from boundflow.domains.concrete import validate
 from boundflow.domains.rounding import Enclosed, unit_roundoff
 from boundflow.errors import ModelLoadError, UnsupportedOpError
-from boundflow.ir.primal import Graph, Node, TensorType, Value
+from boundflow.frontends.builder import Builder, Constant
+from boundflow.ir.primal import Graph, TensorType, Value
+from boundflow.ops import ONNX_LOWERINGS
+from boundflow.ops.shape import (onnx_flatten_shape, onnx_reshape_target, onnx_shape, onnx_squeeze_shape,
+                                 onnx_unsqueeze_shape)
 
 MIN_OPSET, MAX_OPSET = 8, 20
 
@@ -164,7 +169,7 @@ def _infer_shapes(proto: onnx.ModelProto, source: str) -> dict[str, tuple[int, .
 
 
 # --------------------------------------------------------------------------------------------
-# the importer: state shared by the per-op functions
+# the importer: the builder the lowerings in boundflow.ops work through
 # --------------------------------------------------------------------------------------------
 def _attrs(node: onnx.NodeProto) -> dict:
     out = {}
@@ -179,7 +184,7 @@ def _label(node: onnx.NodeProto, index: int) -> str:
 
 
 @dataclass
-class _Importer:
+class _Importer(Builder):
     proto: onnx.ModelProto
     source: str
     inferred: dict[str, tuple[int, ...] | None]
@@ -190,8 +195,9 @@ class _Importer:
     initializers: set[str] = field(default_factory=set)
     taken: set[str] = field(default_factory=set)
     opset: int = 0
-    # the node being lowered (for names and error messages)
+    # the node being lowered, its attributes and label (for names and error messages)
     node: onnx.NodeProto | None = None
+    attrs: dict = field(default_factory=dict)
     node_label: str = ""
 
     def __post_init__(self):
@@ -212,7 +218,7 @@ class _Importer:
     # -- driving -------------------------------------------------------------------------------
     def run(self) -> Graph:
         for index, node in enumerate(self.proto.graph.node):
-            self.node, self.node_label = node, _label(node, index)
+            self.node, self.attrs, self.node_label = node, _attrs(node), _label(node, index)
             self._import_node(node)
         self.node = None
         self._bind_outputs()
@@ -243,12 +249,14 @@ class _Importer:
                     if err is not None and np.any(err):
                         self.errs[out] = np.asarray(err)
             return
-        lower = LOWERINGS.get(node.op_type)
+        lower = ONNX_LOWERINGS.get(node.op_type)
         if lower is None:
             self.unsupported("unsupported op (no sound lowering to the primal ops)")
         if all(n in self.consts for n in inputs):
             self.unsupported("all its inputs are constant, and constant folding of this op is not supported")
-        lower(self, node, _attrs(node))
+        result = lower(self)
+        if result is not None:
+            self.env[node.output[0]] = result
         for out in node.output:
             if out in self.env:
                 self._check_shape(out)
@@ -278,84 +286,99 @@ class _Importer:
                 name = o
             self.graph.outputs.append(name)
 
-    # -- helpers for the lowerings ---------------------------------------------------------------
-    def unsupported(self, why: str):
+    # -- the Builder ---------------------------------------------------------------------------
+    @property
+    def output(self) -> str:
+        return self.node.output[0]
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or self.node_label
+
+    def unsupported(self, why: str) -> NoReturn:
         raise UnsupportedOpError(
             f"{self.source}: {self.node.op_type} node {self.node_label!r}: {why}. Supported ops: "
-            f"{', '.join(sorted(LOWERINGS))} (on variable inputs); "
+            f"{', '.join(sorted(ONNX_LOWERINGS))} (on variable inputs); "
             f"{', '.join(sorted(FOLDERS))} (on constant inputs, folded at import)")
 
-    def is_const(self, name: str) -> bool:
-        return name in self.consts
-
-    def const(self, name: str, what: str = "input") -> np.ndarray:
-        if name not in self.consts:
-            self.unsupported(f"{what} {name!r} must be a constant (it depends on the network input)")
-        return self.consts[name]
-
-    def enclosed(self, name: str, what: str = "input") -> Enclosed:
-        """A float constant with its error bound (zero for initializers)."""
-        arr = np.asarray(self.const(name, what), dtype=np.float64)
-        err = self.errs.get(name)
-        return Enclosed(torch.from_numpy(arr.copy()),
-                        torch.zeros(arr.shape, dtype=torch.float64) if err is None else torch.from_numpy(err.copy()))
-
-    def var(self, name: str) -> str:
-        """Primal name of a variable ONNX tensor."""
-        return self.env[name]
-
-    def shape(self, primal_name: str) -> tuple[int, ...]:
-        return self.graph.shape(primal_name)
-
-    def shape_of(self, onnx_name: str) -> tuple[int, ...]:
-        return tuple(self.consts[onnx_name].shape) if onnx_name in self.consts else self.shape(self.env[onnx_name])
-
-    def fresh(self, base: str) -> str:
+    def fresh(self, role: str) -> str:
+        base = f"{self.node.name or self.node.op_type}/{role}"
         name, k = base, 1
         while name in self.taken:
             name, k = f"{base}_{k}", k + 1
         self.taken.add(name)
         return name
 
-    def tensor(self, arr: np.ndarray | Enclosed, what: str, kind: str = "const",
-               onnx_name: str | None = None) -> str:
-        """A param/const value holding `arr` (an exact array, or an Enclosed computed constant,
-        stored as Enclosed.stored says). `onnx_name`: the initializer it is verbatim."""
-        if onnx_name is not None and onnx_name in self.initializers:
-            if onnx_name not in self.graph.values:
-                data, _ = Enclosed.exact(torch.from_numpy(_float(self.consts[onnx_name]))).stored()
-                self.graph.values[onnx_name] = Value(onnx_name, TensorType(tuple(data.shape)), "param", data)
-            return onnx_name
-        enc = arr if isinstance(arr, Enclosed) else Enclosed.exact(torch.from_numpy(_float(arr)))
-        data, err = enc.stored()
-        name = self.fresh(f"{self.node.name or self.node.op_type}/{what}")
-        self.graph.values[name] = Value(name, TensorType(tuple(data.shape)), kind, data, err)
+    def constant(self, c: Constant, role: str, weight: bool = False) -> str:
+        """An initializer that c is (bit for bit) keeps its name, as a param; any other constant
+        is a new value, a param when it is a weight or bias, a const otherwise (affine scale and
+        shift)."""
+        verbatim = self._initializer_identical_to(c)
+        if verbatim is not None:
+            return verbatim
+        data, err = c.value.stored()
+        name = self.fresh(role)
+        self.graph.values[name] = Value(name, TensorType(tuple(data.shape)), "param" if weight else "const", data, err)
         return name
 
-    def emit(self, op: str, inputs: list[str], attrs: dict | None = None, out: str | None = None) -> str:
-        """Append a primal node; its output is `out` (an ONNX output name) or a fresh name."""
-        name = out if out is not None else self.fresh(f"{self.node.name or self.node.op_type}/{op}")
-        node = Node(op, list(inputs), [name], dict(attrs or {}), name=self.node.name or self.node_label)
-        try:
-            shape = infer_shape(self.graph, node)
-        except ValueError as e:
-            self.unsupported(f"cannot lower to {op}: {e}")
-        self.graph.values[name] = Value(name, TensorType(tuple(shape)))
-        self.graph.nodes.append(node)
-        return name
+    def _initializer_identical_to(self, c: Constant) -> str | None:
+        if c.value.err.any():
+            return None
+        bits = c.value.value.view(torch.int64)      # bit for bit: -0.0 (of a negated zero) is not 0.0
+        for name in sorted(c.origin):
+            init = torch.from_numpy(_float(self.consts[name])).to(torch.float64)
+            if tuple(init.shape) == c.shape and torch.equal(init.view(torch.int64), bits):
+                if name not in self.graph.values:
+                    data, _ = Enclosed.exact(init).stored()
+                    self.graph.values[name] = Value(name, TensorType(tuple(data.shape)), "param", data)
+                return name
+        return None
 
-    def bind(self, onnx_out: str, primal_name: str) -> None:
-        self.env[onnx_out] = primal_name
+    def is_const(self, name: str) -> bool:
+        return name in self.consts
 
-    def reshape(self, x: str, shape, out: str | None = None) -> str:
-        return self.emit("reshape", [x], {"shape": tuple(int(d) for d in shape)}, out)
+    def var(self, name: str) -> str:
+        if name in self.consts:
+            self.unsupported(f"input {name!r} must depend on the network input (it is a constant)")
+        return self.env[name]
 
-    def transpose(self, x: str, perm, out: str | None = None) -> str:
-        return self.emit("transpose", [x], {"perm": tuple(int(p) for p in perm)}, out)
+    def const(self, name: str, what: str) -> Constant:
+        """A float constant with its error bound (zero for initializers)."""
+        return Constant(self.enclosed(name, what), frozenset({name} & self.initializers))
 
-    def swap_last_two(self, x: str, out: str | None = None) -> str:
-        r = len(self.shape(x))
-        return self.transpose(x, list(range(r - 2)) + [r - 1, r - 2], out)
+    # -- ONNX accessors for the lowerings ------------------------------------------------------
+    def input(self, index: int) -> str | None:
+        """The name of the node's input `index`, None where it is absent (optional inputs)."""
+        names = self.node.input
+        return names[index] if index < len(names) and names[index] else None
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.node.input)
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.node.output)
+
+    def attr(self, name: str, default=None):
+        return self.attrs.get(name, default)
+
+    def array(self, name: str, what: str = "input") -> np.ndarray:
+        """A constant input as it is stored (integer shapes, pads, axes, ...)."""
+        if name not in self.consts:
+            self.unsupported(f"{what} {name!r} must be a constant (it depends on the network input)")
+        return self.consts[name]
+
+    def define_constant(self, onnx_name: str, arr: np.ndarray) -> None:
+        """An output of the node that is a constant after all (a shape, a Dropout mask)."""
+        self.consts[onnx_name] = arr
+
+    def enclosed(self, name: str, what: str = "input") -> Enclosed:
+        """A float constant with its error bound (zero for initializers)."""
+        arr = np.asarray(self.array(name, what), dtype=np.float64)
+        err = self.errs.get(name)
+        return Enclosed(torch.from_numpy(arr.copy()),
+                        torch.zeros(arr.shape, dtype=torch.float64) if err is None else torch.from_numpy(err.copy()))
 
 
 def _rename(graph: Graph, old: str, new: str) -> None:
@@ -384,75 +407,6 @@ def _annotate_layouts(graph: Graph) -> None:
         p = producer.get(x)
         if p is not None and p.op == "transpose" and tuple(p.attrs["perm"]) == (0, 3, 1, 2):
             set_layout(p.inputs[0], "NHWC")
-
-
-# --------------------------------------------------------------------------------------------
-# shared shape arithmetic
-# --------------------------------------------------------------------------------------------
-def _norm_axis(axis: int, rank: int, imp: _Importer) -> int:
-    if not -rank <= axis < rank:
-        imp.unsupported(f"axis {axis} is out of range for rank {rank}")
-    return axis % rank
-
-
-def _reshape_target(imp: _Importer, in_shape, spec, allowzero: int) -> tuple[int, ...]:
-    """ONNX Reshape semantics: 0 copies the input dim (unless allowzero), -1 is inferred."""
-    spec = [int(d) for d in np.asarray(spec).reshape(-1)]
-    out = []
-    for i, d in enumerate(spec):
-        if d == 0 and not allowzero:
-            if i >= len(in_shape):
-                imp.unsupported(f"Reshape target {spec}: 0 at axis {i} has no input dim to copy")
-            out.append(int(in_shape[i]))
-        else:
-            out.append(d)
-    total = math.prod(in_shape)
-    if out.count(-1) > 1:
-        imp.unsupported(f"Reshape target {spec} has more than one -1")
-    if -1 in out:
-        known = math.prod(d for d in out if d != -1)
-        if known == 0 or total % known:
-            imp.unsupported(f"cannot reshape {list(in_shape)} to {spec}")
-        out[out.index(-1)] = total // known
-    if math.prod(out) != total or any(d < 0 for d in out):
-        imp.unsupported(f"cannot reshape {list(in_shape)} to {spec}")
-    return tuple(out)
-
-
-def _flatten_shape(imp: _Importer, shape, axis: int) -> tuple[int, int]:
-    axis = axis + len(shape) if axis < 0 else axis
-    if not 0 <= axis <= len(shape):
-        imp.unsupported(f"Flatten axis {axis} out of range for rank {len(shape)}")
-    return (math.prod(shape[:axis]), math.prod(shape[axis:]))
-
-
-def _axes(imp: _Importer, node: onnx.NodeProto, attrs: dict) -> list[int] | None:
-    """Squeeze/Unsqueeze axes: an attribute before opset 13, an optional input from 13 on."""
-    if "axes" in attrs:
-        return [int(a) for a in attrs["axes"]]
-    if len(node.input) > 1 and node.input[1]:
-        return [int(a) for a in imp.const(node.input[1], "axes").reshape(-1)]
-    return None
-
-
-def _squeeze_shape(imp: _Importer, shape, axes) -> tuple[int, ...]:
-    if axes is None:
-        return tuple(d for d in shape if d != 1)
-    axes = {_norm_axis(a, len(shape), imp) for a in axes}
-    if any(shape[a] != 1 for a in axes):
-        imp.unsupported(f"cannot squeeze axes {sorted(axes)} of shape {list(shape)}")
-    return tuple(d for i, d in enumerate(shape) if i not in axes)
-
-
-def _unsqueeze_shape(imp: _Importer, shape, axes) -> tuple[int, ...]:
-    if axes is None:
-        imp.unsupported("Unsqueeze needs axes")
-    rank = len(shape) + len(axes)
-    axes = sorted(_norm_axis(a, rank, imp) for a in axes)
-    out, it = [], iter(shape)
-    for i in range(rank):
-        out.append(1 if i in axes else next(it))
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,10 +451,6 @@ def _fold_gemm(imp, attrs, a, b, c=None):
 def _fold_constant_of_shape(imp, attrs, shape):
     value = numpy_helper.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
     return [np.full([int(d) for d in shape.reshape(-1)], value[0], dtype=value.dtype)]
-
-
-def _fold_shape(imp, attrs, x):
-    return [np.array(x.shape[attrs.get("start", 0):attrs.get("end", None)], dtype=np.int64)]
 
 
 def _float(arr) -> np.ndarray:
@@ -572,15 +522,15 @@ FOLDERS: dict[str, Callable] = {
     "Constant": _fold_constant,
     "Identity": lambda imp, attrs, x: [x],
     "Dropout": lambda imp, attrs, x, *_: [x, np.ones(x.shape, dtype=bool)],
-    "Shape": _fold_shape,
+    "Shape": lambda imp, attrs, x: [onnx_shape(x.shape, attrs)],
     "Gather": lambda imp, attrs, x, i: [np.take(x, i, axis=attrs.get("axis", 0))],
-    "Unsqueeze": lambda imp, attrs, x, axes=None: [x.reshape(_unsqueeze_shape(
+    "Unsqueeze": lambda imp, attrs, x, axes=None: [x.reshape(onnx_unsqueeze_shape(
         imp, x.shape, attrs.get("axes", None if axes is None else axes.reshape(-1).tolist())))],
-    "Squeeze": lambda imp, attrs, x, axes=None: [x.reshape(_squeeze_shape(
+    "Squeeze": lambda imp, attrs, x, axes=None: [x.reshape(onnx_squeeze_shape(
         imp, x.shape, attrs.get("axes", None if axes is None else axes.reshape(-1).tolist())))],
     "Concat": lambda imp, attrs, *xs: [np.concatenate(xs, axis=attrs["axis"])],
     "Cast": lambda imp, attrs, x: [x.astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))],
-    "Reshape": lambda imp, attrs, x, shape=None: [x.reshape(_reshape_target(
+    "Reshape": lambda imp, attrs, x, shape=None: [x.reshape(onnx_reshape_target(
         imp, x.shape, attrs["shape"] if shape is None else shape, attrs.get("allowzero", 0)))],
     "ConstantOfShape": _fold_constant_of_shape,
     "Add": lambda imp, attrs, a, b: [a + b],
@@ -591,418 +541,8 @@ FOLDERS: dict[str, Callable] = {
     "Sqrt": lambda imp, attrs, x: [np.sqrt(x)],
     "Relu": lambda imp, attrs, x: [np.maximum(x, 0).astype(x.dtype)],
     "Transpose": lambda imp, attrs, x: [np.transpose(x, attrs.get("perm"))],
-    "Flatten": lambda imp, attrs, x: [x.reshape(_flatten_shape(imp, x.shape, attrs.get("axis", 1)))],
+    "Flatten": lambda imp, attrs, x: [x.reshape(onnx_flatten_shape(imp, x.shape, attrs.get("axis", 1)))],
     "Slice": _fold_slice,
     "MatMul": lambda imp, attrs, a, b: [np.matmul(a, b)],
     "Gemm": _fold_gemm,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# lowerings (at least one variable input): fn(imp, node, attrs) binds the node's outputs
-# --------------------------------------------------------------------------------------------
-def _lower_shape(imp, node, attrs):
-    shape = imp.shape_of(node.input[0])  # static: a variable's shape is known at import
-    imp.consts[node.output[0]] = _fold_shape(imp, attrs, np.empty(shape, dtype=np.uint8))[0]
-
-
-def _lower_identity(imp, node, attrs):
-    imp.bind(node.output[0], imp.var(node.input[0]))
-
-
-def _lower_dropout(imp, node, attrs):
-    if len(node.input) > 2 and node.input[2] and bool(np.asarray(imp.const(node.input[2], "training_mode")).any()):
-        imp.unsupported("Dropout in training mode")
-    imp.bind(node.output[0], imp.var(node.input[0]))
-    if len(node.output) > 1 and node.output[1]:  # the mask is all ones at inference
-        imp.consts[node.output[1]] = np.ones(imp.shape_of(node.input[0]), dtype=bool)
-
-
-def _lower_relu(imp, node, attrs):
-    imp.bind(node.output[0], imp.emit("relu", [imp.var(node.input[0])], out=node.output[0]))
-
-
-def _linear(imp, x: str, w: np.ndarray | Enclosed, b: np.ndarray | Enclosed | None, out: str | None = None,
-            w_name: str | None = None, b_name: str | None = None) -> str:
-    """linear over the last axis with W [out, in]; *_name: the initializer a tensor is verbatim."""
-    inputs = [x, imp.tensor(w, "weight", "param", w_name)]
-    if b is not None:
-        inputs.append(imp.tensor(b, "bias", "param", b_name))
-    return imp.emit("linear", inputs, out=out)
-
-
-def _affine(imp, x: str, scale: np.ndarray | Enclosed, shift: np.ndarray | Enclosed, out: str | None = None,
-            shift_name: str | None = None) -> str:
-    """y = x * scale + shift; reshapes x first if the constants add leading axes of size 1."""
-    s_shape = imp.shape(x)
-    try:
-        full = tuple(np.broadcast_shapes(s_shape, scale.shape, shift.shape))
-    except ValueError:
-        imp.unsupported(f"constant of shape {list(scale.shape)}/{list(shift.shape)} does not broadcast "
-                        f"with the variable of shape {list(s_shape)}")
-    if full != s_shape:
-        if math.prod(full) != math.prod(s_shape):
-            imp.unsupported(f"a constant would broadcast the variable of shape {list(s_shape)} to "
-                            f"{list(full)}; only variables of the full shape are supported")
-        x = imp.reshape(x, full)  # only leading axes of size 1 are added
-    return imp.emit("affine", [x, imp.tensor(scale, "scale"), imp.tensor(shift, "shift", onnx_name=shift_name)],
-                    out=out)
-
-
-def _lower_gemm(imp, node, attrs):
-    a, b = node.input[0], node.input[1]
-    c = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-    trans_a, trans_b = attrs.get("transA", 0), attrs.get("transB", 0)
-    out = node.output[0]
-    cc = None if c is None else imp.enclosed(c, "C")
-    if cc is not None and beta != 1.0:
-        cc = cc * beta
-    if not imp.is_const(a) and imp.is_const(b):
-        x = imp.var(a)
-        if trans_a:
-            x = imp.transpose(x, (1, 0))
-        bb = imp.enclosed(b, "B")
-        w = bb if trans_b else bb.map(lambda t: t.T)  # [N, K]
-        w = w if alpha == 1.0 else w * alpha
-        n = w.shape[0]
-        w_name = b if (trans_b and alpha == 1.0) else None
-        if cc is None or len(cc.shape) < 2 or cc.shape[0] == 1:  # C is the same for every row: a bias
-            bias = None if cc is None else cc.map(lambda t: t.broadcast_to((1, n)).reshape(n))
-            b_name = c if (cc is not None and beta == 1.0 and cc.shape == (n,)) else None
-            y = _linear(imp, x, w, bias, out, w_name, b_name)
-        else:  # C varies along rows: add it after the product
-            y = _linear(imp, x, w, None, w_name=w_name)
-            y = _affine(imp, y, _ones(cc), cc, out)
-    elif imp.is_const(a) and not imp.is_const(b):
-        # Y = A' @ X'  =>  Y^T = X'^T @ A'^T: a linear with W = A' on the rows of X'^T
-        aa = imp.enclosed(a, "A")
-        w = aa.map(lambda t: t.T) if trans_a else aa  # [M, K]
-        w = w if alpha == 1.0 else w * alpha
-        x = imp.var(b)
-        xt = x if trans_b else imp.transpose(x, (1, 0))  # [N, K]
-        y = _linear(imp, xt, w, None)
-        if cc is None:
-            y = imp.transpose(y, (1, 0), out)
-        else:
-            y = _affine(imp, imp.transpose(y, (1, 0)), _ones(cc), cc, out)
-    elif imp.is_const(a) and imp.is_const(b):  # unreachable: folded
-        raise AssertionError("constant Gemm should have been folded")
-    else:
-        imp.unsupported("both A and B are variables (a product of two variables is not linear; no sound rule)")
-    imp.bind(out, y)
-
-
-def _lower_matmul(imp, node, attrs):
-    a, b = node.input[0], node.input[1]
-    out = node.output[0]
-    if imp.is_const(a) == imp.is_const(b):
-        imp.unsupported("both operands are variables (a product of two variables is not linear; "
-                        "no sound rule)")
-    if imp.is_const(b):  # x @ W
-        w = imp.enclosed(b, "B")
-        x = imp.var(a)
-        if len(w.shape) == 2:
-            y = _linear(imp, x, w.map(lambda t: t.T), None, out)
-        elif len(w.shape) == 1:  # x [..., k] @ w [k] -> [...]
-            y = _linear(imp, x, w.map(lambda t: t[None, :]), None)
-            y = imp.reshape(y, imp.shape(x)[:-1], out)
-        else:
-            imp.unsupported(f"batched constant matrix of shape {list(w.shape)}")
-    else:  # W @ x
-        w = imp.enclosed(a, "A")
-        x = imp.var(b)
-        xs = imp.shape(x)
-        ndim = len(w.shape)
-        if ndim not in (1, 2):
-            imp.unsupported(f"batched constant matrix of shape {list(w.shape)}")
-        w2 = w if ndim == 2 else w.map(lambda t: t[None, :])
-        verbatim = a if ndim == 2 else None
-        if len(xs) == 1:  # W [m, k] @ x [k] -> [m]
-            y = _linear(imp, x, w2, None, None if ndim == 1 else out, w_name=verbatim)
-            if ndim == 1:
-                y = imp.reshape(y, (), out)
-        else:  # W @ x [..., k, n]: transpose the last two axes, linear, transpose back
-            y = _linear(imp, imp.swap_last_two(x), w2, None, w_name=verbatim)  # [..., n, m]
-            if ndim == 2:
-                y = imp.swap_last_two(y, out)
-            else:
-                y = imp.reshape(y, xs[:-2] + xs[-1:], out)
-    imp.bind(out, y)
-
-
-def _const_operand(imp, node, var_pos: int) -> Enclosed:
-    return imp.enclosed(node.input[1 - var_pos])
-
-
-def _ones(c: Enclosed) -> np.ndarray:
-    return np.ones(c.shape, dtype=np.float32)
-
-
-def _same_shape_vars(imp, a: str, b: str, verb: str) -> tuple[str, str]:
-    x, y = imp.var(a), imp.var(b)
-    if imp.shape(x) != imp.shape(y):
-        imp.unsupported(f"{verb} two variables of different shapes {list(imp.shape(x))} and "
-                        f"{list(imp.shape(y))} (broadcasting between variables is not supported)")
-    return x, y
-
-
-def _lower_add(imp, node, attrs):
-    a, b = node.input
-    out = node.output[0]
-    if not imp.is_const(a) and not imp.is_const(b):
-        x, y = _same_shape_vars(imp, a, b, "adding")
-        imp.bind(out, imp.emit("add", [x, y], out=out))
-        return
-    var_pos = 0 if not imp.is_const(a) else 1
-    c = _const_operand(imp, node, var_pos)
-    imp.bind(out, _affine(imp, imp.var(node.input[var_pos]), _ones(c), c, out,
-                          shift_name=node.input[1 - var_pos]))
-
-
-def _lower_sub(imp, node, attrs):
-    a, b = node.input
-    out = node.output[0]
-    if not imp.is_const(a) and not imp.is_const(b):
-        x, y = _same_shape_vars(imp, a, b, "subtracting")
-        neg = imp.emit("affine", [y, imp.tensor(np.float32(-1), "minus_one"), imp.tensor(np.float32(0), "zero")])
-        imp.bind(out, imp.emit("add", [x, neg], out=out))
-    elif not imp.is_const(a):  # x - c
-        c = imp.enclosed(b)
-        imp.bind(out, _affine(imp, imp.var(a), _ones(c), -c, out))
-    else:  # c - x
-        c = imp.enclosed(a)
-        imp.bind(out, _affine(imp, imp.var(b), -_ones(c), c, out))
-
-
-def _lower_mul(imp, node, attrs):
-    a, b = node.input
-    if not imp.is_const(a) and not imp.is_const(b):
-        imp.unsupported("both operands are variables (not linear; no sound rule)")
-    var_pos = 0 if not imp.is_const(a) else 1
-    c = _const_operand(imp, node, var_pos)
-    imp.bind(node.output[0], _affine(imp, imp.var(node.input[var_pos]), c, 0 * _ones(c), node.output[0]))
-
-
-def _lower_div(imp, node, attrs):
-    a, b = node.input
-    if imp.is_const(a):
-        imp.unsupported("dividing by a variable (not linear; no sound rule)")
-    if not imp.is_const(b):
-        imp.unsupported("both operands are variables (not linear; no sound rule)")
-    c = imp.enclosed(b)
-    try:
-        scale = c.reciprocal()
-    except ValueError:
-        imp.unsupported("dividing by a constant that is (or may be) zero")
-    imp.bind(node.output[0], _affine(imp, imp.var(a), scale, 0 * _ones(c), node.output[0]))
-
-
-def _same_pads(imp, auto_pad: str, in_hw, kernel, strides, dilations) -> tuple[int, int, int, int]:
-    """Explicit (top, left, bottom, right) for auto_pad SAME_UPPER / SAME_LOWER / VALID."""
-    if auto_pad == "VALID":
-        return (0, 0, 0, 0)
-    begin, end = [], []
-    for n, k, s, d in zip(in_hw, kernel, strides, dilations):
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        small, big = total // 2, total - total // 2
-        begin.append(small if auto_pad == "SAME_UPPER" else big)
-        end.append(big if auto_pad == "SAME_UPPER" else small)
-    return (begin[0], begin[1], end[0], end[1])
-
-
-def _window_attrs(imp, attrs, x_shape, kernel) -> tuple[tuple, tuple, tuple]:
-    """(stride, padding, dilation) of a 2-D Conv/AveragePool from its ONNX attributes."""
-    strides = tuple(attrs.get("strides", (1, 1)))
-    dilations = tuple(attrs.get("dilations", (1, 1)))
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad in ("", "NOTSET"):
-        pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
-    elif auto_pad in ("VALID", "SAME_UPPER", "SAME_LOWER"):
-        pads = _same_pads(imp, auto_pad, x_shape[-2:], kernel, strides, dilations)
-    else:
-        imp.unsupported(f"auto_pad {auto_pad!r}")
-    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
-        imp.unsupported("only 2-D windows are supported")
-    return strides, tuple(int(p) for p in pads), dilations
-
-
-def _lower_conv(imp, node, attrs):
-    if imp.is_const(node.input[0]):
-        raise AssertionError("constant Conv should have been folded")
-    x = imp.var(node.input[0])
-    w = imp.enclosed(node.input[1], "weight")
-    if len(w.shape) != 4 or len(imp.shape(x)) != 4:
-        imp.unsupported(f"only 2-D convolutions are supported (weight rank {len(w.shape)}, input rank "
-                        f"{len(imp.shape(x))})")
-    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != w.shape[2:]:
-        imp.unsupported(f"kernel_shape {attrs['kernel_shape']} disagrees with the weight {list(w.shape)}")
-    stride, padding, dilation = _window_attrs(imp, attrs, imp.shape(x), w.shape[2:])
-    inputs = [x, imp.tensor(w, "weight", "param", node.input[1])]
-    if len(node.input) > 2 and node.input[2]:
-        inputs.append(imp.tensor(imp.enclosed(node.input[2], "bias"), "bias", "param", node.input[2]))
-    y = imp.emit("conv2d", inputs, {"stride": stride, "padding": padding, "dilation": dilation,
-                                     "groups": int(attrs.get("group", 1))}, out=node.output[0])
-    imp.bind(node.output[0], y)
-
-
-def _lower_batchnorm(imp, node, attrs):
-    if attrs.get("training_mode", 0):
-        imp.unsupported("BatchNormalization in training mode")
-    if any(o for o in node.output[1:]):
-        imp.unsupported("BatchNormalization with running-statistics outputs (training mode)")
-    x = imp.var(node.input[0])
-    gamma, beta, mean, var = (imp.enclosed(n) for n in node.input[1:5])
-    try:
-        scale = gamma * (var + float(attrs.get("epsilon", 1e-5))).sqrt().reciprocal()
-    except ValueError as e:
-        imp.unsupported(f"its variance plus epsilon is (or may be) zero or negative ({e})")
-    shift = beta - mean * scale
-    xs = imp.shape(x)
-    if len(xs) < 2:
-        imp.unsupported(f"input of rank {len(xs)} has no channel axis")
-    c = xs[1]
-    if math.prod(scale.shape) == c:  # per channel (axis 1), broadcast over the spatial axes
-        target = (c,) + (1,) * (len(xs) - 2)
-    elif scale.shape == xs[1:]:  # opset <= 8 with spatial=0: one statistic per activation
-        target = xs[1:]
-    else:
-        imp.unsupported(f"statistics of shape {list(scale.shape)} for an input of shape {list(xs)}")
-    imp.bind(node.output[0], _affine(imp, x, scale.map(lambda t: t.reshape(target)),
-                                     shift.map(lambda t: t.reshape(target)), node.output[0]))
-
-
-def _avg_conv(imp, node, x: str, kernel, stride, padding, dilation) -> str:
-    """Average pooling as a depthwise conv2d with weights 1 / (kh * kw)."""
-    c = imp.shape(x)[-3]
-    w = Enclosed.exact(torch.full((c, 1) + tuple(kernel), float(math.prod(kernel)))).reciprocal()
-    return imp.emit("conv2d", [x, imp.tensor(w, "avg_weight", "param")],
-                    {"stride": tuple(stride), "padding": tuple(padding), "dilation": tuple(dilation),
-                     "groups": c}, out=node.output[0])
-
-
-def _lower_avgpool(imp, node, attrs):
-    x = imp.var(node.input[0])
-    xs = imp.shape(x)
-    kernel = tuple(attrs.get("kernel_shape", ()))
-    if len(kernel) != 2 or len(xs) != 4:
-        imp.unsupported("only 2-D average pooling on [N, C, H, W] is supported")
-    stride, padding, dilation = _window_attrs(imp, attrs, xs, kernel)
-    if attrs.get("count_include_pad", 0) == 0 and any(padding):
-        imp.unsupported("count_include_pad=0 with nonzero padding divides border windows by fewer "
-                        "elements, which is not a convolution")
-    if attrs.get("ceil_mode", 0):
-        for n, k, s, d, p0, p1 in zip(xs[-2:], kernel, stride, dilation, padding[:2], padding[2:]):
-            span = n + p0 + p1 - d * (k - 1) - 1
-            if span % s:  # ceil would add a partial window at the border
-                imp.unsupported("ceil_mode=1 where it adds a partial window")
-    imp.bind(node.output[0], _avg_conv(imp, node, x, kernel, stride, padding, dilation))
-
-
-def _lower_global_avgpool(imp, node, attrs):
-    x = imp.var(node.input[0])
-    xs = imp.shape(x)
-    if len(xs) != 4:
-        imp.unsupported("only [N, C, H, W] inputs are supported")
-    imp.bind(node.output[0], _avg_conv(imp, node, x, xs[-2:], (1, 1), (0, 0, 0, 0), (1, 1)))
-
-
-def _lower_pad(imp, node, attrs):
-    """Zero padding of H and W (torch exports it before pooling) as a depthwise identity conv2d."""
-    x = imp.var(node.input[0])
-    xs = imp.shape(x)
-    if attrs.get("mode", "constant") != "constant":
-        imp.unsupported(f"mode {attrs['mode']!r} (only constant zero padding is supported)")
-    if "pads" in attrs:  # opset < 11
-        pads, value = list(attrs["pads"]), float(attrs.get("value", 0.0))
-    else:
-        pads = [int(p) for p in imp.const(node.input[1], "pads").reshape(-1)]
-        has_value = len(node.input) > 2 and node.input[2]
-        value = float(imp.const(node.input[2], "constant_value").reshape(-1)[0]) if has_value else 0.0
-    rank = len(xs)
-    axes = list(range(rank))
-    if len(node.input) > 3 and node.input[3]:  # opset >= 18: pads only for these axes
-        axes = [_norm_axis(int(a), rank, imp) for a in imp.const(node.input[3], "axes").reshape(-1)]
-    begin, end = [0] * rank, [0] * rank
-    for k, a in enumerate(axes):
-        begin[a], end[a] = pads[k], pads[k + len(axes)]
-    if not any(begin + end):
-        imp.bind(node.output[0], x)
-        return
-    if value != 0.0 or rank != 4 or any(begin[:2] + end[:2]) or min(begin + end) < 0:
-        imp.unsupported("only non-negative zero padding of the last two axes of an [N, C, H, W] tensor "
-                        "is supported")
-    c = xs[1]
-    w = np.ones((c, 1, 1, 1), dtype=np.float32)
-    y = imp.emit("conv2d", [x, imp.tensor(w, "pad_identity", "param")],
-                 {"stride": (1, 1), "padding": (begin[2], begin[3], end[2], end[3]), "dilation": (1, 1),
-                  "groups": c}, out=node.output[0])
-    imp.bind(node.output[0], y)
-
-
-def _lower_flatten(imp, node, attrs):
-    x = imp.var(node.input[0])
-    shape = _flatten_shape(imp, imp.shape(x), attrs.get("axis", 1))
-    imp.bind(node.output[0], imp.reshape(x, shape, node.output[0]))
-
-
-def _lower_reshape(imp, node, attrs):
-    x = imp.var(node.input[0])
-    spec = attrs["shape"] if "shape" in attrs else imp.const(node.input[1], "shape")
-    shape = _reshape_target(imp, imp.shape(x), spec, attrs.get("allowzero", 0))
-    imp.bind(node.output[0], imp.reshape(x, shape, node.output[0]))
-
-
-def _lower_squeeze(imp, node, attrs):
-    x = imp.var(node.input[0])
-    shape = _squeeze_shape(imp, imp.shape(x), _axes(imp, node, attrs))
-    imp.bind(node.output[0], imp.reshape(x, shape, node.output[0]))
-
-
-def _lower_unsqueeze(imp, node, attrs):
-    x = imp.var(node.input[0])
-    shape = _unsqueeze_shape(imp, imp.shape(x), _axes(imp, node, attrs))
-    imp.bind(node.output[0], imp.reshape(x, shape, node.output[0]))
-
-
-def _lower_transpose(imp, node, attrs):
-    x = imp.var(node.input[0])
-    rank = len(imp.shape(x))
-    perm = [int(p) for p in attrs.get("perm", range(rank - 1, -1, -1))]
-    if sorted(_norm_axis(p, rank, imp) for p in perm) != list(range(rank)):
-        imp.unsupported(f"perm {perm} is not a permutation of {rank} axes")
-    imp.bind(node.output[0], imp.transpose(x, [p % rank for p in perm], node.output[0]))
-
-
-def _lower_concat(imp, node, attrs):
-    names = [n for n in node.input if n]
-    if any(imp.is_const(n) for n in names):
-        imp.unsupported("a constant operand (only concatenation of variables is supported)")
-    xs = [imp.var(n) for n in names]
-    axis = _norm_axis(int(attrs["axis"]), len(imp.shape(xs[0])), imp)
-    imp.bind(node.output[0], imp.emit("concat", xs, {"axis": axis}, out=node.output[0]))
-
-
-LOWERINGS: dict[str, Callable] = {
-    "Gemm": _lower_gemm,
-    "MatMul": _lower_matmul,
-    "Add": _lower_add,
-    "Sub": _lower_sub,
-    "Mul": _lower_mul,
-    "Div": _lower_div,
-    "Relu": _lower_relu,
-    "Conv": _lower_conv,
-    "BatchNormalization": _lower_batchnorm,
-    "AveragePool": _lower_avgpool,
-    "GlobalAveragePool": _lower_global_avgpool,
-    "Pad": _lower_pad,
-    "Flatten": _lower_flatten,
-    "Reshape": _lower_reshape,
-    "Squeeze": _lower_squeeze,
-    "Unsqueeze": _lower_unsqueeze,
-    "Transpose": _lower_transpose,
-    "Concat": _lower_concat,
-    "Identity": _lower_identity,
-    "Dropout": _lower_dropout,
-    "Shape": _lower_shape,
 }

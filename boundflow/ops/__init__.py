@@ -1,10 +1,11 @@
 """Primal operators, one module per op family, each op defined once (see registry.py).
 
-Importing this package registers every op. KERNELS maps a TaskOp's kernel name to its function:
-the ops' own kernels and the shared machinery of the domains (starting and ending backward
-passes, output intervals, bookkeeping). ALIASING_KERNELS lists the kernels whose results may be
-views of their inputs; every other kernel returns fresh tensors, so its outputs may take the
-bytes of inputs that die at that op.
+Importing this package registers every op and every frontend mapping (ONNX_LOWERINGS,
+TORCH_LOWERINGS). KERNELS maps a TaskOp's kernel name to its function: the ops' own kernels and
+the shared machinery of the domains (starting and ending backward passes, output intervals,
+bookkeeping). ALIASING_KERNELS lists the kernels whose results may be views of their inputs;
+every other kernel returns fresh tensors, so its outputs may take the bytes of inputs that die
+at that op.
 """
 import importlib
 import pkgutil
@@ -13,7 +14,8 @@ from boundflow.domains import bound as _bound
 from boundflow.domains import interval as _interval
 from boundflow.domains import linear as _linear
 from boundflow.domains import patches as _patches
-from boundflow.ops.registry import OPS, Op, Relaxation, get, register
+from boundflow.ops.registry import (ONNX_LOWERINGS, OPS, TORCH_LOWERINGS, Op, Relaxation, get, onnx_lowering, register,
+                                     torch_lowering)
 
 for _module in pkgutil.iter_modules(__path__):       # an op module registers its ops on import
     if _module.name != "registry":
@@ -28,4 +30,5 @@ for _op in OPS.values():
 
 ALIASING_KERNELS = frozenset({"bound.replace"} | _interval.ALIASING).union(*(op.aliasing for op in OPS.values()))
 
-__all__ = ["OPS", "Op", "Relaxation", "get", "register", "KERNELS", "ALIASING_KERNELS"]
+__all__ = ["OPS", "Op", "Relaxation", "get", "register", "KERNELS", "ALIASING_KERNELS",
+           "ONNX_LOWERINGS", "TORCH_LOWERINGS", "onnx_lowering", "torch_lowering"]

@@ -1,15 +1,24 @@
 """affine: y = x * scale + shift, elementwise, the constants broadcast to x. Inputs (x, scale,
 shift). Frontends lower additions, subtractions, multiplications and divisions by constants,
-and BatchNorm at inference, to it."""
+negations and BatchNorm at inference to it (and the sum of two variables to add)."""
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 
 from boundflow.domains import fp
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound
 from boundflow.domains.rounding import magnitude
-from boundflow.ops.registry import Op, register
+from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
+
+if TYPE_CHECKING:
+    from boundflow.frontends.builder import Builder, Constant
+
+aten = torch.ops.aten
 
 
 def forward(x, scale, shift, attrs=None):
@@ -42,3 +51,138 @@ def fp_error(ins, ps, attrs):
 
 AFFINE = register(Op("affine", forward, interval, sound(backward), fp_error, coordinatewise=True,
                      interval_params=interval_params, fp_params=fp.weights))
+
+
+# -- frontends: elementwise arithmetic with constants, BatchNorm ----------------------------------
+
+def add_scaled(b: Builder, p, q, k: float = 1.0) -> str:
+    """p + k * q for source arguments p, q of which at least one depends on the network input."""
+    if not b.is_const(p) and not b.is_const(q):
+        x, y = b.var(p), b.var(q)
+        if b.shape(x) != b.shape(y):
+            b.unsupported(f"adding two variables of different shapes {list(b.shape(x))} and {list(b.shape(y))} "
+                          f"(broadcasting between variables is not supported)")
+        if k != 1.0:
+            y = b.affine(y, b.literal(k))
+        return b.emit("add", [x, y], out=b.output)
+    if b.is_const(q):                           # x + k c
+        return b.affine(b.var(p), shift=b.const(q, "operand").scaled(k), out=b.output)
+    c = b.const(p, "operand")                   # c + k x
+    return b.affine(b.var(q), b.literal(np.full(c.shape, k)), c, out=b.output)
+
+
+def multiply(b: Builder, p, q) -> str:
+    if not b.is_const(p) and not b.is_const(q):
+        b.unsupported("product of two operands that both depend on the network input (not linear; no sound rule)")
+    x, c = (p, q) if b.is_const(q) else (q, p)
+    return b.affine(b.var(x), b.const(c, "factor"), out=b.output)
+
+
+def divide(b: Builder, p, q) -> str:
+    if not b.is_const(q):
+        b.unsupported("division by an operand that depends on the network input (not linear; no sound rule)")
+    c = b.const(q, "divisor")
+    try:
+        scale = c.derive(c.value.reciprocal())
+    except ValueError:
+        b.unsupported("division by a constant that is (or may be) zero")
+    return b.affine(b.var(p), scale, out=b.output)
+
+
+def batch_norm(b: Builder, x: str, gamma: Constant, beta: Constant, mean: Constant, var: Constant,
+               eps: float) -> str:
+    """BatchNorm at inference: x * scale + shift with scale = gamma / sqrt(var + eps) and
+    shift = beta - mean * scale (with their error bounds), per channel (axis 1)."""
+    try:
+        scale = gamma.value * (var.value + eps).sqrt().reciprocal()
+    except ValueError as e:
+        b.unsupported(f"its variance plus epsilon is (or may be) zero or negative ({e})")
+    shift = beta.value - mean.value * scale
+    xs = b.shape(x)
+    if len(xs) < 2:
+        b.unsupported(f"input of rank {len(xs)} has no channel axis")
+    channels = xs[1]
+    if math.prod(scale.shape) == channels:      # per channel, broadcast over the axes after it
+        target = (channels,) + (1,) * (len(xs) - 2)
+    elif scale.shape == xs[1:]:                 # ONNX opset <= 8 with spatial=0: one per activation
+        target = xs[1:]
+    else:
+        b.unsupported(f"statistics of shape {list(scale.shape)} for an input of shape {list(xs)}")
+    stats = (beta, mean, var)
+    return b.affine(x, gamma.derive(scale, *stats).map(lambda t: t.reshape(target)),
+                    gamma.derive(shift, *stats).map(lambda t: t.reshape(target)), out=b.output)
+
+
+@onnx_lowering("Add")
+def _onnx_add(b) -> str:
+    return add_scaled(b, b.input(0), b.input(1))
+
+
+@onnx_lowering("Sub")
+def _onnx_sub(b) -> str:
+    return add_scaled(b, b.input(0), b.input(1), -1.0)
+
+
+@onnx_lowering("Mul")
+def _onnx_mul(b) -> str:
+    return multiply(b, b.input(0), b.input(1))
+
+
+@onnx_lowering("Div")
+def _onnx_div(b) -> str:
+    return divide(b, b.input(0), b.input(1))
+
+
+@onnx_lowering("BatchNormalization")
+def _onnx_batch_norm(b) -> str:
+    if b.attr("training_mode", 0):
+        b.unsupported("BatchNormalization in training mode")
+    if any(b.outputs[1:]):
+        b.unsupported("BatchNormalization with running-statistics outputs (training mode)")
+    x = b.var(b.input(0))
+    gamma, beta, mean, var = (b.const(b.input(i), what) for i, what in
+                              enumerate(("scale", "B", "input_mean", "input_var"), start=1))
+    return batch_norm(b, x, gamma, beta, mean, var, float(b.attr("epsilon", 1e-5)))
+
+
+@torch_lowering(aten.add.Tensor, aten.add.Scalar)
+def _torch_add(b) -> str:
+    return add_scaled(b, b.arg(0), b.arg(1), float(b.kwarg("alpha", 1)))
+
+
+@torch_lowering(aten.sub.Tensor, aten.sub.Scalar)
+def _torch_sub(b) -> str:
+    return add_scaled(b, b.arg(0), b.arg(1), -float(b.kwarg("alpha", 1)))
+
+
+@torch_lowering(aten.rsub.Scalar)
+def _torch_rsub(b) -> str:
+    # rsub(x, other, alpha) = other - alpha * x
+    return add_scaled(b, b.arg(1), b.arg(0), -float(b.kwarg("alpha", 1)))
+
+
+@torch_lowering(aten.mul.Tensor, aten.mul.Scalar)
+def _torch_mul(b) -> str:
+    return multiply(b, b.arg(0), b.arg(1))
+
+
+@torch_lowering(aten.div.Tensor, aten.div.Scalar)
+def _torch_div(b) -> str:
+    if b.kwarg("rounding_mode") is not None:
+        b.unsupported("division with rounding")
+    return divide(b, b.arg(0), b.arg(1))
+
+
+@torch_lowering(aten.neg.default)
+def _torch_neg(b) -> str:
+    return b.affine(b.var(b.arg(0)), b.literal(-1.0), out=b.output)
+
+
+@torch_lowering(aten._native_batch_norm_legit_no_training.default)
+def _torch_batch_norm(b) -> tuple:
+    # (x, weight, bias, running_mean, running_var, momentum, eps) -> (y, save_mean, save_invstd)
+    x = b.var(b.arg(0))
+    mean, var = b.const(b.arg(3), "running mean"), b.const(b.arg(4), "running var")
+    gamma = b.literal(np.ones(mean.shape)) if b.arg(1) is None else b.const(b.arg(1), "weight")
+    beta = b.literal(np.zeros(mean.shape)) if b.arg(2) is None else b.const(b.arg(2), "bias")
+    return (batch_norm(b, x, gamma, beta, mean, var, float(b.arg(6))), None, None)

@@ -1,10 +1,14 @@
 """conv2d over the last three axes: inputs (x [..., C, H, W], W [co, ci/g, kh, kw], b [co]?),
 attrs stride, padding (top, left, bottom, right), dilation, groups. Also its patch rules (A as
-receptive-field windows, domains/patches.py)."""
+receptive-field windows, domains/patches.py). Frontends lower convolutions, average pooling
+(a depthwise conv2d with weights 1 / window size) and zero padding to it."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -13,8 +17,13 @@ from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons
-from boundflow.domains.rounding import down, magnitude, up
-from boundflow.ops.registry import Op, register
+from boundflow.domains.rounding import Enclosed, down, magnitude, up
+from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
+
+if TYPE_CHECKING:
+    from boundflow.frontends.builder import Builder, Constant
+
+aten = torch.ops.aten
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict) -> torch.Tensor:
@@ -138,3 +147,212 @@ def patch_backward(ins, ps, attrs):
 CONV2D = register(Op("conv2d", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
                      interval_params=interval_params, backward_params=backward_params, fp_params=fp_params,
                      kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
+
+
+# -- frontends: convolution, average pooling, zero padding ----------------------------------------
+
+def convolution(b: Builder, x: str, w: Constant, bias: Constant | None, stride, padding, dilation,
+                groups: int) -> str:
+    inputs = [x, b.constant(w, "weight", weight=True)]
+    if bias is not None:
+        inputs.append(b.constant(bias, "bias", weight=True))
+    return b.emit("conv2d", inputs, _conv_attrs(stride, padding, dilation, groups), out=b.output)
+
+
+def _conv_attrs(stride, padding, dilation, groups: int) -> dict:
+    return {"stride": tuple(int(s) for s in stride), "padding": tuple(int(p) for p in padding),
+            "dilation": tuple(int(d) for d in dilation), "groups": int(groups)}
+
+
+def average_pool(b: Builder, x: str, kernel, stride, padding, dilation=(1, 1), divisor: float | None = None) -> str:
+    """Average pooling over the last two axes, zero padding counted: a depthwise conv2d with
+    weights 1 / divisor (the window size unless given)."""
+    channels = b.shape(x)[-3]
+    count = float(divisor if divisor else math.prod(kernel))
+    w = Enclosed.exact(torch.full((channels, 1) + tuple(kernel), count, dtype=torch.float64)).reciprocal()
+    return b.emit("conv2d", [x, b.constant(b.literal(w), "avg_weight", weight=True)],
+                  _conv_attrs(stride, padding, dilation, channels), out=b.output)
+
+
+@dataclass(frozen=True)
+class ZeroPad:
+    """Zero padding of the last two axes of `src`, not emitted yet: a conv2d or average pool that
+    reads it takes it into its own padding (that is how torch decomposes padding='same' with
+    even kernels); any other reader needs it as a node (pad_as_conv)."""
+    src: str
+    pads: tuple[int, int, int, int]       # (top, left, bottom, right), conv2d's order
+    shape: tuple[int, ...]                # of the padded tensor
+
+
+def zero_pad(b: Builder, x: str, pads: tuple[int, int, int, int]) -> ZeroPad:
+    top, left, bottom, right = pads
+    xs = b.shape(x)
+    return ZeroPad(x, tuple(pads), xs[:-2] + (xs[-2] + top + bottom, xs[-1] + left + right))
+
+
+def pad_as_conv(b: Builder, pad: ZeroPad, out: str | None) -> str:
+    """A zero pad as an identity depthwise conv2d with that padding."""
+    shape = b.shape(pad.src)
+    if len(shape) < 3:
+        b.unsupported(f"zero padding of a rank-{len(shape)} tensor is only supported when a conv2d / average "
+                      f"pool consumes it")
+    channels = shape[-3]
+    w = b.constant(b.literal(np.ones((channels, 1, 1, 1))), "pad_identity", weight=True)
+    return b.emit("conv2d", [pad.src, w], _conv_attrs((1, 1), pad.pads, (1, 1), channels), out=out)
+
+
+def _same_pads(auto_pad: str, in_hw, kernel, strides, dilations) -> tuple[int, int, int, int]:
+    """Explicit (top, left, bottom, right) for ONNX auto_pad SAME_UPPER / SAME_LOWER / VALID."""
+    if auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    begin, end = [], []
+    for n, k, s, d in zip(in_hw, kernel, strides, dilations):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else big)
+        end.append(big if auto_pad == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
+
+
+def _onnx_window(b, x_shape, kernel) -> tuple[tuple, tuple, tuple]:
+    """(stride, padding, dilation) of a 2-D ONNX Conv / AveragePool from its attributes."""
+    strides = tuple(b.attr("strides", (1, 1)))
+    dilations = tuple(b.attr("dilations", (1, 1)))
+    auto_pad = b.attr("auto_pad", "NOTSET")
+    if auto_pad in ("", "NOTSET"):
+        pads = tuple(b.attr("pads", (0, 0, 0, 0)))
+    elif auto_pad in ("VALID", "SAME_UPPER", "SAME_LOWER"):
+        pads = _same_pads(auto_pad, x_shape[-2:], kernel, strides, dilations)
+    else:
+        b.unsupported(f"auto_pad {auto_pad!r}")
+    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
+        b.unsupported("only 2-D windows are supported")
+    return strides, tuple(int(p) for p in pads), dilations
+
+
+@onnx_lowering("Conv")
+def _onnx_conv(b) -> str:
+    x = b.var(b.input(0))
+    w = b.const(b.input(1), "weight")
+    if len(w.shape) != 4 or len(b.shape(x)) != 4:
+        b.unsupported(f"only 2-D convolutions are supported (weight rank {len(w.shape)}, input rank "
+                      f"{len(b.shape(x))})")
+    if b.attr("kernel_shape") is not None and tuple(b.attr("kernel_shape")) != w.shape[2:]:
+        b.unsupported(f"kernel_shape {b.attr('kernel_shape')} disagrees with the weight {list(w.shape)}")
+    stride, padding, dilation = _onnx_window(b, b.shape(x), w.shape[2:])
+    bias = None if b.input(2) is None else b.const(b.input(2), "bias")
+    return convolution(b, x, w, bias, stride, padding, dilation, b.attr("group", 1))
+
+
+@onnx_lowering("AveragePool")
+def _onnx_average_pool(b) -> str:
+    x = b.var(b.input(0))
+    xs = b.shape(x)
+    kernel = tuple(b.attr("kernel_shape", ()))
+    if len(kernel) != 2 or len(xs) != 4:
+        b.unsupported("only 2-D average pooling on [N, C, H, W] is supported")
+    stride, padding, dilation = _onnx_window(b, xs, kernel)
+    if b.attr("count_include_pad", 0) == 0 and any(padding):
+        b.unsupported("count_include_pad=0 with nonzero padding divides border windows by fewer "
+                      "elements, which is not a convolution")
+    if b.attr("ceil_mode", 0):
+        for n, k, s, d, p0, p1 in zip(xs[-2:], kernel, stride, dilation, padding[:2], padding[2:]):
+            if (n + p0 + p1 - d * (k - 1) - 1) % s:  # ceil would add a partial window at the border
+                b.unsupported("ceil_mode=1 where it adds a partial window")
+    return average_pool(b, x, kernel, stride, padding, dilation)
+
+
+@onnx_lowering("GlobalAveragePool")
+def _onnx_global_average_pool(b) -> str:
+    x = b.var(b.input(0))
+    xs = b.shape(x)
+    if len(xs) != 4:
+        b.unsupported("only [N, C, H, W] inputs are supported")
+    return average_pool(b, x, xs[-2:], (1, 1), (0, 0, 0, 0))
+
+
+@onnx_lowering("Pad")
+def _onnx_pad(b) -> str:
+    """Zero padding of H and W (torch exports it before pooling), emitted at once (ONNX has no
+    pending values)."""
+    x = b.var(b.input(0))
+    xs = b.shape(x)
+    if b.attr("mode", "constant") != "constant":
+        b.unsupported(f"mode {b.attr('mode')!r} (only constant zero padding is supported)")
+    if b.attr("pads") is not None:  # opset < 11
+        pads, value = list(b.attr("pads")), float(b.attr("value", 0.0))
+    else:
+        pads = [int(p) for p in b.array(b.input(1), "pads").reshape(-1)]
+        value = 0.0 if b.input(2) is None else float(b.array(b.input(2), "constant_value").reshape(-1)[0])
+    rank = len(xs)
+    axes = list(range(rank))
+    if b.input(3) is not None:  # opset >= 18: pads only for these axes
+        axes = [b.axis(int(a), rank) for a in b.array(b.input(3), "axes").reshape(-1)]
+    begin, end = [0] * rank, [0] * rank
+    for k, a in enumerate(axes):
+        begin[a], end[a] = pads[k], pads[k + len(axes)]
+    if not any(begin + end):
+        return x
+    if value != 0.0 or rank != 4 or any(begin[:2] + end[:2]) or min(begin + end) < 0:
+        b.unsupported("only non-negative zero padding of the last two axes of an [N, C, H, W] tensor "
+                      "is supported")
+    return pad_as_conv(b, zero_pad(b, x, (begin[2], begin[3], end[2], end[3])), b.output)
+
+
+def _pair(v) -> tuple[int, int]:
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
+
+
+def _plus(padding: tuple[int, int], extra: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """A symmetric (ph, pw) padding plus an absorbed zero pad (top, left, bottom, right)."""
+    ph, pw = padding
+    return (ph + extra[0], pw + extra[1], ph + extra[2], pw + extra[3])
+
+
+@torch_lowering(aten.convolution.default)
+def _torch_convolution(b) -> str:
+    # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    x, extra = b.var_and_pad(b.arg(0))
+    w = b.const(b.arg(1), "convolution weight")
+    if len(w.shape) != 4:
+        b.unsupported(f"only 2-D convolutions are supported (weight has rank {len(w.shape)})")
+    if bool(b.arg(6)):
+        b.unsupported("transposed convolution")
+    bias = None if b.arg(2) is None else b.const(b.arg(2), "convolution bias")
+    return convolution(b, x, w, bias, _pair(b.arg(3)), _plus(_pair(b.arg(4)), extra), _pair(b.arg(5)),
+                       int(b.arg(8)))
+
+
+@torch_lowering(aten.constant_pad_nd.default)
+def _torch_constant_pad_nd(b) -> ZeroPad:
+    x = b.var(b.arg(0))
+    pad = [int(p) for p in b.arg(1)]
+    value = float(b.arg(2, "value", 0.0))
+    if value != 0.0:
+        b.unsupported(f"padding with value {value} (only zero padding)")
+    if len(pad) > 4 or len(pad) % 2 or any(p < 0 for p in pad):
+        b.unsupported(f"padding {pad}: only non-negative zero padding of the last two axes")
+    if len(b.shape(x)) < 2:
+        b.unsupported("padding a tensor of rank < 2")
+    left, right, top, bottom = pad + [0] * (4 - len(pad))
+    return zero_pad(b, x, (top, left, bottom, right))
+
+
+@torch_lowering(aten.avg_pool2d.default)
+def _torch_avg_pool2d(b) -> str:
+    # avg_pool2d(x, kernel_size, stride=[], padding=0, ceil_mode=False, count_include_pad=True,
+    #            divisor_override=None)
+    x, extra = b.var_and_pad(b.arg(0))
+    kernel = _pair(b.arg(1))
+    stride = _pair(b.arg(2, "stride")) if b.arg(2, "stride") else kernel
+    padding = _pair(b.arg(3, "padding", 0))
+    if not b.arg(5, "count_include_pad", True) and any(padding):
+        b.unsupported("avg_pool2d with count_include_pad=False and non-zero padding")
+    if len(b.shape(x)) < 3:
+        b.unsupported("avg_pool2d needs a [..., C, H, W] input")
+    out = average_pool(b, x, kernel, stride, _plus(padding, extra), divisor=b.arg(6, "divisor_override"))
+    if b.arg(4, "ceil_mode", False) and b.shape(out) != b.expected_shape():
+        # ceil mode adds partial windows with a different divisor: not a fixed convolution
+        b.unsupported("avg_pool2d with ceil_mode=True where it changes the output shape")
+    return out

@@ -1,7 +1,10 @@
-"""linear: y = x @ W.T + b over the last axis. Inputs (x, W [out, in], b [out]?)."""
+"""linear: y = x @ W.T + b over the last axis. Inputs (x, W [out, in], b [out]?). Frontends
+lower matrix products with one constant side to it: ONNX Gemm and MatMul, aten linear, mm,
+bmm, matmul and addmm."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -9,8 +12,13 @@ import torch.nn.functional as F
 from boundflow.domains import fp
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
-from boundflow.domains.rounding import magnitude
-from boundflow.ops.registry import Op, register
+from boundflow.domains.rounding import Enclosed, magnitude
+from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
+
+if TYPE_CHECKING:
+    from boundflow.frontends.builder import Builder, Constant
+
+aten = torch.ops.aten
 
 
 def forward(x, w, b=None, attrs=None):
@@ -69,3 +77,135 @@ def fp_error(ins, ps, attrs):
 
 LINEAR = register(Op("linear", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
                      interval_params=interval_params, backward_params=backward_params, fp_params=fp_params))
+
+
+# -- frontends: matrix products with a constant side -------------------------------------------
+
+def _product_shape(b: Builder, left: tuple, right: tuple) -> tuple[int, ...]:
+    """The shape of left @ right under numpy / torch.matmul broadcasting."""
+    try:
+        return tuple(torch.matmul(torch.empty(left, device="meta"), torch.empty(right, device="meta")).shape)
+    except RuntimeError as e:
+        b.unsupported(f"operands of shapes {list(left)} and {list(right)} do not multiply ({e})")
+
+
+def _single_matrix(b: Builder, mat: Constant) -> Constant:
+    """The one 2-D matrix of a constant operand that may be batched, but the same in every entry."""
+    if len(mat.shape) == 2:
+        return mat
+    flat = mat.value.map(lambda t: t.reshape(-1, *t.shape[-2:]))
+    if not torch.equal(flat.value, flat.value[:1].expand_as(flat.value)):
+        b.unsupported("batched product with a different constant matrix per batch entry")
+    return mat.derive(Enclosed(flat.value[0], flat.err.amax(0)))
+
+
+def _row_bias(bias: Constant, out_shape: tuple[int, ...]) -> Constant | None:
+    """The bias as one row [n] when it adds the same row to every row of the product, else None."""
+    row = bias.map(lambda t: t.expand(out_shape).reshape(-1, out_shape[-1])[0])
+    full, first = bias.value.map(lambda t: t.expand(out_shape)), row.value
+    same = torch.equal(full.value, first.value.expand(out_shape)) and torch.equal(full.err, first.err.expand(out_shape))
+    return row if same else None
+
+
+def matmul(b: Builder, left: str | Constant, right: str | Constant, alpha: float = 1.0,
+           bias: Constant | None = None, transposed: bool = False) -> str:
+    """alpha * (left @ right) + bias (numpy / torch.matmul semantics): one operand is a variable,
+    the other a Constant. transposed: the variable operand is the variable with its last two
+    axes swapped (ONNX Gemm's transA / transB).
+
+    x @ C is linear(x, C^T); C @ x swaps the last two axes of x, applies linear with C and swaps
+    back ((C x)^T = x^T C^T). A rank-1 constant is a one-row weight followed by a reshape that
+    drops the unit axis. A batched constant must be the same matrix in every batch entry and
+    must not broadcast the variable. A bias that adds the same row to every row is the linear's
+    own bias; any other is added after the product.
+    """
+    if isinstance(left, str) and isinstance(right, str):
+        b.unsupported("both operands depend on the network input (a product of two variables is not linear; "
+                      "no sound rule)")
+    if not isinstance(left, str) and not isinstance(right, str):
+        raise AssertionError("a product of two constants should have been folded")
+    var_left = isinstance(left, str)
+    x, mat = (left, right) if var_left else (right, left)
+    xs = b.shape(x)
+    operand = xs[:-2] + (xs[-1], xs[-2]) if transposed else xs
+    pair = (operand, mat.shape) if var_left else (mat.shape, operand)
+    want = _product_shape(b, *pair)
+    core = mat.shape[-2:]                   # the matrix (or vector) each batch entry multiplies by
+    if _product_shape(b, *((operand, core) if var_left else (core, operand))) != want:
+        b.unsupported(f"constant operand of shape {list(mat.shape)} broadcasts the variable of shape "
+                      f"{list(operand)} to {list(want)}")
+    if var_left:
+        x = b.swap_last_two(x) if transposed else x
+        row = _row_bias(bias, want) if bias is not None and len(mat.shape) > 1 else None
+        bias = None if row is not None else bias
+        y = _variable_times_constant(b, x, mat, alpha, row, b.output if bias is None else None)
+    else:
+        y = _constant_times_variable(b, mat, x, alpha, transposed, b.output if bias is None else None)
+    return y if bias is None else b.affine(y, shift=bias, out=b.output)
+
+
+def _variable_times_constant(b: Builder, x: str, mat: Constant, alpha: float, row: Constant | None,
+                             out: str | None) -> str:
+    """x @ C, plus `row` (a bias of the linear) when C is a matrix."""
+    if len(mat.shape) == 1:                 # [..., k] @ [k] -> [...]
+        y = b.linear(x, mat.map(lambda t: t[None, :]).scaled(alpha))
+        return b.reshape(y, b.shape(x)[:-1], out)
+    w = _single_matrix(b, mat).map(lambda t: t.transpose(0, 1)).scaled(alpha)      # [out, in]
+    return b.linear(x, w, row, out=out)
+
+
+def _constant_times_variable(b: Builder, mat: Constant, x: str, alpha: float, transposed: bool,
+                             out: str | None) -> str:
+    """C @ x; transposed: x is given with its last two axes already swapped."""
+    xs = b.shape(x)
+    vector = len(mat.shape) == 1
+    w = (mat.map(lambda t: t[None, :]) if vector else _single_matrix(b, mat)).scaled(alpha)
+    if len(xs) == 1:                        # C @ v is linear(v, C); a rank-1 C is a dot product
+        return b.reshape(b.linear(x, w), (), out) if vector else b.linear(x, w, out=out)
+    yt = b.linear(x if transposed else b.swap_last_two(x), w)
+    return b.reshape(yt, xs[:-2] + (xs[-1],), out) if vector else b.swap_last_two(yt, out)
+
+
+@onnx_lowering("Gemm")
+def _onnx_gemm(b) -> str:
+    """alpha * A' @ B' + beta * C, A' = A or A^T (transA), B' likewise."""
+    operands, transposed = [], False
+    for i, (what, flag) in enumerate((("A", "transA"), ("B", "transB"))):
+        operand = b.operand(b.input(i), what)
+        if isinstance(operand, str):
+            transposed = transposed or bool(b.attr(flag, 0))
+        elif b.attr(flag, 0):
+            operand = operand.map(lambda t: t.T)
+        operands.append(operand)
+    c = b.input(2)
+    bias = None if c is None else b.const(c, "C").scaled(float(b.attr("beta", 1.0)))
+    return matmul(b, *operands, alpha=float(b.attr("alpha", 1.0)), bias=bias, transposed=transposed)
+
+
+@onnx_lowering("MatMul")
+def _onnx_matmul(b) -> str:
+    return matmul(b, b.operand(b.input(0), "A"), b.operand(b.input(1), "B"))
+
+
+@torch_lowering(aten.linear.default)
+def _torch_linear(b) -> str:
+    x = b.var(b.arg(0))
+    w = b.const(b.arg(1), "linear weight")
+    if len(w.shape) != 2:
+        b.unsupported(f"linear weight of rank {len(w.shape)}")
+    bias = b.arg(2, "bias")
+    return b.linear(x, w, None if bias is None else b.const(bias, "linear bias"), out=b.output)
+
+
+@torch_lowering(aten.matmul.default, aten.mm.default, aten.bmm.default)
+def _torch_matmul(b) -> str:
+    # mm / bmm / matmul differ only in which ranks torch accepts
+    return matmul(b, b.operand(b.arg(0), "left-hand matrix"), b.operand(b.arg(1), "right-hand matrix"))
+
+
+@torch_lowering(aten.addmm.default)
+def _torch_addmm(b) -> str:
+    """addmm(bias, m1, m2, beta=, alpha=) = beta * bias + alpha * m1 @ m2."""
+    left, right = b.operand(b.arg(1), "left-hand matrix"), b.operand(b.arg(2), "right-hand matrix")
+    bias = b.const(b.arg(0), "bias").scaled(float(b.kwarg("beta", 1)))
+    return matmul(b, left, right, alpha=float(b.kwarg("alpha", 1)), bias=bias)

@@ -18,11 +18,16 @@ An Op holds everything the rest of BoundFlow needs to know about the op:
 Kernels share one signature everywhere: fn(inputs, params, attrs) -> tuple of tensors. The
 planner, the executors, alpha-CROWN, branch and bound and the attack look ops up here and never
 name an op's math themselves.
+
+The module of an op family also maps the frontends' ops onto its primal ops: functions
+registered with `onnx_lowering("Gemm", ...)` and `torch_lowering(aten.linear.default, ...)`,
+fn(builder) -> the primal value of the source node's output (boundflow/frontends/builder.py).
+The frontends look every mapping up in ONNX_LOWERINGS and TORCH_LOWERINGS.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -146,3 +151,30 @@ def get(name: str) -> Op:
     if op is None:
         raise UnsupportedOpError(f"no primal op {name!r}; registered: {', '.join(sorted(OPS))}")
     return op
+
+
+# -- frontend mappings ----------------------------------------------------------------------------
+Lowering = Callable[..., Any]          # fn(builder) -> primal value name (or the frontend's entry)
+
+ONNX_LOWERINGS: dict[str, Lowering] = {}       # ONNX op type -> lowering
+TORCH_LOWERINGS: dict[Any, Lowering] = {}      # torch.export target (an aten OpOverload) -> lowering
+
+
+def _registrar(table: dict, keys: tuple) -> Callable[[Lowering], Lowering]:
+    def register_lowering(fn: Lowering) -> Lowering:
+        for key in keys:
+            if key in table:
+                raise ValueError(f"{key} has two lowerings: {table[key].__qualname__} and {fn.__qualname__}")
+        table.update(dict.fromkeys(keys, fn))
+        return fn
+    return register_lowering
+
+
+def onnx_lowering(*op_types: str) -> Callable[[Lowering], Lowering]:
+    """Decorator: the function lowers these ONNX op types (nodes with a variable input)."""
+    return _registrar(ONNX_LOWERINGS, op_types)
+
+
+def torch_lowering(*targets) -> Callable[[Lowering], Lowering]:
+    """Decorator: the function lowers FX nodes calling these targets (with a variable input)."""
+    return _registrar(TORCH_LOWERINGS, targets)

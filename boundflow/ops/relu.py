@@ -5,18 +5,28 @@ beta-CROWN), its floating-point error vector and its patch rules.
 For pre-activation bounds [l, u]: upper line through (l, 0) and (u, u), i.e. slope
 d = u / (u - l) and intercept -l d (identity when l >= 0, zero when u <= 0); lower line y = x
 when u > -l, else y = 0 (the "adaptive" choice, y = 0 on a tie).
+
+Frontends lower ReLU to it, and clamps (ONNX Clip, aten clamp / hardtanh) to ReLUs between
+affine maps.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons, unit_lead, windows
-from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
-from boundflow.ops.registry import Op, Relaxation, register
+from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
+from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
+
+if TYPE_CHECKING:
+    from boundflow.frontends.builder import Builder
+
+aten = torch.ops.aten
 
 
 def forward(x, attrs=None):
@@ -170,3 +180,96 @@ RELU = register(Op(
     relaxation=Relaxation(relax, 3, fp_error, sound(backward_alpha, _alpha_magnitude), alpha_start,
                           patch_backward, patch_backward_alpha, patch_alpha_start, sparse_refine=True,
                           splits_at_zero=True)))
+
+
+# -- frontends: relu and clamps ----------------------------------------------------------------------
+
+def relu(b: Builder, x: str) -> str:
+    return b.emit("relu", [x], out=b.output)
+
+
+def clamp(b: Builder, x: str, lo: float | None, hi: float | None) -> str:
+    """min(max(x, lo), hi) through exact identities on relu (None: no bound):
+    max(x, a) = relu(x - a) + a;  min(x, b) = b - relu(b - x);  both: min(max(x, a), b)."""
+    if lo is None and hi is None:
+        return x
+    if lo is not None and hi is not None and lo > hi:
+        b.unsupported(f"clamp with min {lo} > max {hi}")
+    if lo is not None:
+        if lo == 0:
+            t = b.emit("relu", [x], out=b.output if hi is None else None)
+        else:
+            t = b.emit("relu", [b.affine(x, shift=b.literal(-lo))])
+        if hi is None:
+            return t if lo == 0 else b.affine(t, shift=b.literal(lo), out=b.output)
+        # t = max(x, a) - a;  min(t + a, b) = b - relu(b - a - t)
+        u = b.affine(t, b.literal(-1.0), b.literal(Enclosed.exact(torch.tensor(hi, dtype=torch.float64)) - lo))
+    else:
+        u = b.affine(x, b.literal(-1.0), b.literal(hi))
+    return b.affine(b.emit("relu", [u]), b.literal(-1.0), b.literal(hi), out=b.output)
+
+
+@onnx_lowering("Relu")
+def _onnx_relu(b) -> str:
+    return relu(b, b.var(b.input(0)))
+
+
+_FLOAT_MAX = float(np.finfo(np.float32).max)
+
+
+@onnx_lowering("Clip")
+def _onnx_clip(b) -> str:
+    """Clip(x, min, max): attributes before opset 11, optional constant inputs from 11 on. A
+    bound at or beyond the float32 range (ONNX's defaults) is no bound."""
+    x = b.var(b.input(0))
+    if b.opset < 11:
+        lo, hi = b.attr("min"), b.attr("max")
+    else:
+        lo, hi = (None if b.input(i) is None else _scalar(b, b.array(b.input(i), what))
+                  for i, what in ((1, "min"), (2, "max")))
+    lo = None if lo is None or lo <= -_FLOAT_MAX else float(lo)
+    hi = None if hi is None or hi >= _FLOAT_MAX else float(hi)
+    if not all(v is None or math.isfinite(v) for v in (lo, hi)):
+        b.unsupported(f"clip bounds {lo}, {hi} (only finite bounds are supported)")
+    return clamp(b, x, lo, hi)
+
+
+def _scalar(b, arr) -> float:
+    if np.size(arr) != 1:
+        b.unsupported(f"a clip bound of shape {list(np.shape(arr))} (only scalars are supported)")
+    return float(np.asarray(arr).reshape(-1)[0])
+
+
+def _torch_number(b, v, what: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    b.unsupported(f"clamp {what} must be a Python number")
+
+
+@torch_lowering(aten.relu.default)
+def _torch_relu(b) -> str:
+    return relu(b, b.var(b.arg(0)))
+
+
+@torch_lowering(aten.clamp.default)
+def _torch_clamp(b) -> str:
+    lo, hi = _torch_number(b, b.arg(1, "min"), "min"), _torch_number(b, b.arg(2, "max"), "max")
+    return clamp(b, b.var(b.arg(0)), lo, hi)
+
+
+@torch_lowering(aten.clamp_min.default)
+def _torch_clamp_min(b) -> str:
+    return clamp(b, b.var(b.arg(0)), _torch_number(b, b.arg(1), "min"), None)
+
+
+@torch_lowering(aten.clamp_max.default)
+def _torch_clamp_max(b) -> str:
+    return clamp(b, b.var(b.arg(0)), None, _torch_number(b, b.arg(1), "max"))
+
+
+@torch_lowering(aten.hardtanh.default)
+def _torch_hardtanh(b) -> str:
+    lo, hi = _torch_number(b, b.arg(1, "min_val", -1.0), "min"), _torch_number(b, b.arg(2, "max_val", 1.0), "max")
+    return clamp(b, b.var(b.arg(0)), lo, hi)
