@@ -28,8 +28,11 @@ class Fixture:
     C: torch.Tensor | None
     raw: dict
 
-    def reference(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """auto_LiRPA's bounds for a method; None where it failed (the fixture records why)."""
         entry = self.raw["methods"].get(key) or self.raw["variants"][key]
+        if "error" in entry:
+            return None
         return torch.tensor(entry["lb"]), torch.tensor(entry["ub"])
 
     @property
@@ -38,8 +41,9 @@ class Fixture:
         return torch.tensor(s["empirical_min"]), torch.tensor(s["empirical_max"])
 
 
-def load_fixture(shared: Path, name: str) -> Fixture:
-    golden = shared / "golden"
+def load_fixture(shared: Path, name: str, folder: str = "golden") -> Fixture:
+    """A fixture of ../shared/golden (or of `folder`, e.g. golden_ops: the same format)."""
+    golden = shared / folder
     raw = json.loads((golden / f"{name}.json").read_text())
     shape = tuple(raw["input_shape"])
     as32 = lambda xs: torch.from_numpy(np.array(xs, dtype=np.float32).reshape(shape))  # noqa: E731

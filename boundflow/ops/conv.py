@@ -214,7 +214,7 @@ def _same_pads(auto_pad: str, in_hw, kernel, strides, dilations) -> tuple[int, i
     return (begin[0], begin[1], end[0], end[1])
 
 
-def _onnx_window(b, x_shape, kernel) -> tuple[tuple, tuple, tuple]:
+def onnx_window(b, x_shape, kernel) -> tuple[tuple, tuple, tuple]:
     """(stride, padding, dilation) of a 2-D ONNX Conv / AveragePool from its attributes."""
     strides = tuple(b.attr("strides", (1, 1)))
     dilations = tuple(b.attr("dilations", (1, 1)))
@@ -239,7 +239,7 @@ def _onnx_conv(b) -> str:
                       f"{len(b.shape(x))})")
     if b.attr("kernel_shape") is not None and tuple(b.attr("kernel_shape")) != w.shape[2:]:
         b.unsupported(f"kernel_shape {b.attr('kernel_shape')} disagrees with the weight {list(w.shape)}")
-    stride, padding, dilation = _onnx_window(b, b.shape(x), w.shape[2:])
+    stride, padding, dilation = onnx_window(b, b.shape(x), w.shape[2:])
     bias = None if b.input(2) is None else b.const(b.input(2), "bias")
     return convolution(b, x, w, bias, stride, padding, dilation, b.attr("group", 1))
 
@@ -251,7 +251,7 @@ def _onnx_average_pool(b) -> str:
     kernel = tuple(b.attr("kernel_shape", ()))
     if len(kernel) != 2 or len(xs) != 4:
         b.unsupported("only 2-D average pooling on [N, C, H, W] is supported")
-    stride, padding, dilation = _onnx_window(b, xs, kernel)
+    stride, padding, dilation = onnx_window(b, xs, kernel)
     if b.attr("count_include_pad", 0) == 0 and any(padding):
         b.unsupported("count_include_pad=0 with nonzero padding divides border windows by fewer "
                       "elements, which is not a convolution")

@@ -17,14 +17,20 @@ weights, the upper intercept), k = kh kw.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import fp
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
-from boundflow.ops.registry import Op, Relaxation, register
+from boundflow.ops import conv
+from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
+
+if TYPE_CHECKING:
+    from boundflow.frontends.builder import Builder
+
+aten = torch.ops.aten
 
 
 def out_size(n: int, k: int, s: int, d: int, pad_lo: int, pad_hi: int, ceil_mode: bool) -> int:
@@ -175,3 +181,52 @@ MAXPOOL = register(Op(
     "maxpool2d", forward, interval, sound(backward), fp=None,
     relaxation=Relaxation(relax, 0, fp_lines, sound(backward_alpha), alpha_start,
                           params_of=lambda graph, node: math.prod(node.attrs["kernel"]), lines_shape=lines_shape)))
+
+
+# -- frontends ------------------------------------------------------------------------------------
+
+def max_pool(b: Builder, x: str, kernel, stride, padding, dilation, ceil_mode: bool) -> str:
+    if len(b.shape(x)) < 3:
+        b.unsupported("max pooling needs a [..., C, H, W] input")
+    attrs = {"kernel": tuple(int(k) for k in kernel), "stride": tuple(int(s) for s in stride),
+             "padding": tuple(int(p) for p in padding), "dilation": tuple(int(d) for d in dilation),
+             "ceil_mode": bool(ceil_mode)}
+    if any(p >= d * (k - 1) + 1 for p, k, d in zip(attrs["padding"], 2 * attrs["kernel"], 2 * attrs["dilation"])):
+        b.unsupported(f"padding {list(attrs['padding'])} as wide as the window (a window could hold padding only)")
+    return b.emit("maxpool2d", [x], attrs, out=b.output)
+
+
+@onnx_lowering("MaxPool")
+def _onnx_max_pool(b) -> str:
+    x = b.var(b.input(0))
+    kernel = tuple(b.attr("kernel_shape", ()))
+    if len(kernel) != 2 or len(b.shape(x)) != 4:
+        b.unsupported("only 2-D max pooling on [N, C, H, W] is supported")
+    if len(b.outputs) > 1 and b.outputs[1]:
+        b.unsupported("the Indices output (where each maximum came from) is not supported")
+    stride, padding, dilation = conv.onnx_window(b, b.shape(x), kernel)
+    return max_pool(b, x, kernel, stride, padding, dilation, b.attr("ceil_mode", 0))
+
+
+@onnx_lowering("GlobalMaxPool")
+def _onnx_global_max_pool(b) -> str:
+    x = b.var(b.input(0))
+    if len(b.shape(x)) != 4:
+        b.unsupported("only [N, C, H, W] inputs are supported")
+    return max_pool(b, x, b.shape(x)[-2:], (1, 1), (0, 0, 0, 0), (1, 1), False)
+
+
+def _pair(v) -> tuple[int, int]:
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
+
+
+@torch_lowering(aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
+def _torch_max_pool(b):
+    # (x, kernel_size, stride=[] (= kernel), padding=0, dilation=1, ceil_mode=False)
+    x = b.var(b.arg(0))
+    kernel = _pair(b.arg(1, "kernel_size"))
+    stride = _pair(b.arg(2, "stride") or kernel)
+    ph, pw = _pair(b.arg(3, "padding", 0))
+    y = max_pool(b, x, kernel, stride, (ph, pw, ph, pw), _pair(b.arg(4, "dilation", 1)), b.arg(5, "ceil_mode", False))
+    return (y, None)          # (values, indices): only the values are meaningful

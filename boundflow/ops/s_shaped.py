@@ -29,7 +29,7 @@ import torch
 from boundflow.domains import fp
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
-from boundflow.ops.registry import Op, Relaxation, register
+from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 
 GRID_STEP = 0.01          # of the tangent-point table over u >= 0
 GRID_LIMIT = 64.0         # beyond: the flat line (sigmoid and tanh are constant there to 1e-27)
@@ -257,3 +257,16 @@ def _register(shape: SShape) -> Op:
 
 SIGMOID_OP = _register(SIGMOID)
 TANH_OP = _register(TANH)
+
+
+# -- frontends ------------------------------------------------------------------------------------
+
+def _unary(name: str):
+    def lower(b, x: str) -> str:
+        return b.emit(name, [x], out=b.output)
+    return lower
+
+
+for _shape, _onnx, _aten in ((SIGMOID, "Sigmoid", torch.ops.aten.sigmoid.default), (TANH, "Tanh", torch.ops.aten.tanh.default)):
+    onnx_lowering(_onnx)(lambda b, lower=_unary(_shape.name): lower(b, b.var(b.input(0))))
+    torch_lowering(_aten)(lambda b, lower=_unary(_shape.name): lower(b, b.var(b.arg(0))))
