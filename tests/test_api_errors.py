@@ -137,7 +137,7 @@ def test_method_is_case_insensitive(mlp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("op", ["Sigmoid", "Tanh", "Softmax"])
+@pytest.mark.parametrize("op", ["Round", "Floor", "Softmax"])
 def test_unsupported_op_file(tmp_path, op):
     path = tmp_path / f"{op.lower()}.onnx"
     onnx.save(_mlp_proto(op, node_name=f"my_{op.lower()}_node"), str(path))
@@ -147,8 +147,8 @@ def test_unsupported_op_file(tmp_path, op):
 
 
 def test_unsupported_op_model_proto():
-    with pytest.raises(UnsupportedOpError, match=r"Sigmoid node 'the_sigmoid'"):
-        boundflow.compute_bounds(_mlp_proto("Sigmoid", "the_sigmoid"), *box())
+    with pytest.raises(UnsupportedOpError, match=r"Round node 'the_round'"):
+        boundflow.compute_bounds(_mlp_proto("Round", "the_round"), *box())
 
 
 def test_truncated_file_names_path(tmp_path):
@@ -195,7 +195,7 @@ def test_torch_module_with_unsupported_op():
             self.fc = torch.nn.Linear(3, 2)
 
         def forward(self, x):
-            return torch.sigmoid(self.fc(x))
+            return torch.round(self.fc(x))
 
-    with pytest.raises(UnsupportedOpError, match=r"aten\.sigmoid.*'sigmoid'"):
+    with pytest.raises(UnsupportedOpError, match=r"aten\.round.*'round_1'"):
         boundflow.compute_bounds(Squash(), *box())

@@ -152,10 +152,27 @@ def test_no_unstable_neuron(shared, executors, python):
     assert close(ex.run(module, inputs)["bounds"], python.run(module, inputs)["bounds"])
 
 
-def test_every_ibp_and_crown_op_has_a_rule():
-    """Each kernel has a Relax rule, but the data-dependent host op and alpha-CROWN's slopes
-    (alpha-CROWN optimises through torch autograd, so it stays on the Python executor)."""
-    assert set(KERNELS) - set(RULES) <= {"bound.unstable", "linear.relu_alpha", "linear.patch_relu_alpha"}
+# ops whose kernels have Relax rules; the TVM executor refuses the others by name
+TVM_OPS = {"linear", "conv2d", "affine", "add", "relu", "reshape", "transpose", "concat"}
+
+
+def test_every_ibp_and_crown_kernel_of_the_tvm_ops_has_a_rule():
+    """Each kernel of the ops TVM lowers has a Relax rule, but the data-dependent host op,
+    alpha-CROWN's slopes (alpha-CROWN optimises through torch autograd, so it stays on the
+    Python executor) and the floating-point error rules (sound_fp plans run in Python)."""
+    from boundflow.ops import OPS
+    theirs = {k for name, op in OPS.items() if name in TVM_OPS for k in op.all_kernels()}
+    generic = {k for k in KERNELS if not any(k in op.all_kernels() for op in OPS.values())}
+    missing = (theirs | generic) - set(RULES)
+    assert missing <= {"bound.unstable", "bound.intersect", "linear.relu_alpha", "linear.patch_relu_alpha"} | \
+        {k for k in missing if k.startswith("fp.")}
+
+
+def test_an_op_without_relax_rules_is_refused_by_name(python):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    x = torch.zeros(1, 3)
+    with pytest.raises(LoweringError, match="no Relax rule for 'interval.sigmoid'"):
+        boundflow.compute_bounds(net, x - 1, x + 1, method="ibp", executor="tvm")
 
 
 @pytest.mark.parametrize("interm", ["sparse", "pure"])
