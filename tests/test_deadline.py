@@ -11,6 +11,10 @@ import pytest
 import torch
 
 from boundflow import api
+from boundflow.verify.verifier import VerifyConfig, verify
+
+from nets import export_onnx, sample_box
+from test_relu_bab import property_text, spec_values
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,3 +53,37 @@ def test_alpha_crown_stops_at_its_deadline():
     assert time.perf_counter() - t0 < budget + 1.0         # a step may run over its estimate
     assert 0 < part.stats["iterations"] < full.stats["iterations"]
     assert (part.lb >= crown.lb - 1e-5).all() and (part.ub <= crown.ub + 1e-5).all()
+
+
+@pytest.mark.parametrize("first_s", [0.5, 3.0], ids=["alpha-crown fits", "alpha-crown does not fit"])
+def test_slow_first_bound_is_no_reason_to_give_up(tmp_path, monkeypatch, first_s):
+    """A first bound too slow for alpha-CROWN (as on deep networks: 25 times the first bound
+    was more than the time left) made ReLU branch and bound answer "timeout" at once. Now
+    alpha-CROWN runs within its share of the time, or, when it does not fit, the search starts
+    from CROWN's intermediate bounds: a property that only branching proves is proven, or
+    "timeout" comes at the deadline. The first bound is slowed down here, the network kept small."""
+    torch.manual_seed(3)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    path = export_onnx(module, torch.zeros(1, 4), tmp_path / "net.onnx")
+    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with torch.no_grad():
+        low = float(spec_values(module(sample_box(lo.float(), hi.float(), 20000, 16)).double()).min())
+    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown",
+                         C=torch.tensor([[1.0, 0.0, -1.0]])).lb)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb)))
+    fast_bound = api.bound
+
+    def bound(model, x_lower, x_upper, method="crown", *args, **kwargs):
+        if method == "crown":
+            time.sleep(first_s)
+        return fast_bound(model, x_lower, x_upper, method, *args, **kwargs)
+
+    monkeypatch.setattr(api, "bound", bound)
+    timeout = 12.0
+    res = verify(path, prop, timeout=timeout, config=VerifyConfig(split="relu", refine_min_inputs=0))
+    assert res.stats["decided_by"] == "relu_bab", res.stats
+    assert ("refined_margin" in res.stats) == (first_s < 1), res.stats
+    assert res.verdict == "holds" or (res.verdict == "timeout" and res.seconds > timeout - 1.0), \
+        (res.verdict, res.seconds, res.stats)
