@@ -1,11 +1,16 @@
 """Deadlines: "timeout" only at the deadline, and never past it.
 
 VNN-COMP kills a tool at its timeout, so an answer written after it is lost; a "timeout" with
-time left gives up instances that the time could still decide.
+time left gives up instances that the time could still decide. The process-level tests run
+``boundflow verify`` as VNN-COMP does, a fresh process timed from outside.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +20,9 @@ from boundflow.verify.verifier import VerifyConfig, verify
 
 from nets import export_onnx, sample_box
 from test_relu_bab import property_text, spec_values
+
+REPO = Path(__file__).resolve().parents[1]
+VNNCOMP = "benchmarks/vnncomp2021"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,3 +95,56 @@ def test_slow_first_bound_is_no_reason_to_give_up(tmp_path, monkeypatch, first_s
     assert ("refined_margin" in res.stats) == (first_s < 1), res.stats
     assert res.verdict == "holds" or (res.verdict == "timeout" and res.seconds > timeout - 1.0), \
         (res.verdict, res.seconds, res.stats)
+
+
+def run_verify(model, prop, timeout: float, results: Path,
+               code: str | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    """``boundflow verify`` in a fresh process (or ``code`` run with its arguments as
+    ``sys.argv``); the wall seconds from before its start to its exit."""
+    argv = ["verify", str(model), str(prop), "--timeout", str(timeout), "--results", str(results)]
+    cmd = [sys.executable, "-m", "boundflow", *argv] if code is None else [sys.executable, "-c", code, *argv]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout + 60)
+    return time.perf_counter() - t0, proc
+
+
+BIG = [  # nobody decides these in seconds: "timeout" is the answer, in time
+    ("oval21", "nets/cifar_deep_kw.onnx", "vnnlib/cifar_deep_kw-img2399-eps0.038562091503267976.vnnlib", 12),
+    ("oval21", "nets/cifar_wide_kw.onnx", "vnnlib/cifar_wide_kw-img4356-eps0.04993464052287582.vnnlib", 10),
+]
+
+
+@pytest.mark.parametrize("benchmark,onnx_name,vnnlib_name,timeout", BIG)
+def test_verify_process_ends_by_its_timeout(shared, tmp_path, benchmark, onnx_name, vnnlib_name, timeout):
+    """The audit's case: cifar_deep_kw at --timeout 20 printed "timeout" after 26.8 s."""
+    folder = shared / VNNCOMP / benchmark
+    results = tmp_path / "result.txt"
+    wall, proc = run_verify(folder / onnx_name, folder / vnnlib_name, timeout, results)
+    assert proc.returncode == 0, proc.stderr
+    assert wall <= timeout + 1.0, (wall, proc.stdout, proc.stderr)
+    assert results.read_text() == "timeout\n", proc.stdout
+
+
+HANG = """\
+import sys, time
+import boundflow.verify.verifier as verifier
+verifier.verify = lambda *args, **kwargs: time.sleep(3600)     # a phase that never ends
+from boundflow.cli import run
+run()
+"""
+
+
+def test_watchdog_answers_timeout_when_a_phase_overruns(tmp_path):
+    """A phase that cannot stop must not take the answer with it: at the timeout the process
+    writes "timeout", says loudly where it was, and exits."""
+    model, prop, results = tmp_path / "net.onnx", tmp_path / "p.vnnlib", tmp_path / "result.txt"
+    model.write_bytes(b"never read")
+    prop.write_text("never read")
+    timeout = 8.0
+    wall, proc = run_verify(model, prop, timeout, results, code=HANG)
+    assert proc.returncode == 0, proc.stderr
+    assert wall <= timeout + 1.0, (wall, proc.stderr)
+    assert results.read_text() == "timeout\n"
+    assert proc.stdout.startswith("timeout ") and "watchdog" in proc.stdout
+    assert "ran past its deadline (in commands.py" in proc.stderr and "cmd_verify" in proc.stderr, proc.stderr
