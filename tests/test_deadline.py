@@ -111,17 +111,18 @@ def run_verify(model, prop, timeout: float, results: Path,
 
 BIG = [  # nobody decides these in seconds: "timeout" is the answer, in time
     ("oval21", "nets/cifar_deep_kw.onnx", "vnnlib/cifar_deep_kw-img2399-eps0.038562091503267976.vnnlib", 12),
-    ("oval21", "nets/cifar_wide_kw.onnx", "vnnlib/cifar_wide_kw-img4356-eps0.04993464052287582.vnnlib", 10),
+    ("oval21", "nets/cifar_wide_kw.onnx", "vnnlib/cifar_wide_kw-img4356-eps0.04993464052287582.vnnlib", 12),
 ]
 
 
 @pytest.mark.parametrize("benchmark,onnx_name,vnnlib_name,timeout", BIG)
 def test_verify_process_ends_by_its_timeout(shared, tmp_path, benchmark, onnx_name, vnnlib_name, timeout):
-    """The audit's case: cifar_deep_kw at --timeout 20 printed "timeout" after 26.8 s."""
+    """The audit's case: cifar_deep_kw at --timeout 20 printed "timeout" after 26.8 s. (Exit
+    status 1: a loaded machine kept the watchdog thread from the GIL, faulthandler ended it.)"""
     folder = shared / VNNCOMP / benchmark
     results = tmp_path / "result.txt"
     wall, proc = run_verify(folder / onnx_name, folder / vnnlib_name, timeout, results)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 or (proc.returncode == 1 and "Timeout (" in proc.stderr), proc.stderr
     assert wall <= timeout + 1.0, (wall, proc.stdout, proc.stderr)
     assert results.read_text() == "timeout\n", proc.stdout
 
@@ -129,22 +130,28 @@ def test_verify_process_ends_by_its_timeout(shared, tmp_path, benchmark, onnx_na
 HANG = """\
 import sys, time
 import boundflow.verify.verifier as verifier
-verifier.verify = lambda *args, **kwargs: time.sleep(3600)     # a phase that never ends
+verifier.verify = lambda *args, **kwargs: {phase}     # a phase that never ends
 from boundflow.cli import run
 run()
 """
 
 
-def test_watchdog_answers_timeout_when_a_phase_overruns(tmp_path):
+@pytest.mark.parametrize("phase", ["time.sleep(3600)", "sum(range(10 ** 13))"], ids=["sleeps", "holds the GIL"])
+def test_watchdog_answers_timeout_when_a_phase_overruns(tmp_path, phase):
     """A phase that cannot stop must not take the answer with it: at the timeout the process
-    writes "timeout", says loudly where it was, and exits."""
+    has written "timeout", says loudly where it was, and has exited. A phase that holds the
+    GIL (C code) keeps the answering thread from running: the process is ended without it."""
     model, prop, results = tmp_path / "net.onnx", tmp_path / "p.vnnlib", tmp_path / "result.txt"
     model.write_bytes(b"never read")
     prop.write_text("never read")
     timeout = 8.0
-    wall, proc = run_verify(model, prop, timeout, results, code=HANG)
-    assert proc.returncode == 0, proc.stderr
+    wall, proc = run_verify(model, prop, timeout, results, code=HANG.format(phase=phase))
     assert wall <= timeout + 1.0, (wall, proc.stderr)
     assert results.read_text() == "timeout\n"
-    assert proc.stdout.startswith("timeout ") and "watchdog" in proc.stdout
-    assert "ran past its deadline (in commands.py" in proc.stderr and "cmd_verify" in proc.stderr, proc.stderr
+    if phase.startswith("time"):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("timeout ") and "watchdog" in proc.stdout
+        assert "ran past its deadline (in commands.py" in proc.stderr and "cmd_verify" in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "Timeout" in proc.stderr and "cmd_verify" in proc.stderr, proc.stderr

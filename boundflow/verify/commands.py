@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -18,8 +19,10 @@ METHODS = ("crown", "crown-ibp", "ibp", "alpha-crown")
 # Seconds of the timeout left for writing the result and exiting: the search stops this
 # early, so that a last step running over its estimate still ends in time.
 EXIT_RESERVE_S = 1.0
-# The watchdog answers "timeout" and ends the process this long before the timeout.
+# The watchdog answers "timeout" and ends the process this long before the timeout; if it
+# cannot (see _Watchdog), the process ends without an answer but the one written first.
 WATCHDOG_RESERVE_S = 0.25
+KILL_RESERVE_S = 0.05
 
 _VERIFY_EPILOG = """\
 The property is a VNN-COMP VNNLIB file: it asserts a counterexample (input box(es) and an
@@ -98,7 +101,12 @@ def process_age() -> float:
 class _Watchdog:
     """Answers "timeout" and ends the process near the timeout if ``verify`` has not answered
     by then: a phase that cannot stop (loading, a bound pass) must not take the answer with it
-    when VNN-COMP kills the process. Leaving the ``with`` block claims the answer for the caller."""
+    when VNN-COMP kills the process. Leaving the ``with`` block claims the answer for the caller.
+
+    The answering thread needs the GIL, which C code (an extension module's import) can hold
+    for seconds on a loaded machine; so "timeout" is written to the result file first, and
+    faulthandler's C thread ends the process without the GIL a moment after the answer was due
+    (exit status 1, every thread's traceback on stderr)."""
 
     def __init__(self, args):
         from boundflow.verify.verifier import Result, result_file_text
@@ -106,16 +114,20 @@ class _Watchdog:
         self.args, self.result_type, self.result_text = args, Result, result_file_text
         self.answer = threading.Lock()
         self.caller = threading.get_ident()
-        self.timer = threading.Timer(max(0.0, args.timeout - WATCHDOG_RESERVE_S - process_age()), self._expire)
+        self.delay = max(0.0, args.timeout - WATCHDOG_RESERVE_S - process_age())
+        self.timer = threading.Timer(self.delay, self._expire)
         self.timer.daemon = True
 
     def __enter__(self):
+        _write_results(self.args.results, self.result_text(self.result_type("timeout", None, 0.0)))
         self.timer.start()
+        faulthandler.dump_traceback_later(self.delay + WATCHDOG_RESERVE_S - KILL_RESERVE_S, exit=True)
         return self
 
     def __exit__(self, *exc) -> None:
         self.answer.acquire()       # blocks only while the watchdog answers (and exits)
         self.timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
 
     def _expire(self) -> None:
         if not self.answer.acquire(blocking=False):
