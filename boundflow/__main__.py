@@ -1,4 +1,4 @@
 """``python -m boundflow`` runs the command-line interface."""
-from boundflow.cli import main
+from boundflow.cli import run
 
-raise SystemExit(main())
+run()

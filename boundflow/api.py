@@ -217,12 +217,14 @@ def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool):
 
 def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
           config: PlannerConfig | None = None, executor: str = "python", alpha=None,
-          tvm_options=None, sound_fp: bool = False) -> BoundsResult:
+          tvm_options=None, sound_fp: bool = False, deadline: float | None = None) -> BoundsResult:
     """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper].
     executor: "python" (torch kernels) or "tvm" (TVM-compiled tasks, options in tvm_options, a
     boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]").
     sound_fp: bounds sound in floating point (float64, every rounding error bounded, see
-    domains/fp.py; also PlannerConfig(sound_fp=True)); lb and ub are then float64."""
+    domains/fp.py; also PlannerConfig(sound_fp=True)); lb and ub are then float64.
+    deadline (a time.perf_counter value): alpha-crown starts no optimisation step that would
+    end past it (its bounds are then the best found so far); the other methods cannot stop."""
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -257,7 +259,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     extra = {}
     if method == "alpha-crown":
         from boundflow.verify.alpha import AlphaConfig, optimize
-        outputs, extra = optimize(module, inputs, _executor, alpha or AlphaConfig())
+        outputs, extra = optimize(module, inputs, _executor, alpha or AlphaConfig(), deadline)
     else:
         outputs = runner.run(module, inputs)
     lb, ub = outputs["bounds"]

@@ -148,6 +148,15 @@ def test_deterministic_starts_only_once_per_region(hidden_corner):
     assert attacker.stats.corners == 0
 
 
+def test_no_work_past_the_deadline(hidden_corner):
+    """Past its deadline the attack starts nothing: no starts (a neuron corner here would be a
+    counterexample), no step."""
+    model, prop = hidden_corner
+    attacker = attacker_for(model, prop)
+    assert attack_whole(attacker, budget=-1.0) is None
+    assert attacker.stats.steps == 0 and attacker.stats.points == 0
+
+
 def test_corner_candidates_are_reported_only_when_onnxruntime_confirms(hidden_corner):
     """Every candidate the attack flags goes to the checker; a checker that confirms nothing
     means nothing is reported, and each candidate is counted as rejected."""

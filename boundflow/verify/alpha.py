@@ -23,6 +23,7 @@ import torch
 from boundflow.ops import OPS
 from boundflow.ir.task import BFTaskModule
 from boundflow.runtime.python_executor import PythonTaskExecutor
+from boundflow.verify.deadline import fits
 
 _PINNED = ("bound.unstable",)     # data-dependent selections fixed after the first run
 
@@ -60,6 +61,37 @@ def starting_slopes(module: BFTaskModule, env: dict[int, torch.Tensor]) -> dict[
     return {op.inputs[3]: _STARTS[op.op](op, env) for op in module.ops() if op.op in _STARTS}
 
 
+class Adam:
+    """Adam whose step sizes decay by ``decay`` per step: torch's update for CPU tensors
+    (torch.optim.Adam with its defaults, then ExponentialLR), written out because torch.optim
+    imports torch._dynamo when its first optimiser is made: 0.7 s, over 2 s on a loaded
+    machine, inside the first optimisation step, where no deadline check can see it."""
+
+    BETAS, EPS = (0.9, 0.999), 1e-8
+
+    def __init__(self, groups: list[dict], decay: float):
+        self.slots = [(v, k) for k, g in enumerate(groups) for v in g["params"]]   # (variable, group)
+        self.lrs = [g["lr"] for g in groups]
+        self.decay = decay
+        self.moments: dict[int, list] = {}        # slot -> [steps, first moment, second moment]
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        """One update from the gradients of the variables (None: the variable got none)."""
+        b1, b2 = self.BETAS
+        for i, ((v, k), grad) in enumerate(zip(self.slots, grads)):
+            if grad is None:
+                continue
+            state = self.moments.setdefault(i, [0, torch.zeros_like(v), torch.zeros_like(v)])
+            state[0] += 1
+            steps, m, m2 = state
+            m.lerp_(grad, 1 - b1)
+            m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            denom = (m2.sqrt() / (1 - b2 ** steps) ** 0.5).add_(self.EPS)
+            v.addcdiv_(m, denom, value=-(self.lrs[k] / (1 - b1 ** steps)))
+        self.lrs = [lr * self.decay for lr in self.lrs]
+
+
 @dataclass
 class Descent:
     """What :func:`descend` found: the best value of every module output (by role, each a
@@ -74,23 +106,27 @@ class Descent:
 def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, torch.Tensor],
             groups: list[dict], feed: Callable[[], dict[int, torch.Tensor]], project: Callable[[], None],
             config: AlphaConfig, start: dict[str, torch.Tensor] | None = None,
-            track_variables: bool = False, deadline: float | None = None) -> Descent:
+            track_variables: bool = False, deadline: float | None = None, forward_s: float = 0.0) -> Descent:
     """Projected Adam on the variables of ``groups`` (torch param groups, leaf tensors with
     requires_grad, the region axis first). ``feed()`` maps them to module input buffers;
     ``project()`` puts them back in their feasible set after each step. Every output keeps its
     best value per element, starting from ``start`` (e.g. the CROWN run's). Stops early after
-    ``config.early_stop_patience`` steps without progress or once ``deadline`` (a
-    ``time.perf_counter`` value) has passed."""
+    ``config.early_stop_patience`` steps without progress, or before a step that would end past
+    ``deadline`` (see boundflow.verify.deadline): a step costs as much as the last one, the
+    first three times ``forward_s`` (the measured cost of a forward pass, e.g. of the run that
+    made ``env``; a backward pass costs about two). Without a step, ``last_env`` is ``env``."""
     variables = [v for g in groups for v in g["params"]]
     loop = loop_ops(module, set(feed()))
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.lr_decay)
+    opt = Adam(groups, config.lr_decay)
     best = {role: t.detach().clone() for role, t in (start or {}).items()}
     best_vars = [v.detach().clone() for v in variables] if track_variables else None
     score = None
-    stale, it, step = 0, 0, {}
-    for it in range(1, config.iterations + 1):
+    stale, done, step = 0, 0, env
+    cost = 3 * forward_s
+    while done < config.iterations and fits(cost, deadline):
+        t0 = time.perf_counter()
         step = executor.run_functional(module, {}, {**env, **feed()}, loop)
+        done += 1
         bounds = step[module.outputs["bounds"]]
         improved = False
         for role, bid in module.outputs.items():
@@ -108,30 +144,30 @@ def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, t
             for keep, v in zip(best_vars, variables):
                 keep[better] = v.detach()[better]
         stale = 0 if improved else stale + 1
-        if it == config.iterations or stale >= config.early_stop_patience or \
-                (deadline is not None and time.perf_counter() >= deadline):
+        if done == config.iterations or stale >= config.early_stop_patience:
             break
         # lower rows only see the lower half of each slope tensor and vice versa: one loss
         # optimises the lower and the upper bounds independently (a lower-only plan's upper
         # bounds are +inf and take no part)
         upper = bounds[1]
         loss = torch.where(torch.isinf(upper), 0.0, upper).sum() - bounds[0].sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        opt.step(torch.autograd.grad(loss, variables, allow_unused=True))
         with torch.no_grad():
             project()
-    return Descent(best, best_vars, it, step)
+        cost = time.perf_counter() - t0
+    return Descent(best, best_vars, done, step)
 
 
 def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: PythonTaskExecutor,
-             config: AlphaConfig = AlphaConfig()) -> tuple[dict[str, torch.Tensor], dict]:
+             config: AlphaConfig = AlphaConfig(), deadline: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The best bounds of every module output (role -> stack(lower, upper); "bounds" is
-    [2, B, S]) and stats (iterations run, CROWN and final mean widths)."""
+    [2, B, S]) and stats (iterations run, CROWN and final mean widths). No step starts that
+    would end past ``deadline`` (see :func:`descend`); the CROWN run before them always runs."""
     roles = {role: bid for role, bid in module.inputs.items() if role.startswith("alpha:")}
+    t0 = time.perf_counter()
     with torch.no_grad():
         env = executor.run_functional(module, {**inputs, **{r: None for r in roles}})
+    forward_s = time.perf_counter() - t0
     crown = {role: env[bid] for role, bid in module.outputs.items()}
     if not roles:                                     # no ReLU anywhere: CROWN is exact already
         return crown, {"iterations": 0}
@@ -142,7 +178,7 @@ def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: Py
             a.clamp_(0.0, 1.0)
 
     found = descend(module, executor, env, [{"params": list(alphas.values()), "lr": config.lr}],
-                    lambda: alphas, project, config, start=crown)
+                    lambda: alphas, project, config, start=crown, deadline=deadline, forward_s=forward_s)
     bounds = found.best["bounds"]
     stats = {"iterations": found.iterations, "crown_mean_width": (crown["bounds"][1] - crown["bounds"][0]).mean().item(),
              "alpha_mean_width": (bounds[1] - bounds[0]).mean().item(), "alpha_config": config.dump()}

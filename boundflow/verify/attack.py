@@ -34,6 +34,7 @@ import torch
 from boundflow.domains import concrete
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.primal import Graph
+from boundflow.verify.deadline import fits
 from boundflow.verify.property import Problem
 
 # onnxruntime input types -> the numpy dtype fed
@@ -136,6 +137,8 @@ class Attacker:
     _relus: list[str] | None = field(default=None, init=False, repr=False)
     # regions already attacked from their deterministic starts (centre, neuron corners)
     _seen: set = field(default_factory=set, init=False, repr=False)
+    # seconds of the last PGD step: no step (and no run) starts that would end past a deadline
+    _step_s: float = field(default=0.0, init=False, repr=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs [N, O] of flat inputs [N, n]; differentiable when x requires grad."""
@@ -173,8 +176,10 @@ class Attacker:
         """PGD inside the sub-boxes [lo, hi] ([M, n], from property box ``box[m]``) against each
         disjunct still alive there (``alive`` [M, K]). ``restarts`` starts per (region, disjunct)
         pair: the centre and uniform samples; plus up to ``min(corner_starts, restarts)`` neuron
-        corners. Returns a confirmed counterexample or None (steps run out, or ``deadline``, a
-        ``time.perf_counter`` value, passed)."""
+        corners. Returns a confirmed counterexample or None (steps run out, or the next step
+        would end past ``deadline``, a ``time.perf_counter`` value)."""
+        if not fits(self._step_s, deadline):
+            return None
         t0 = time.perf_counter()
         self.stats.runs += 1
         try:
@@ -351,19 +356,24 @@ class Attacker:
 
     def _descend(self, x, lo, hi, disjunct, steps, deadline) -> Counterexample | None:
         """Sign-gradient descent of each point's objective, projected onto its box; every
-        iterate with a negative objective goes to onnxruntime."""
+        iterate with a negative objective goes to onnxruntime. No step starts that would end
+        past ``deadline``: a step costs about as much as the last one."""
         width = hi - lo
         ratio = (self.config.step_end / self.config.step_start) ** (1.0 / max(1, steps - 1))
         step = self.config.step_start
         alive = torch.nn.functional.one_hot(disjunct, self.problem.num_disjuncts).bool()
         for _ in range(steps):
+            if not fits(self._step_s, deadline):
+                return None
+            t0 = time.perf_counter()
             cex, _, grad = self.probe(x, alive)
             self.stats.steps += 1
-            if cex is not None or time.perf_counter() >= deadline:
+            if cex is not None:
                 return cex
             x = x.detach() - step * width * grad.sign()
             x = torch.minimum(torch.maximum(x, lo), hi)
             step *= ratio
+            self._step_s = time.perf_counter() - t0
         with torch.no_grad():
             f = self.problem.violation(self.forward(x), disjunct)
         self.stats.points += x.shape[0]

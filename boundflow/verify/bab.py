@@ -23,6 +23,7 @@ import torch
 
 from boundflow import api
 from boundflow.verify.attack import Attacker, Counterexample
+from boundflow.verify.deadline import fits
 from boundflow.verify.progress import Progress
 from boundflow.verify.property import Problem
 
@@ -105,13 +106,14 @@ class Bounder:
         self.last_stats: dict = {}
         self.last_intermediate: dict[str, torch.Tensor] = {}    # with export_intermediate
 
-    def margins(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """[B, K] margins of the boxes [lo, hi] ([B, n]) for every disjunct."""
+    def margins(self, lo: torch.Tensor, hi: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
+        """[B, K] margins of the boxes [lo, hi] ([B, n]) for every disjunct (``deadline``: see
+        :func:`boundflow.api.bound`)."""
         t0 = time.perf_counter()
         shape = (lo.shape[0],) + self.problem.input_shape
         C = torch.from_numpy(self.problem.C) if self.sound else self.problem.C_bound
         res = api.bound(self.model, lo.reshape(shape), hi.reshape(shape), self.method, C=C,
-                        sound_fp=self.sound, **self.options)
+                        sound_fp=self.sound, deadline=deadline, **self.options)
         rows = res.lb.double() if self.sound else self.problem.row_lower_bounds(res.lb, res.ub)
         self.calls += 1
         self.regions += lo.shape[0]
@@ -253,6 +255,7 @@ class BranchAndBound:
         self.split_bounder = (None if config.split_method is None else
                               Bounder(bounder.model, problem, config.split_method, {}))
         self.attack_seconds_before = 0.0
+        self.parent_s = 0.0     # seconds per parent of the last round (its bound calls cannot stop)
         self.stats = {"rounds": 0, "domains_bounded": 0, "leaves_proven": 0, "max_queue": 0,
                       "unsplittable": 0, "max_batch": 0}
 
@@ -268,25 +271,28 @@ class BranchAndBound:
         progress = Progress("input branch and bound")
         while cex is None and len(queue):
             progress.tick(domains=self.stats["domains_bounded"], queued=len(queue))
-            if time.perf_counter() >= deadline:
+            count = self.sizer.parents(len(queue))
+            if not fits(self.parent_s * count, deadline):
                 return self._outcome("timeout", None, t0)
             if queue.nbytes() > self.config.queue_budget:
                 self.stats["stopped"] = f"queue over {self.config.queue_budget} bytes"
                 return self._outcome("unknown", None, t0)
-            cex = self._round(queue, t0, deadline)
+            cex = self._round(queue, count, t0, deadline)
         if cex is not None:
             return self._outcome("violated", cex, t0)
         return self._outcome("unknown" if self.stats["unsplittable"] else "holds", None, t0)
 
-    def _round(self, queue: DomainQueue, t0: float, deadline: float) -> Counterexample | None:
-        """Pop, split, bound, queue the unproven children; attack the most promising ones."""
-        parents = queue.pop(self.sizer.parents(len(queue)))
+    def _round(self, queue: DomainQueue, count: int, t0: float, deadline: float) -> Counterexample | None:
+        """Pop ``count``, split, bound, queue the unproven children; attack the most promising ones."""
+        start = time.perf_counter()
+        parents = queue.pop(count)
         cex, children = self._branch(parents)
         self.stats["rounds"] += 1
         if cex is not None or not len(children):
             return cex
         unproven = self._bound(children)
         cex = self._prioritise(unproven)
+        self.parent_s = (time.perf_counter() - start) / len(parents)
         queue.push(unproven)
         self.stats["max_queue"] = max(self.stats["max_queue"], len(queue))
         if cex is None and len(unproven) and self._attack_due(t0):

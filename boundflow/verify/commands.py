@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -13,9 +16,13 @@ from pathlib import Path
 import torch
 
 METHODS = ("crown", "crown-ibp", "ibp", "alpha-crown")
-# Seconds of the timeout left for writing the result and interpreter shutdown (torch's
-# teardown takes about a second on a loaded machine).
+# Seconds of the timeout left for writing the result and exiting: the search stops this
+# early, so that a last step running over its estimate still ends in time.
 EXIT_RESERVE_S = 1.0
+# The watchdog answers "timeout" and ends the process this long before the timeout; if it
+# cannot (see _Watchdog), the process ends without an answer but the one written first.
+WATCHDOG_RESERVE_S = 0.25
+KILL_RESERVE_S = 0.05
 
 _VERIFY_EPILOG = """\
 The property is a VNN-COMP VNNLIB file: it asserts a counterexample (input box(es) and an
@@ -95,6 +102,56 @@ def process_age() -> float:
         return 0.0
 
 
+class _Watchdog:
+    """Answers "timeout" and ends the process near the timeout if ``verify`` has not answered
+    by then: a phase that cannot stop (loading, a bound pass) must not take the answer with it
+    when VNN-COMP kills the process. Leaving the ``with`` block claims the answer for the caller.
+
+    The answering thread needs the GIL, which C code (an extension module's import) can hold
+    for seconds on a loaded machine; so "timeout" is written to the result file first, and
+    faulthandler's C thread ends the process without the GIL a moment after the answer was due
+    (exit status 1, every thread's traceback on stderr)."""
+
+    def __init__(self, args):
+        from boundflow.verify.verifier import Result, result_file_text
+
+        self.args, self.result_type, self.result_text = args, Result, result_file_text
+        self.answer = threading.Lock()
+        self.caller = threading.get_ident()
+        self.delay = max(0.0, args.timeout - WATCHDOG_RESERVE_S - process_age())
+        self.timer = threading.Timer(self.delay, self._expire)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        _write_results(self.args.results, self.result_text(self.result_type("timeout", None, 0.0)))
+        self.timer.start()
+        faulthandler.dump_traceback_later(self.delay + WATCHDOG_RESERVE_S - KILL_RESERVE_S, exit=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.answer.acquire()       # blocks only while the watchdog answers (and exits)
+        self.timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+    def _expire(self) -> None:
+        if not self.answer.acquire(blocking=False):
+            return
+        result = self.result_type("timeout", None, process_age(), {"decided_by": "watchdog", "method": self.args.method})
+        print(f"boundflow: warning: verify ran past its deadline (in {self._where()}); answering "
+              f"timeout at {result.seconds:.2f} s of {self.args.timeout:g}", file=sys.stderr)
+        _write_results(self.args.results, self.result_text(result))
+        print(_summary_json(result, self.args) if self.args.json else _summary_line(result, self.args))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    def _where(self) -> str:
+        """The innermost BoundFlow frames of the verifying thread: which phase overran."""
+        frame = sys._current_frames().get(self.caller)
+        ours = [f for f in traceback.extract_stack(frame) if "boundflow" in f.filename] if frame else []
+        return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours[-3:])) or "?"
+
+
 def cmd_verify(args) -> int:
     from boundflow.cli import EXIT_ERROR, CliError, _existing_file
     from boundflow.errors import BoundflowError
@@ -113,13 +170,14 @@ def cmd_verify(args) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     try:
-        model = _existing_file(args.model, "model")
-        prop = _existing_file(args.property, "property")
-        budget = args.timeout - process_age() - EXIT_RESERVE_S
-        result = verify(model, prop, budget, method=args.method,
-                        config=VerifyConfig(seed=args.seed))
-        text = result_file_text(result)
-        summary = _summary_json(result, args) if args.json else _summary_line(result, args)
+        with _Watchdog(args) if args.owns_process else contextlib.nullcontext():
+            model = _existing_file(args.model, "model")
+            prop = _existing_file(args.property, "property")
+            budget = args.timeout - process_age() - EXIT_RESERVE_S
+            result = verify(model, prop, budget, method=args.method,
+                            config=VerifyConfig(seed=args.seed))
+            text = result_file_text(result)
+            summary = _summary_json(result, args) if args.json else _summary_line(result, args)
     except (CliError, BoundflowError, OSError):
         _write_results(args.results, result_file_text(None))
         if args.debug:

@@ -51,6 +51,7 @@ from boundflow.planner.lower import SPLIT_METHOD, relaxed_inputs
 from boundflow.planner.pipeline import planned_graph
 from boundflow.verify.alpha import AlphaConfig, descend, starting_slopes
 from boundflow.verify.attack import Counterexample
+from boundflow.verify.deadline import fits
 from boundflow.verify.progress import Progress
 from boundflow.verify.property import Problem
 
@@ -187,6 +188,8 @@ class ReluBranchAndBound:
         self.stats = {"pairs": len(pairs), "rounds": 0, "domains_bounded": 0, "trial_domains": 0, "leaves_proven": 0,
                       "max_queue": 0, "unsplittable": 0, "max_batch": 0, "bound_s": 0.0}
         self.batch = 2
+        self.steps_s = 0.0      # seconds spent in optimisation steps (they stop at a deadline)
+        self.fixed_s = 0.0      # seconds per child of the rest of the last round (it cannot stop)
 
     def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """[N] certified margin of each domain's disjunct from the bounds of its rows (of the
@@ -233,6 +236,7 @@ class ReluBranchAndBound:
         if warm:
             for v in self.relus:
                 t[f"alpha:{v}"], t[f"beta:{v}"] = t[f"alpha:{v}"].to(dtype), t[f"beta:{v}"].to(dtype)
+        t_run = time.perf_counter()
         with torch.no_grad():
             if warm:
                 given = {alpha_roles[v]: t[f"alpha:{v}"] for v in self.relus}
@@ -240,6 +244,7 @@ class ReluBranchAndBound:
             else:                                     # the root: CROWN's slopes, no multipliers
                 given = {role: None for role in list(alpha_roles.values()) + list(beta_roles.values())}
             env = executor.run_functional(module, {**inputs, **given})
+        run_s = time.perf_counter() - t_run
         if not warm:
             slopes = starting_slopes(module, env)
             for v in self.relus:
@@ -248,7 +253,9 @@ class ReluBranchAndBound:
         start = env[module.outputs["bounds"]]
         last_env = env
         if iterations > 0:
-            found = self._optimise(module, env, t, signs, iterations, start, deadline, exhausted)
+            t_steps = time.perf_counter()
+            found = self._optimise(module, env, t, signs, iterations, start, deadline, exhausted, run_s)
+            self.steps_s += time.perf_counter() - t_steps
             start, last_env = found.best["bounds"], found.last_env
             for k, v in enumerate(self.relus):
                 t[f"alpha:{v}"] = found.best_variables[k]
@@ -296,7 +303,7 @@ class ReluBranchAndBound:
         self.stats["unconfirmed"] = self.stats.get("unconfirmed", 0) + int((~(sound > 0)).sum())
         return DomainSet({**domains.t, "margin": margin})
 
-    def _optimise(self, module, env, t, signs, iterations, start, deadline, exhausted):
+    def _optimise(self, module, env, t, signs, iterations, start, deadline, exhausted, forward_s):
         """Projected Adam on alpha (in [0, 1]) and beta (>= 0) from the domains' warm starts.
         On ``exhausted`` domains (the network linear there) the bound is a Lagrangian dual of
         a linear program, which may need large multipliers (an empty domain's dual is
@@ -322,7 +329,7 @@ class ReluBranchAndBound:
                           lr_decay=1.0 if exhausted else self.config.optimiser.lr_decay,
                           early_stop_patience=self.config.optimiser.early_stop_patience)
         return descend(module, api._executor, env, groups, feed, project, opt,
-                       start={"bounds": start}, track_variables=True, deadline=deadline)
+                       start={"bounds": start}, track_variables=True, deadline=deadline, forward_s=forward_s)
 
     def _scores(self, module, env, out: dict) -> None:
         """BaBSR's intercept score per neuron (-inf where no split is possible)."""
@@ -414,11 +421,12 @@ class ReluBranchAndBound:
         queue = DomainQueue()
         queue.push(bounded.select(~(bounded.t["margin"] > 0)))
         while len(queue):
-            if time.perf_counter() >= deadline:
+            if not fits(self.fixed_s * self.batch, deadline):   # a round but for its steps
                 return self._outcome("timeout", None, t0)
             if queue.nbytes() > self.config.queue_budget:
                 self.stats["stopped"] = f"queue over {self.config.queue_budget} bytes"
                 return self._outcome("unknown", None, t0)
+            start, steps_s = time.perf_counter(), self.steps_s
             parents = queue.pop(max(1, self.batch // 2))     # the worst domains first
             index = self.choose(parents, deadline)
             self.stats["rounds"] += 1
@@ -441,6 +449,7 @@ class ReluBranchAndBound:
             proven = children.t["margin"] > 0
             self.stats["leaves_proven"] += int(proven.sum())
             queue.push(children.select(~proven))
+            self.fixed_s = (time.perf_counter() - start - (self.steps_s - steps_s)) / len(children)
             progress.tick(domains=self.stats["domains_bounded"], queued=len(queue),
                           worst_margin=f"{queue.worst():.4g}")
             self.stats["max_queue"] = max(self.stats["max_queue"], len(queue))

@@ -27,11 +27,16 @@ from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.attack import AttackConfig, Attacker, Counterexample, OrtChecker
 from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, combine
+from boundflow.verify.deadline import fits
 from boundflow.verify.property import Problem, make_problem
 from boundflow.verify.relu_bab import ReluBabConfig, ReluBranchAndBound
 
 VERDICTS = ("holds", "violated", "unknown", "timeout")
-REFINE_COST_FACTOR = 25
+# alpha-CROWN's first pass (plain CROWN, uninterruptible) costs about one first bound; it is
+# worth starting with time for a few steps after it
+REFINE_COST_FACTOR = 4
+# alpha-CROWN stops after this share of the time left, so that branch and bound gets the rest
+REFINE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,10 +115,13 @@ def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -
 
     out = {"first": confirmed(config.first_method), "bab": confirmed(method)}
     if config.refine_method and problem.num_inputs >= config.refine_min_inputs:
-        # its intermediate bounds are where ReLU branch and bound starts
+        # their intermediate bounds are where ReLU branch and bound starts: the refining
+        # bound's, or the first bound's when the refining one did not fit
         planner = options.get("config") or PlannerConfig(crown_interm=options.get("crown_interm", "sparse"))
         refine = dict(options, config=dataclasses.replace(planner, export_intermediate=True))
         refine.pop("crown_interm", None)
+        # (sound bounds when sound_fp: the search's root must be, see relu_bab)
+        out["first"] = Bounder(model, problem, config.first_method, refine, sound=sound)
         out["refine"] = Bounder(model, problem, config.refine_method, refine, sound=sound)
     return out
 
@@ -157,9 +165,12 @@ def _decide(model: str, problem: Problem, bounders: dict, attacker: Attacker, co
     if cex is not None:
         stats["decided_by"] = "attack"
         return "violated", cex
-    if "refine" in bounders and _affordable(bounders["first"], deadline):
+    now = time.perf_counter()
+    refine_deadline = now + REFINE_SHARE * (deadline - now)
+    if "refine" in bounders and _affordable(bounders["first"], refine_deadline):
         # both are sound lower bounds: keep the better one (fmax: a NaN is no information)
-        margins = torch.fmax(margins, bounders["refine"].margins(problem.exact_lo, problem.exact_hi))
+        refined = bounders["refine"].margins(problem.exact_lo, problem.exact_hi, refine_deadline)
+        margins = torch.fmax(margins, refined)
         stats["refined_margin"] = float(margins.amin())
         if bool((margins > 0).all()) or over():
             return _verdict_by_bound(margins, stats)
@@ -196,13 +207,11 @@ class _PairAttack:
 def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacker, config: VerifyConfig,
                  margins: torch.Tensor, deadline: float, stats: dict) -> tuple[str, Counterexample | None]:
     """ReLU branch and bound on every unproven (box, disjunct) pair at once, from the refining
-    bound's intermediate bounds."""
+    bound's intermediate bounds (the first bound's when the refining one did not run)."""
     refine = bounders.get("refine")
     if refine is None:
         raise ValueError("ReLU branch and bound needs refine_method='alpha-crown' (its intermediate bounds)")
-    if refine.calls == 0:                     # the refining bound did not fit before the deadline
-        stats["decided_by"] = "deadline"
-        return "timeout", None
+    start = refine.last_intermediate or bounders["first"].last_intermediate
     pairs = [tuple(bk) for bk in (~(margins > 0)).nonzero().tolist()]
     search = ReluBranchAndBound(model, problem, pairs, _PairAttack(attacker, problem, pairs), config.relu_bab,
                                 refine.options["config"], sound_fp=config.sound_fp)
@@ -210,17 +219,21 @@ def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacke
         stats["decided_by"] = "relu_bab"
         stats["relu_bab"] = {"stopped": "no ReLU to split"}
         return "unknown", None
-    outcome = search.run(search.root(refine.last_intermediate, margins), deadline)
+    # the root's first pass is one backward pass; the first bound made one per ReLU input and
+    # one for the output
+    if not fits(bounders["first"].seconds / (len(search.relus) + 1), deadline):
+        stats["decided_by"] = "deadline"
+        return "timeout", None
+    outcome = search.run(search.root(start, margins), deadline)
     stats["decided_by"] = "relu_bab"
     stats["relu_bab"] = outcome.stats
     return outcome.verdict, outcome.counterexample
 
 
 def _affordable(first: Bounder, deadline: float) -> bool:
-    """Whether the refining bound fits before the deadline: an optimised bound costs about as
-    many passes as its iterations (20 by default), each about the first bound's time, and it
-    cannot be interrupted."""
-    return time.perf_counter() + REFINE_COST_FACTOR * first.seconds < deadline
+    """Whether the refining bound's first pass and a few steps fit before ``deadline`` (its
+    steps stop there)."""
+    return fits(REFINE_COST_FACTOR * first.seconds, deadline)
 
 
 def _verdict_by_bound(margins: torch.Tensor, stats: dict) -> tuple[str, None]:
