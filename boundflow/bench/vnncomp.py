@@ -3,12 +3,15 @@
     python -m boundflow.bench.vnncomp --json out.json --benchmarks mnistfc,acasxu,oval21 \\
         --limit 10 --timeout-cap 30 [--filter mnistfc=256x2] [--jobs 1]
     python -m boundflow.bench.vnncomp --preset issue --json out.json
+    python -m boundflow.bench.vnncomp --preset ops --json out.json
 
 ``--preset issue`` runs the subsets the verification issue sets as the target (all 30 mnistfc
 mnist-net_256x2 instances at a 60 s cap, the first 45 ACAS Xu instances at 60 s, the first 5
 oval21 instances at 120 s) and puts alpha-beta-CROWN's reference numbers beside ours, with the
 ratios: solved counts, and its median time over ours on the same instances (ACAS Xu: its
-reference covers the first 10).
+reference covers the first 10). ``--preset ops`` runs the operators issue's subsets of
+../shared/benchmarks/vnncomp2021_ops (ERAN's Sigmoid network and VeriVital's MaxPool network,
+the first 10 instances each, at 60 s) beside alpha-beta-CROWN's 2021 answers (on a GPU).
 
 Each instance runs as a fresh ``boundflow verify`` process with one torch thread, timed from
 launch to exit, as VNN-COMP measures it (Python and torch start-up included). Instances are the
@@ -34,9 +37,16 @@ REFERENCE = {
     "mnistfc": {"tool": "alpha-beta-CROWN", "filter": "256x2", "instances": 30, "solved": 29, "median_s": 11.0},
     "acasxu": {"tool": "alpha-beta-CROWN", "filter": "", "instances": 10, "solved": 10, "median_s": 14.0},
     "oval21": {"tool": "alpha-beta-CROWN", "filter": "", "instances": 5, "solved": 4, "median_s": 40.2},
+    # VNN-COMP 2021 on the competition's GPU machine (vnncomp2021_ops/expected.csv; ERAN: the
+    # operators issue counts 8 solved within 300 s)
+    "eran": {"tool": "alpha-beta-CROWN 2021 (GPU)", "filter": "", "instances": 10, "solved": 8, "median_s": 9.06},
+    "verivital": {"tool": "alpha-beta-CROWN 2021 (GPU)", "filter": "", "instances": 10, "solved": 10, "median_s": 6.7},
 }
 # benchmark -> (onnx filter, first N, timeout cap in s)
-PRESETS = {"issue": {"mnistfc": ("256x2", 30, 60.0), "acasxu": ("", 45, 60.0), "oval21": ("", 5, 120.0)}}
+PRESETS = {"issue": {"mnistfc": ("256x2", 30, 60.0), "acasxu": ("", 45, 60.0), "oval21": ("", 5, 120.0)},
+           "ops": {"eran": ("", 10, 60.0), "verivital": ("", 10, 60.0)}}
+# where each benchmark's folder is under ../shared/benchmarks
+SUITES = {"eran": "vnncomp2021_ops", "verivital": "vnncomp2021_ops"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +77,8 @@ def plan_runs(args) -> dict[str, tuple[str, int, float]]:
 
 
 def select(benchmark: str, shared: str | None, text: str, limit: int, cap: float) -> list[suite.Instance]:
-    csv_path = shared_dir(shared) / "benchmarks" / "vnncomp2021" / benchmark / f"{benchmark}_instances.csv"
+    suite_dir = SUITES.get(benchmark, "vnncomp2021")
+    csv_path = shared_dir(shared) / "benchmarks" / suite_dir / benchmark / f"{benchmark}_instances.csv"
     instances = [i for i in suite.read_instances(csv_path, cap) if text in i.onnx]
     return instances[:limit]
 
