@@ -320,3 +320,33 @@ def test_split_children_clamp_and_sign_one_neuron(tmp_path):
     assert t[f"lo:{v}"][1, 0].tolist() == [-1, -1, -1, -1] and t[f"hi:{v}"][1, 0].tolist() == [1, 1, 0, 1]
     assert t[f"sign:{v}"][:, 0, 2].tolist() == [1, -1] and int(t[f"sign:{v}"].abs().sum()) == 2
     assert parent.t[f"lo:{v}"].min() == -1 and parent.t[f"sign:{v}"].abs().sum() == 0   # parent untouched
+
+
+@pytest.mark.parametrize("other", ["maxpool", "sigmoid"])
+def test_relu_split_with_other_relaxed_ops(tmp_path, other):
+    """Relaxed ops branch and bound does not split (a max pool, a sigmoid) keep their
+    relaxation and their own slopes while the ReLUs are split: a gap only branching closes is
+    closed, and a threshold a sampled point violates is never proven."""
+    torch.manual_seed(4)
+    nn = torch.nn
+    layer = nn.MaxPool2d(2) if other == "maxpool" else nn.Sigmoid()
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), layer, nn.Flatten(),
+                           nn.Linear(4 * (4 if other == "maxpool" else 16), 8), nn.ReLU(), nn.Linear(8, 3))
+    path = export_onnx(module, torch.zeros(1, 1, 4, 4), tmp_path / "net.onnx")
+    lo, hi = -0.5 * torch.ones(16, dtype=torch.float64), 0.5 * torch.ones(16, dtype=torch.float64)
+    pts = sample_box(lo.float(), hi.float(), 20000, 16)
+    with torch.no_grad():
+        low = float(spec_values(module(pts.reshape(-1, 1, 4, 4)).double(), 1.0).min())
+    C = torch.tensor([[1.0, 0.0, -1.0]])
+    lb = float(api.bound(path, lo.float().reshape(1, 1, 4, 4), hi.float().reshape(1, 1, 4, 4), "alpha-crown", C=C).lb)
+    assert lb < low - 0.02, (lb, low)
+    config = VerifyConfig(split="relu", refine_min_inputs=0)
+    prop = tmp_path / "p.vnnlib"
+    # (a split ReLU does not tighten a max pool's input bounds, so the max pool's share of
+    # the gap stays: a part of the gap only)
+    prop.write_text(property_text(16, 3, lo, hi, lb + 0.2 * (low - lb), 1.0))
+    res = verify(path, prop, timeout=40, config=config)
+    assert res.verdict == "holds", res.stats
+    assert res.stats["decided_by"] == "relu_bab", res.stats
+    prop.write_text(property_text(16, 3, lo, hi, low + 1e-3, 1.0))
+    assert verify(path, prop, timeout=10, config=config).verdict != "holds"

@@ -132,20 +132,22 @@ def backward(ins, ps, attrs):
 
 
 def _inside(attrs, like: torch.Tensor) -> torch.Tensor:
-    """[k, 1, ..., Ho, Wo]: which window elements lie on the input, not on its padding."""
+    """[k, 1, ..., Ho, Wo] (like's rank): which window elements lie on the input, not on its
+    padding."""
     h, w = attrs["in_shape"][-2:]
     inside = windows(torch.ones((1, h, w), dtype=like.dtype), attrs, 0.0)[0]          # [k, Ho, Wo]
     return inside.reshape((inside.shape[0],) + (1,) * (like.dim() - 3) + tuple(inside.shape[1:]))
 
 
 def backward_alpha(ins, ps, attrs):
-    """backward with each row's lower weights alpha [k, B, R, *out] in [0, 1], normalised to sum
+    """backward with each row's lower weights alpha [B, k, R, *out] in [0, 1], normalised to sum
     1 over the window's elements on the input (a convex combination of the inputs bounds their
     max from below; padding holds no input); None: CROWN's."""
     a, bias, lines, alpha = ins[:4]
     if alpha is None:
         return backward(ins[:3], ps, attrs)
     k = (lines.shape[0] - 1) // 2
+    alpha = alpha.movedim(1, 0)                                       # [k, B, R, *out]
     alpha = alpha * _inside(attrs, alpha)
     w_lo = alpha / alpha.sum(0, keepdim=True).clamp(min=torch.finfo(alpha.dtype).tiny)
     w_up, icpt = lines[k:2 * k].unsqueeze(2), lines[2 * k].unsqueeze(1)
@@ -153,10 +155,10 @@ def backward_alpha(ins, ps, attrs):
 
 
 def alpha_start(op, env) -> torch.Tensor:
-    """CROWN's lower weights (one-hot), one set per row of A."""
+    """CROWN's lower weights (one-hot), one set per row of A: [B, k, R, *out]."""
     a, lines = env[op.inputs[0]], env[op.inputs[2]]
     k = (lines.shape[0] - 1) // 2
-    return lines[:k].unsqueeze(2).expand((k,) + tuple(a.shape)).clone()
+    return lines[:k].unsqueeze(2).expand((k,) + tuple(a.shape)).movedim(0, 1).clone()
 
 
 def fp_lines(ins, ps, attrs):

@@ -51,7 +51,7 @@ class Relaxation:
                 backward rule of the op reads
     fp          "fp.<op>_lines": (input interval, lines) -> (error vector of the backward rules,)
     optimised   "linear.<op>_alpha": the backward rule with optimisable parameters in [0, 1],
-                `params` of them per row of A and neuron of the lines ([params, B, rows, *shape],
+                `params` of them per row of A and neuron of the lines ([B, params, rows, *shape],
                 or [B, rows, *shape] for one), given as an input (None: the plain lines), and
                 split multipliers (beta-CROWN) when it `splits_at_zero`
     start       (task op of `optimised`, env: buffer -> tensor of a run without the parameters)

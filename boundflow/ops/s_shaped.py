@@ -195,13 +195,13 @@ def backward(ins, ps, attrs):
 
 def _backward_alpha(shape: SShape):
     def backward_alpha(ins, ps, attrs):
-        """backward with each row's tangent points at fractions alpha [2, B, R, *shape] (lower
+        """backward with each row's tangent points at fractions alpha [B, 2, R, *shape] (lower
         line, upper line) of their ranges; without alpha (None), CROWN's lines."""
         a, bias, lines, alpha = ins[:4]
         if alpha is None:
             return backward(ins[:3], ps, attrs)
         l, u, d_lo, d_up = lines[4:8].unsqueeze(2)
-        k_lo, b_lo, k_up, b_up = _lines_at(shape, l, u, d_lo, d_up, alpha[0], alpha[1])
+        k_lo, b_lo, k_up, b_up = _lines_at(shape, l, u, d_lo, d_up, alpha[:, 0], alpha[:, 1])
         return _back(a, bias, k_lo, b_lo, k_up, b_up, halves(a, attrs))
     return backward_alpha
 
@@ -210,8 +210,9 @@ def _alpha_start(shape: SShape):
     def alpha_start(op, env) -> torch.Tensor:
         """CROWN's tangent points as fractions, one pair per row of A."""
         a, lines = env[op.inputs[0]], env[op.inputs[2]]
-        a_lo, a_up = _crown_alphas(shape, *lines[4:8])
-        return torch.stack((a_lo, a_up)).unsqueeze(2).expand((2,) + tuple(a.shape)).clone()
+        a_lo, a_up = _crown_alphas(shape, *lines[4:8])                       # [B, *shape]
+        pair = torch.stack((a_lo, a_up), 1).unsqueeze(2)                    # [B, 2, 1, *shape]
+        return pair.expand((a.shape[0], 2) + tuple(a.shape[1:])).clone()
     return alpha_start
 
 

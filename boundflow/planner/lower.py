@@ -95,11 +95,12 @@ class _Emitter:
         self.out.phases.append(self.phase)
 
 
-def relaxed_inputs(graph: Graph) -> list[str]:
-    """The input value of every relaxed op (ops.Relaxation: ReLU) of `graph`, once each, in
-    node order: what beta-crown plans read intermediate bounds of, and what ReLU branch and
-    bound splits."""
-    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if ops.get(n.op).relaxation is not None))
+def relaxed_inputs(graph: Graph, splitting: bool = False) -> list[str]:
+    """The input value of every relaxed op (ops.Relaxation) of `graph`, once each, in node
+    order: what beta-crown plans read intermediate bounds (and slopes) of; with `splitting`,
+    only of the ops ReLU branch and bound splits (Relaxation.splits_at_zero)."""
+    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if ops.get(n.op).relaxation is not None and
+                              (not splitting or ops.get(n.op).relaxation.splits_at_zero)))
 
 
 def _unit_lead(shape) -> bool:
@@ -490,8 +491,8 @@ class _Lowering:
                         per_row = relaxation.param_count(g, node) if kind == "alpha" else 1
                         lead = (per_row,) if per_row > 1 else ()
                         shape = relaxation.shape(g, node)[1:] if kind == "alpha" else self.shape(node.inputs[0])
-                        em.out.inputs[role] = em.buffer(
-                            role, lead + (B, rows2) + tuple(shape), role="input",
+                        em.out.inputs[role] = em.buffer(    # the region axis first (optimisers batch on it)
+                            role, (B,) + lead + (rows2,) + tuple(shape), role="input",
                             dynamic_axis=None if dynamic is None else dynamic + len(lead))
                         ins.append(em.out.inputs[role])
                     kernel = f"linear.{node.op}_alpha"

@@ -166,8 +166,11 @@ class ReluBranchAndBound:
         self.sound = dataclasses.replace(self.planner, sound_fp=True, export_intermediate=False) if sound_fp else None
         self.graph, self.key = api.load_model(model)
         self.output = self.graph.outputs[0]
-        # the plan's names: layout folding may rename a ReLU's input
-        self.relus = relaxed_inputs(planned_graph(self.graph, self.planner)[0])
+        # the plan's names (layout folding may rename a ReLU's input): every relaxed op's input
+        # has intermediate bounds and slopes, the ReLUs' are split (with multipliers)
+        planned = planned_graph(self.graph, self.planner)[0]
+        self.relaxed = relaxed_inputs(planned)
+        self.relus = relaxed_inputs(planned, splitting=True)
         self.pairs = pairs
         self.subs = [problem.restrict(b, k) for b, k in pairs]
         self.rows = max(sub.num_rows for sub in self.subs)
@@ -226,20 +229,22 @@ class ReluBranchAndBound:
         pair = t["pair"]
         box = self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(dtype)
         inputs = {"box": box, "C": (self.C_exact if sound else self.C)[pair]}
-        for v in self.relus:
+        for v in self.relaxed:
             inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(dtype)
         executor = api._executor
-        alpha_roles = {v: f"alpha:{self.output}:{v}" for v in self.relus}
+        alpha_roles = {v: f"alpha:{self.output}:{v}" for v in self.relaxed}
         beta_roles = {v: f"beta:{self.output}:{v}" for v in self.relus}
         signs = {v: t[f"sign:{v}"].to(dtype).unsqueeze(1) for v in self.relus}
-        warm = f"alpha:{self.relus[0]}" in t
+        warm = f"alpha:{self.relaxed[0]}" in t
         if warm:
+            for v in self.relaxed:
+                t[f"alpha:{v}"] = t[f"alpha:{v}"].to(dtype)
             for v in self.relus:
-                t[f"alpha:{v}"], t[f"beta:{v}"] = t[f"alpha:{v}"].to(dtype), t[f"beta:{v}"].to(dtype)
+                t[f"beta:{v}"] = t[f"beta:{v}"].to(dtype)
         t_run = time.perf_counter()
         with torch.no_grad():
             if warm:
-                given = {alpha_roles[v]: t[f"alpha:{v}"] for v in self.relus}
+                given = {alpha_roles[v]: t[f"alpha:{v}"] for v in self.relaxed}
                 given.update({beta_roles[v]: t[f"beta:{v}"] * signs[v] for v in self.relus})
             else:                                     # the root: CROWN's slopes, no multipliers
                 given = {role: None for role in list(alpha_roles.values()) + list(beta_roles.values())}
@@ -247,8 +252,9 @@ class ReluBranchAndBound:
         run_s = time.perf_counter() - t_run
         if not warm:
             slopes = starting_slopes(module, env)
-            for v in self.relus:
+            for v in self.relaxed:
                 t[f"alpha:{v}"] = slopes[module.inputs[alpha_roles[v]]]
+            for v in self.relus:
                 t[f"beta:{v}"] = torch.zeros_like(t[f"alpha:{v}"])
         start = env[module.outputs["bounds"]]
         last_env = env
@@ -257,9 +263,10 @@ class ReluBranchAndBound:
             found = self._optimise(module, env, t, signs, iterations, start, deadline, exhausted, run_s)
             self.steps_s += time.perf_counter() - t_steps
             start, last_env = found.best["bounds"], found.last_env
-            for k, v in enumerate(self.relus):
+            for k, v in enumerate(self.relaxed):
                 t[f"alpha:{v}"] = found.best_variables[k]
-                t[f"beta:{v}"] = found.best_variables[len(self.relus) + k]
+            for k, v in enumerate(self.relus):
+                t[f"beta:{v}"] = found.best_variables[len(self.relaxed) + k]
         t["margin"] = torch.maximum(t["margin"], self.margins(pair, start[0], start[1], exact=sound))
         if not trial:
             self._scores(module, last_env, t)
@@ -291,9 +298,10 @@ class ReluBranchAndBound:
         f64 = torch.float64
         inputs = {"box": self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(f64),
                   "C": self.C_exact[pair]}
-        for v in self.relus:
+        for v in self.relaxed:
             inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(f64)
             inputs[f"alpha:{self.output}:{v}"] = t[f"alpha:{v}"].to(f64)
+        for v in self.relus:
             inputs[f"beta:{self.output}:{v}"] = (t[f"beta:{v}"] * t[f"sign:{v}"].unsqueeze(1)).to(f64)
         lb, ub = api._executor.run(module, inputs)["bounds"]
         sound = self.margins(pair, lb, ub, exact=True)[:n]
@@ -308,19 +316,20 @@ class ReluBranchAndBound:
         On ``exhausted`` domains (the network linear there) the bound is a Lagrangian dual of
         a linear program, which may need large multipliers (an empty domain's dual is
         unbounded): beta's steps are ten times larger and do not decay."""
-        alpha_ids = {v: module.inputs[f"alpha:{self.output}:{v}"] for v in self.relus}
+        alpha_ids = {v: module.inputs[f"alpha:{self.output}:{v}"] for v in self.relaxed}
         beta_ids = {v: module.inputs[f"beta:{self.output}:{v}"] for v in self.relus}
-        alphas = {v: t[f"alpha:{v}"].clone().requires_grad_(True) for v in self.relus}
+        alphas = {v: t[f"alpha:{v}"].clone().requires_grad_(True) for v in self.relaxed}
         betas = {v: t[f"beta:{v}"].clone().requires_grad_(True) for v in self.relus}
 
         def feed():
-            out = {alpha_ids[v]: alphas[v] for v in self.relus}
+            out = {alpha_ids[v]: alphas[v] for v in self.relaxed}
             out.update({beta_ids[v]: betas[v] * signs[v] for v in self.relus})
             return out
 
         def project():
-            for v in self.relus:
+            for v in self.relaxed:
                 alphas[v].clamp_(0.0, 1.0)
+            for v in self.relus:
                 betas[v].clamp_(min=0.0)
 
         groups = [{"params": list(alphas.values()), "lr": self.config.optimiser.lr},
@@ -335,7 +344,7 @@ class ReluBranchAndBound:
         """BaBSR's intercept score per neuron (-inf where no split is possible)."""
         relu_of = {module.inputs[f"alpha:{self.output}:{v}"]: v for v in self.relus}   # names may hold ":"
         coeff = {relu_of[op.inputs[3]]: env[op.inputs[0]].detach()
-                 for op in module.ops() if op.op == "linear.relu_alpha"}
+                 for op in module.ops() if len(op.inputs) > 3 and op.inputs[3] in relu_of}
         for v in self.relus:
             lo, hi, sign = out[f"lo:{v}"], out[f"hi:{v}"], out[f"sign:{v}"]
             free = (lo < 0) & (hi > 0) & (sign == 0)
@@ -407,10 +416,11 @@ class ReluBranchAndBound:
         boxes = torch.tensor([b for b, _ in self.pairs])
         t = {"pair": torch.arange(len(self.pairs)),
              "margin": torch.stack([margins[b, k] for b, k in self.pairs]).double().nan_to_num(nan=-math.inf)}
-        for v in self.relus:
+        for v in self.relaxed:
             lo, hi = round_outward(intermediate[v][:, boxes], torch.float32)   # still contains the sound bounds
             t[f"lo:{v}"], t[f"hi:{v}"] = lo.clone(), hi.clone()
-            t[f"sign:{v}"] = torch.zeros(lo.shape, dtype=torch.int8)
+        for v in self.relus:
+            t[f"sign:{v}"] = torch.zeros(t[f"lo:{v}"].shape, dtype=torch.int8)
         return DomainSet(t)
 
     def run(self, root: DomainSet, deadline: float) -> ReluBabOutcome:

@@ -127,17 +127,18 @@ def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -
 
 
 def _relu_split(model: str, problem: Problem, config: VerifyConfig) -> bool:
-    """Whether to split ReLU neurons (else input boxes). ReLU branch and bound needs every
-    relaxed op of the network to be one it can split (ops.Relaxation.splits_at_zero)."""
+    """Whether to split ReLU neurons (else input boxes): for many inputs, unless the network's
+    relaxed ops are all ones ReLU branch and bound cannot split (ops.Relaxation.splits_at_zero;
+    beside a ReLU they stay relaxed)."""
     relu = problem.num_inputs >= config.refine_min_inputs if config.split == "auto" else config.split == "relu"
     if not relu:
         return False
-    others = sorted({n.op for n in api.load_model(model)[0].nodes
-                     if ops.get(n.op).relaxation is not None and not ops.get(n.op).relaxation.splits_at_zero})
-    if others and config.split == "relu":
-        raise UnsupportedOpError(f"{model}: ReLU branch and bound splits ReLU neurons only; this network also "
-                                 f"has {', '.join(others)} (use split='input' or 'auto')")
-    return not others
+    relaxed = [ops.get(n.op).relaxation for n in api.load_model(model)[0].nodes if ops.get(n.op).relaxation]
+    splittable = not relaxed or any(r.splits_at_zero for r in relaxed)    # a linear network: its root decides
+    if not splittable and config.split == "relu":
+        raise UnsupportedOpError(f"{model}: ReLU branch and bound needs a ReLU to split; this network has none "
+                                 "(use split='input' or 'auto')")
+    return splittable
 
 
 def _load(model: str, vnnlib_path) -> Problem:
