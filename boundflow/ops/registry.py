@@ -158,6 +158,9 @@ Lowering = Callable[..., Any]          # fn(builder) -> primal value name (or th
 
 ONNX_LOWERINGS: dict[str, Lowering] = {}       # ONNX op type -> lowering
 TORCH_LOWERINGS: dict[Any, Lowering] = {}      # torch.export target (an aten OpOverload) -> lowering
+# targets the torch frontend keeps whole instead of decomposing to core ATen (softplus, prelu:
+# their decompositions are where/log1p/exp chains no lowering could read back)
+TORCH_KEEP_WHOLE: set[Any] = set()
 
 
 def _registrar(table: dict, keys: tuple) -> Callable[[Lowering], Lowering]:
@@ -175,6 +178,9 @@ def onnx_lowering(*op_types: str) -> Callable[[Lowering], Lowering]:
     return _registrar(ONNX_LOWERINGS, op_types)
 
 
-def torch_lowering(*targets) -> Callable[[Lowering], Lowering]:
-    """Decorator: the function lowers FX nodes calling these targets (with a variable input)."""
+def torch_lowering(*targets, keep_whole: bool = False) -> Callable[[Lowering], Lowering]:
+    """Decorator: the function lowers FX nodes calling these targets (with a variable input);
+    keep_whole: torch.export must not decompose them."""
+    if keep_whole:
+        TORCH_KEEP_WHOLE.update(targets)
     return _registrar(TORCH_LOWERINGS, targets)
