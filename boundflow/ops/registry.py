@@ -46,7 +46,8 @@ def constants(graph, node, dtype=torch.float32) -> list[torch.Tensor]:
 class Relaxation:
     """Lines that bound a nonlinear op over its input interval, for the backward passes.
 
-    relax       "<op>.relax": stack(lower, upper) of the input -> the lines' coefficients,
+    relax       "<op>.relax": stack(lower, upper) of the input (and the op's backward_params)
+                -> the lines' coefficients,
                 [rows, B, *shape] (shape: the input's, or as `lines_shape` says), which every
                 backward rule of the op reads
     fp          "fp.<op>_lines": (input interval, lines) -> (error vector of the backward rules,)
