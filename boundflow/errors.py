@@ -19,3 +19,8 @@ class ShapeError(BoundflowError):
 
 class SpecError(BoundflowError):
     """A property / VNNLIB / spec file is malformed."""
+
+
+class DomainError(BoundflowError):
+    """Bounds on an op's input leave the op's domain (log of an interval reaching 0, a reciprocal
+    across 0), or its output overflows: no finite sound bound exists."""

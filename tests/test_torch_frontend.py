@@ -452,9 +452,9 @@ def test_unsupported_op_names_op_node_and_list():
 
 
 def test_product_of_variables_is_unsupported():
-    class Square(nn.Module):
+    class Square(nn.Module):           # x * x itself is the square (ops/convex.py)
         def forward(self, x):
-            return x * x
+            return x * (x + 1)
 
     with pytest.raises(UnsupportedOpError, match=r"aten\.mul\.Tensor.*'mul'"):
         load_torch(Square(), torch.randn(1, 4))

@@ -51,6 +51,7 @@ from boundflow.errors import ModelLoadError, ShapeError, UnsupportedOpError
 from boundflow.frontends.builder import Builder, Constant
 from boundflow.ir.primal import Graph, TensorType, Value
 from boundflow.ops import TORCH_LOWERINGS, torch_lowering
+from boundflow.ops.registry import TORCH_KEEP_WHOLE
 from boundflow.ops.conv import ZeroPad, pad_as_conv
 
 aten = torch.ops.aten
@@ -282,14 +283,15 @@ def supported_ops() -> list[str]:
 # entry point
 # --------------------------------------------------------------------------------------------
 def _decomposition_table() -> dict:
-    """Core-ATen decompositions, except linear and matmul.
+    """Core-ATen decompositions, except linear, matmul and the targets an op keeps whole
+    (registry.TORCH_KEEP_WHOLE).
 
     Decomposed, those two become view/mm/view chains or expand+bmm (depending on strides) and
     the bias an add after a reshape; kept whole, a linear over [1, T, D] stays one op on the
     model's own shapes, which is both the smaller graph and exactly the primal linear.
     """
     table = torch.export.default_decompositions()
-    for op in (aten.linear.default, aten.matmul.default):
+    for op in (aten.linear.default, aten.matmul.default, *TORCH_KEEP_WHOLE):
         if op in table:
             del table[op]
     return table

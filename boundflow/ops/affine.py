@@ -13,6 +13,7 @@ from boundflow.domains import fp
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound
 from boundflow.domains.rounding import magnitude
+from boundflow.ops import convex
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ def add_scaled(b: Builder, p, q, k: float = 1.0) -> str:
 
 def multiply(b: Builder, p, q) -> str:
     if not b.is_const(p) and not b.is_const(q):
+        if b.var(p) == b.var(q):                # x * x: the square, a relaxed op of its own
+            return convex.square(b, b.var(p))
         b.unsupported("product of two operands that both depend on the network input (not linear; no sound rule)")
     x, c = (p, q) if b.is_const(q) else (q, p)
     return b.affine(b.var(x), b.const(c, "factor"), out=b.output)

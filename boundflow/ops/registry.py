@@ -46,7 +46,8 @@ def constants(graph, node, dtype=torch.float32) -> list[torch.Tensor]:
 class Relaxation:
     """Lines that bound a nonlinear op over its input interval, for the backward passes.
 
-    relax       "<op>.relax": stack(lower, upper) of the input -> the lines' coefficients,
+    relax       "<op>.relax": stack(lower, upper) of the input (and the op's backward_params)
+                -> the lines' coefficients,
                 [rows, B, *shape] (shape: the input's, or as `lines_shape` says), which every
                 backward rule of the op reads
     fp          "fp.<op>_lines": (input interval, lines) -> (error vector of the backward rules,)
@@ -158,6 +159,9 @@ Lowering = Callable[..., Any]          # fn(builder) -> primal value name (or th
 
 ONNX_LOWERINGS: dict[str, Lowering] = {}       # ONNX op type -> lowering
 TORCH_LOWERINGS: dict[Any, Lowering] = {}      # torch.export target (an aten OpOverload) -> lowering
+# targets the torch frontend keeps whole instead of decomposing to core ATen (softplus, prelu:
+# their decompositions are where/log1p/exp chains no lowering could read back)
+TORCH_KEEP_WHOLE: set[Any] = set()
 
 
 def _registrar(table: dict, keys: tuple) -> Callable[[Lowering], Lowering]:
@@ -175,6 +179,9 @@ def onnx_lowering(*op_types: str) -> Callable[[Lowering], Lowering]:
     return _registrar(ONNX_LOWERINGS, op_types)
 
 
-def torch_lowering(*targets) -> Callable[[Lowering], Lowering]:
-    """Decorator: the function lowers FX nodes calling these targets (with a variable input)."""
+def torch_lowering(*targets, keep_whole: bool = False) -> Callable[[Lowering], Lowering]:
+    """Decorator: the function lowers FX nodes calling these targets (with a variable input);
+    keep_whole: torch.export must not decompose them."""
+    if keep_whole:
+        TORCH_KEEP_WHOLE.update(targets)
     return _registrar(TORCH_LOWERINGS, targets)

@@ -275,3 +275,60 @@ def _torch_clamp_max(b) -> str:
 def _torch_hardtanh(b) -> str:
     lo, hi = _torch_number(b, b.arg(1, "min_val", -1.0), "min"), _torch_number(b, b.arg(2, "max_val", 1.0), "max")
     return clamp(b, b.var(b.arg(0)), lo, hi)
+
+
+def extreme_const(b: Builder, x: str, c, upper: bool) -> str:
+    """min(x, c) (upper: c bounds x from above) or max(x, c) for a constant c: a scalar is a
+    clamp; a tensor (broadcast to x) goes through the same identities on relu with c as shifts,
+    max(x, c) = relu(x - c) + c and min(x, c) = c - relu(c - x)."""
+    if math.prod(c.shape) == 1:
+        v = float(c.value.value.reshape(-1)[0])
+        if c.value.err.any():
+            b.unsupported("a bound computed at import with a rounding error (only exact bounds are supported)")
+        return clamp(b, x, None, v) if upper else clamp(b, x, v, None)
+    if upper:
+        t = b.emit("relu", [b.affine(x, b.literal(-1.0), c)])
+        return b.affine(t, b.literal(-1.0), c, out=b.output)
+    t = b.emit("relu", [b.affine(x, shift=c.scaled(-1.0))])
+    return b.affine(t, shift=c, out=b.output)
+
+
+def _onnx_extreme(b, upper: bool) -> str:
+    names = [n for n in b.inputs if n]
+    variables = [n for n in names if not b.is_const(n)]
+    consts = [n for n in names if b.is_const(n)]
+    if len(variables) != 1 or len(consts) > 1:
+        b.unsupported(f"{len(variables)} inputs that depend on the network input and {len(consts)} constants "
+                      "(one variable and at most one constant are supported)")
+    x = b.var(variables[0])
+    if not consts:
+        return b.affine(x, b.literal(1.0), out=b.output)
+    return extreme_const(b, x, b.const(consts[0], "bound"), upper)
+
+
+@onnx_lowering("Min")
+def _onnx_min(b) -> str:
+    return _onnx_extreme(b, upper=True)
+
+
+@onnx_lowering("Max")
+def _onnx_max(b) -> str:
+    return _onnx_extreme(b, upper=False)
+
+
+def _torch_extreme(b, upper: bool) -> str:
+    p, q = b.arg(0), b.arg(1)
+    if not b.is_const(p) and not b.is_const(q):
+        b.unsupported("both operands depend on the network input (only a constant bound is supported)")
+    x, c = (p, q) if b.is_const(q) else (q, p)
+    return extreme_const(b, b.var(x), b.const(c, "bound"), upper)
+
+
+@torch_lowering(aten.minimum.default)
+def _torch_minimum(b) -> str:
+    return _torch_extreme(b, upper=True)
+
+
+@torch_lowering(aten.maximum.default)
+def _torch_maximum(b) -> str:
+    return _torch_extreme(b, upper=False)

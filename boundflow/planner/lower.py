@@ -253,7 +253,8 @@ class _Lowering:
         em, op, y, v = self.em, ops.get(node.op), node.outputs[0], node.inputs[0]
         rows, *shape = op.relaxation.shape(self.g, node)
         lines = em.buffer(f"{node.op}.relax({v})", (rows, self.B) + tuple(shape))
-        em.emit(f"{node.op}.relax", [self.bounds[v]], [lines], attrs=node.attrs, source=node.name)
+        em.emit(f"{node.op}.relax", [self.bounds[v]], [lines], self.backward_params(node), node.attrs,
+                source=node.name)
         self.relax[y] = lines
         if self.sound:
             self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
