@@ -248,3 +248,149 @@ def test_periodic_verify(tmp_path):
     out = tmp_path / "res.txt"
     assert main(["verify", path, str(holds), "--timeout", "3600", "--results", str(out)]) == 0
     assert out.read_text() == "unsat\n"
+
+
+# -- GELU ------------------------------------------------------------------------------------------
+
+from boundflow.ops import gelu as G  # noqa: E402
+
+GELUS = list(G.SHAPES.values())
+
+
+def _gelu_intervals(seed: int, n: int = 2000):
+    """Around the minimum (-0.75) and the inflections, short to very long, points."""
+    g = torch.Generator().manual_seed(seed)
+    width = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 5 - 3) * 4       # 4e-3 .. 400
+    c = torch.randn(n, generator=g, dtype=torch.float64) * 2 - 0.75
+    l, u = c - width / 2, c + width / 2
+    l[: n // 20] = u[: n // 20]
+    return l, u
+
+
+def _gelu_lines(g, l, u, alpha, shifted=True):
+    (a_lo, e_lo, h_lo), (a_up, e_up, h_up) = G.lower_range(g, l, u), G.upper_range(g, l, u)
+    if alpha is None:
+        alpha_lo, alpha_up = G.crown_alpha(l, u, a_lo, e_lo), G.crown_alpha(l, u, a_up, e_up)
+    else:
+        alpha_lo = alpha_up = alpha
+    if shifted:
+        return G._lines(g, l, u, (a_lo, e_lo, a_up, e_up, h_lo.double(), h_up.double()), alpha_lo, alpha_up)
+    return (*G.tangent_line(g, l, u, a_lo, e_lo, h_lo, alpha_lo), *G.tangent_line(g, l, u, a_up, e_up, h_up, alpha_up))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(st.sampled_from(GELUS), st.integers(0, 2**31), st.sampled_from(["crown", 0.0, 1.0, "random"]))
+def test_gelu_lines_bound_and_touch(g, seed, alpha):
+    """As for sin: lower <= gelu <= upper on a dense grid, each line touching gelu, before the
+    violation shift too (the tangent ranges and the chord decision are right)."""
+    l, u = _gelu_intervals(seed)
+    if alpha == "random":
+        alpha = torch.rand(l.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    elif alpha != "crown":
+        alpha = torch.full_like(l, alpha)
+    x = _grid(l, u)
+    fx = g.f(x)
+    spacing = (u - l) / 512
+    for shifted in (False, True):
+        k_lo, b_lo, k_up, b_up = _gelu_lines(g, l, u, None if alpha == "crown" else alpha, shifted)
+        below = fx - (k_lo[:, None] * x + b_lo[:, None])
+        above = (k_up[:, None] * x + b_up[:, None]) - fx
+        tol = 1e-12 * (1 + x.abs())
+        assert (below >= -tol).all() and (above >= -tol).all()
+        assert (below.amin(1) <= 1e-11 + spacing ** 2).all() and (above.amin(1) <= 1e-11 + spacing ** 2).all()
+
+
+@pytest.mark.parametrize("g", GELUS, ids=lambda g: g.name)
+def test_gelu_constants_and_interval(g):
+    """p, q are where f'' changes sign, m where f' does; the interval rule is the exact range."""
+    x = torch.linspace(-6, 6, 120001, dtype=torch.float64)
+    slope = g.df(x)
+    assert ((slope[1:] - slope[:-1] > 0) == ((x[1:] > g.p) & (x[:-1] < g.q))).float().mean() > 0.9999
+    assert ((slope > 0) == (x > g.m)).all()
+    l, u = _gelu_intervals(7)
+    (lo, hi), = G.interval([torch.stack((l, u))], [], {"approximate": "tanh" if "tanh" in g.name else "none"})
+    fx = g.f(_grid(l, u))
+    rounding = 1e-14 * (1 + torch.maximum(l.abs(), u.abs()))      # f's evaluation (1 + erf cancels)
+    assert (lo <= fx.amin(1) + rounding).all() and (hi >= fx.amax(1) - rounding).all()
+    spacing = (u - l) / 512
+    assert (lo >= fx.amin(1) - spacing ** 2 - 1e-11).all() and (hi <= fx.amax(1) + rounding).all()
+
+
+def test_gelu_tighter_than_ibp():
+    """CROWN's lines through one GELU layer beat its exact range (mean width, a random layer)."""
+    module = _mlp(nn.GELU(), 5, widths=(4, 16, 4))
+    x0 = torch.randn(1, 4, generator=torch.Generator().manual_seed(5))
+    widths = {}
+    for method in ("ibp", "crown"):
+        lb, ub = boundflow.compute_bounds(module, x0 - 0.5, x0 + 0.5, method=method)
+        widths[method] = (ub - lb).mean().item()
+    assert widths["crown"] < 0.7 * widths["ibp"], widths
+
+
+@settings(max_examples=2, deadline=None, derandomize=True)
+@given(st.sampled_from(["none", "tanh"]), st.integers(0, 2**16), st.sampled_from([0.05, 0.5, 3.0]))
+def test_gelu_mlp_sound(approximate, seed, eps):
+    module = _mlp(nn.GELU(approximate=approximate), seed)
+    x0 = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed))
+    assert_sound(module, module, x0 - eps, x0 + eps, seed)
+
+
+@pytest.mark.parametrize("approximate,opset", [("none", 17), ("none", 20), ("tanh", 20)])
+def test_gelu_onnx_export(approximate, opset, tmp_path):
+    """torch.onnx.export of nn.GELU: the erf pattern (opset 17) fuses to one gelu carrying its
+    constant's deviation; opset 20's Gelu maps directly. Forward equals onnxruntime, bounds sound."""
+    import warnings
+
+    module = _mlp(nn.GELU(approximate=approximate), 6)
+    x0 = torch.randn(1, 4, generator=torch.Generator().manual_seed(6))
+    path = str(tmp_path / "g.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x0,), path, dynamo=False, opset_version=opset)
+    graph, _ = boundflow.load_model(path)
+    gelus = [n for n in graph.nodes if n.op == "gelu"]
+    assert [n.op for n in graph.nodes] == ["linear", "gelu", "linear", "gelu", "linear"]
+    assert all(n.attrs["approximate"] == approximate for n in gelus)
+    assert all((n.attrs.get("deviation", 0) > 0) == (opset == 17) for n in gelus)
+    pts = _samples(x0 - 2, x0 + 2, 8, 6)
+    assert torch.allclose(evaluate(graph, pts.unsqueeze(1))[0].reshape(16, -1).double(), onnx_runner(path)(pts),
+                          rtol=1e-5, atol=1e-6)
+    assert_sound(path, module, x0 - 0.4, x0 + 0.4, 6, methods=("crown",))
+
+
+def test_gelu_onnx_forms_and_errors(tmp_path):
+    """Hand-made: 0.5 * x first, Mul by 1/sqrt(2); an Erf pattern whose middle value has another
+    reader is not fused (Erf is then unsupported); an unknown approximate is refused by name."""
+    from boundflow.errors import UnsupportedOpError
+
+    c = {"h": np.float32(1 / math.sqrt(2)), "one": np.float32(1.0), "half": np.float32(0.5)}
+    nodes = [helper.make_node("Mul", ["half", "x"], ["hx"]), helper.make_node("Mul", ["x", "h"], ["xs"]),
+             helper.make_node("Erf", ["xs"], ["e"]), helper.make_node("Add", ["one", "e"], ["ep"]),
+             helper.make_node("Mul", ["ep", "hx"], ["y"])]
+    path = onnx_file(nodes, c, [1, 3], [1, 3], tmp_path / "a.onnx")
+    graph, _ = boundflow.load_model(path)
+    assert [n.op for n in graph.nodes] == ["gelu"]
+    x = torch.randn(8, 1, 3, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.allclose(evaluate(graph, x)[0].reshape(8, -1).double(), onnx_runner(path)(x), rtol=1e-5, atol=1e-6)
+    leaky = nodes[:-1] + [helper.make_node("Mul", ["ep", "hx"], ["p"]), helper.make_node("Add", ["p", "e"], ["y"])]
+    with pytest.raises(UnsupportedOpError, match="Erf"):
+        boundflow.load_model(onnx_file(leaky, c, [1, 3], [1, 3], tmp_path / "b.onnx"))
+    from onnx import TensorProto
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3]) for n in "xy"]
+    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], approximate="fast")], "g", io[:1], io[1:])
+    bad = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    with pytest.raises(UnsupportedOpError, match="approximate='fast'"):
+        boundflow.load_model(bad)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_torch_frontend(approximate):
+    """torch.export's aten.gelu (approximate none / tanh) lowers to gelu; forward equals torch."""
+    module = _mlp(nn.GELU(approximate=approximate), 8)
+    x0 = torch.randn(1, 4, generator=torch.Generator().manual_seed(8))
+    graph, _ = boundflow.load_model(module, x0)
+    assert [n.attrs["approximate"] for n in graph.nodes if n.op == "gelu"] == [approximate] * 2
+    pts = _samples(x0 - 2, x0 + 2, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(evaluate(graph, pts.unsqueeze(1))[0].reshape(len(pts), -1), module(pts), atol=1e-6)
+    assert_sound(module, module, x0 - 0.3, x0 + 0.3, 8, methods=("alpha-crown",) if approximate == "tanh" else ("crown-ibp",))
