@@ -50,7 +50,7 @@ from boundflow.domains.rounding import Enclosed, unit_roundoff
 from boundflow.errors import ModelLoadError, UnsupportedOpError
 from boundflow.frontends.builder import Builder, Constant
 from boundflow.ir.primal import Graph, TensorType, Value
-from boundflow.ops import ONNX_LOWERINGS
+from boundflow.ops import ONNX_LOWERINGS, ONNX_REWRITES
 from boundflow.ops.shape import (onnx_flatten_shape, onnx_reshape_target, onnx_shape, onnx_squeeze_shape,
                                  onnx_unsqueeze_shape)
 
@@ -217,7 +217,7 @@ class _Importer(Builder):
 
     # -- driving -------------------------------------------------------------------------------
     def run(self) -> Graph:
-        for index, node in enumerate(self.proto.graph.node):
+        for index, node in enumerate(self._rewritten()):
             self.node, self.attrs, self.node_label = node, _attrs(node), _label(node, index)
             self._import_node(node)
         self.node = None
@@ -228,6 +228,18 @@ class _Importer(Builder):
         except ValueError as e:  # a lowering bug, not a user error; still fail loudly
             raise ModelLoadError(f"{self.source}: the lowered graph is inconsistent: {e}") from e
         return self.graph
+
+    def _rewritten(self) -> list[onnx.NodeProto]:
+        """The graph's nodes after the ops' rewrites (ONNX_REWRITES: fused patterns), which see
+        the initializers' and Constant nodes' values."""
+        nodes = list(self.proto.graph.node)
+        consts = dict(self.consts)
+        for n in nodes:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        for rewrite in ONNX_REWRITES:
+            nodes = rewrite(nodes, consts)
+        return nodes
 
     def _import_node(self, node: onnx.NodeProto) -> None:
         if node.domain not in ("", "ai.onnx"):

@@ -14,8 +14,8 @@ from boundflow.domains import bound as _bound
 from boundflow.domains import interval as _interval
 from boundflow.domains import linear as _linear
 from boundflow.domains import patches as _patches
-from boundflow.ops.registry import (ONNX_LOWERINGS, OPS, TORCH_LOWERINGS, Op, Relaxation, get, onnx_lowering, register,
-                                     torch_lowering)
+from boundflow.ops.registry import (ONNX_LOWERINGS, ONNX_REWRITES, OPS, TORCH_LOWERINGS, Op, Relaxation, get, onnx_lowering,
+                                     onnx_rewrite, register, torch_lowering)
 
 for _module in pkgutil.iter_modules(__path__):       # an op module registers its ops on import
     if _module.name != "registry":
@@ -31,4 +31,4 @@ for _op in OPS.values():
 ALIASING_KERNELS = frozenset({"bound.replace"} | _interval.ALIASING).union(*(op.aliasing for op in OPS.values()))
 
 __all__ = ["OPS", "Op", "Relaxation", "get", "register", "KERNELS", "ALIASING_KERNELS",
-           "ONNX_LOWERINGS", "TORCH_LOWERINGS", "onnx_lowering", "torch_lowering"]
+           "ONNX_LOWERINGS", "ONNX_REWRITES", "TORCH_LOWERINGS", "onnx_lowering", "onnx_rewrite", "torch_lowering"]

@@ -158,6 +158,9 @@ def get(name: str) -> Op:
 Lowering = Callable[..., Any]          # fn(builder) -> primal value name (or the frontend's entry)
 
 ONNX_LOWERINGS: dict[str, Lowering] = {}       # ONNX op type -> lowering
+# ONNX graph rewrites run before lowering, fn(nodes, constants {name: array}) -> nodes: they fuse
+# a pattern of several nodes into one op that has a lowering (erf-form GELU into Gelu)
+ONNX_REWRITES: list[Callable[[list, dict], list]] = []
 TORCH_LOWERINGS: dict[Any, Lowering] = {}      # torch.export target (an aten OpOverload) -> lowering
 # targets the torch frontend keeps whole instead of decomposing to core ATen (softplus, prelu:
 # their decompositions are where/log1p/exp chains no lowering could read back)
@@ -177,6 +180,12 @@ def _registrar(table: dict, keys: tuple) -> Callable[[Lowering], Lowering]:
 def onnx_lowering(*op_types: str) -> Callable[[Lowering], Lowering]:
     """Decorator: the function lowers these ONNX op types (nodes with a variable input)."""
     return _registrar(ONNX_LOWERINGS, op_types)
+
+
+def onnx_rewrite(fn: Callable[[list, dict], list]) -> Callable[[list, dict], list]:
+    """Decorator: the function rewrites the ONNX node list before lowering (ONNX_REWRITES)."""
+    ONNX_REWRITES.append(fn)
+    return fn
 
 
 def torch_lowering(*targets, keep_whole: bool = False) -> Callable[[Lowering], Lowering]:
