@@ -699,6 +699,78 @@ def op_dropout(b, x, pool):
     return outs[0]
 
 
+def _unary(op_type: str):
+    def make(b, x, pool):
+        return b.op(op_type, [x], b.shapes[x])
+    return make
+
+
+def op_exp(b, x, pool):
+    """exp of x clipped to [-4, 2]: nested exponentials stay far from float32 overflow."""
+    clipped = b.op("Clip", [x], b.shapes[x], min=-4.0, max=2.0) if b.opset < 11 else \
+        b.op("Clip", [x, b.init(b.float(-4.0), "min"), b.init(b.float(2.0), "max")], b.shapes[x])
+    return b.op("Exp", [clipped], b.shapes[x])
+
+
+def _positive(b, x) -> str:
+    """softplus(x) + 0.5 >= 0.5: an input inside the domain of log, sqrt, 1/x, x^0.5."""
+    sp = b.op("Softplus", [x], b.shapes[x])
+    return b.op("Add", [sp, b.init(b.float(0.5), "half")], b.shapes[x], "positive")
+
+
+def op_log(b, x, pool):
+    return b.op("Log", [_positive(b, x)], b.shapes[x])
+
+
+def op_reciprocal(b, x, pool):
+    return b.op("Reciprocal", [_positive(b, x)], b.shapes[x])
+
+
+def op_sqrt(b, x, pool):
+    return b.op("Sqrt", [_positive(b, x)], b.shapes[x])
+
+
+def op_pow(b, x, pool):
+    """x^2 or x^3 of any x, x^p (p = 0.5, 1.5, -1, -2) of a positive one."""
+    p = b.pick.choice([2.0, 3.0, 2.0, 0.5, 1.5, -1.0, -2.0])
+    base = x if p in (2.0, 3.0) else _positive(b, x)
+    return b.op("Pow", [base, b.init(b.float(p), "exponent")], b.shapes[x], f"p={p}")
+
+
+def op_leaky_relu(b, x, pool):
+    alpha = b.pick.choice([0.01, 0.1, 0.5, -0.3, 2.0])
+    attrs = {"alpha": alpha} if alpha != 0.01 or b.pick.bool() else {}
+    return b.op("LeakyRelu", [x], b.shapes[x], **attrs)
+
+
+def op_prelu(b, x, pool):
+    """A slope per channel (axis 1, broadcast from the right as ONNX wants) or one slope."""
+    s = b.shapes[x]
+    shape = (s[1],) + (1,) * (len(s) - 2) if len(s) >= 2 and b.pick.bool() else (1,)
+    # an initializer: a slope folded at import with a rounding error is refused (exact ones only)
+    return b.op("PRelu", [x, b.init(b.float(b.rng.uniform(-0.5, 1.5, size=shape)), "slope")], b.shapes[x])
+
+
+def op_extreme(b, x, pool):
+    """Min or Max of x and a broadcast constant (either order)."""
+    kind = b.pick.choice(["Min", "Max"])
+    c = b.const(_normal(b, _broadcast_shape(b, b.shapes[x]), 0.5), "bound")
+    inputs = [x, c] if b.pick.bool() else [c, x]
+    return b.op(kind, inputs, _bshape(b, x, c))
+
+
+def op_gelu(b, x, pool):
+    if b.opset < 20:
+        return None
+    attrs = {"approximate": b.pick.choice(["none", "tanh"])} if b.pick.bool() else {}
+    return b.op("Gelu", [x], b.shapes[x], **attrs)
+
+
+def op_square(b, x, pool):
+    """Mul(x, x): the square, not a product of two perturbed tensors."""
+    return b.op("Mul", [x, x], b.shapes[x], "square")
+
+
 def _any(s) -> bool:
     return True
 
@@ -730,7 +802,25 @@ OP_FUNCS = {
     "Transpose": (op_transpose, lambda s: len(s) >= 2),
     "Identity": (op_identity, _any),
     "Dropout": (op_dropout, _any),
+    "Exp": (op_exp, _any),
+    "Log": (op_log, _any),
+    "Reciprocal": (op_reciprocal, _any),
+    "Sqrt": (op_sqrt, _any),
+    "Pow": (op_pow, _any),
+    "Softplus": (_unary("Softplus"), _any),
+    "Square": (op_square, _any),
+    "LeakyRelu": (op_leaky_relu, _any),
+    "PRelu": (op_prelu, _any),
+    "Abs": (_unary("Abs"), _any),
+    "Sign": (_unary("Sign"), _any),
+    "MinMax": (op_extreme, _any),
+    "Sin": (_unary("Sin"), _any),
+    "Cos": (_unary("Cos"), _any),
+    "Gelu": (op_gelu, _any),
 }
+# the elementwise nonlinear ops (ops/convex.py, leaky_relu.py, sign.py, periodic.py, gelu.py)
+ELEMENTWISE = ("Exp", "Log", "Reciprocal", "Sqrt", "Pow", "Softplus", "Square", "LeakyRelu", "PRelu", "Abs",
+               "Sign", "MinMax", "Sin", "Cos", "Gelu")
 OPS = tuple(OP_FUNCS)
 
 # what follows a layer, when something does
@@ -752,7 +842,7 @@ FAMILIES = {
     # GlobalAveragePool, GlobalMaxPool; no Clip, which it lacks before opset 11)
     "double": dict(input_kinds=("vector", "flat", "rows", "rank3"), dtypes=("double",),
                    ops=tuple(op for op in OPS if op not in ("Conv", "AveragePool", "GlobalAveragePool",
-                                                            "GlobalMaxPool", "Clip")),
+                                                            "GlobalMaxPool", "Clip") + ELEMENTWISE),
                    favour=("Relu", "Gemm", "MatMul", "Add", "Sigmoid")),
 }
 

@@ -308,8 +308,11 @@ class _Lowering:
             em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": mode == "intersect"},
                     source=v)
         else:
+            # every neuron refined (pure CROWN, or the input of a relaxed op other than ReLU):
+            # outside "pure" the interval still cuts what CROWN leaves loose (a tangent of exp
+            # may reach below 0, where a log after it has no lines)
             crown = self.backward(v, onehot_index=None, alpha=self.method == "alpha-crown")
-            em.emit("bound.intersect" if mode == "intersect" else "bound.replace", [box, crown], [new], source=v)
+            em.emit("bound.replace" if mode == "pure" else "bound.intersect", [box, crown], [new], source=v)
         self.bounds[v] = new
         em.phase = "forward"
 
