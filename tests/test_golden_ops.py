@@ -12,7 +12,8 @@ import torch
 import boundflow
 from golden import load_fixture
 
-FIXTURES = ["sigmoid_tanh_mlp__eps0.1", "sigmoid_tanh_mlp__eps0.5", "maxpool_cnn__eps0.02", "maxpool_cnn__eps0.1"]
+FIXTURES = ["sigmoid_tanh_mlp__eps0.1", "sigmoid_tanh_mlp__eps0.5", "maxpool_cnn__eps0.02", "maxpool_cnn__eps0.1",
+            "convtranspose_net__eps0.02", "convtranspose_net__eps0.1"]
 METHODS = [("ibp", "IBP"), ("crown-ibp", "CROWN-IBP"), ("crown", "CROWN"), ("alpha-crown", "alpha-CROWN")]
 
 
