@@ -263,3 +263,156 @@ def test_verify_conv_transpose_net(tmp_path):
     x, y = res.counterexample
     y_ort = ort_run(onnx.load(str(path)), torch.tensor(np.asarray(x, np.float32)).reshape(1, 1, 1, 2, 2))[0]
     assert y_ort.item() >= reached - 0.01 and np.all((np.asarray(x) >= 0) & (np.asarray(x) <= 0.5))
+
+
+# -- selections and sums: forward = onnxruntime ------------------------------------------------------
+
+def ints(*v):
+    return np.array(v, dtype=np.int64)
+
+
+def node(op, inputs, outputs=("y",), **attrs):
+    return helper.make_node(op, list(inputs), list(outputs), **attrs)
+
+
+# (id, nodes, input shape, initializers, opset, outputs, primal ops wanted)
+FORWARD_CASES = [
+    ("reduce_sum_axes_input", [node("ReduceSum", ["x", "ax"], keepdims=0)], (1, 3, 4, 2), {"ax": ints(1, -1)}, 13,
+     ("y",), {"reduce_sum"}),
+    ("reduce_sum_all", [node("ReduceSum", ["x"])], (1, 3, 4), {}, 13, ("y",), {"reduce_sum"}),
+    ("reduce_sum_noop", [node("ReduceSum", ["x"], noop_with_empty_axes=1)], (1, 3), {}, 13, ("y",), set()),
+    ("reduce_sum_attr", [node("ReduceSum", ["x"], axes=[2], keepdims=1)], (1, 3, 4), {}, 11, ("y",), {"reduce_sum"}),
+    ("reduce_mean_attr", [node("ReduceMean", ["x"], axes=[2, 3])], (1, 3, 4, 5), {}, 17, ("y",), {"reduce_sum", "affine"}),
+    ("reduce_mean_input", [node("ReduceMean", ["x", "ax"], keepdims=0)], (1, 3, 4), {"ax": ints(-2)}, 18, ("y",),
+     {"reduce_sum", "affine"}),
+    ("slice_negative_step", [node("Slice", ["x", "s", "e", "a", "t"])], (1, 3, 5, 6),
+     {"s": ints(-1, 1), "e": ints(-100, 5), "a": ints(3, 2), "t": ints(-2, 3)}, 13, ("y",), {"select"}),
+    ("slice_clamped", [node("Slice", ["x", "s", "e"])], (1, 3, 5), {"s": ints(0, 1), "e": ints(9, 2**62)}, 13,
+     ("y",), {"select"}),
+    ("slice_attrs", [node("Slice", ["x"], starts=[1], ends=[-1], axes=[2])], (1, 3, 5), {}, 9, ("y",), {"select"}),
+    ("gather_scalar", [node("Gather", ["x", "i"], axis=1)], (1, 3, 4), {"i": np.array(-2, np.int64)}, 13, ("y",),
+     {"select", "reshape"}),
+    ("gather_repeats", [node("Gather", ["x", "i"], axis=2)], (1, 3, 4), {"i": ints(3, 0, 3)}, 13, ("y",), {"gather"}),
+    ("gather_2d", [node("Gather", ["x", "i"], axis=-1)], (1, 2, 4), {"i": ints(1, 0, 2, 3).reshape(2, 2)}, 13, ("y",),
+     {"select", "reshape"}),
+    ("split_input", [node("Split", ["x", "sp"], ["y", "z"], axis=1)], (1, 3, 4), {"sp": ints(1, 2)}, 13,
+     ("y", "z"), {"select"}),
+    ("split_attr", [node("Split", ["x"], ["y", "z"], axis=-1, split=[3, 1])], (1, 3, 4), {}, 11, ("y", "z"), {"select"}),
+    ("split_equal", [node("Split", ["x"], ["y", "z", "w"], axis=2, num_outputs=3)], (1, 2, 7), {}, 18, ("y", "z", "w"),
+     {"select"}),
+    ("pad_value", [node("Pad", ["x", "p", "v"])], (1, 2, 3, 3), {"p": ints(0, 1, 1, 0, 0, 0, 2, -1),
+                                                                 "v": np.float32(0.5)}, 13, ("y",), {"select", "affine"}),
+    ("pad_reflect", [node("Pad", ["x", "p"], mode="reflect")], (1, 2, 3, 4), {"p": ints(0, 0, 2, 3, 0, 0, 1, 0)}, 13,
+     ("y",), {"gather"}),
+    ("pad_edge_axes", [node("Pad", ["x", "p", "", "a"], mode="edge")], (1, 2, 3, 4),
+     {"p": ints(2, 1, 0, 3), "a": ints(-1, 1)}, 18, ("y",), {"gather"}),
+    ("pad_wrap", [node("Pad", ["x", "p"], mode="wrap")], (1, 2, 3), {"p": ints(0, 0, 2, 0, 0, 4)}, 19, ("y",), {"gather"}),
+    ("pad_opset9", [node("Pad", ["x"], pads=[0, 0, 1, 1, 0, 0, 1, 1], value=-1.0)], (1, 2, 3, 3), {}, 9, ("y",),
+     {"select", "affine"}),
+    ("expand", [node("Expand", ["x", "s"])], (1, 1, 3), {"s": ints(2, 4, 1)}, 13, ("y",), {"gather"}),
+    ("expand_rank", [node("Expand", ["x", "s"])], (1, 3), {"s": ints(2, 1, 1)}, 13, ("y",), {"gather", "reshape"}),
+    ("tile", [node("Tile", ["x", "r"])], (1, 2, 3), {"r": ints(1, 2, 3)}, 13, ("y",), {"gather"}),
+    ("resize_asymmetric_floor", [node("Resize", ["x", "", "sc"], coordinate_transformation_mode="asymmetric",
+                                      nearest_mode="floor")], (1, 2, 3, 3), {"sc": np.array([1, 1, 2, 3], np.float32)},
+     13, ("y",), {"gather"}),
+    ("resize_half_pixel", [node("Resize", ["x", "", "sc"], mode="nearest")], (1, 2, 3, 2),
+     {"sc": np.array([1, 1, 3, 2], np.float32)}, 13, ("y",), {"gather"}),
+    ("resize_sizes_ceil", [node("Resize", ["x", "", "", "sz"], mode="nearest", nearest_mode="round_prefer_ceil",
+                                coordinate_transformation_mode="pytorch_half_pixel")], (1, 2, 3, 2),
+     {"sz": ints(1, 2, 6, 8)}, 13, ("y",), {"gather"}),
+    ("resize_opset10", [node("Resize", ["x", "sc"], mode="nearest")], (1, 1, 2, 3),
+     {"sc": np.array([1, 1, 2, 2], np.float32)}, 10, ("y",), {"gather"}),
+    ("upsample_opset9", [node("Upsample", ["x", "sc"], mode="nearest")], (1, 1, 2, 3),
+     {"sc": np.array([1, 1, 3, 2], np.float32)}, 9, ("y",), {"gather"}),
+    ("cast_double", [node("Cast", ["x"], ["c"], to=TensorProto.DOUBLE), node("Cast", ["c"], to=TensorProto.FLOAT)],
+     (1, 3), {}, 13, ("y",), set()),
+]
+
+
+@pytest.mark.parametrize("nodes,in_shape,inits,opset,outputs,want", [c[1:] for c in FORWARD_CASES],
+                         ids=[c[0] for c in FORWARD_CASES])
+def test_forward_equals_onnxruntime(nodes, in_shape, inits, opset, outputs, want):
+    if outputs == ("y",) and not want:      # an identity: a graph output must be computed by a node
+        nodes = nodes + [node("Relu", ["y"], ["r"])]
+        outputs = ("r",)
+        want = {"relu"}
+    graph = assert_forward_equals_ort(model_of(nodes, in_shape, inits, opset, outputs))
+    assert {n.op for n in graph.nodes} == want
+
+
+# -- selections and sums: the rules ------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 5), st.lists(st.integers(-1, 4), min_size=1, max_size=7), st.integers(0, 2), st.integers(0, 2**16))
+def test_select_backward_is_the_adjoint(n, index, axis, seed):
+    """<backward(a), x> = <a, forward(x)> for any index list (repeats and zeros included)."""
+    from boundflow.ops import select
+    index = [i if i < n else -1 for i in index]
+    g = torch.Generator().manual_seed(seed)
+    in_shape = [2, 3, 2]
+    in_shape[axis] = n
+    x = torch.randn([1] + in_shape, generator=g, dtype=torch.float64)
+    attrs = {"axis": axis, "index": tuple(index), "in_shape": in_shape}
+    y = select.forward(x, attrs)
+    a = torch.randn((1, 3) + tuple(y.shape[1:]), generator=g, dtype=torch.float64)
+    ax, _ = select.backward([a, torch.zeros(1, 3, dtype=torch.float64)], [], attrs)
+    assert torch.allclose((ax * x.unsqueeze(1)).flatten(2).sum(-1), (a * y.unsqueeze(1)).flatten(2).sum(-1))
+    s = torch.stack((x - 1, x + 1))
+    assert torch.equal(select.interval([s], [], attrs)[0], torch.stack([select.forward(t, attrs) for t in s]))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.sets(st.integers(0, 2), min_size=1), st.booleans(), st.integers(0, 2**16))
+def test_reduce_sum_backward_is_the_adjoint(axes, keepdims, seed):
+    from boundflow.ops import reduce
+    g = torch.Generator().manual_seed(seed)
+    attrs = {"axes": tuple(sorted(axes)), "keepdims": keepdims, "in_shape": [2, 3, 4]}
+    x = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)
+    y = reduce.forward(x, attrs)
+    a = torch.randn((1, 3) + tuple(y.shape[1:]), generator=g, dtype=torch.float64)
+    ax, _ = reduce.backward([a, torch.zeros(1, 3, dtype=torch.float64)], [], attrs)
+    assert torch.allclose((ax * x.unsqueeze(1)).reshape(1, 3, -1).sum(-1), (a * y.unsqueeze(1)).reshape(1, 3, -1).sum(-1))
+
+
+# -- selections and sums: every method is sound in small nets with ReLUs -----------------------------
+
+def conv_front(rng, c_in=2, c_out=3):
+    """x -> Conv 2x2 (a mixing layer, so that the ReLUs after the op under test are unstable)."""
+    return [node("Conv", ["x", "cw", "cb"], ["c"])], {"cw": rand(rng, c_out, c_in, 2, 2), "cb": rand(rng, c_out)}
+
+
+SOUND_CASES = {
+    # Conv -> Pad(0.5) -> Relu -> Slice(negative steps) -> Gather(repeats) -> Relu -> ReduceMean -> head
+    "pad_slice_gather_mean": lambda rng: (
+        [node("Pad", ["c", "p", "v"], ["p1"]), node("Relu", ["p1"], ["r1"]),
+         node("Slice", ["r1", "s", "e", "a", "st"], ["s1"]), node("Gather", ["s1", "gi"], ["g1"], axis=1),
+         node("Sigmoid", ["g1"], ["q"]), node("ReduceMean", ["q", "ax"], ["t"], keepdims=0)],
+        {"p": ints(0, 0, 1, 0, 0, 0, 0, 2), "v": np.float32(0.5), "s": ints(-1, 0), "e": ints(-100, 9),
+         "a": ints(3, 2), "st": ints(-1, 2), "gi": ints(2, 0, 2), "ax": ints(2)}, 18),
+    # Conv -> Pad(reflect) -> Split -> Add of the parts -> Relu -> ReduceSum -> head
+    "reflect_split_sum": lambda rng: (
+        [node("Pad", ["c", "p"], ["p1"], mode="reflect"), node("Split", ["p1", "sp"], ["u", "w"], axis=3),
+         node("Add", ["u", "w"], ["a1"]), node("Relu", ["a1"], ["r1"]), node("ReduceSum", ["r1", "ax"], ["t"])],
+        {"p": ints(0, 0, 1, 1, 0, 0, 0, 0), "sp": ints(2, 2), "ax": ints(1)}, 13),
+    # Conv -> Resize(nearest) -> Relu -> Tile -> Expand -> Relu -> head
+    "resize_tile_expand": lambda rng: (
+        [node("Resize", ["c", "", "sc"], ["z"], mode="nearest"), node("Relu", ["z"], ["r1"]),
+         node("Tile", ["r1", "rep"], ["t1"]), node("Mul", ["t1", "m"], ["t2"]), node("ReduceSum", ["t2", "ax"], ["s2"], keepdims=1),
+         node("Expand", ["s2", "sh"], ["t"])],
+        {"sc": np.array([1, 1, 2, 2], np.float32), "rep": ints(1, 2, 1, 1), "m": rand(rng, 1, 6, 1, 6),
+         "ax": ints(2), "sh": ints(1, 6, 3, 6)}, 13),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOUND_CASES))
+def test_structural_nets_are_sound(name):
+    rng = np.random.default_rng(5)
+    front, front_inits = conv_front(rng)
+    nodes, inits, opset = SOUND_CASES[name](rng)
+    in_shape = (1, 2, 4, 4)
+    probe = model_of(front + nodes, in_shape, {**front_inits, **inits}, opset, ("t",))
+    numel = int(np.prod([d.dim_value for d in probe.graph.output[0].type.tensor_type.shape.dim]))
+    head, head_inits = relu_head("t", 3, rng, numel)
+    model = model_of(front + nodes + head, in_shape, {**front_inits, **inits, **head_inits}, opset)
+    assert_forward_equals_ort(model)
+    assert_onnx_sound(model, eps=0.3)

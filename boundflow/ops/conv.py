@@ -1,7 +1,8 @@
 """conv2d over the last three axes: inputs (x [..., C, H, W], W [co, ci/g, kh, kw], b [co]?),
 attrs stride, padding (top, left, bottom, right), dilation, groups. Also its patch rules (A as
-receptive-field windows, domains/patches.py). Frontends lower convolutions, average pooling
-(a depthwise conv2d with weights 1 / window size) and zero padding to it."""
+receptive-field windows, domains/patches.py). Frontends lower convolutions and average pooling
+(a depthwise conv2d with weights 1 / window size) to it, and a zero pad in front of one into
+its padding. conv_transpose2d, its adjoint, is here too (ConvTranspose)."""
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons
 from boundflow.domains.rounding import Enclosed, down, magnitude, up
+from boundflow.ops import select
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -258,7 +260,7 @@ def average_pool(b: Builder, x: str, kernel, stride, padding, dilation=(1, 1), d
 class ZeroPad:
     """Zero padding of the last two axes of `src`, not emitted yet: a conv2d or average pool that
     reads it takes it into its own padding (that is how torch decomposes padding='same' with
-    even kernels); any other reader needs it as a node (pad_as_conv)."""
+    even kernels); any other reader needs it as a node (materialise)."""
     src: str
     pads: tuple[int, int, int, int]       # (top, left, bottom, right), conv2d's order
     shape: tuple[int, ...]                # of the padded tensor
@@ -270,15 +272,12 @@ def zero_pad(b: Builder, x: str, pads: tuple[int, int, int, int]) -> ZeroPad:
     return ZeroPad(x, tuple(pads), xs[:-2] + (xs[-2] + top + bottom, xs[-1] + left + right))
 
 
-def pad_as_conv(b: Builder, pad: ZeroPad, out: str | None) -> str:
-    """A zero pad as an identity depthwise conv2d with that padding."""
-    shape = b.shape(pad.src)
-    if len(shape) < 3:
-        b.unsupported(f"zero padding of a rank-{len(shape)} tensor is only supported when a conv2d / average "
-                      f"pool consumes it")
-    channels = shape[-3]
-    w = b.constant(b.literal(np.ones((channels, 1, 1, 1))), "pad_identity", weight=True)
-    return b.emit("conv2d", [pad.src, w], _conv_attrs((1, 1), pad.pads, (1, 1), channels), out=out)
+def materialise(b: Builder, pad: ZeroPad, out: str | None) -> str:
+    """A zero pad no conv2d took in, as a node of its own (a selection with zeros)."""
+    top, left, bottom, right = pad.pads
+    rank = len(b.shape(pad.src))
+    before, after = [0] * (rank - 2) + [top, left], [0] * (rank - 2) + [bottom, right]
+    return select.pad(b, pad.src, before, after, out=out)
 
 
 def _same_pads(auto_pad: str, in_hw, kernel, strides, dilations) -> tuple[int, int, int, int]:
@@ -390,34 +389,6 @@ def _onnx_global_average_pool(b) -> str:
     return average_pool(b, x, xs[-2:], (1, 1), (0, 0, 0, 0))
 
 
-@onnx_lowering("Pad")
-def _onnx_pad(b) -> str:
-    """Zero padding of H and W (torch exports it before pooling), emitted at once (ONNX has no
-    pending values)."""
-    x = b.var(b.input(0))
-    xs = b.shape(x)
-    if b.attr("mode", "constant") != "constant":
-        b.unsupported(f"mode {b.attr('mode')!r} (only constant zero padding is supported)")
-    if b.attr("pads") is not None:  # opset < 11
-        pads, value = list(b.attr("pads")), float(b.attr("value", 0.0))
-    else:
-        pads = [int(p) for p in b.array(b.input(1), "pads").reshape(-1)]
-        value = 0.0 if b.input(2) is None else float(b.array(b.input(2), "constant_value").reshape(-1)[0])
-    rank = len(xs)
-    axes = list(range(rank))
-    if b.input(3) is not None:  # opset >= 18: pads only for these axes
-        axes = [b.axis(int(a), rank) for a in b.array(b.input(3), "axes").reshape(-1)]
-    begin, end = [0] * rank, [0] * rank
-    for k, a in enumerate(axes):
-        begin[a], end[a] = pads[k], pads[k + len(axes)]
-    if not any(begin + end):
-        return x
-    if value != 0.0 or rank != 4 or any(begin[:2] + end[:2]) or min(begin + end) < 0:
-        b.unsupported("only non-negative zero padding of the last two axes of an [N, C, H, W] tensor "
-                      "is supported")
-    return pad_as_conv(b, zero_pad(b, x, (begin[2], begin[3], end[2], end[3])), b.output)
-
-
 def _pair(v) -> tuple[int, int]:
     v = list(v) if isinstance(v, (list, tuple)) else [v]
     return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
@@ -446,17 +417,15 @@ def _torch_convolution(b) -> str:
 
 
 @torch_lowering(aten.constant_pad_nd.default)
-def _torch_constant_pad_nd(b) -> ZeroPad:
+def _torch_constant_pad_nd(b) -> ZeroPad | str:
+    """A zero pad of the last two axes stays pending (a conv2d may take it in); any other
+    constant pad is a node at once."""
     x = b.var(b.arg(0))
-    pad = [int(p) for p in b.arg(1)]
+    widths = [int(p) for p in b.arg(1)]
     value = float(b.arg(2, "value", 0.0))
-    if value != 0.0:
-        b.unsupported(f"padding with value {value} (only zero padding)")
-    if len(pad) > 4 or len(pad) % 2 or any(p < 0 for p in pad):
-        b.unsupported(f"padding {pad}: only non-negative zero padding of the last two axes")
-    if len(b.shape(x)) < 2:
-        b.unsupported("padding a tensor of rank < 2")
-    left, right, top, bottom = pad + [0] * (4 - len(pad))
+    if value != 0.0 or len(widths) > 4 or len(widths) % 2 or min(widths, default=0) < 0 or len(b.shape(x)) < 2:
+        return select.torch_pad(b, x, widths, "constant", value)
+    left, right, top, bottom = widths + [0] * (4 - len(widths))
     return zero_pad(b, x, (top, left, bottom, right))
 
 
