@@ -210,15 +210,13 @@ def test_conv_transpose_in_a_conv_chain_keeps_the_patch_bounds():
     assert [n.op for n in graph.nodes][:4] == ["conv2d", "relu", "conv_transpose2d", "relu"]
 
 
-@pytest.mark.parametrize("module", [
-    nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
-    nn.ConvTranspose2d(2, 4, (2, 3), stride=(1, 2), dilation=(2, 1), groups=2, bias=False),
-], ids=["stride2", "groups_dilation"])
-def test_conv_transpose_torch_frontend(module):
+def test_conv_transpose_torch_frontend():
     torch.manual_seed(0)
-    net = nn.Sequential(module, nn.ReLU(), nn.Flatten())
-    graph = assert_torch_lowering(net, (1, 2, 3, 3))
-    assert "conv_transpose2d" in [n.op for n in graph.nodes]
+    net = nn.Sequential(nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(4, 2, (2, 3), stride=(1, 2), dilation=(2, 1), groups=2, bias=False),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(108, 2))
+    graph = assert_torch_lowering(net, (1, 2, 2, 2), eps=0.2)
+    assert [n.op for n in graph.nodes].count("conv_transpose2d") == 2
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -416,3 +414,74 @@ def test_structural_nets_are_sound(name):
     model = model_of(front + nodes + head, in_shape, {**front_inits, **inits, **head_inits}, opset)
     assert_forward_equals_ort(model)
     assert_onnx_sound(model, eps=0.3)
+
+
+# -- selections and sums: the torch frontend ---------------------------------------------------------
+
+class SliceMix(nn.Module):
+    """reflect pad, fancy indexing, strided and negative slices, flip, repeat, sum."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 2), nn.Linear(9, 2)
+
+    def forward(self, x):
+        h = torch.relu(F.pad(self.conv(x), (1, 0, 0, 1), mode="reflect"))
+        h = torch.flip(h[:, [2, 0, 2], ::2, -3:], [3]).repeat(1, 1, 2, 1)
+        return self.fc(torch.relu(h).sum(2).flatten(1) - 0.5)
+
+
+class ResizeMix(nn.Module):
+    """nearest upsampling (plain and exact), replicate and valued constant pads, split, select,
+    mean, expand."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 2, 2), nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = F.interpolate(self.conv(x), scale_factor=2, mode="nearest")
+        h = F.pad(torch.relu(F.interpolate(h, scale_factor=(1, 2), mode="nearest-exact")), (0, 2, 1, 0), value=0.5)
+        h = F.pad(h, (1, 1, 0, 0), mode="replicate")
+        a, b = torch.split(h, [1, 1], dim=1)
+        h = torch.relu(a + b - 1.0)[:, 0].mean(-1, keepdim=True)            # [1, 5, 1]
+        return self.fc(torch.cat([h.expand(-1, 5, 2).flatten(1), h[:, :2, 0]], 1))
+
+
+@pytest.mark.parametrize("module", [SliceMix, ResizeMix])
+def test_torch_frontend_structural(module):
+    torch.manual_seed(0)
+    graph = assert_torch_lowering(module(), (1, 2, 3, 3))
+    assert {"select", "gather", "reduce_sum"} & {n.op for n in graph.nodes}
+
+
+# -- refused, by name ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodes,inits,opset,match", [
+    ([node("Resize", ["x", "", "sc"], name="r", mode="linear")], {"sc": np.array([1, 1, 2, 2], np.float32)}, 13,
+     "Resize node 'r'.*mode 'linear'"),
+    ([node("Resize", ["x", "", "sc"], name="r", mode="nearest")], {"sc": np.array([1, 1, 1.5, 2], np.float32)}, 13,
+     "Resize node 'r'.*integer"),
+    ([node("Resize", ["x", "", "sc"], name="r", coordinate_transformation_mode="align_corners")],
+     {"sc": np.array([1, 1, 2, 2], np.float32)}, 13, "Resize node 'r'.*align_corners"),
+    ([node("Cast", ["x"], ["h"], name="c", to=TensorProto.FLOAT16), node("Cast", ["h"], to=TensorProto.FLOAT)], {}, 13,
+     "Cast node 'c'.*FLOAT16"),
+    ([node("Pad", ["x", "p"], name="p", mode="reflect")], {"p": ints(0, 0, 0, 3, 0, 0, 0, 0)}, 13,
+     "Pad node 'p'.*reflect padding by 3"),
+    ([node("Shape", ["x"], ["s"]), node("Gather", ["x", "s"], name="g", axis=1)], {}, 13, None),
+])
+def test_unsupported_attributes_are_refused(nodes, inits, opset, match):
+    model = model_of(nodes, (1, 2, 3, 3), inits, opset)
+    with pytest.raises(UnsupportedOpError, match=match or "Gather node 'g'.*out of range"):
+        load_onnx(model)
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda x: x.half().float(), "float16"),
+    (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), "upsample_bilinear2d"),
+    (lambda x: F.pad(x, (1, 1, 0, 0), mode="circular"), "not supported"),
+])
+def test_torch_unsupported(fn, match):
+    class M(nn.Module):
+        def forward(self, x):
+            return fn(x)
+    with pytest.raises(UnsupportedOpError, match=match):
+        load_torch(M(), torch.randn(1, 2, 3, 3))
