@@ -10,13 +10,13 @@ ops.Relaxation) is bounded by lines computed from its input's interval.
              start from refined bounds
   alpha-crown  as crown, but every backward pass reads the relaxations' parameters (the ReLU's
              lower slopes, sigmoid's tangent points) from module inputs
-             "alpha:<target>:<relaxed input>" ([params?, B, rows of A, *shape]), which an
+             "alpha:<target>:<relaxed op's output>" ([B, params?, rows of A, *shape]), which an
              optimiser tunes (boundflow.verify.alpha), as auto_LiRPA does: one set per (relaxed
              op, bounded value) pair, intermediate bounds recomputed with theirs
   beta-crown (for branch and bound on ReLU splits; not a user method) one CROWN backward pass
              for the output from intermediate bounds given as inputs "interm:<relu input>"
              ([2, B, *shape], already clamped by the domain's splits), with slopes
-             "alpha:<output>:<relu input>" and signed split multipliers
+             "alpha:<output>:<relaxed op's output>" and signed split multipliers
              "beta:<output>:<relu input>" (boundflow.verify.relu_bab); lower bounds only
              (the upper bounds come out as +inf)
 
@@ -95,12 +95,18 @@ class _Emitter:
         self.out.phases.append(self.phase)
 
 
+def relaxed_nodes(graph: Graph, splitting: bool = False) -> list[Node]:
+    """Every relaxed op (ops.Relaxation) of `graph`, in node order; with `splitting`, only the
+    ops ReLU branch and bound splits (Relaxation.splits_at_zero)."""
+    return [n for n in graph.nodes if ops.get(n.op).relaxation is not None and
+            (not splitting or ops.get(n.op).relaxation.splits_at_zero)]
+
+
 def relaxed_inputs(graph: Graph, splitting: bool = False) -> list[str]:
-    """The input value of every relaxed op (ops.Relaxation) of `graph`, once each, in node
-    order: what beta-crown plans read intermediate bounds (and slopes) of; with `splitting`,
-    only of the ops ReLU branch and bound splits (Relaxation.splits_at_zero)."""
-    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if ops.get(n.op).relaxation is not None and
-                              (not splitting or ops.get(n.op).relaxation.splits_at_zero)))
+    """The input value of every relaxed op, once each, in node order: what beta-crown plans
+    read intermediate bounds of (their slopes are per op: "alpha:<target>:<op output>"), and
+    with `splitting` the neurons ReLU branch and bound splits."""
+    return list(dict.fromkeys(n.inputs[0] for n in relaxed_nodes(graph, splitting)))
 
 
 def _unit_lead(shape) -> bool:
@@ -376,7 +382,7 @@ class _Lowering:
             new_a, new_bias = a_buf(relu.inputs[0]), bias_buf()
             ins = [a, bias, self.relax[relu.outputs[0]]]
             if alpha:                     # one slope per row and window position, as A
-                role = f"alpha:{target}:{relu.inputs[0]}"
+                role = f"alpha:{target}:{relu.outputs[0]}"
                 em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(window), role="input",
                                                 dynamic_axis=dynamic)
                 ins.append(em.out.inputs[role])
@@ -485,15 +491,17 @@ class _Lowering:
                     relaxation = op.relaxation
                     split = self.method == SPLIT_METHOD and relaxation.splits_at_zero
                     for kind in ("alpha", "beta") if split else ("alpha",):
-                        role = f"{kind}:{target}:{node.inputs[0]}"
-                        # alpha: the relaxation's parameters per row and neuron of its lines;
-                        # beta: a split multiplier per row and input neuron
+                        # alpha: the relaxation's parameters per row and neuron of its lines
+                        # (per op); beta: a split multiplier per row and input neuron (per
+                        # input: two ReLUs of one value share its splits)
+                        role = f"alpha:{target}:{out}" if kind == "alpha" else f"beta:{target}:{node.inputs[0]}"
                         per_row = relaxation.param_count(g, node) if kind == "alpha" else 1
                         lead = (per_row,) if per_row > 1 else ()
                         shape = relaxation.shape(g, node)[1:] if kind == "alpha" else self.shape(node.inputs[0])
-                        em.out.inputs[role] = em.buffer(    # the region axis first (optimisers batch on it)
-                            role, (B,) + lead + (rows2,) + tuple(shape), role="input",
-                            dynamic_axis=None if dynamic is None else dynamic + len(lead))
+                        if role not in em.out.inputs:     # the region axis first (optimisers batch on it)
+                            em.out.inputs[role] = em.buffer(
+                                role, (B,) + lead + (rows2,) + tuple(shape), role="input",
+                                dynamic_axis=None if dynamic is None else dynamic + len(lead))
                         ins.append(em.out.inputs[role])
                     kernel = f"linear.{node.op}_alpha"
             if out in self.errors:             # sound_fp: the op's error vector widens the bias
