@@ -485,3 +485,13 @@ def test_torch_unsupported(fn, match):
             return fn(x)
     with pytest.raises(UnsupportedOpError, match=match):
         load_torch(M(), torch.randn(1, 2, 3, 3))
+
+
+def test_conv_transpose_dense_start_on_a_leading_axis():
+    """A biased ConvTranspose on [N > 1, C, H, W] refined by CROWN from its dense matrix (the
+    fuzzer's find: the bias must cover every leading entry)."""
+    rng = np.random.default_rng(2)
+    nodes = [node("Relu", ["x"], ["r"]), node("ConvTranspose", ["r", "w", "b"], ["t"], strides=[2, 1])]
+    head, head_inits = relu_head("t", 1, rng, 9)
+    model = model_of(nodes + head, (2, 1, 5, 1), {"w": rand(rng, 1, 1, 1, 1), "b": rand(rng, 1), **head_inits})
+    assert_onnx_sound(model, eps=0.5, methods=("crown",))

@@ -84,19 +84,23 @@ def backward(ins, ps, attrs):
     return x.reshape(lead + (c_in, h, wd)), new_bias
 
 
-def matrix(graph, node, dtype, max_bytes):
-    """The conv as a dense matrix [out numel, in numel] and its bias per output element, when it
-    takes at most max_bytes: its own backward rule run on the identity (each entry is one
-    weight, exactly)."""
+def dense_matrix(rule, graph, node, dtype, max_bytes):
+    """A conv-like op as a dense matrix [out numel, in numel] and its bias per output element,
+    when it takes at most max_bytes: its own backward `rule` run on the identity (each entry is
+    one weight, exactly)."""
     out_shape, in_shape = graph.shape(node.outputs[0]), graph.shape(node.inputs[0])
     n_out, n_in = math.prod(out_shape), math.prod(in_shape)
     if 4 * n_out * n_in > max_bytes:
         return None
     w, b = [None if t is None else t.to(dtype) for t in backward_params(graph, node)]
     eye = torch.eye(n_out, dtype=dtype).reshape((1, n_out) + tuple(out_shape))
-    rows, _ = backward([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None], dict(node.attrs, in_shape=list(in_shape)))
+    rows, _ = rule([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None], dict(node.attrs, in_shape=list(in_shape)))
     bias = torch.zeros(out_shape, dtype=dtype) if b is None else b.reshape(-1, 1, 1).expand(tuple(out_shape))
     return rows.reshape(n_out, -1), bias.reshape(-1)
+
+
+def matrix(graph, node, dtype, max_bytes):
+    return dense_matrix(backward, graph, node, dtype, max_bytes)
 
 
 def fp_params(graph, node, dtype):
@@ -199,16 +203,7 @@ def transpose_backward(ins, ps, attrs):
 
 
 def transpose_matrix(graph, node, dtype, max_bytes):
-    """The dense matrix of the op (as conv2d's `matrix`), by its backward rule on the identity."""
-    out_shape, in_shape = graph.shape(node.outputs[0]), graph.shape(node.inputs[0])
-    n_out, n_in = math.prod(out_shape), math.prod(in_shape)
-    if 4 * n_out * n_in > max_bytes:
-        return None
-    w, b = [None if t is None else t.to(dtype) for t in backward_params(graph, node)]
-    eye = torch.eye(n_out, dtype=dtype).reshape((1, n_out) + tuple(out_shape))
-    rows, _ = transpose_backward([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None], node.attrs)
-    bias = torch.zeros(out_shape, dtype=dtype) if b is None else b.reshape(-1, 1, 1).expand(out_shape[-3:]).reshape(out_shape)
-    return rows.reshape(n_out, -1), bias.reshape(-1)
+    return dense_matrix(transpose_backward, graph, node, dtype, max_bytes)
 
 
 def transpose_fp_params(graph, node, dtype):
