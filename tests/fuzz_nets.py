@@ -29,7 +29,7 @@ Op variants (OPS):
   AveragePool    kernel, strides, pads (count_include_pad), ceil_mode where exact, auto_pad,
                  dilations (opset >= 19)
   GlobalAveragePool
-  Pad            zero padding of H and W: attribute (opset 10), input (11+), with the axes
+  Pad            padding of H and W: attribute (opset 10), input (11+), with the axes
                  input (18+), mode / constant_value given or not, all-zero pads
   Flatten        any axis, negative too (11+)
   Reshape        targets with 0 and -1, allowzero (14+); the target from an initializer, a
@@ -40,6 +40,16 @@ Op variants (OPS):
   Transpose      random perm, or none (reverse)
   Concat         two or three variables along any axis (negative too), also x with itself
   Identity, Dropout (ratio / training_mode inputs, mask output)
+  ConvTranspose  kernel 1..3, strides, dilations, pads, output_padding, groups, bias or none
+  ReduceSum, ReduceMean  axes (attribute or input by opset, negative too) or none, keepdims
+  Slice          several axes, negative starts / ends / steps, clamped ends
+  Gather         a scalar or 1-D constant index (negative, repeated)
+  Split          two parts: split attribute / input, or num_outputs (18+)
+  Pad            also valued constant, reflect, edge and wrap (19+) padding
+  Expand, Tile   size-1 axes broadcast and new leading axes; repeats per axis
+  Resize         nearest, integer scales or sizes, every coordinate transform and rounding
+                 of nearest_mode but align_corners
+  Cast           to the network's own float type
 Constants (weights, biases, shifts) are sometimes constant subgraphs the importer folds:
 Constant, Neg, Add, Sub, Mul, Div, Transpose, Reshape, Slice, Cast (from float16), Concat,
 Unsqueeze, Squeeze, Flatten, MatMul, Gemm, Relu, Sqrt, ConstantOfShape, Identity, Dropout
@@ -549,23 +559,27 @@ def op_pad(b, x, pool):
     if n * c * (h + hw[0] + hw[2]) * (w + hw[1] + hw[3]) > MAX_NUMEL:
         return None
     pads = [0, 0, hw[0], hw[1], 0, 0, hw[2], hw[3]]
-    attrs = {"mode": "constant"} if b.pick.bool() else {}
+    mode = b.pick.choice(["constant", "constant", "reflect", "edge"] + (["wrap"] if b.opset >= 19 else []))
+    if mode == "reflect" and (max(hw[0], hw[2]) > h - 1 or max(hw[1], hw[3]) > w - 1):
+        mode = "edge"                        # reflection reaches at most the far edge
+    value = 0.0 if mode != "constant" or b.pick.bool() else float(b.pick.choice([0.5, -1.0]))
+    attrs = {"mode": mode} if mode != "constant" or b.pick.bool() else {}
     shape = (n, c, h + hw[0] + hw[2], w + hw[1] + hw[3])
     if b.opset < 11:
-        if b.pick.bool():
-            attrs["value"] = 0.0
+        if value or b.pick.bool():
+            attrs["value"] = value
         return b.op("Pad", [x], shape, pads=pads, **attrs)
     inputs = [x]
     if b.opset >= 18 and b.pick.bool():
         axes = b.pick.choice([[2, 3], [-2, -1], [3, 2]])
         order = {2: (hw[0], hw[2]), 3: (hw[1], hw[3]), -2: (hw[0], hw[2]), -1: (hw[1], hw[3])}
         pads_in = [order[a][0] for a in axes] + [order[a][1] for a in axes]
-        inputs += [b.ints(pads_in), b.init(b.float(0), "pad_value") if b.pick.bool() else "",
+        inputs += [b.ints(pads_in), b.init(b.float(value), "pad_value") if value or b.pick.bool() else "",
                    b.ints(axes)]
     else:
         inputs.append(b.ints(pads))
-        if b.pick.bool():
-            inputs.append(b.init(b.float(0), "pad_value"))
+        if value or b.pick.bool():
+            inputs.append(b.init(b.float(value), "pad_value"))
     return b.op("Pad", inputs, shape, **attrs)
 
 
@@ -771,6 +785,165 @@ def op_square(b, x, pool):
     return b.op("Mul", [x, x], b.shapes[x], "square")
 
 
+# -- linear structural ops (boundflow/ops/select.py, reduce.py, conv.py's conv_transpose2d) ----------
+
+def op_conv_transpose(b, x, pool):
+    n, c, h, w = b.shapes[x]
+    groups = b.pick.choice([g for g in (1, 1, 2, c) if c % g == 0])
+    co = groups * b.pick.int(1, max(1, 4 // groups))
+    kernel = (b.pick.int(1, 3), b.pick.int(1, 3))
+    strides = (b.pick.int(1, 2), b.pick.int(1, 2))
+    dil = (b.pick.int(1, 2), b.pick.int(1, 2)) if b.pick.int(0, 3) == 0 else (1, 1)
+    reach = [d * (k - 1) for k, d in zip(kernel, dil)]
+    pads = [b.pick.int(0, reach[0]), b.pick.int(0, reach[1]), b.pick.int(0, reach[0]), b.pick.int(0, reach[1])]
+    out_pad = [b.pick.int(0, s - 1) for s in strides]       # onnxruntime: below the stride
+    out = [(m - 1) * s + r + 1 + o - p0 - p1 for m, s, r, o, p0, p1 in zip((h, w), strides, reach, out_pad, pads[:2],
+                                                                          pads[2:])]
+    if min(out) < 1 or n * co * out[0] * out[1] > MAX_NUMEL:
+        return None
+    fan_in = (c // groups) * kernel[0] * kernel[1]
+    inputs = [x, b.const(_normal(b, (c, co // groups) + kernel, 1 / math.sqrt(fan_in)))]
+    if b.pick.bool():
+        inputs.append(b.const(_normal(b, (co,), 0.3), "bias"))
+    attrs = {"strides": list(strides), "pads": pads}
+    if dil != (1, 1):
+        attrs["dilations"] = list(dil)
+    if any(out_pad):
+        attrs["output_padding"] = out_pad
+    if groups != 1:
+        attrs["group"] = groups
+    return b.op("ConvTranspose", inputs, (n, co, out[0], out[1]), **attrs)
+
+
+def _reduce_axes(b, s) -> list[int]:
+    axes = sorted({b.pick.int(0, len(s) - 1) for _ in range(b.pick.int(1, len(s)))})
+    return [a - len(s) if b.pick.bool() else a for a in axes]
+
+
+def op_reduce(b, x, pool, op: str, input_from: int):
+    s = b.shapes[x]
+    keep = b.pick.bool()
+    axes = _reduce_axes(b, s) if b.pick.int(0, 3) else None
+    dims = set(range(len(s))) if axes is None else {a % len(s) for a in axes}
+    shape = tuple(1 if i in dims else d for i, d in enumerate(s) if keep or i not in dims)
+    if not shape:
+        return None
+    attrs = {} if keep and b.pick.bool() else {"keepdims": int(keep)}
+    if axes is None:
+        return b.op(op, [x], shape, **attrs)
+    if b.opset >= input_from:
+        return b.op(op, [x, b.ints(axes)], shape, **attrs)
+    return b.op(op, [x], shape, axes=axes, **attrs)
+
+
+def op_reduce_sum(b, x, pool):
+    return op_reduce(b, x, pool, "ReduceSum", 13)
+
+
+def op_reduce_mean(b, x, pool):
+    return op_reduce(b, x, pool, "ReduceMean", 18)
+
+
+def op_slice(b, x, pool):
+    s = b.shapes[x]
+    axes = sorted({b.pick.int(0, len(s) - 1) for _ in range(b.pick.int(1, len(s)))})
+    starts, ends, steps, shape = [], [], [], list(s)
+    for a in axes:
+        step = b.pick.choice([1, 1, 2, -1, -2])
+        start, end = b.pick.int(-s[a] - 1, s[a] + 1), b.pick.choice([b.pick.int(-s[a] - 1, s[a] + 1), 2**31, -2**31])
+        length = len(range(*slice(start, end, step).indices(s[a])))
+        if length == 0:
+            return None
+        starts.append(start), ends.append(end), steps.append(step)
+        shape[a] = length
+    inputs = [x, b.ints(starts), b.ints(ends), b.ints([a - len(s) if b.pick.bool() else a for a in axes])]
+    if any(t != 1 for t in steps) or b.pick.bool():
+        inputs.append(b.ints(steps))
+    return b.op("Slice", inputs, tuple(shape))
+
+
+def op_gather(b, x, pool):
+    s = b.shapes[x]
+    axis = b.pick.int(0, len(s) - 1)
+    if b.pick.int(0, 2) == 0:
+        index = np.asarray(b.pick.int(-s[axis], s[axis] - 1), dtype=np.int64)
+        if len(s) == 1:
+            return None
+    else:
+        index = np.asarray([b.pick.int(-s[axis], s[axis] - 1) for _ in range(b.pick.int(1, 4))], dtype=np.int64)
+    shape = tuple(s[:axis]) + index.shape + tuple(s[axis + 1:])
+    if _numel(shape) > MAX_NUMEL:
+        return None
+    return b.op("Gather", [x, b.init(index, "idx")], shape, axis=axis - len(s) if b.pick.bool() else axis)
+
+
+def op_split(b, x, pool):
+    s = b.shapes[x]
+    axis = b.pick.int(0, len(s) - 1)
+    if s[axis] < 2:
+        return None
+    cut = b.pick.int(1, s[axis] - 1)
+    sizes = [cut, s[axis] - cut]
+    attrs = {"axis": axis}
+    if b.opset < 13:
+        inputs, attrs["split"] = [x], sizes
+    elif b.opset >= 18 and b.pick.bool():
+        inputs, attrs["num_outputs"] = [x], 2
+        sizes = [-(-s[axis] // 2), s[axis] - -(-s[axis] // 2)]
+    else:
+        inputs = [x, b.ints(sizes)]
+    outs = b.node("Split", inputs, n_out=2, **attrs)
+    for o, size in zip(outs, sizes):
+        b.shapes[o] = tuple(size if i == axis else d for i, d in enumerate(s))
+        b.var_ops.append("Split")
+    b.lines.append(f"{', '.join(outs)} = Split({', '.join(inputs)}) {attrs}")
+    pool.append(outs[1])
+    return outs[0]
+
+
+def op_expand(b, x, pool):
+    s = b.shapes[x]
+    target = [d if d != 1 or b.pick.bool() else b.pick.int(2, 3) for d in s]
+    target = [1] * b.pick.int(0, 4 - len(s)) + target if len(s) < 4 else target
+    spec = [1 if d == t and b.pick.int(0, 2) == 0 else t for d, t in zip((1,) * (len(target) - len(s)) + s, target)]
+    if _numel(target) > MAX_NUMEL:
+        return None
+    return b.op("Expand", [x, b.ints(spec)], tuple(target))
+
+
+def op_tile(b, x, pool):
+    s = b.shapes[x]
+    repeats = [b.pick.choice([1, 1, 2, 3]) for _ in s]
+    shape = tuple(d * r for d, r in zip(s, repeats))
+    if _numel(shape) > MAX_NUMEL:
+        return None
+    return b.op("Tile", [x, b.ints(repeats)], shape)
+
+
+def op_resize(b, x, pool):
+    n, c, h, w = b.shapes[x]
+    scales = [1, 1, b.pick.int(1, 3), b.pick.int(1, 3)]
+    shape = (n, c, h * scales[2], w * scales[3])
+    if _numel(shape) > MAX_NUMEL:
+        return None
+    sc = b.init(np.asarray(scales, np.float32), "scales")
+    if b.opset < 11:
+        return b.op("Resize", [x, sc], shape, mode="nearest")
+    attrs = {"mode": "nearest",
+             "coordinate_transformation_mode": b.pick.choice(["half_pixel", "asymmetric", "pytorch_half_pixel",
+                                                              "tf_half_pixel_for_nn"]),
+             "nearest_mode": b.pick.choice(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"])}
+    roi = b.init(np.zeros(0, np.float32), "roi") if b.opset < 13 else ""    # required (maybe empty) before 13
+    if b.pick.bool():
+        no_scales = b.init(np.zeros(0, np.float32), "scales") if b.opset < 13 else ""
+        return b.op("Resize", [x, roi, no_scales, b.ints(list(shape))], shape, **attrs)
+    return b.op("Resize", [x, roi, sc], shape, **attrs)
+
+
+def op_cast(b, x, pool):
+    return b.op("Cast", [x], b.shapes[x], to=TensorProto.DOUBLE if b.dtype == np.float64 else TensorProto.FLOAT)
+
+
 def _any(s) -> bool:
     return True
 
@@ -817,6 +990,16 @@ OP_FUNCS = {
     "Sin": (_unary("Sin"), _any),
     "Cos": (_unary("Cos"), _any),
     "Gelu": (op_gelu, _any),
+    "ConvTranspose": (op_conv_transpose, _image),
+    "ReduceSum": (op_reduce_sum, _any),
+    "ReduceMean": (op_reduce_mean, _any),
+    "Slice": (op_slice, _any),
+    "Gather": (op_gather, _any),
+    "Split": (op_split, lambda s: max(s, default=0) >= 2),
+    "Expand": (op_expand, lambda s: len(s) <= 4),
+    "Tile": (op_tile, _any),
+    "Resize": (op_resize, _image),
+    "Cast": (op_cast, _any),
 }
 # the elementwise nonlinear ops (ops/convex.py, leaky_relu.py, sign.py, periodic.py, gelu.py)
 ELEMENTWISE = ("Exp", "Log", "Reciprocal", "Sqrt", "Pow", "Softplus", "Square", "LeakyRelu", "PRelu", "Abs",
@@ -826,23 +1009,25 @@ OPS = tuple(OP_FUNCS)
 # what follows a layer, when something does
 ACTIVATIONS = ("Relu", "Relu", "Relu", "Relu", "Sigmoid", "Tanh", "Clip")
 # ops that are often followed by an activation, as layers are
-ACTIVATED = ("Gemm", "MatMul", "Conv", "Add", "Sub", "BatchNormalization", "AveragePool", "Concat", "Mul")
+ACTIVATED = ("Gemm", "MatMul", "Conv", "Add", "Sub", "BatchNormalization", "AveragePool", "Concat", "Mul",
+             "ConvTranspose", "ReduceSum", "ReduceMean")
 
 # families of networks: input shapes, and ops drawn three times as often as the others
 FAMILIES = {
     "cnn": dict(input_kinds=("image",), favour=("Relu", "Conv", "AveragePool", "MaxPool", "Pad",
-                                                "BatchNormalization", "Add", "Concat")),
+                                                "BatchNormalization", "Add", "Concat", "ConvTranspose", "Resize")),
     # plain conv / relu chains: CROWN keeps A as receptive-field windows there ("patches")
     "convchain": dict(input_kinds=("image",), ops=("Conv",), activate="always"),
     "mlp": dict(input_kinds=("vector", "flat", "rows"), favour=("Relu", "Gemm", "MatMul", "Add", "Sub",
                                                                "Concat")),
     "layout": dict(input_kinds=("image", "rank3", "rows"), favour=("Relu", "Transpose", "Reshape", "Flatten",
-                                                                   "Squeeze", "Unsqueeze", "Concat")),
+                                                                   "Squeeze", "Unsqueeze", "Concat", "Slice", "Gather",
+                                                                   "Split", "Expand", "Tile", "ReduceSum")),
     # DOUBLE tensors throughout, with the ops onnxruntime runs in double (no Conv, AveragePool,
     # GlobalAveragePool, GlobalMaxPool; no Clip, which it lacks before opset 11)
     "double": dict(input_kinds=("vector", "flat", "rows", "rank3"), dtypes=("double",),
                    ops=tuple(op for op in OPS if op not in ("Conv", "AveragePool", "GlobalAveragePool",
-                                                            "GlobalMaxPool", "Clip") + ELEMENTWISE),
+                                                            "GlobalMaxPool", "Clip", "ConvTranspose", "Resize") + ELEMENTWISE),
                    favour=("Relu", "Gemm", "MatMul", "Add", "Sigmoid")),
 }
 

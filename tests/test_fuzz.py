@@ -558,5 +558,6 @@ def test_generator_covers_every_op():
             net = build_net(SeedPicker(net_seed), net_seed, **options)
             onnx.checker.check_model(net.model, full_check=True)
             seen.update(net.op_types)
-    missing = (set(ONNX_LOWERINGS) | set(FOLDERS)) - seen
+    below = {"Upsample"}                   # only before opset 10 (the fuzzer's lowest); tests/test_ops_structural.py
+    missing = (set(ONNX_LOWERINGS) | set(FOLDERS)) - seen - below
     assert not missing, f"no generated network uses {sorted(missing)}"

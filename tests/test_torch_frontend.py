@@ -471,7 +471,7 @@ def test_matmul_of_variables_is_unsupported():
 
 @pytest.mark.parametrize("layer", [nn.Hardshrink(), nn.AvgPool2d(3, ceil_mode=True),
                                    nn.AvgPool2d(3, padding=1, count_include_pad=False),
-                                   nn.ConvTranspose2d(2, 2, 3)])
+                                   nn.Upsample(scale_factor=1.5)])
 def test_other_layers_are_unsupported(layer):
     with pytest.raises(UnsupportedOpError):
         load_torch(nn.Sequential(layer), torch.randn(1, 2, 5, 5))

@@ -385,6 +385,10 @@ class _Importer(Builder):
         """An output of the node that is a constant after all (a shape, a Dropout mask)."""
         self.consts[onnx_name] = arr
 
+    def define_variable(self, onnx_name: str, value: str) -> None:
+        """A further output of the node (Split's parts): the primal value it is."""
+        self.env[onnx_name] = value
+
     def enclosed(self, name: str, what: str = "input") -> Enclosed:
         """A float constant with its error bound (zero for initializers)."""
         arr = np.asarray(self.array(name, what), dtype=np.float64)

@@ -52,7 +52,7 @@ from boundflow.frontends.builder import Builder, Constant
 from boundflow.ir.primal import Graph, TensorType, Value
 from boundflow.ops import TORCH_LOWERINGS, torch_lowering
 from boundflow.ops.registry import TORCH_KEEP_WHOLE
-from boundflow.ops.conv import ZeroPad, pad_as_conv
+from boundflow.ops.conv import ZeroPad, materialise
 
 aten = torch.ops.aten
 
@@ -258,7 +258,7 @@ class _Lowering(Builder):
         """A zero pad no conv absorbed, emitted as the node that made it; later readers reuse it."""
         reader, self.fx = self.fx, pad_fx
         try:
-            out = pad_as_conv(self, pad, out=pad_fx.name)
+            out = materialise(self, pad, out=pad_fx.name)
         finally:
             self.fx = reader
         self.env[pad_fx.name] = out

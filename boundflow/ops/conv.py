@@ -1,7 +1,8 @@
 """conv2d over the last three axes: inputs (x [..., C, H, W], W [co, ci/g, kh, kw], b [co]?),
 attrs stride, padding (top, left, bottom, right), dilation, groups. Also its patch rules (A as
-receptive-field windows, domains/patches.py). Frontends lower convolutions, average pooling
-(a depthwise conv2d with weights 1 / window size) and zero padding to it."""
+receptive-field windows, domains/patches.py). Frontends lower convolutions and average pooling
+(a depthwise conv2d with weights 1 / window size) to it, and a zero pad in front of one into
+its padding. conv_transpose2d, its adjoint, is here too (ConvTranspose)."""
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons
 from boundflow.domains.rounding import Enclosed, down, magnitude, up
+from boundflow.ops import select
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -82,19 +84,23 @@ def backward(ins, ps, attrs):
     return x.reshape(lead + (c_in, h, wd)), new_bias
 
 
-def matrix(graph, node, dtype, max_bytes):
-    """The conv as a dense matrix [out numel, in numel] and its bias per output element, when it
-    takes at most max_bytes: its own backward rule run on the identity (each entry is one
-    weight, exactly)."""
+def dense_matrix(rule, graph, node, dtype, max_bytes):
+    """A conv-like op as a dense matrix [out numel, in numel] and its bias per output element,
+    when it takes at most max_bytes: its own backward `rule` run on the identity (each entry is
+    one weight, exactly)."""
     out_shape, in_shape = graph.shape(node.outputs[0]), graph.shape(node.inputs[0])
     n_out, n_in = math.prod(out_shape), math.prod(in_shape)
     if 4 * n_out * n_in > max_bytes:
         return None
     w, b = [None if t is None else t.to(dtype) for t in backward_params(graph, node)]
     eye = torch.eye(n_out, dtype=dtype).reshape((1, n_out) + tuple(out_shape))
-    rows, _ = backward([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None], dict(node.attrs, in_shape=list(in_shape)))
+    rows, _ = rule([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None], dict(node.attrs, in_shape=list(in_shape)))
     bias = torch.zeros(out_shape, dtype=dtype) if b is None else b.reshape(-1, 1, 1).expand(tuple(out_shape))
     return rows.reshape(n_out, -1), bias.reshape(-1)
+
+
+def matrix(graph, node, dtype, max_bytes):
+    return dense_matrix(backward, graph, node, dtype, max_bytes)
 
 
 def fp_params(graph, node, dtype):
@@ -149,6 +155,77 @@ CONV2D = register(Op("conv2d", forward, interval, sound(backward), fp_error, mix
                      kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
 
 
+# -- conv_transpose2d: the adjoint of a conv2d ----------------------------------------------------
+# inputs (x [..., C_in, H, W], W [C_in, C_out/g, kh, kw], b [C_out]?), attrs stride, padding (top,
+# left, bottom, right), output_padding (h, w), dilation, groups (ONNX ConvTranspose semantics).
+# The full transposed conv ((H - 1) s + d (kh - 1) + 1 rows) is cropped by the padding and grown by
+# zeros at the end by output_padding: one F.pad whose negative widths crop.
+
+def _transpose_margins(attrs) -> tuple[int, int, int, int]:
+    """F.pad widths (left, right, top, bottom) taking the full transposed conv to the output."""
+    top, left, bottom, right = attrs["padding"]
+    op_h, op_w = attrs["output_padding"]
+    return (-left, op_w - right, -top, op_h - bottom)
+
+
+def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict) -> torch.Tensor:
+    lead = tuple(x.shape[:-3])
+    y = F.conv_transpose2d(x.reshape((-1,) + tuple(x.shape[-3:])), w, None, stride=tuple(attrs["stride"]),
+                           groups=attrs["groups"], dilation=tuple(attrs["dilation"]))
+    y = F.pad(y, _transpose_margins(attrs))
+    if b is not None:
+        y = y + b.reshape(-1, 1, 1)
+    return y.reshape(lead + tuple(y.shape[1:]))
+
+
+def transpose_forward(x, w, b=None, attrs=None):
+    return conv_transpose2d(x, w, b, attrs)
+
+
+def transpose_interval(ins, ps, attrs):
+    (s,) = ins
+    w, w_abs, b = ps
+    c, r = to_cr(s)
+    return (from_cr(torch.stack((conv_transpose2d(c, w, b, attrs), conv_transpose2d(r, w_abs, None, attrs)))),)
+
+
+def transpose_backward(ins, ps, attrs):
+    """A through the adjoint: undo the crop / output padding (F.pad with the opposite widths),
+    then the conv2d with the same weight, which lands exactly on the input extent."""
+    a, bias = ins
+    w, b = ps
+    lead = tuple(a.shape[:-3])
+    full = F.pad(a.reshape((-1,) + tuple(a.shape[-3:])), tuple(-m for m in _transpose_margins(attrs)))
+    x = F.conv2d(full, w, None, stride=tuple(attrs["stride"]), dilation=tuple(attrs["dilation"]),
+                 groups=attrs["groups"])
+    new_bias = bias.clone() if b is None else bias + sum_lead(a, 3).sum((-1, -2)) @ b
+    return x.reshape(lead + tuple(x.shape[1:])), new_bias
+
+
+def transpose_matrix(graph, node, dtype, max_bytes):
+    return dense_matrix(transpose_backward, graph, node, dtype, max_bytes)
+
+
+def transpose_fp_params(graph, node, dtype):
+    weights = fp.weights(graph, node, dtype)
+    if len(weights) == 1:                       # no bias: no error from one (C_out = W.shape[1] g)
+        weights.append(torch.zeros(weights[0].shape[1] * node.attrs["groups"], dtype=dtype))
+    return weights
+
+
+def transpose_fp_error(ins, ps, attrs):
+    s, raw = ins
+    w_err, b_err = ps
+    return fp.finish(raw, conv_transpose2d(magnitude(s), w_err, b_err, attrs), attrs["n"])
+
+
+# not conv2d: the patch chains (planner/lower.py) stop at it and its passes run dense
+CONV_TRANSPOSE2D = register(Op("conv_transpose2d", transpose_forward, transpose_interval, sound(transpose_backward),
+                               transpose_fp_error, mixing=True, matrix=transpose_matrix,
+                               interval_params=interval_params, backward_params=backward_params,
+                               fp_params=transpose_fp_params))
+
+
 # -- frontends: convolution, average pooling, zero padding ----------------------------------------
 
 def convolution(b: Builder, x: str, w: Constant, bias: Constant | None, stride, padding, dilation,
@@ -178,7 +255,7 @@ def average_pool(b: Builder, x: str, kernel, stride, padding, dilation=(1, 1), d
 class ZeroPad:
     """Zero padding of the last two axes of `src`, not emitted yet: a conv2d or average pool that
     reads it takes it into its own padding (that is how torch decomposes padding='same' with
-    even kernels); any other reader needs it as a node (pad_as_conv)."""
+    even kernels); any other reader needs it as a node (materialise)."""
     src: str
     pads: tuple[int, int, int, int]       # (top, left, bottom, right), conv2d's order
     shape: tuple[int, ...]                # of the padded tensor
@@ -190,15 +267,12 @@ def zero_pad(b: Builder, x: str, pads: tuple[int, int, int, int]) -> ZeroPad:
     return ZeroPad(x, tuple(pads), xs[:-2] + (xs[-2] + top + bottom, xs[-1] + left + right))
 
 
-def pad_as_conv(b: Builder, pad: ZeroPad, out: str | None) -> str:
-    """A zero pad as an identity depthwise conv2d with that padding."""
-    shape = b.shape(pad.src)
-    if len(shape) < 3:
-        b.unsupported(f"zero padding of a rank-{len(shape)} tensor is only supported when a conv2d / average "
-                      f"pool consumes it")
-    channels = shape[-3]
-    w = b.constant(b.literal(np.ones((channels, 1, 1, 1))), "pad_identity", weight=True)
-    return b.emit("conv2d", [pad.src, w], _conv_attrs((1, 1), pad.pads, (1, 1), channels), out=out)
+def materialise(b: Builder, pad: ZeroPad, out: str | None) -> str:
+    """A zero pad no conv2d took in, as a node of its own (a selection with zeros)."""
+    top, left, bottom, right = pad.pads
+    rank = len(b.shape(pad.src))
+    before, after = [0] * (rank - 2) + [top, left], [0] * (rank - 2) + [bottom, right]
+    return select.pad(b, pad.src, before, after, out=out)
 
 
 def _same_pads(auto_pad: str, in_hw, kernel, strides, dilations) -> tuple[int, int, int, int]:
@@ -244,6 +318,45 @@ def _onnx_conv(b) -> str:
     return convolution(b, x, w, bias, stride, padding, dilation, b.attr("group", 1))
 
 
+def transposed_convolution(b: Builder, x: str, w: Constant, bias: Constant | None, stride, padding,
+                           output_padding, dilation, groups: int) -> str:
+    inputs = [x, b.constant(w, "weight", weight=True)]
+    if bias is not None:
+        inputs.append(b.constant(bias, "bias", weight=True))
+    attrs = dict(_conv_attrs(stride, padding, dilation, groups), output_padding=tuple(int(p) for p in output_padding))
+    for n, k, s, d, p0, p1, extra in zip(b.shape(x)[-2:], w.shape[-2:], stride, dilation, padding[:2], padding[2:],
+                                         output_padding):
+        if (n - 1) * s + d * (k - 1) + 1 + extra - p0 - p1 <= 0:
+            b.unsupported(f"the padding {list(padding)} leaves an empty output")
+    return b.emit("conv_transpose2d", inputs, attrs, out=b.output)
+
+
+@onnx_lowering("ConvTranspose")
+def _onnx_conv_transpose(b) -> str:
+    x = b.var(b.input(0))
+    w = b.const(b.input(1), "weight")
+    if len(w.shape) != 4 or len(b.shape(x)) != 4:
+        b.unsupported(f"only 2-D transposed convolutions are supported (weight rank {len(w.shape)}, input rank "
+                      f"{len(b.shape(x))})")
+    if b.attr("kernel_shape") is not None and tuple(b.attr("kernel_shape")) != w.shape[2:]:
+        b.unsupported(f"kernel_shape {b.attr('kernel_shape')} disagrees with the weight {list(w.shape)}")
+    if b.attr("output_shape") is not None:
+        b.unsupported("attribute output_shape (give pads and output_padding instead)")
+    auto_pad = b.attr("auto_pad", "NOTSET")
+    if auto_pad not in ("", "NOTSET", "VALID"):
+        b.unsupported(f"auto_pad {auto_pad!r} (only NOTSET with explicit pads, or VALID)")
+    pads = (0, 0, 0, 0) if auto_pad == "VALID" else tuple(b.attr("pads", (0, 0, 0, 0)))
+    stride, dilation = tuple(b.attr("strides", (1, 1))), tuple(b.attr("dilations", (1, 1)))
+    output_padding = tuple(b.attr("output_padding", (0, 0)))
+    if any(len(v) != 2 for v in (stride, dilation, output_padding)) or len(pads) != 4:
+        b.unsupported("only 2-D windows are supported")
+    groups = int(b.attr("group", 1))
+    if w.shape[0] != b.shape(x)[1] or w.shape[0] % groups:
+        b.unsupported(f"weight {list(w.shape)} does not fit {groups} groups of input channels {b.shape(x)[1]}")
+    bias = None if b.input(2) is None else b.const(b.input(2), "bias")
+    return transposed_convolution(b, x, w, bias, stride, pads, output_padding, dilation, groups)
+
+
 @onnx_lowering("AveragePool")
 def _onnx_average_pool(b) -> str:
     x = b.var(b.input(0))
@@ -271,34 +384,6 @@ def _onnx_global_average_pool(b) -> str:
     return average_pool(b, x, xs[-2:], (1, 1), (0, 0, 0, 0))
 
 
-@onnx_lowering("Pad")
-def _onnx_pad(b) -> str:
-    """Zero padding of H and W (torch exports it before pooling), emitted at once (ONNX has no
-    pending values)."""
-    x = b.var(b.input(0))
-    xs = b.shape(x)
-    if b.attr("mode", "constant") != "constant":
-        b.unsupported(f"mode {b.attr('mode')!r} (only constant zero padding is supported)")
-    if b.attr("pads") is not None:  # opset < 11
-        pads, value = list(b.attr("pads")), float(b.attr("value", 0.0))
-    else:
-        pads = [int(p) for p in b.array(b.input(1), "pads").reshape(-1)]
-        value = 0.0 if b.input(2) is None else float(b.array(b.input(2), "constant_value").reshape(-1)[0])
-    rank = len(xs)
-    axes = list(range(rank))
-    if b.input(3) is not None:  # opset >= 18: pads only for these axes
-        axes = [b.axis(int(a), rank) for a in b.array(b.input(3), "axes").reshape(-1)]
-    begin, end = [0] * rank, [0] * rank
-    for k, a in enumerate(axes):
-        begin[a], end[a] = pads[k], pads[k + len(axes)]
-    if not any(begin + end):
-        return x
-    if value != 0.0 or rank != 4 or any(begin[:2] + end[:2]) or min(begin + end) < 0:
-        b.unsupported("only non-negative zero padding of the last two axes of an [N, C, H, W] tensor "
-                      "is supported")
-    return pad_as_conv(b, zero_pad(b, x, (begin[2], begin[3], end[2], end[3])), b.output)
-
-
 def _pair(v) -> tuple[int, int]:
     v = list(v) if isinstance(v, (list, tuple)) else [v]
     return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
@@ -313,29 +398,29 @@ def _plus(padding: tuple[int, int], extra: tuple[int, int, int, int]) -> tuple[i
 @torch_lowering(aten.convolution.default)
 def _torch_convolution(b) -> str:
     # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    x, extra = b.var_and_pad(b.arg(0))
     w = b.const(b.arg(1), "convolution weight")
     if len(w.shape) != 4:
         b.unsupported(f"only 2-D convolutions are supported (weight has rank {len(w.shape)})")
-    if bool(b.arg(6)):
-        b.unsupported("transposed convolution")
     bias = None if b.arg(2) is None else b.const(b.arg(2), "convolution bias")
+    if bool(b.arg(6)):          # a zero pad before it is not its padding: the pad becomes a node
+        ph, pw = _pair(b.arg(4))
+        return transposed_convolution(b, b.var(b.arg(0)), w, bias, _pair(b.arg(3)), (ph, pw, ph, pw),
+                                      _pair(b.arg(7)), _pair(b.arg(5)), int(b.arg(8)))
+    x, extra = b.var_and_pad(b.arg(0))
     return convolution(b, x, w, bias, _pair(b.arg(3)), _plus(_pair(b.arg(4)), extra), _pair(b.arg(5)),
                        int(b.arg(8)))
 
 
 @torch_lowering(aten.constant_pad_nd.default)
-def _torch_constant_pad_nd(b) -> ZeroPad:
+def _torch_constant_pad_nd(b) -> ZeroPad | str:
+    """A zero pad of the last two axes stays pending (a conv2d may take it in); any other
+    constant pad is a node at once."""
     x = b.var(b.arg(0))
-    pad = [int(p) for p in b.arg(1)]
+    widths = [int(p) for p in b.arg(1)]
     value = float(b.arg(2, "value", 0.0))
-    if value != 0.0:
-        b.unsupported(f"padding with value {value} (only zero padding)")
-    if len(pad) > 4 or len(pad) % 2 or any(p < 0 for p in pad):
-        b.unsupported(f"padding {pad}: only non-negative zero padding of the last two axes")
-    if len(b.shape(x)) < 2:
-        b.unsupported("padding a tensor of rank < 2")
-    left, right, top, bottom = pad + [0] * (4 - len(pad))
+    if value != 0.0 or len(widths) > 4 or len(widths) % 2 or min(widths, default=0) < 0 or len(b.shape(x)) < 2:
+        return select.torch_pad(b, x, widths, "constant", value)
+    left, right, top, bottom = widths + [0] * (4 - len(widths))
     return zero_pad(b, x, (top, left, bottom, right))
 
 

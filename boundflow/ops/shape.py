@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import torch
 
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
@@ -219,17 +220,20 @@ def _torch_passthrough(b):
 @torch_lowering(aten._to_copy.default)
 def _torch_to_copy(b):
     dtype = b.kwarg("dtype")
-    if dtype is not None and not dtype.is_floating_point:
-        b.unsupported(f"cast of a variable to {dtype}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        b.unsupported(f"cast of a variable to {dtype} ({_CAST_WHY})")
     return b.entry(b.arg(0))                    # float casts: the primal graph is float32 throughout
 
 
-@torch_lowering(aten.expand.default)
-def _torch_expand(b) -> str:
-    x = b.var(b.arg(0))
-    if b.expected_shape() != b.shape(x):
-        b.unsupported("broadcasting a variable tensor to a larger shape")
-    return x
+_CAST_WHY = ("only casts to float32 or float64 are supported, which keep every float32 value; a cast to a "
+             "narrower float rounds by far more than float32 does and has no sound rule")
+
+
+@onnx_lowering("Cast")
+def _onnx_cast(b) -> str:
+    if b.attr("to") not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        b.unsupported(f"cast to {onnx.TensorProto.DataType.Name(b.attr('to'))} ({_CAST_WHY})")
+    return b.var(b.input(0))
 
 
 @torch_lowering(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dims,

@@ -144,13 +144,16 @@ def _enclosed_apply(node: Node, args: list[Enclosed]) -> Enclosed:
         return x * args[1] + args[2]
     if node.op == "add":
         return x + args[1]
-    if node.op == "conv2d":
+    if node.op == "reduce_sum":
+        y = x.sum([a + 1 for a in node.attrs["axes"]])
+        return y.map(lambda t: t.reshape(apply(node, [x.value]).shape))
+    if node.op in ("conv2d", "conv_transpose2d"):
         w = args[1]
         b = args[2].value if len(args) > 2 else None
         conv = lambda a, k, bias=None: apply(node, [a, k, bias])   # noqa: E731
         xv, wv = x.value.abs(), w.value.abs()
         xe, we = x.err.expand_as(x.value), w.err.expand_as(w.value)
-        n = math.prod(w.value.shape[1:]) + 1
+        n = w.value.numel() + 1                 # at least the terms of any output's sum
         err = conv(xe, wv) + conv(xv, we) + conv(xe, we) + gamma(n) * conv(xv, wv)
         if len(args) > 2:
             err = err + args[2].err.expand_as(args[2].value).reshape(-1, 1, 1) + gamma(n) * args[2].value.abs().reshape(-1, 1, 1)
