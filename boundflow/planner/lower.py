@@ -5,18 +5,19 @@ ops.Relaxation) is bounded by lines computed from its input's interval.
 
   ibp        interval rules node by node; C folded into a last linear op, else applied to the box
   crown-ibp  interval intermediate bounds, one CROWN backward pass for the output
-  crown      as crown-ibp, but every relaxed op's input is refined by a CROWN backward pass as
-             soon as its interval is known (config.crown_interm says how), so later intervals
-             start from refined bounds
+  crown      as crown-ibp, but every relaxed op's input (both of a product's) is refined by a
+             CROWN backward pass as soon as its interval is known (config.crown_interm says
+             how), so later intervals start from refined bounds
   alpha-crown  as crown, but every backward pass reads the relaxations' parameters (the ReLU's
-             lower slopes, sigmoid's tangent points) from module inputs
-             "alpha:<target>:<relaxed input>" ([params?, B, rows of A, *shape]), which an
-             optimiser tunes (boundflow.verify.alpha), as auto_LiRPA does: one set per (relaxed
-             op, bounded value) pair, intermediate bounds recomputed with theirs
+             lower slopes, sigmoid's tangent points) from module inputs "alpha:<target>:<key>"
+             ([B, params?, rows of A, *shape]; the key is the relaxed input, or for a product
+             "mul:<output>": Relaxation.key), which an optimiser tunes (boundflow.verify.alpha),
+             as auto_LiRPA does: one set per (relaxed op, bounded value) pair, intermediate
+             bounds recomputed with theirs
   beta-crown (for branch and bound on ReLU splits; not a user method) one CROWN backward pass
-             for the output from intermediate bounds given as inputs "interm:<relu input>"
+             for the output from intermediate bounds given as inputs "interm:<relaxed input>"
              ([2, B, *shape], already clamped by the domain's splits), with slopes
-             "alpha:<output>:<relu input>" and signed split multipliers
+             "alpha:<output>:<key>" and signed split multipliers
              "beta:<output>:<relu input>" (boundflow.verify.relu_bab); lower bounds only
              (the upper bounds come out as +inf)
 
@@ -95,12 +96,23 @@ class _Emitter:
         self.out.phases.append(self.phase)
 
 
+def _relaxed_nodes(graph: Graph, splitting: bool) -> list[Node]:
+    return [n for n in graph.nodes if ops.get(n.op).relaxation is not None and
+            (not splitting or ops.get(n.op).relaxation.splits_at_zero)]
+
+
 def relaxed_inputs(graph: Graph, splitting: bool = False) -> list[str]:
-    """The input value of every relaxed op (ops.Relaxation) of `graph`, once each, in node
-    order: what beta-crown plans read intermediate bounds (and slopes) of; with `splitting`,
-    only of the ops ReLU branch and bound splits (Relaxation.splits_at_zero)."""
-    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if ops.get(n.op).relaxation is not None and
-                              (not splitting or ops.get(n.op).relaxation.splits_at_zero)))
+    """The inputs whose intervals the relaxed ops (ops.Relaxation) of `graph` read, once each,
+    in node order: what beta-crown plans read intermediate bounds of; with `splitting`, only
+    of the ops ReLU branch and bound splits (Relaxation.splits_at_zero)."""
+    return list(dict.fromkeys(v for n in _relaxed_nodes(graph, splitting) for v in ops.get(n.op).relaxation.relaxed(n)))
+
+
+def relaxation_keys(graph: Graph, splitting: bool = False) -> list[str]:
+    """The key of every relaxed op (Relaxation.key), once each, in node order: the parameters of
+    its lines are the plan inputs "alpha:<target>:<key>" (and a split op's multipliers
+    "beta:<target>:<key>"; for those the key is the split input)."""
+    return list(dict.fromkeys(ops.get(n.op).relaxation.key(n) for n in _relaxed_nodes(graph, splitting)))
 
 
 def _unit_lead(shape) -> bool:
@@ -202,9 +214,11 @@ class _Lowering:
             em.out.inputs[role] = given[v] = em.buffer(
                 role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
         for node in self.g.nodes:
-            is_relaxed = ops.get(node.op).relaxation is not None
+            relaxation = ops.get(node.op).relaxation
+            is_relaxed = relaxation is not None
             if is_relaxed:           # (an input of the network too: then the domain's own box)
-                self.bounds[node.inputs[0]] = given[node.inputs[0]]
+                for v in relaxation.relaxed(node):
+                    self.bounds[v] = given[v]
             if self.sound:
                 self.forward(node)   # every interval and error vector, relaxations from the given bounds
             elif is_relaxed:
@@ -242,16 +256,17 @@ class _Lowering:
         return node
 
     def relax_node(self, node: Node):
-        """The lines of a relaxed op (ops.Relaxation) from its input's interval, and in a
+        """The lines of a relaxed op (ops.Relaxation) from its inputs' intervals, and in a
         sound_fp plan its backward rules' error vector."""
-        em, op, y, v = self.em, ops.get(node.op), node.outputs[0], node.inputs[0]
+        em, op, y = self.em, ops.get(node.op), node.outputs[0]
+        boxes = [self.bounds[v] for v in op.relaxation.relaxed(node)]
         rows, *shape = op.relaxation.shape(self.g, node)
-        lines = em.buffer(f"{node.op}.relax({v})", (rows, self.B) + tuple(shape))
-        em.emit(f"{node.op}.relax", [self.bounds[v]], [lines], attrs=node.attrs, source=node.name)
+        lines = em.buffer(f"{node.op}.relax({op.relaxation.key(node)})", (rows, self.B) + tuple(shape))
+        em.emit(f"{node.op}.relax", boxes, [lines], attrs=node.attrs, source=node.name)
         self.relax[y] = lines
         if self.sound:
             self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
-            em.emit(f"fp.{node.op}_lines", [self.bounds[v], lines], [self.errors[y]], attrs=node.attrs,
+            em.emit(f"fp.{node.op}_lines", boxes + [lines], [self.errors[y]], attrs=node.attrs,
                     source=node.name)
 
     def forward(self, node: Node):
@@ -302,7 +317,13 @@ class _Lowering:
                     source=v)
         else:
             crown = self.backward(v, onehot_index=None, alpha=self.method == "alpha-crown")
-            em.emit("bound.intersect" if mode == "intersect" else "bound.replace", [box, crown], [new], source=v)
+            # at a relaxed op's output the interval comes through the relaxation of a refined
+            # input and is often the tighter one (never looser for a monotone coordinatewise
+            # op: its lines lie on the function's side); only textbook CROWN replaces it
+            producer = self.producer.get(v)
+            relaxed_output = producer is not None and ops.get(producer.op).relaxation is not None
+            intersect = mode == "intersect" or (mode == "sparse" and relaxed_output)
+            em.emit("bound.intersect" if intersect else "bound.replace", [box, crown], [new], source=v)
         self.bounds[v] = new
         em.phase = "forward"
 
@@ -485,7 +506,7 @@ class _Lowering:
                     relaxation = op.relaxation
                     split = self.method == SPLIT_METHOD and relaxation.splits_at_zero
                     for kind in ("alpha", "beta") if split else ("alpha",):
-                        role = f"{kind}:{target}:{node.inputs[0]}"
+                        role = f"{kind}:{target}:{relaxation.key(node)}"
                         # alpha: the relaxation's parameters per row and neuron of its lines;
                         # beta: a split multiplier per row and input neuron
                         per_row = relaxation.param_count(g, node) if kind == "alpha" else 1
