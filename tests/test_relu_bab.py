@@ -106,8 +106,9 @@ def test_beta_crown_bounds_hold_on_their_domain(setup, splits, iterations):
             inside &= side * zj >= 0
         # random warm starts: any alpha in [0, 1] and beta >= 0 must give a sound bound
         bounded = search.bound(root, 1)
+        for o in search.slopes:
+            bounded.t[f"alpha:{o}"] = torch.rand(bounded.t[f"alpha:{o}"].shape, generator=gen)
         for v in search.relus:
-            bounded.t[f"alpha:{v}"] = torch.rand(bounded.t[f"alpha:{v}"].shape, generator=gen)
             bounded.t[f"beta:{v}"] = torch.rand(bounded.t[f"beta:{v}"].shape, generator=gen) * 2
         bounded.t["margin"] = torch.full((1,), -math.inf, dtype=torch.float64)
         margin = float(search.bound(bounded, iterations).t["margin"][0])
@@ -345,7 +346,7 @@ def test_relu_split_with_other_relaxed_ops(tmp_path, other):
     # (a split ReLU does not tighten a max pool's input bounds, so the max pool's share of
     # the gap stays: a part of the gap only)
     prop.write_text(property_text(16, 3, lo, hi, lb + 0.2 * (low - lb), 1.0))
-    res = verify(path, prop, timeout=40, config=config)
+    res = verify(path, prop, timeout=120, config=config)
     assert res.verdict == "holds", res.stats
     assert res.stats["decided_by"] == "relu_bab", res.stats
     prop.write_text(property_text(16, 3, lo, hi, low + 1e-3, 1.0))

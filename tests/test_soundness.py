@@ -372,3 +372,63 @@ def test_model_proto_changed_in_place_gets_fresh_bounds(tmp_path):
     onnx.save(model, str(tmp_path / "scaled.onnx"))
     saved = boundflow.bound(str(tmp_path / "scaled.onnx"), lo, hi, "crown")
     assert torch.equal(res.lb, saved.lb) and torch.equal(res.ub, saved.ub)
+
+
+def _fuzz_case_sound(path, lo, hi, method, config=None):
+    """Bounds of `method` contain onnxruntime's outputs at sampled points of [lo, hi]."""
+    res = boundflow.bound(str(path), lo, hi, method, config=config)
+    pts = sample_box(lo[0], hi[0], 400, 100)
+    ys = onnx_runner(path)(pts)
+    assert_inside(ys, res.lb[0], res.ub[0], f"{method} {config}")
+
+
+def test_two_relaxed_ops_reading_one_value(tmp_path):
+    """Regression (found by tests/test_fuzz.py): a ReLU and a sigmoid of one value made
+    alpha-CROWN's plan read a slope buffer nothing wrote (both ops' slopes were named by their
+    common input). Now each op has its own slopes, and ReLU branch and bound splits the value."""
+    nn = torch.nn
+
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.relu(h) + torch.sigmoid(h) - torch.relu(h) * 0.5)
+
+    torch.manual_seed(0)
+    path = export_onnx(Fork(), torch.zeros(1, 4), tmp_path / "fork.onnx")
+    lo, hi = -torch.ones(1, 4), torch.ones(1, 4)
+    for method in ("crown", "alpha-crown"):
+        _fuzz_case_sound(path, lo, hi, method)
+
+
+def test_alpha_crown_windowed_slopes_sound_fp(tmp_path):
+    """Regression (found by tests/test_fuzz.py): alpha-CROWN's starting slopes on receptive
+    field windows (conv/relu chains, pure intermediate CROWN) misread a sound_fp plan's inputs
+    (the last one is the op's error vector) and crashed."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(32, 2))
+    path = export_onnx(module, torch.zeros(1, 1, 4, 4), tmp_path / "chain.onnx")
+    lo, hi = -torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    _fuzz_case_sound(path, lo, hi, "alpha-crown", boundflow.PlannerConfig(crown_interm="pure", sound_fp=True))
+
+
+def test_biased_conv_on_a_leading_axis(tmp_path):
+    """Regression (found by tests/test_fuzz.py): CROWN refining a biased conv of a [N > 1, C,
+    H, W] value through its dense matrix broadcast the bias over [C, H, W] only and crashed."""
+    import numpy as np
+    from onnx import helper
+
+    from nets import onnx_file
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.normal(size=(2, 2, 1, 1)).astype(np.float32), "B": rng.normal(size=2).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "W", "B"], ["c2"]), helper.make_node("Relu", ["c2"], ["y"])]
+    path = onnx_file(nodes, inits, [2, 2, 2, 2], [2, 2, 2, 2], tmp_path / "lead.onnx")
+    lo, hi = -torch.ones(1, 2, 2, 2, 2), torch.ones(1, 2, 2, 2, 2)
+    for method in ("crown", "alpha-crown"):
+        _fuzz_case_sound(path, lo, hi, method)

@@ -93,7 +93,7 @@ def matrix(graph, node, dtype, max_bytes):
     w, b = [None if t is None else t.to(dtype) for t in backward_params(graph, node)]
     eye = torch.eye(n_out, dtype=dtype).reshape((1, n_out) + tuple(out_shape))
     rows, _ = backward([eye, torch.zeros(1, n_out, dtype=dtype)], [w, None], dict(node.attrs, in_shape=list(in_shape)))
-    bias = torch.zeros(out_shape, dtype=dtype) if b is None else b.reshape(-1, 1, 1).expand(out_shape[-3:]).reshape(out_shape)
+    bias = torch.zeros(out_shape, dtype=dtype) if b is None else b.reshape(-1, 1, 1).expand(tuple(out_shape))
     return rows.reshape(n_out, -1), bias.reshape(-1)
 
 

@@ -93,12 +93,6 @@ class Relaxation:
         """The inputs whose intervals the lines read (the intermediate bounds the op needs)."""
         return list(node.inputs[:self.inputs])
 
-    def key(self, node) -> str:
-        """The name the op's parameters go by in a plan ("alpha:<target>:<key>"): its input for
-        a one-input relaxation (the ReLU's split neurons share it), else "<op>:<output>" (the
-        inputs of a product may be another relaxed op's input: sigmoid(x) * x)."""
-        return node.inputs[0] if self.inputs == 1 else f"{node.op}:{node.outputs[0]}"
-
 
 @dataclass(frozen=True)
 class Op:

@@ -169,8 +169,10 @@ def patch_backward_alpha(ins, ps, attrs):
 
 def patch_alpha_start(op, env) -> torch.Tensor:
     """CROWN's lower slopes at each row's window, shaped like alpha: alpha-CROWN's start."""
-    a, lines = env[op.inputs[0]], env[op.inputs[2]]
-    idx = selected_neurons([env[b] for b in op.inputs], 4, op.attrs)
+    ins = [env[b] for b in op.inputs]
+    ins = ins[:-1] if op.attrs.get("fp") else ins          # a sound_fp plan's error vector
+    a, lines = ins[0], ins[2]
+    idx = selected_neurons(ins, 4, op.attrs)
     lo_slope = _window_lines(lines, idx, op.attrs, a)[2]    # [B, 1, k, C, ph, pw]
     return lo_slope.expand(a.unflatten(1, (2, a.shape[1] // 2)).shape).flatten(1, 2).clone()
 

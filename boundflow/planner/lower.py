@@ -9,15 +9,14 @@ ops.Relaxation) is bounded by lines computed from its input's interval.
              CROWN backward pass as soon as its interval is known (config.crown_interm says
              how), so later intervals start from refined bounds
   alpha-crown  as crown, but every backward pass reads the relaxations' parameters (the ReLU's
-             lower slopes, sigmoid's tangent points) from module inputs "alpha:<target>:<key>"
-             ([B, params?, rows of A, *shape]; the key is the relaxed input, or for a product
-             "mul:<output>": Relaxation.key), which an optimiser tunes (boundflow.verify.alpha),
-             as auto_LiRPA does: one set per (relaxed op, bounded value) pair, intermediate
-             bounds recomputed with theirs
+             lower slopes, sigmoid's tangent points) from module inputs
+             "alpha:<target>:<relaxed op's output>" ([B, params?, rows of A, *shape]), which an
+             optimiser tunes (boundflow.verify.alpha), as auto_LiRPA does: one set per (relaxed
+             op, bounded value) pair, intermediate bounds recomputed with theirs
   beta-crown (for branch and bound on ReLU splits; not a user method) one CROWN backward pass
              for the output from intermediate bounds given as inputs "interm:<relaxed input>"
              ([2, B, *shape], already clamped by the domain's splits), with slopes
-             "alpha:<output>:<key>" and signed split multipliers
+             "alpha:<output>:<relaxed op's output>" and signed split multipliers
              "beta:<output>:<relu input>" (boundflow.verify.relu_bab); lower bounds only
              (the upper bounds come out as +inf)
 
@@ -96,23 +95,19 @@ class _Emitter:
         self.out.phases.append(self.phase)
 
 
-def _relaxed_nodes(graph: Graph, splitting: bool) -> list[Node]:
+def relaxed_nodes(graph: Graph, splitting: bool = False) -> list[Node]:
+    """Every relaxed op (ops.Relaxation) of `graph`, in node order; with `splitting`, only the
+    ops ReLU branch and bound splits (Relaxation.splits_at_zero)."""
     return [n for n in graph.nodes if ops.get(n.op).relaxation is not None and
             (not splitting or ops.get(n.op).relaxation.splits_at_zero)]
 
 
 def relaxed_inputs(graph: Graph, splitting: bool = False) -> list[str]:
-    """The inputs whose intervals the relaxed ops (ops.Relaxation) of `graph` read, once each,
-    in node order: what beta-crown plans read intermediate bounds of; with `splitting`, only
-    of the ops ReLU branch and bound splits (Relaxation.splits_at_zero)."""
-    return list(dict.fromkeys(v for n in _relaxed_nodes(graph, splitting) for v in ops.get(n.op).relaxation.relaxed(n)))
-
-
-def relaxation_keys(graph: Graph, splitting: bool = False) -> list[str]:
-    """The key of every relaxed op (Relaxation.key), once each, in node order: the parameters of
-    its lines are the plan inputs "alpha:<target>:<key>" (and a split op's multipliers
-    "beta:<target>:<key>"; for those the key is the split input)."""
-    return list(dict.fromkeys(ops.get(n.op).relaxation.key(n) for n in _relaxed_nodes(graph, splitting)))
+    """The inputs whose intervals the relaxed ops read (both of a product's:
+    Relaxation.relaxed), once each, in node order: what beta-crown plans read intermediate
+    bounds of (their slopes are per op: "alpha:<target>:<op output>"), and with `splitting`
+    the neurons ReLU branch and bound splits."""
+    return list(dict.fromkeys(v for n in relaxed_nodes(graph, splitting) for v in ops.get(n.op).relaxation.relaxed(n)))
 
 
 def _unit_lead(shape) -> bool:
@@ -261,7 +256,7 @@ class _Lowering:
         em, op, y = self.em, ops.get(node.op), node.outputs[0]
         boxes = [self.bounds[v] for v in op.relaxation.relaxed(node)]
         rows, *shape = op.relaxation.shape(self.g, node)
-        lines = em.buffer(f"{node.op}.relax({op.relaxation.key(node)})", (rows, self.B) + tuple(shape))
+        lines = em.buffer(f"{node.op}.relax({y})", (rows, self.B) + tuple(shape))
         em.emit(f"{node.op}.relax", boxes, [lines], attrs=node.attrs, source=node.name)
         self.relax[y] = lines
         if self.sound:
@@ -397,7 +392,7 @@ class _Lowering:
             new_a, new_bias = a_buf(relu.inputs[0]), bias_buf()
             ins = [a, bias, self.relax[relu.outputs[0]]]
             if alpha:                     # one slope per row and window position, as A
-                role = f"alpha:{target}:{relu.inputs[0]}"
+                role = f"alpha:{target}:{relu.outputs[0]}"
                 em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(window), role="input",
                                                 dynamic_axis=dynamic)
                 ins.append(em.out.inputs[role])
@@ -506,15 +501,17 @@ class _Lowering:
                     relaxation = op.relaxation
                     split = self.method == SPLIT_METHOD and relaxation.splits_at_zero
                     for kind in ("alpha", "beta") if split else ("alpha",):
-                        role = f"{kind}:{target}:{relaxation.key(node)}"
-                        # alpha: the relaxation's parameters per row and neuron of its lines;
-                        # beta: a split multiplier per row and input neuron
+                        # alpha: the relaxation's parameters per row and neuron of its lines
+                        # (per op); beta: a split multiplier per row and input neuron (per
+                        # input: two ReLUs of one value share its splits)
+                        role = f"alpha:{target}:{out}" if kind == "alpha" else f"beta:{target}:{node.inputs[0]}"
                         per_row = relaxation.param_count(g, node) if kind == "alpha" else 1
                         lead = (per_row,) if per_row > 1 else ()
                         shape = relaxation.shape(g, node)[1:] if kind == "alpha" else self.shape(node.inputs[0])
-                        em.out.inputs[role] = em.buffer(    # the region axis first (optimisers batch on it)
-                            role, (B,) + lead + (rows2,) + tuple(shape), role="input",
-                            dynamic_axis=None if dynamic is None else dynamic + len(lead))
+                        if role not in em.out.inputs:     # the region axis first (optimisers batch on it)
+                            em.out.inputs[role] = em.buffer(
+                                role, (B,) + lead + (rows2,) + tuple(shape), role="input",
+                                dynamic_axis=None if dynamic is None else dynamic + len(lead))
                         ins.append(em.out.inputs[role])
                     kernel = f"linear.{node.op}_alpha"
             if out in self.errors:             # sound_fp: the op's error vector widens the bias

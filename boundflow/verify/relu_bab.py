@@ -47,7 +47,7 @@ import dataclasses
 from boundflow import api
 from boundflow.domains.rounding import round_outward
 from boundflow.planner.config import PlannerConfig
-from boundflow.planner.lower import SPLIT_METHOD, relaxation_keys, relaxed_inputs
+from boundflow.planner.lower import SPLIT_METHOD, relaxed_inputs, relaxed_nodes
 from boundflow.planner.pipeline import planned_graph
 from boundflow.verify.alpha import AlphaConfig, descend, starting_slopes
 from boundflow.verify.attack import Counterexample
@@ -80,10 +80,10 @@ class ReluBabConfig:
 
 
 class DomainSet:
-    """Domains as named tensors with the domain axis first: per relaxed input ``v``,
-    ``lo:v``/``hi:v`` [N, *shape] (clamped intermediate bounds), per relaxed op's key ``k``
-    ``alpha:k`` [N, params?, 2S, *shape] (warm starts), per ReLU input ``v`` ``sign:v``
-    [N, *shape] (+1, -1, 0), ``beta:v`` [N, 2S, *shape], ``score:v`` [N, *shape]; and
+    """Domains as named tensors with the domain axis first: per relaxed op's input ``v``,
+    ``lo:v``/``hi:v`` [N, *shape] (clamped intermediate bounds); per ReLU input ``v``
+    ``sign:v`` [N, *shape] (+1, -1, 0), ``beta:v`` [N, 2S, *shape] (warm starts), ``score:v``
+    [N, *shape]; per relaxed op's output ``o`` its slopes ``alpha:o`` (warm starts); and
     ``pair`` [N] (which (box, disjunct) pair the domain belongs to) and ``margin`` [N] (float64,
     the certified margin of its disjunct)."""
 
@@ -168,12 +168,15 @@ class ReluBranchAndBound:
         self.graph, self.key = api.load_model(model)
         self.output = self.graph.outputs[0]
         # the plan's names (layout folding may rename a ReLU's input): every relaxed op's input
-        # has intermediate bounds, every relaxed op slopes (by its key, the input of a one-input
-        # op), the ReLUs' inputs are split (with multipliers)
+        # has intermediate bounds, every relaxed op its slopes (named by its output), the
+        # ReLUs' inputs are split (with multipliers)
         planned = planned_graph(self.graph, self.planner)[0]
         self.relaxed = relaxed_inputs(planned)
-        self.keys = relaxation_keys(planned)
+        self.slopes = [n.outputs[0] for n in relaxed_nodes(planned)]
         self.relus = relaxed_inputs(planned, splitting=True)
+        self.relu_slope = {}                          # split input -> the slopes of a ReLU of it
+        for n in relaxed_nodes(planned, splitting=True):
+            self.relu_slope.setdefault(n.inputs[0], n.outputs[0])
         self.pairs = pairs
         self.subs = [problem.restrict(b, k) for b, k in pairs]
         self.rows = max(sub.num_rows for sub in self.subs)
@@ -235,19 +238,19 @@ class ReluBranchAndBound:
         for v in self.relaxed:
             inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(dtype)
         executor = api._executor
-        alpha_roles = {v: f"alpha:{self.output}:{v}" for v in self.keys}
+        alpha_roles = {o: f"alpha:{self.output}:{o}" for o in self.slopes}
         beta_roles = {v: f"beta:{self.output}:{v}" for v in self.relus}
         signs = {v: t[f"sign:{v}"].to(dtype).unsqueeze(1) for v in self.relus}
-        warm = f"alpha:{self.keys[0]}" in t
+        warm = f"alpha:{self.slopes[0]}" in t
         if warm:
-            for v in self.keys:
-                t[f"alpha:{v}"] = t[f"alpha:{v}"].to(dtype)
+            for o in self.slopes:
+                t[f"alpha:{o}"] = t[f"alpha:{o}"].to(dtype)
             for v in self.relus:
                 t[f"beta:{v}"] = t[f"beta:{v}"].to(dtype)
         t_run = time.perf_counter()
         with torch.no_grad():
             if warm:
-                given = {alpha_roles[v]: t[f"alpha:{v}"] for v in self.keys}
+                given = {alpha_roles[o]: t[f"alpha:{o}"] for o in self.slopes}
                 given.update({beta_roles[v]: t[f"beta:{v}"] * signs[v] for v in self.relus})
             else:                                     # the root: CROWN's slopes, no multipliers
                 given = {role: None for role in list(alpha_roles.values()) + list(beta_roles.values())}
@@ -255,10 +258,10 @@ class ReluBranchAndBound:
         run_s = time.perf_counter() - t_run
         if not warm:
             slopes = starting_slopes(module, env)
-            for v in self.keys:
-                t[f"alpha:{v}"] = slopes[module.inputs[alpha_roles[v]]]
+            for o in self.slopes:
+                t[f"alpha:{o}"] = slopes[module.inputs[alpha_roles[o]]]
             for v in self.relus:
-                t[f"beta:{v}"] = torch.zeros_like(t[f"alpha:{v}"])
+                t[f"beta:{v}"] = torch.zeros_like(t[f"alpha:{self.relu_slope[v]}"])
         start = env[module.outputs["bounds"]]
         last_env = env
         if iterations > 0:
@@ -266,10 +269,10 @@ class ReluBranchAndBound:
             found = self._optimise(module, env, t, signs, iterations, start, deadline, exhausted, run_s)
             self.steps_s += time.perf_counter() - t_steps
             start, last_env = found.best["bounds"], found.last_env
-            for k, v in enumerate(self.keys):
-                t[f"alpha:{v}"] = found.best_variables[k]
+            for k, o in enumerate(self.slopes):
+                t[f"alpha:{o}"] = found.best_variables[k]
             for k, v in enumerate(self.relus):
-                t[f"beta:{v}"] = found.best_variables[len(self.keys) + k]
+                t[f"beta:{v}"] = found.best_variables[len(self.slopes) + k]
         t["margin"] = torch.maximum(t["margin"], self.margins(pair, start[0], start[1], exact=sound))
         if not trial:
             self._scores(module, last_env, t)
@@ -303,8 +306,8 @@ class ReluBranchAndBound:
                   "C": self.C_exact[pair]}
         for v in self.relaxed:
             inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(f64)
-        for k in self.keys:
-            inputs[f"alpha:{self.output}:{k}"] = t[f"alpha:{k}"].to(f64)
+        for o in self.slopes:
+            inputs[f"alpha:{self.output}:{o}"] = t[f"alpha:{o}"].to(f64)
         for v in self.relus:
             inputs[f"beta:{self.output}:{v}"] = (t[f"beta:{v}"] * t[f"sign:{v}"].unsqueeze(1)).to(f64)
         lb, ub = api._executor.run(module, inputs)["bounds"]
@@ -320,19 +323,19 @@ class ReluBranchAndBound:
         On ``exhausted`` domains (the network linear there) the bound is a Lagrangian dual of
         a linear program, which may need large multipliers (an empty domain's dual is
         unbounded): beta's steps are ten times larger and do not decay."""
-        alpha_ids = {v: module.inputs[f"alpha:{self.output}:{v}"] for v in self.keys}
+        alpha_ids = {o: module.inputs[f"alpha:{self.output}:{o}"] for o in self.slopes}
         beta_ids = {v: module.inputs[f"beta:{self.output}:{v}"] for v in self.relus}
-        alphas = {v: t[f"alpha:{v}"].clone().requires_grad_(True) for v in self.keys}
+        alphas = {o: t[f"alpha:{o}"].clone().requires_grad_(True) for o in self.slopes}
         betas = {v: t[f"beta:{v}"].clone().requires_grad_(True) for v in self.relus}
 
         def feed():
-            out = {alpha_ids[v]: alphas[v] for v in self.keys}
+            out = {alpha_ids[o]: alphas[o] for o in self.slopes}
             out.update({beta_ids[v]: betas[v] * signs[v] for v in self.relus})
             return out
 
         def project():
-            for v in self.keys:
-                alphas[v].clamp_(0.0, 1.0)
+            for o in self.slopes:
+                alphas[o].clamp_(0.0, 1.0)
             for v in self.relus:
                 betas[v].clamp_(min=0.0)
 
@@ -346,7 +349,7 @@ class ReluBranchAndBound:
 
     def _scores(self, module, env, out: dict) -> None:
         """BaBSR's intercept score per neuron (-inf where no split is possible)."""
-        relu_of = {module.inputs[f"alpha:{self.output}:{v}"]: v for v in self.relus}   # names may hold ":"
+        relu_of = {module.inputs[f"alpha:{self.output}:{o}"]: v for v, o in self.relu_slope.items()}
         coeff = {relu_of[op.inputs[3]]: env[op.inputs[0]].detach()
                  for op in module.ops() if len(op.inputs) > 3 and op.inputs[3] in relu_of}
         for v in self.relus:
