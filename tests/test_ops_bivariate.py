@@ -1,7 +1,8 @@
 """The product of two perturbed tensors (boundflow/ops/mul.py): McCormick planes bound x y on
 their box for CROWN's choice and for every alpha; the interval and backward rules; forward equal
 to onnxruntime (with broadcasting); every method, float32 and sound_fp, contains sampled points
-(corners included) of random product networks; the torch frontend; clear errors; and verdicts
+(corners included) of random product networks and of matrix products of two variables (MatMul,
+Gemm: sums of products); the torch frontend; clear errors; and verdicts
 of `boundflow verify` on product networks (input splitting, and ReLU branch and bound with a
 product beside the ReLUs)."""
 from __future__ import annotations
@@ -239,6 +240,92 @@ def test_torch_frontend(method):
         y = module(pts)
     assert torch.allclose(evaluate(graph, pts.unsqueeze(1))[0].reshape(len(pts), -1), y, atol=1e-6)
     lb, ub = boundflow.compute_bounds(module, lo, hi, method=method)
+    assert (lb[0] <= y + 1e-5).all() and (ub[0] >= y - 1e-5).all()
+
+
+# -- matrix products of two variables ---------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Two heads of q @ k^T, a tanh (for the softmax, not supported yet), then @ v: [1, 3, 4] -> [1, 18]."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 6)
+
+    def heads(self, t):
+        return t.reshape(1, 3, 2, 3).transpose(1, 2)
+
+    def forward(self, x):
+        scores = self.heads(self.q(x)) @ self.heads(self.k(x)).transpose(-1, -2)      # [1, 2, 3, 3]
+        return (torch.tanh(scores) @ self.heads(self.v(x))).reshape(1, 18)
+
+
+class Vectors(nn.Module):
+    """[k] @ [k, n] and [n, k] @ [k]: vectors promoted and their unit axis dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 8), nn.Linear(3, 8)
+
+    def forward(self, x):
+        u = self.a(x).reshape(4)
+        return torch.cat([(u @ self.b(x).reshape(4, 2)).reshape(1, 2), (self.c(x).reshape(2, 4) @ u).reshape(1, 2)], 1)
+
+
+def _gemm_of_two_variables(path) -> str:
+    """alpha A @ B + C, A [2, 3] and B [3, 2] both from the input [1, 6]."""
+    from onnx import helper
+
+    from nets import onnx_file
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(6, 6, generator=g).numpy(), torch.randn(6, 6, generator=g).numpy()
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Reshape", ["h1", "s1"], ["a"]),
+             helper.make_node("MatMul", ["x", "w2"], ["h2"]), helper.make_node("Reshape", ["h2", "s2"], ["b"]),
+             helper.make_node("Gemm", ["a", "b", "c"], ["g"], alpha=0.5),
+             helper.make_node("Reshape", ["g", "s3"], ["y"])]
+    inits = {"w1": w1, "w2": w2, "s1": torch.tensor([2, 3]).numpy(), "s2": torch.tensor([3, 2]).numpy(),
+             "c": torch.randn(2, 2, generator=g).numpy(), "s3": torch.tensor([1, 4]).numpy()}
+    return onnx_file(nodes, inits, [1, 6], [1, 4], path)
+
+
+@pytest.mark.parametrize("name", ["attention", "vectors", "gemm"])
+def test_matmul_of_two_variables(tmp_path, name):
+    """ONNX MatMul / Gemm of two variables: the forward rule equals onnxruntime; every method,
+    float32 and sound_fp, contains sampled points (corners included); alpha-CROWN no looser
+    than CROWN."""
+    torch.manual_seed(2)
+    if name == "gemm":
+        path, x0 = _gemm_of_two_variables(tmp_path / "gemm.onnx"), torch.randn(1, 6)
+    else:
+        module, x0 = (Attention(), torch.randn(1, 3, 4)) if name == "attention" else (Vectors(), torch.randn(1, 3))
+        path = export_onnx(module.eval(), x0, tmp_path / f"{name}.onnx")
+    graph, _ = boundflow.load_model(str(path))
+    assert "mul" in {n.op for n in graph.nodes}
+    lo, hi = x0 - 0.05, x0 + 0.05
+    pts = sample_box(lo[0], hi[0], 120, 32).reshape((-1,) + tuple(x0.shape[1:]))
+    y = onnx_runner(path)(pts)
+    assert torch.allclose(evaluate(graph, pts.unsqueeze(1))[0].reshape(len(pts), -1).double(), y, atol=1e-5)
+    widths = {}
+    for method in METHODS:
+        for sound_fp in (False, True):
+            lb, ub = boundflow.compute_bounds(str(path), lo, hi, method=method, sound_fp=sound_fp)
+            tol = 1e-5 * y.abs().clamp(min=1)
+            assert (lb[0].double() <= y + tol).all() and (ub[0].double() >= y - tol).all(), (method, sound_fp)
+            widths[method, sound_fp] = (ub - lb).mean().item()
+    assert widths["alpha-crown", False] <= widths["crown", False] * (1 + 1e-6)
+
+
+def test_matmul_torch_frontend():
+    torch.manual_seed(4)
+    module, x0 = Attention().eval(), torch.randn(1, 3, 4)
+    graph, _ = boundflow.load_model(module, x0)
+    assert sum(n.op == "mul" for n in graph.nodes) == 2
+    lo, hi = x0 - 0.05, x0 + 0.05
+    pts = sample_box(lo[0], hi[0], 100, 32)
+    with torch.no_grad():
+        y = torch.cat([module(p[None]) for p in pts])
+    assert torch.allclose(evaluate(graph, pts.unsqueeze(1))[0].reshape(len(pts), -1), y, atol=1e-5)
+    lb, ub = boundflow.compute_bounds(module, lo, hi, method="crown")
     assert (lb[0] <= y + 1e-5).all() and (ub[0] >= y - 1e-5).all()
 
 

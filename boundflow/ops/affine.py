@@ -78,7 +78,7 @@ def multiply(b: Builder, p, q) -> str:
         x, y = b.var(p), b.var(q)
         if x == y:      # a square: not the product of two independent operands
             b.unsupported("product of a value with itself (a square; mul relaxes two different operands)")
-        return mul.product(b, x, y)
+        return mul.product(b, x, y, b.output)
     x, c = (p, q) if b.is_const(q) else (q, p)
     return b.affine(b.var(x), b.const(c, "factor"), out=b.output)
 

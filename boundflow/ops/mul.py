@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from boundflow.domains import fp
@@ -141,7 +142,7 @@ MUL = register(Op(
 
 # -- frontends ------------------------------------------------------------------------------------
 
-def product(b: Builder, x: str, y: str) -> str:
+def product(b: Builder, x: str, y: str, out: str | None) -> str:
     """x * y for two different variables, broadcasting as numpy does: a variable of lower rank
     gets leading axes of size 1 (a reshape), then axes of size 1 broadcast."""
     xs, ys = b.shape(x), b.shape(y)
@@ -153,4 +154,28 @@ def product(b: Builder, x: str, y: str) -> str:
         x = b.reshape(x, (1,) * (len(full) - len(xs)) + tuple(xs))
     if len(ys) < len(full):
         y = b.reshape(y, (1,) * (len(full) - len(ys)) + tuple(ys))
-    return b.emit("mul", [x, y], out=b.output)
+    return b.emit("mul", [x, y], out=out)
+
+
+def matmul(b: Builder, x: str, y: str, out: str | None) -> str:
+    """x @ y for two variables (numpy matmul: vectors promoted, batch axes broadcast) as the sum
+    over k of the products x[..., m, k, 1] * y[..., 1, k, n] (each relaxed by its McCormick
+    planes, as auto_LiRPA's MatMul of two perturbed operands): mul, then a transpose bringing k
+    last and a linear with a row of ones. The product holds m k n values per batch entry."""
+    xs, ys = b.shape(x), b.shape(y)
+    if not xs or not ys:
+        b.unsupported("matrix product of a rank-0 operand")
+    vec_x, vec_y = len(xs) == 1, len(ys) == 1
+    if vec_x:
+        x, xs = b.reshape(x, (1,) + tuple(xs)), (1,) + tuple(xs)
+    if vec_y:
+        y, ys = b.reshape(y, tuple(ys) + (1,)), tuple(ys) + (1,)
+    (m, k), (k2, n) = xs[-2:], ys[-2:]
+    if k != k2:
+        b.unsupported(f"matrix product of shapes {list(xs)} and {list(ys)}: inner sizes {k} and {k2} differ")
+    terms = product(b, b.reshape(x, tuple(xs) + (1,)), b.reshape(y, tuple(ys[:-2]) + (1, k, n)), None)
+    r = len(b.shape(terms))
+    terms = b.transpose(terms, list(range(r - 2)) + [r - 1, r - 2])                  # [..., m, n, k]
+    summed = b.linear(terms, b.literal(np.ones((1, k))))                              # [..., m, n, 1]
+    shape = tuple(b.shape(summed)[:-3]) + ((m,) if not vec_x else ()) + ((n,) if not vec_y else ())
+    return b.reshape(summed, shape, out)
