@@ -302,7 +302,7 @@ def test_matmul_of_two_variables(tmp_path, name):
     graph, _ = boundflow.load_model(str(path))
     assert "mul" in {n.op for n in graph.nodes}
     lo, hi = x0 - 0.05, x0 + 0.05
-    pts = sample_box(lo[0], hi[0], 120, 32).reshape((-1,) + tuple(x0.shape[1:]))
+    pts = sample_box(lo[0], hi[0], 80, 32).reshape((-1,) + tuple(x0.shape[1:]))
     y = onnx_runner(path)(pts)
     assert torch.allclose(evaluate(graph, pts.unsqueeze(1))[0].reshape(len(pts), -1).double(), y, atol=1e-5)
     widths = {}
