@@ -20,7 +20,9 @@ Op variants (OPS):
   Add, Sub       variable with a broadcast constant on either side (full, per axis, scalar,
                  rank 0, last axis, an extra leading axis), or two variables of one shape
                  (also the same tensor twice: x + x, x - x)
-  Mul, Div       variable times / divided by a broadcast constant (either side for Mul)
+  Mul, Div       variable times / divided by a broadcast constant (either side for Mul); Mul
+                 also of two different variables (not one tensor twice, nor through Identity or
+                 Dropout: a square), with broadcasting
   Relu
   Conv           kernel 1..3 (rectangular), strides, asymmetric pads or auto_pad
                  (SAME_UPPER / SAME_LOWER / VALID), dilations, groups (also depthwise), bias
@@ -118,6 +120,7 @@ class Builder:
         self.const_shapes: dict[str, tuple[int, ...]] = {}
         self.var_ops: list[str] = []                       # op type of each variable node
         self.readers: dict[str, int] = {}
+        self.alias: dict[str, str] = {}                    # Identity / Dropout output -> its input
         self.lines: list[str] = []
         self.count = 0
 
@@ -142,6 +145,12 @@ class Builder:
         shown = ", ".join(f"{k}={v}" for k, v in attrs.items())
         self.lines.append(f"{out}{list(shape)} = {op}({', '.join(inputs)}) {shown} {note}".rstrip())
         return out
+
+    def root(self, t: str) -> str:
+        """The tensor t passes through unchanged (itself unless made by Identity or Dropout)."""
+        while t in self.alias:
+            t = self.alias[t]
+        return t
 
     def init(self, arr: np.ndarray, base: str = "c") -> str:
         name = self.fresh(base)
@@ -392,7 +401,23 @@ def op_sub(b, x, pool):
     return b.op("Sub", inputs, _bshape(b, x, c))
 
 
+def _factors(b, x, pool) -> list[str]:
+    """Variables that x may be multiplied by: another value (x * x is a square), of a shape
+    that broadcasts with x's to at most MAX_NUMEL values."""
+    def fits(t):
+        try:
+            return _numel(np.broadcast_shapes(b.shapes[x], b.shapes[t])) <= MAX_NUMEL
+        except ValueError:
+            return False
+    return [t for t in reversed(pool) if b.root(t) != b.root(x) and fits(t)]
+
+
 def op_mul(b, x, pool):
+    factors = _factors(b, x, pool)
+    if factors and b.pick.bool():
+        y = b.pick.choice(factors)
+        inputs = [x, y] if b.pick.bool() else [y, x]
+        return b.op("Mul", inputs, tuple(np.broadcast_shapes(b.shapes[x], b.shapes[y])), "two variables")
     c = b.const(b.rng.uniform(-1.5, 1.5, size=_broadcast_shape(b, b.shapes[x])), "scale")
     inputs = [x, c] if b.pick.bool() else [c, x]
     return b.op("Mul", inputs, _bshape(b, x, c))
@@ -691,7 +716,9 @@ def op_concat(b, x, pool):
 
 
 def op_identity(b, x, pool):
-    return b.op("Identity", [x], b.shapes[x])
+    y = b.op("Identity", [x], b.shapes[x])
+    b.alias[y] = x
+    return y
 
 
 def op_dropout(b, x, pool):
@@ -710,6 +737,7 @@ def op_dropout(b, x, pool):
     b.shapes[outs[0]] = b.shapes[x]
     b.var_ops.append("Dropout")
     b.lines.append(f"{', '.join(outs)} = Dropout({', '.join(inputs)}) {attrs}")
+    b.alias[outs[0]] = x
     return outs[0]
 
 

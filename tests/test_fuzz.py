@@ -314,10 +314,11 @@ def check_method(net, graph, method, lo, hi, C, config, points, outputs, equal_s
 
 
 def check_intermediate(graph, res, points, what):
-    """Every exported interval of a relaxed op's input (ReLU, max pool, sigmoid, tanh) contains
-    that value at the sampled points (graph: the graph the planner bounds, after layout folding
-    when that is on)."""
-    relaxed_inputs = {n.inputs[0] for n in graph.nodes if ops.get(n.op).relaxation is not None}
+    """Every exported interval of a relaxed op's input (ReLU, max pool, sigmoid, tanh, both of a
+    product) contains that value at the sampled points (graph: the graph the planner bounds,
+    after layout folding when that is on)."""
+    relaxed_inputs = {v for n in graph.nodes if ops.get(n.op).relaxation is not None
+                      for v in ops.get(n.op).relaxation.relaxed(n)}
     assert set(res.intermediate) == relaxed_inputs, (sorted(res.intermediate), sorted(relaxed_inputs), what)
     for b, pts in enumerate(points):
         with torch.no_grad():

@@ -451,22 +451,21 @@ def test_unsupported_op_names_op_node_and_list():
     assert "Supported ops" in msg and "aten.convolution.default" in msg and "aten.relu.default" in msg
 
 
-def test_product_of_variables_is_unsupported():
-    class Square(nn.Module):           # x * x itself is the square (ops/convex.py)
+def test_products_of_variables():
+    """x * x is the square (ops/convex.py), x * (x + 1) and x @ x.T products of two values
+    (ops/mul.py); each computes what torch computes."""
+    class Products(nn.Module):
         def forward(self, x):
-            return x * (x + 1)
+            return torch.cat([x * x, x * (x + 1), (x @ x.t()).reshape(1, -1)[:, :4]], 1)
 
-    with pytest.raises(UnsupportedOpError, match=r"aten\.mul\.Tensor.*'mul'"):
-        load_torch(Square(), torch.randn(1, 4))
-
-
-def test_matmul_of_variables_is_unsupported():
-    class Gram(nn.Module):
-        def forward(self, x):
-            return x @ x.t()
-
-    with pytest.raises(UnsupportedOpError, match=r"aten\.mm"):
-        load_torch(Gram(), torch.randn(3, 4))
+    x = torch.randn(1, 4)
+    graph = load_torch(Products(), x)
+    assert {"pow", "mul"} <= {n.op for n in graph.nodes}, sorted({n.op for n in graph.nodes})
+    from boundflow.domains.concrete import evaluate
+    pts = torch.randn(5, 1, 4)
+    got = evaluate(graph, pts)[0]
+    want = torch.stack([Products()(p) for p in pts])
+    assert torch.allclose(got.reshape(want.shape), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer", [nn.Hardshrink(), nn.AvgPool2d(3, ceil_mode=True),

@@ -1,6 +1,7 @@
 """affine: y = x * scale + shift, elementwise, the constants broadcast to x. Inputs (x, scale,
 shift). Frontends lower additions, subtractions, multiplications and divisions by constants,
-negations and BatchNorm at inference to it (and the sum of two variables to add)."""
+negations and BatchNorm at inference to it (the sum of two variables to add, the product of two
+to mul)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ from boundflow.domains import fp
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound
 from boundflow.domains.rounding import magnitude
-from boundflow.ops import convex
+from boundflow.ops import convex, mul
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -74,16 +75,18 @@ def add_scaled(b: Builder, p, q, k: float = 1.0) -> str:
 
 def multiply(b: Builder, p, q) -> str:
     if not b.is_const(p) and not b.is_const(q):
-        if b.var(p) == b.var(q):                # x * x: the square, a relaxed op of its own
-            return convex.square(b, b.var(p))
-        b.unsupported("product of two operands that both depend on the network input (not linear; no sound rule)")
+        x, y = b.var(p), b.var(q)
+        if x == y:                              # x * x: the square, a relaxed op of its own
+            return convex.square(b, x)
+        return mul.product(b, x, y, b.output)
     x, c = (p, q) if b.is_const(q) else (q, p)
     return b.affine(b.var(x), b.const(c, "factor"), out=b.output)
 
 
 def divide(b: Builder, p, q) -> str:
     if not b.is_const(q):
-        b.unsupported("division by an operand that depends on the network input (not linear; no sound rule)")
+        b.unsupported("division by an operand that depends on the network input (x / y needs a relaxation "
+                      "of 1 / y, a reciprocal op, which is not implemented)")
     c = b.const(q, "divisor")
     try:
         scale = c.derive(c.value.reciprocal())

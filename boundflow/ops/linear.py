@@ -1,6 +1,6 @@
 """linear: y = x @ W.T + b over the last axis. Inputs (x, W [out, in], b [out]?). Frontends
 lower matrix products with one constant side to it: ONNX Gemm and MatMul, aten linear, mm,
-bmm, matmul and addmm."""
+bmm, matmul and addmm (a product of two variables goes to mul.matmul)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +13,7 @@ from boundflow.domains import fp
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.rounding import Enclosed, magnitude
+from boundflow.ops import mul
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -110,8 +111,8 @@ def _row_bias(bias: Constant, out_shape: tuple[int, ...]) -> Constant | None:
 def matmul(b: Builder, left: str | Constant, right: str | Constant, alpha: float = 1.0,
            bias: Constant | None = None, transposed: bool = False) -> str:
     """alpha * (left @ right) + bias (numpy / torch.matmul semantics): one operand is a variable,
-    the other a Constant. transposed: the variable operand is the variable with its last two
-    axes swapped (ONNX Gemm's transA / transB).
+    the other a Constant (two variables: mul.matmul). transposed: the variable operand is the
+    variable with its last two axes swapped (ONNX Gemm's transA / transB).
 
     x @ C is linear(x, C^T); C @ x swaps the last two axes of x, applies linear with C and swaps
     back ((C x)^T = x^T C^T). A rank-1 constant is a one-row weight followed by a reshape that
@@ -120,8 +121,11 @@ def matmul(b: Builder, left: str | Constant, right: str | Constant, alpha: float
     own bias; any other is added after the product.
     """
     if isinstance(left, str) and isinstance(right, str):
-        b.unsupported("both operands depend on the network input (a product of two variables is not linear; "
-                      "no sound rule)")
+        if transposed:
+            b.unsupported("a product of two variables with a transposed operand (transA / transB)")
+        plain = alpha == 1.0 and bias is None
+        y = mul.matmul(b, left, right, b.output if plain else None)
+        return y if plain else b.affine(y, b.literal(alpha), bias, out=b.output)
     if not isinstance(left, str) and not isinstance(right, str):
         raise AssertionError("a product of two constants should have been folded")
     var_left = isinstance(left, str)

@@ -46,11 +46,11 @@ def constants(graph, node, dtype=torch.float32) -> list[torch.Tensor]:
 class Relaxation:
     """Lines that bound a nonlinear op over its input interval, for the backward passes.
 
-    relax       "<op>.relax": stack(lower, upper) of the input (and the op's backward_params)
-                -> the lines' coefficients,
-                [rows, B, *shape] (shape: the input's, or as `lines_shape` says), which every
-                backward rule of the op reads
-    fp          "fp.<op>_lines": (input interval, lines) -> (error vector of the backward rules,)
+    relax       "<op>.relax": stack(lower, upper) of the input (of each of the first `inputs`
+                inputs; then the op's backward_params) -> the lines' coefficients, [rows, B,
+                *shape] (shape: the input's, or as `lines_shape` says), which every backward
+                rule of the op reads
+    fp          "fp.<op>_lines": (input intervals, lines) -> (error vector of the backward rules,)
     optimised   "linear.<op>_alpha": the backward rule with optimisable parameters in [0, 1],
                 `params` of them per row of A and neuron of the lines ([B, params, rows, *shape],
                 or [B, rows, *shape] for one), given as an input (None: the plain lines), and
@@ -77,6 +77,9 @@ class Relaxation:
     sparse_refine: bool = False
     # ReLU branch and bound may split its input at 0: `optimised` then takes split multipliers
     splits_at_zero: bool = False
+    # how many leading inputs of the op the lines read ("<op>.relax" and "fp.<op>_lines" take
+    # their intervals, in order): 2 for a product of two variables
+    inputs: int = 1
 
     def shape(self, graph, node) -> tuple[int, ...]:
         """Per-region shape of the lines, rows first."""
@@ -86,6 +89,10 @@ class Relaxation:
 
     def param_count(self, graph, node) -> int:
         return self.params if self.params_of is None else self.params_of(graph, node)
+
+    def relaxed(self, node) -> list[str]:
+        """The inputs whose intervals the lines read (the intermediate bounds the op needs)."""
+        return list(node.inputs[:self.inputs])
 
 
 @dataclass(frozen=True)

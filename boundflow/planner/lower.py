@@ -5,16 +5,16 @@ ops.Relaxation) is bounded by lines computed from its input's interval.
 
   ibp        interval rules node by node; C folded into a last linear op, else applied to the box
   crown-ibp  interval intermediate bounds, one CROWN backward pass for the output
-  crown      as crown-ibp, but every relaxed op's input is refined by a CROWN backward pass as
-             soon as its interval is known (config.crown_interm says how), so later intervals
-             start from refined bounds
+  crown      as crown-ibp, but every relaxed op's input (both of a product's) is refined by a
+             CROWN backward pass as soon as its interval is known (config.crown_interm says
+             how), so later intervals start from refined bounds
   alpha-crown  as crown, but every backward pass reads the relaxations' parameters (the ReLU's
              lower slopes, sigmoid's tangent points) from module inputs
              "alpha:<target>:<relaxed op's output>" ([B, params?, rows of A, *shape]), which an
              optimiser tunes (boundflow.verify.alpha), as auto_LiRPA does: one set per (relaxed
              op, bounded value) pair, intermediate bounds recomputed with theirs
   beta-crown (for branch and bound on ReLU splits; not a user method) one CROWN backward pass
-             for the output from intermediate bounds given as inputs "interm:<relu input>"
+             for the output from intermediate bounds given as inputs "interm:<relaxed input>"
              ([2, B, *shape], already clamped by the domain's splits), with slopes
              "alpha:<output>:<relaxed op's output>" and signed split multipliers
              "beta:<output>:<relu input>" (boundflow.verify.relu_bab); lower bounds only
@@ -103,10 +103,11 @@ def relaxed_nodes(graph: Graph, splitting: bool = False) -> list[Node]:
 
 
 def relaxed_inputs(graph: Graph, splitting: bool = False) -> list[str]:
-    """The input value of every relaxed op, once each, in node order: what beta-crown plans
-    read intermediate bounds of (their slopes are per op: "alpha:<target>:<op output>"), and
-    with `splitting` the neurons ReLU branch and bound splits."""
-    return list(dict.fromkeys(n.inputs[0] for n in relaxed_nodes(graph, splitting)))
+    """The inputs whose intervals the relaxed ops read (both of a product's:
+    Relaxation.relaxed), once each, in node order: what beta-crown plans read intermediate
+    bounds of (their slopes are per op: "alpha:<target>:<op output>"), and with `splitting`
+    the neurons ReLU branch and bound splits."""
+    return list(dict.fromkeys(v for n in relaxed_nodes(graph, splitting) for v in ops.get(n.op).relaxation.relaxed(n)))
 
 
 def _unit_lead(shape) -> bool:
@@ -208,9 +209,11 @@ class _Lowering:
             em.out.inputs[role] = given[v] = em.buffer(
                 role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
         for node in self.g.nodes:
-            is_relaxed = ops.get(node.op).relaxation is not None
+            relaxation = ops.get(node.op).relaxation
+            is_relaxed = relaxation is not None
             if is_relaxed:           # (an input of the network too: then the domain's own box)
-                self.bounds[node.inputs[0]] = given[node.inputs[0]]
+                for v in relaxation.relaxed(node):
+                    self.bounds[v] = given[v]
             if self.sound:
                 self.forward(node)   # every interval and error vector, relaxations from the given bounds
             elif is_relaxed:
@@ -248,17 +251,17 @@ class _Lowering:
         return node
 
     def relax_node(self, node: Node):
-        """The lines of a relaxed op (ops.Relaxation) from its input's interval, and in a
+        """The lines of a relaxed op (ops.Relaxation) from its inputs' intervals, and in a
         sound_fp plan its backward rules' error vector."""
-        em, op, y, v = self.em, ops.get(node.op), node.outputs[0], node.inputs[0]
+        em, op, y = self.em, ops.get(node.op), node.outputs[0]
+        boxes = [self.bounds[v] for v in op.relaxation.relaxed(node)]
         rows, *shape = op.relaxation.shape(self.g, node)
-        lines = em.buffer(f"{node.op}.relax({v})", (rows, self.B) + tuple(shape))
-        em.emit(f"{node.op}.relax", [self.bounds[v]], [lines], self.backward_params(node), node.attrs,
-                source=node.name)
+        lines = em.buffer(f"{node.op}.relax({y})", (rows, self.B) + tuple(shape))
+        em.emit(f"{node.op}.relax", boxes, [lines], self.backward_params(node), node.attrs, source=node.name)
         self.relax[y] = lines
         if self.sound:
             self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
-            em.emit(f"fp.{node.op}_lines", [self.bounds[v], lines], [self.errors[y]], attrs=node.attrs,
+            em.emit(f"fp.{node.op}_lines", boxes + [lines], [self.errors[y]], attrs=node.attrs,
                     source=node.name)
 
     def forward(self, node: Node):
