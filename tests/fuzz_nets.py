@@ -424,6 +424,8 @@ def op_mul(b, x, pool):
 
 
 def op_div(b, x, pool):
+    if b.dtype == np.float32 and b.pick.int(0, 3) == 0:    # by a variable >= 0.5 (normalise.py: x * 1/y)
+        return b.op("Div", [x, _positive(b, _partner(b, x, pool))], b.shapes[x], "two variables")
     shape = _broadcast_shape(b, b.shapes[x])
     c = b.rng.uniform(0.5, 2.0, size=shape) * np.where(b.rng.random(size=shape) < 0.3, -1, 1)
     c = b.const(c, "divisor")
@@ -796,7 +798,10 @@ def op_prelu(b, x, pool):
 def op_extreme(b, x, pool):
     """Min or Max of x and a broadcast constant (either order)."""
     kind = b.pick.choice(["Min", "Max"])
-    c = b.const(_normal(b, _broadcast_shape(b, b.shapes[x]), 0.5), "bound")
+    # an initializer: a bound folded at import with a rounding error is refused (exact ones only)
+    arr = _normal(b, _broadcast_shape(b, b.shapes[x]), 0.5)
+    c = b.init(arr, "bound")
+    b.const_shapes[c] = arr.shape
     inputs = [x, c] if b.pick.bool() else [c, x]
     return b.op(kind, inputs, _bshape(b, x, c))
 
@@ -806,6 +811,27 @@ def op_gelu(b, x, pool):
         return None
     attrs = {"approximate": b.pick.choice(["none", "tanh"])} if b.pick.bool() else {}
     return b.op("Gelu", [x], b.shapes[x], **attrs)
+
+
+def op_softmax(b, x, pool):
+    if b.opset < 13:                         # refused before 13 (flattened trailing axes)
+        return None
+    s = b.shapes[x]
+    return b.op("Softmax", [x], s, axis=b.pick.int(-len(s), len(s) - 1))
+
+
+def op_layer_norm(b, x, pool):
+    if b.opset < 17:
+        return None
+    s = b.shapes[x]
+    axis = b.pick.int(-len(s), len(s) - 1)
+    inner = s[axis:]
+    inputs = [x, b.init(b.float(b.rng.uniform(0.5, 1.5, size=inner)), "gamma")]
+    if b.pick.bool():
+        inputs.append(b.init(b.float(b.rng.normal(size=inner) * 0.3), "beta"))
+    # epsilon well above float32's round-off of a near-constant input's variance: with 1e-5 a
+    # float32 layer norm (onnxruntime's) amplifies its own rounding 300x, beyond the tolerances
+    return b.op("LayerNormalization", inputs, s, axis=axis, epsilon=b.pick.choice([0.1, 0.5]))
 
 
 def op_square(b, x, pool):
@@ -1018,6 +1044,8 @@ OP_FUNCS = {
     "Sin": (_unary("Sin"), _any),
     "Cos": (_unary("Cos"), _any),
     "Gelu": (op_gelu, _any),
+    "Softmax": (op_softmax, _any),
+    "LayerNormalization": (op_layer_norm, _any),
     "ConvTranspose": (op_conv_transpose, _image),
     "ReduceSum": (op_reduce_sum, _any),
     "ReduceMean": (op_reduce_mean, _any),
@@ -1031,7 +1059,7 @@ OP_FUNCS = {
 }
 # the elementwise nonlinear ops (ops/convex.py, leaky_relu.py, sign.py, periodic.py, gelu.py)
 ELEMENTWISE = ("Exp", "Log", "Reciprocal", "Sqrt", "Pow", "Softplus", "Square", "LeakyRelu", "PRelu", "Abs",
-               "Sign", "MinMax", "Sin", "Cos", "Gelu")
+               "Sign", "MinMax", "Sin", "Cos", "Gelu", "Softmax", "LayerNormalization")
 OPS = tuple(OP_FUNCS)
 
 # what follows a layer, when something does

@@ -14,7 +14,7 @@ from boundflow.domains import fp
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound
 from boundflow.domains.rounding import magnitude
-from boundflow.ops import convex, mul
+from boundflow.ops import convex, mul, normalise
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -84,9 +84,10 @@ def multiply(b: Builder, p, q) -> str:
 
 
 def divide(b: Builder, p, q) -> str:
-    if not b.is_const(q):
-        b.unsupported("division by an operand that depends on the network input (x / y needs a relaxation "
-                      "of 1 / y, a reciprocal op, which is not implemented)")
+    if not b.is_const(q):                       # x / y = x * (1 / y) (ops/normalise.py)
+        if b.is_const(p):
+            return b.affine(b.emit("reciprocal", [b.var(q)]), b.const(p, "dividend"), out=b.output)
+        return normalise.quotient(b, b.var(p), b.var(q), b.output)
     c = b.const(q, "divisor")
     try:
         scale = c.derive(c.value.reciprocal())
