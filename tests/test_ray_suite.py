@@ -54,14 +54,15 @@ def _env() -> dict[str, str]:
 
 def _cli(args: list[str], **kwargs) -> tuple[int, str]:
     """(pid, stdout) of ``boundflow run-suite ARGS``, which must succeed."""
+    kwargs.setdefault("env", _env())
     with subprocess.Popen([sys.executable, "-m", "boundflow", "run-suite", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=_env(), **kwargs) as proc:
+                          stderr=subprocess.PIPE, text=True, **kwargs) as proc:
         stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stdout + stderr
     return proc.pid, stdout
 
 
-def _instances(shared: Path, cap: float = 30.0) -> list[suite.Instance]:
+def _instances(shared: Path, cap: float = 60.0) -> list[suite.Instance]:
     """The shared test benchmark, an mnistfc and an ACAS Xu instance."""
     root = shared / VNNCOMP
     return (suite.read_instances(root / "test" / "test_instances.csv", cap)
@@ -172,8 +173,8 @@ def _mini(tmp_path: Path, shared: Path, absolute: bool) -> Path:
     bench.mkdir()
     where = (lambda name: test / name) if absolute else (lambda name: name)
     (bench / "mini_instances.csv").write_text(
-        f"{where('test_nano.onnx')},{where('test_nano.vnnlib')},30\n"
-        f"{where('test_sat.onnx')},{where('test_prop.vnnlib')},30\n")
+        f"{where('test_nano.onnx')},{where('test_nano.vnnlib')},60\n"
+        f"{where('test_sat.onnx')},{where('test_prop.vnnlib')},60\n")
     (bench / "expected.csv").write_text(
         "benchmark,onnx,vnnlib,expected,holds_votes,violated_votes\n"
         "mini,test_nano.onnx,test_nano.vnnlib,holds,3,0\n"
@@ -185,10 +186,10 @@ def _rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
-def test_cli_on_a_cluster_address_with_data_root_and_resume(ray_address, shared, tmp_path):
+def test_cli_on_a_cluster_with_data_root_and_resume(ray_address, shared, tmp_path):
     """--ray ADDRESS with --data-root (the csv's paths are relative to a folder only the
-    workers read), the local runner's progress lines and table; then --resume re-runs only
-    the instance whose row is gone."""
+    workers read), the local runner's progress lines and table; then --ray auto --resume
+    re-runs only the instance whose row is gone."""
     instances = _mini(tmp_path, shared, absolute=False)
     out = tmp_path / "results.csv"
     args = [str(instances), "--ray", ray_address, "--data-root", str(shared / VNNCOMP / "test"), "--out", str(out)]
@@ -203,8 +204,9 @@ def test_cli_on_a_cluster_address_with_data_root_and_resume(ray_address, shared,
 
     lines = out.read_text().splitlines(keepends=True)
     out.write_text(lines[0] + lines[2])     # the first instance's row lost: an interrupt
-    second = _cli(args + ["--resume"])[1]
-    assert "resuming: 1 of 2 instances already in" in second
+    auto = [a if a != ray_address else "auto" for a in args]      # auto: the cluster of $RAY_ADDRESS
+    second = _cli(auto + ["--resume"], env=dict(_env(), RAY_ADDRESS=ray_address))[1]
+    assert "2 at a time on Ray (auto)" in second and "resuming: 1 of 2 instances already in" in second
     assert second.count("] mini ") == 1 and "[2/2] mini test_nano.onnx test_nano.vnnlib  holds" in second
     assert "solved 2 of 2; wrong answers 1" in second
     assert [r["vnnlib"] for r in _rows(out)] == ["test_nano.vnnlib", "test_prop.vnnlib"]
@@ -243,6 +245,8 @@ def test_cli_ray_errors_name_the_problem(capsys, tmp_path, monkeypatch, shared):
         ([str(instances), "--resume"], "--resume needs --out"),
         ([str(instances), "--data-root", str(tmp_path)], "--data-root goes with --ray"),
         ([str(instances), "--ray", "local", "--jobs", "0"], "--jobs and --threads must be >= 1"),
+        ([str(instances), "--ray", "nohost"], "--ray nohost: expected local, auto or HOST:PORT"),
+        ([str(instances), "--ray", "127.0.0.1:1"], "--ray 127.0.0.1:1: nothing answers there"),
     ]:
         assert main(["run-suite", *argv]) == 2
         assert fragment in capsys.readouterr().err

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections import deque
@@ -39,6 +40,8 @@ DRIVER_GRACE_S = 60.0
 POLL_S = 1.0
 # Tries of an instance whose worker dies (the first and one retry).
 TRIES = 2
+# Seconds to reach a cluster's address before joining it (Ray itself retries for ever).
+CONNECT_TIMEOUT_S = 10.0
 
 
 class RayRunnerError(BoundflowError):
@@ -127,6 +130,8 @@ class RayRunner:
                 # "local": a new instance even where a cluster runs or RAY_ADDRESS is set
                 ray.init(address="local", num_cpus=(self.jobs or os.cpu_count() or 1) * self.threads, **options)
             else:
+                if self.address != "auto":
+                    check_reachable(self.address)
                 ray.init(address=self.address, **options)
         except ConnectionError as e:
             hint = " (start one with 'ray start --head')" if self.address == "auto" else ""
@@ -234,6 +239,19 @@ class RayRunner:
             if not path.is_file():
                 return f"{what} {path}: no such file"
         return ""
+
+
+def check_reachable(address: str) -> None:
+    """Fail at once where nothing listens at ``address`` (HOST:PORT), where ``ray.init`` would
+    retry for ever."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayRunnerError(f"--ray {address}: expected local, auto or HOST:PORT (a Ray head's address)")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise RayRunnerError(f"--ray {address}: nothing answers there ({e}); is the cluster's head "
+                             f"running ('ray start --head')?") from None
 
 
 def _first_line(error: Exception) -> str:
