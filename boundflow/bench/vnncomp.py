@@ -137,9 +137,13 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     runs = plan_runs(args)
+    t0 = time.perf_counter()
     with suite_runner(args.ray, args.jobs, args.method, 1, args.data_root) as runner:
+        start_s = time.perf_counter() - t0     # a Ray's start (--ray local) or joining a cluster
         results = {benchmark: run_benchmark(benchmark, plan, args, runner) for benchmark, plan in runs.items()}
         slots = runner.describe()
+    if args.ray:
+        print(f"\nRay ({args.ray}): {start_s:.1f} s to start or join, not in the wall times")
     rows = [[b, r["instances"], r["solved"], r["holds"], r["violated"], r["unknown"] + r["timeout"],
              r["error"], r["wrong"], f"{r['median_s']:.2f}", f"{r['median_solved_s'] or 0:.2f}", f"{r['wall_s']:.1f}"]
             for b, r in results.items()]
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
     out = {"benchmark": "vnncomp2021", "machine": machine_info(), "versions": versions(),
            "config": {"runs": {b: {"onnx_filter": t, "limit": n, "timeout_cap_s": c} for b, (t, n, c) in runs.items()},
                       "preset": args.preset, "method": args.method, "jobs": args.jobs,
-                      "ray": args.ray, "runner": slots,
+                      "ray": args.ray, "runner": slots, "runner_start_s": start_s,
                       "torch_threads_per_instance": 1, "timing": "whole process, launch to exit"},
            "results": results}
     if args.json:

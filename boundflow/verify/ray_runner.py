@@ -113,6 +113,8 @@ class RayRunner:
 
     def __enter__(self) -> "RayRunner":
         ray = import_ray()
+        if self.address not in (None, "local", "auto"):
+            check_reachable(self.address)
         if self.address is None:
             if not ray.is_initialized():
                 raise RayRunnerError("RayRunner(None) uses this process's Ray, but ray.init() was not called")
@@ -130,12 +132,13 @@ class RayRunner:
                 # "local": a new instance even where a cluster runs or RAY_ADDRESS is set
                 ray.init(address="local", num_cpus=(self.jobs or os.cpu_count() or 1) * self.threads, **options)
             else:
-                if self.address != "auto":
-                    check_reachable(self.address)
                 ray.init(address=self.address, **options)
         except ConnectionError as e:
             hint = " (start one with 'ray start --head')" if self.address == "auto" else ""
             raise RayRunnerError(f"--ray {self.address}: cannot connect to a Ray cluster{hint}: {e}") from None
+        except ray.exceptions.AuthenticationError as e:
+            raise RayRunnerError(f"--ray {self.address}: the cluster refused this driver ({_first_line(e)}); "
+                                 f"copy the head's token (ray get-auth-token) to ~/.ray/auth_token") from None
         self.owns = True
 
     def _slots(self, ray) -> int:
@@ -211,7 +214,8 @@ class RayRunner:
         inst = job.instance
         reason = f"{type(error).__name__}: {_first_line(error)}"
         if job.tries >= TRIES:
-            return Outcome(inst, "error", 0.0, f"the worker died {job.tries} times ({reason})")
+            return Outcome(inst, "error", time.monotonic() - job.started,
+                           f"the worker died {job.tries} times ({reason})")
         self.notice(f"retrying {inst.benchmark} {Path(inst.onnx).name} {Path(inst.vnnlib).name}: "
                     f"the worker died ({reason})")
         running[self._submit(task, inst)] = _Running(job.index, inst, job.tries + 1, time.monotonic())
