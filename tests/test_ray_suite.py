@@ -49,7 +49,8 @@ def ray_address():
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO))
+    # token: Ray sends its token (~/.ray/auth_token) to a cluster given by address only so
+    return dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="token")
 
 
 def _cli(args: list[str], **kwargs) -> tuple[int, str]:

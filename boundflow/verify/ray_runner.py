@@ -134,12 +134,20 @@ class RayRunner:
             else:
                 ray.init(address=self.address, **options)
         except ConnectionError as e:
-            hint = " (start one with 'ray start --head')" if self.address == "auto" else ""
-            raise RayRunnerError(f"--ray {self.address}: cannot connect to a Ray cluster{hint}: {e}") from None
+            raise RayRunnerError(f"--ray {self.address}: cannot connect to a Ray cluster{self._hint()}: {e}") from None
         except ray.exceptions.AuthenticationError as e:
             raise RayRunnerError(f"--ray {self.address}: the cluster refused this driver ({_first_line(e)}); "
                                  f"copy the head's token (ray get-auth-token) to ~/.ray/auth_token") from None
         self.owns = True
+
+    def _hint(self) -> str:
+        if self.address == "auto":
+            return " (start one with 'ray start --head')"
+        if "RAY_AUTH_MODE" not in os.environ:
+            # Ray sends its token only to a cluster it found itself, never to an address given
+            return (" (Ray's token authentication, on by default, needs RAY_AUTH_MODE=token and the "
+                    "head's token in ~/.ray/auth_token to join a cluster by its address)")
+        return ""
 
     def _slots(self, ray) -> int:
         cpus = int(ray.cluster_resources().get("CPU", 0))
