@@ -4,6 +4,11 @@ A fresh process per instance is what VNN-COMP measures (start-up included), isol
 to its instance, and lets a process that overruns its timeout be killed. Rows are compared with
 the majority verdicts in an ``expected.csv`` found beside the instances (or in a folder above),
 so a wrong answer is flagged and counted.
+
+A runner decides where the processes run: :class:`LocalRunner` on this machine, ``jobs`` at a
+time, or ``ray_runner.RayRunner`` as Ray tasks on a cluster's workers (both through
+:func:`execute`); everything else (the CSV streamed row by row, resuming, the progress lines,
+the final table) is :func:`run_reported`'s, the same for both.
 """
 from __future__ import annotations
 
