@@ -163,6 +163,20 @@ def test_a_killed_worker_is_retried_once(ray_address, shared):
     assert sum("retrying" in n and names[2] in n for n in notices) == 1, notices
 
 
+def test_the_driver_kills_a_task_past_its_deadline(ray_address, shared, monkeypatch):
+    """A task that has not answered by its deadline (here a second after it started, as if the
+    worker hung) is cancelled by the driver and recorded as a timeout."""
+    from boundflow.verify import ray_runner
+
+    inst = suite.read_instances(shared / VNNCOMP / "test" / "test_instances.csv", 30)[0]
+    monkeypatch.setattr(ray_runner, "DRIVER_GRACE_S", 1.0 - inst.timeout - suite.KILL_GRACE_S)
+    with ray_runner.RayRunner(None, jobs=1) as runner:
+        t0 = time.monotonic()
+        [outcome] = suite.run_suite([inst], runner=runner)
+    assert outcome.verdict == "timeout" and outcome.message.startswith("killed by the driver")
+    assert 1.0 <= outcome.seconds < 1.0 + 2 * ray_runner.POLL_S and time.monotonic() - t0 < 10
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
