@@ -137,7 +137,7 @@ def test_method_is_case_insensitive(mlp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("op", ["Round", "Floor", "Softmax"])
+@pytest.mark.parametrize("op", ["Round", "Floor", "Hardmax"])
 def test_unsupported_op_file(tmp_path, op):
     path = tmp_path / f"{op.lower()}.onnx"
     onnx.save(_mlp_proto(op, node_name=f"my_{op.lower()}_node"), str(path))

@@ -521,19 +521,6 @@ def test_unsupported_op_names_op_and_node():
     assert "Round" in str(e.value) and "my_round" in str(e.value) and "Gemm" in str(e.value)
 
 
-def test_div_of_two_variables_is_unsupported():
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Div", ["x", "r"], ["y"], name="ratio")]
-    with pytest.raises(UnsupportedOpError) as e:
-        load_onnx(make_model(nodes, (1, 3)))
-    assert "Div" in str(e.value) and "ratio" in str(e.value)
-
-
-def test_division_by_a_variable_is_unsupported():
-    node = helper.make_node("Div", ["c", "x"], ["y"], name="recip")
-    with pytest.raises(UnsupportedOpError, match="recip"):
-        load_onnx(make_model([node], (1, 3), inits=[init("c", rand(3))]))
-
-
 def test_truncated_file(tmp_path, shared):
     data = (shared / "golden" / "models" / "mlp_small.onnx").read_bytes()
     path = tmp_path / "half.onnx"
@@ -615,7 +602,8 @@ def test_every_mapping_lives_in_an_op_module():
     assert modules == {"boundflow.ops.linear", "boundflow.ops.conv", "boundflow.ops.affine", "boundflow.ops.relu",
                        "boundflow.ops.shape", "boundflow.ops.s_shaped", "boundflow.ops.pool", "boundflow.ops.convex",
                        "boundflow.ops.leaky_relu", "boundflow.ops.sign", "boundflow.ops.periodic", "boundflow.ops.gelu",
-                       "boundflow.ops.select", "boundflow.ops.reduce", "boundflow.frontends.torch"}
+                       "boundflow.ops.select", "boundflow.ops.reduce", "boundflow.ops.normalise",
+                       "boundflow.frontends.torch"}
     assert [k for k, fn in TORCH_LOWERINGS.items() if fn.__module__ == "boundflow.frontends.torch"] == [
         operator.getitem]
 
