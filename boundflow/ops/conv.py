@@ -304,15 +304,21 @@ def onnx_window(b, x_shape, kernel) -> tuple[tuple, tuple, tuple]:
     return strides, tuple(int(p) for p in pads), dilations
 
 
-@onnx_lowering("Conv")
-def _onnx_conv(b) -> str:
+def _onnx_input_and_weight(b, what: str):
+    """A 2-D (transposed) convolution's variable input and weight, checked against kernel_shape."""
     x = b.var(b.input(0))
     w = b.const(b.input(1), "weight")
     if len(w.shape) != 4 or len(b.shape(x)) != 4:
-        b.unsupported(f"only 2-D convolutions are supported (weight rank {len(w.shape)}, input rank "
+        b.unsupported(f"only 2-D {what} are supported (weight rank {len(w.shape)}, input rank "
                       f"{len(b.shape(x))})")
     if b.attr("kernel_shape") is not None and tuple(b.attr("kernel_shape")) != w.shape[2:]:
         b.unsupported(f"kernel_shape {b.attr('kernel_shape')} disagrees with the weight {list(w.shape)}")
+    return x, w
+
+
+@onnx_lowering("Conv")
+def _onnx_conv(b) -> str:
+    x, w = _onnx_input_and_weight(b, "convolutions")
     stride, padding, dilation = onnx_window(b, b.shape(x), w.shape[2:])
     bias = None if b.input(2) is None else b.const(b.input(2), "bias")
     return convolution(b, x, w, bias, stride, padding, dilation, b.attr("group", 1))
@@ -333,13 +339,7 @@ def transposed_convolution(b: Builder, x: str, w: Constant, bias: Constant | Non
 
 @onnx_lowering("ConvTranspose")
 def _onnx_conv_transpose(b) -> str:
-    x = b.var(b.input(0))
-    w = b.const(b.input(1), "weight")
-    if len(w.shape) != 4 or len(b.shape(x)) != 4:
-        b.unsupported(f"only 2-D transposed convolutions are supported (weight rank {len(w.shape)}, input rank "
-                      f"{len(b.shape(x))})")
-    if b.attr("kernel_shape") is not None and tuple(b.attr("kernel_shape")) != w.shape[2:]:
-        b.unsupported(f"kernel_shape {b.attr('kernel_shape')} disagrees with the weight {list(w.shape)}")
+    x, w = _onnx_input_and_weight(b, "transposed convolutions")
     if b.attr("output_shape") is not None:
         b.unsupported("attribute output_shape (give pads and output_padding instead)")
     auto_pad = b.attr("auto_pad", "NOTSET")
