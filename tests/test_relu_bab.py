@@ -351,3 +351,87 @@ def test_relu_split_with_other_relaxed_ops(tmp_path, other):
     assert res.stats["decided_by"] == "relu_bab", res.stats
     prop.write_text(property_text(16, 3, lo, hi, low + 1e-3, 1.0))
     assert verify(path, prop, timeout=10, config=config).verdict != "holds"
+
+
+def curved_net(seed: int, n_in: int = 4) -> torch.nn.Module:
+    """x [1, n_in] -> dense 8 -> tanh -> dense 8 -> sigmoid -> dense 8 -> (x * x) -> dense 2: only
+    relaxed ops split at a midpoint (curved neurons), no ReLU."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    return nn.Sequential(nn.Linear(n_in, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 8), Square(),
+                         nn.Linear(8, 2)).eval()
+
+
+@settings(SETTINGS)
+@given(seed=st.integers(0, 1000), splits=st.integers(1, 8), radius=st.sampled_from([0.3, 1.0]))
+def test_curved_splits_hold_on_their_halves(seed, splits, radius):
+    """A curved neuron's split keeps one half of its interval per child: a domain's bound holds
+    on the sampled points whose neurons lie in the domain's halves (the splits follow one
+    sample's values, so the domain is never empty)."""
+    module = curved_net(seed)
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = -radius * torch.ones(4, dtype=torch.float64), radius * torch.ones(4, dtype=torch.float64)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(module, torch.zeros(1, 4), os.path.join(tmp, "net.onnx"))
+        graph, _ = api.load_model(path)
+        crown = api.bound(path, lo.float().reshape(1, 1, 4), hi.float().reshape(1, 1, 4), "crown", config=EXPORT)
+        problem = make_problem(parse_vnnlib(property_text(4, 2, lo, hi, 0.0)), (1, 4))
+        search = ReluBranchAndBound(path, problem, [(0, 0)], None, ReluBabConfig(), EXPORT)
+        assert not search.relus and len(search.curved) == 3
+        domain = search.root(crown.intermediate, torch.full((1, 1), -math.inf))
+        pts = sample_box(lo.float(), hi.float(), 3000, 16, gen).reshape(-1, 1, 4)
+        with torch.no_grad():
+            env = concrete.values(graph, pts)
+        anchor = int(torch.randint(len(pts), (1,), generator=gen))
+        inside = torch.ones(len(pts), dtype=torch.bool)
+        sizes = [domain.t[f"lo:{v}"][0].numel() for v in search.curved]
+        for _ in range(splits):
+            k = int(torch.randint(len(search.curved), (1,), generator=gen))
+            v, j = search.curved[k], int(torch.randint(sizes[k], (1,), generator=gen))
+            l, u = float(domain.t[f"lo:{v}"].flatten()[j]), float(domain.t[f"hi:{v}"].flatten()[j])
+            mid = (l + u) / 2
+            z = env[v].flatten(1)[:, j]
+            upper = bool(z[anchor] >= mid)
+            children = search.split(domain, torch.tensor([sum(sizes[:k]) + j]))
+            assert children.t[f"lo:{v}"].flatten(1)[0, j] == mid and children.t[f"hi:{v}"].flatten(1)[1, j] == mid
+            domain = children.select(torch.tensor([0 if upper else 1]))
+            inside &= (z >= mid) if upper else (z <= mid)
+        domain.t["margin"] = torch.full((1,), -math.inf, dtype=torch.float64)
+        margin = float(search.bound(domain, 4).t["margin"][0])
+        assert inside[anchor]
+        with torch.no_grad():
+            worst = float(spec_values(module(pts[inside].reshape(-1, 4)).double()).min())
+        assert worst >= margin - 1e-5 * max(1.0, abs(worst)), (seed, worst, margin)
+
+
+def test_curved_neuron_splitting_proves_what_alpha_crown_cannot(tmp_path):
+    """A tanh / sigmoid / square network of 32 inputs (neuron splitting, not input splitting): a
+    threshold 30% of the way from alpha-CROWN's bound to the lowest value found is proven by
+    splitting curved neurons; one just above that value is never proven."""
+    module = curved_net(0, n_in=32)
+    path = export_onnx(module, torch.zeros(1, 32), tmp_path / "net.onnx")
+    lo, hi = -torch.ones(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
+    z = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(200):                    # PGD-like: a low value in the box
+        loss = spec_values(module(torch.tanh(z))).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        low = float(spec_values(module(torch.tanh(z)).double()).min())
+    C = torch.tensor([[1.0, -1.0]])
+    lb = float(api.bound(path, lo.float().reshape(1, 32), hi.float().reshape(1, 32), "alpha-crown", C=C).lb)
+    assert lb < low - 0.02, (lb, low)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(property_text(32, 2, lo, hi, lb + 0.3 * (low - lb)))
+    res = verify(path, prop, timeout=120)
+    assert res.verdict == "holds", res.stats
+    assert res.stats["decided_by"] == "relu_bab" and res.stats["relu_bab"]["rounds"] >= 1, res.stats
+    prop.write_text(property_text(32, 2, lo, hi, low + 1e-3))
+    assert verify(path, prop, timeout=15).verdict != "holds"

@@ -19,6 +19,16 @@ Bounding a domain (the plan method "beta-crown", boundflow.planner.lower):
   split constraints back to the input, which clamping alone cannot;
 - a child's margin is at least its parent's (the parent's bound holds on the child).
 
+Other relaxed ops' inputs (sigmoid, tanh, sin, exp, a product's operands, a max pool's
+inputs: "curved" neurons) are split too, as GenBaB does (Shi et al. 2024), once no ReLU of the
+domain is left unstable: the interval ``[l, u]`` of the neuron is cut at its midpoint ``m``,
+one child takes ``[l, m]``, the other ``[m, u]``. Each child's bounds hold on the inputs whose
+neuron lies in its half, and the halves cover the parent; the relaxations, built from the
+intervals, get tighter. No multiplier carries these cuts back to the input. They are ranked by
+the first-order gain of each half, the gradient of the domain's lower bounds with respect to
+the neuron's interval times the half width it removes; intervals narrower than
+``ReluBabConfig.min_split_width`` are not split.
+
 Soundness in floating point (``sound_fp``): the root's intermediate bounds come from a sound
 bound (the verifier's float64 alpha-CROWN), rounded outward to float32; the search bounds in
 float32, and every domain it proves is bounded once more by the sound beta-crown plan (float64,
@@ -77,13 +87,15 @@ class ReluBabConfig:
     queue_budget: int = 1 << 30     # bytes of queued domains before giving up ("unknown")
     attack_share: float = 0.1       # at most this share of the search time goes to PGD
     branch_candidates: int = 1      # neurons per domain tried by a look-ahead (1: score only)
+    min_split_width: float = 1e-3   # a curved neuron's interval narrower than this is not split
 
 
 class DomainSet:
     """Domains as named tensors with the domain axis first: per relaxed op's input ``v``,
-    ``lo:v``/``hi:v`` [N, *shape] (clamped intermediate bounds); per ReLU input ``v``
-    ``sign:v`` [N, *shape] (+1, -1, 0), ``beta:v`` [N, 2S, *shape] (warm starts), ``score:v``
-    [N, *shape]; per relaxed op's output ``o`` its slopes ``alpha:o`` (warm starts); and
+    ``lo:v``/``hi:v`` [N, *shape] (clamped intermediate bounds) and ``score:v`` [N, *shape]
+    (branching); per ReLU input ``v`` ``sign:v`` [N, *shape] (+1, -1, 0) and ``beta:v``
+    [N, 2S, *shape] (warm starts); per relaxed op's output ``o`` its slopes ``alpha:o`` (warm
+    starts); and
     ``pair`` [N] (which (box, disjunct) pair the domain belongs to) and ``margin`` [N] (float64,
     the certified margin of its disjunct)."""
 
@@ -177,6 +189,7 @@ class ReluBranchAndBound:
         self.relu_slope = {}                          # split input -> the slopes of a ReLU of it
         for n in relaxed_nodes(planned, splitting=True):
             self.relu_slope.setdefault(n.inputs[0], n.outputs[0])
+        self.curved = [v for v in self.relaxed if v not in self.relu_slope]   # split at midpoints
         self.pairs = pairs
         self.subs = [problem.restrict(b, k) for b, k in pairs]
         self.rows = max(sub.num_rows for sub in self.subs)
@@ -276,6 +289,7 @@ class ReluBranchAndBound:
         t["margin"] = torch.maximum(t["margin"], self.margins(pair, start[0], start[1], exact=sound))
         if not trial:
             self._scores(module, last_env, t)
+            self._curved_scores(module, inputs, t, signs)
         for key in t:                         # the queue keeps float32 warm starts and scores
             if t[key].dtype == torch.float64 and key != "margin":
                 t[key] = t[key].float()
@@ -362,6 +376,31 @@ class ReluBranchAndBound:
             score = a_neg * intercept + 1e-3 * a_pos * torch.minimum(hi, -lo).clamp(min=0)
             out[f"score:{v}"] = score.masked_fill(~free, -math.inf)
 
+    def _curved_scores(self, module, inputs: dict, out: dict, signs: dict) -> None:
+        """A curved neuron's score: the first-order gain of the domains' lower bounds when its
+        interval is halved, averaged over both halves (-inf where narrower than
+        min_split_width). One more run of the plan, differentiated with respect to the
+        intervals, at the domains' current slopes and multipliers."""
+        if not self.curved:
+            return
+        interm = {v: inputs[f"interm:{v}"].detach().clone().requires_grad_(True) for v in self.curved}
+        given = {f"alpha:{self.output}:{o}": out[f"alpha:{o}"].to(interm[self.curved[0]].dtype) for o in self.slopes}
+        given.update({f"beta:{self.output}:{v}": out[f"beta:{v}"].to(signs[v].dtype) * signs[v] for v in self.relus})
+        feed = {**inputs, **given, **{f"interm:{v}": interm[v] for v in self.curved}}
+        with torch.enable_grad():
+            env = api._executor.run_functional(module, feed)
+            lower = env[module.outputs["bounds"]][0]
+            grads = torch.autograd.grad(lower.sum(), [interm[v] for v in self.curved], allow_unused=True)
+        for v, g in zip(self.curved, grads):
+            lo, hi = out[f"lo:{v}"], out[f"hi:{v}"]
+            half = (hi - lo) / 2
+            if g is None:                       # the bound does not depend on this interval
+                gain = torch.zeros_like(lo)
+            else:
+                g = g.detach().to(lo.dtype)
+                gain = half * (g[0].clamp(min=0) + (-g[1]).clamp(min=0)) / 2
+            out[f"score:{v}"] = gain.masked_fill(~(hi - lo > self.config.min_split_width), -math.inf)
+
     def _resize(self, size: int, seconds: float, plan_bytes: int) -> None:
         """The next batch: double while within the time target of a call and the memory
         budget (every buffer of the plan is kept for autograd, plus the optimiser's state:
@@ -374,8 +413,9 @@ class ReluBranchAndBound:
 
     # -- splitting --------------------------------------------------------------------------
     def split(self, parents: DomainSet, index: torch.Tensor) -> DomainSet:
-        """Both children of each parent on its neuron ``index`` [P] (flat over all ReLU inputs):
-        the active ones first, then the inactive ones."""
+        """Both children of each parent on its neuron ``index`` [P] (flat over the ReLU inputs,
+        then the curved neurons): the active (upper half) ones first, then the inactive (lower
+        half) ones."""
         P = len(parents)
         children = DomainSet.cat([parents, parents])
         t = children.t
@@ -393,6 +433,18 @@ class ReluBranchAndBound:
                 hi[P + r, j], sign[P + r, j] = 0.0, -1         # inactive: z <= 0
                 t[f"lo:{v}"], t[f"hi:{v}"], t[f"sign:{v}"] = lo.view(shape), hi.view(shape), sign.view(shape)
             offset += size
+        for v in self.curved:
+            size = math.prod(t[f"lo:{v}"].shape[1:])
+            mine = (index >= offset) & (index < offset + size)
+            if mine.any():
+                r, j = rows[mine], index[mine] - offset
+                shape = t[f"lo:{v}"].shape
+                lo, hi = t[f"lo:{v}"].flatten(1).clone(), t[f"hi:{v}"].flatten(1).clone()
+                mid = (lo[r, j] + hi[r, j]) / 2
+                lo[r, j] = mid                                 # [m, u]
+                hi[P + r, j] = mid                             # [l, m]
+                t[f"lo:{v}"], t[f"hi:{v}"] = lo.view(shape), hi.view(shape)
+            offset += size
         return children
 
     def choose(self, parents: DomainSet, deadline: float) -> torch.Tensor:
@@ -400,7 +452,12 @@ class ReluBranchAndBound:
         few by score are tried (filtered smart branching): both children of each candidate
         are bounded once with the parent's alpha and beta, and the candidate whose worse child
         has the best margin wins; ties go to the score."""
-        flat = torch.cat([parents.t[f"score:{v}"].flatten(1) for v in self.relus], 1)
+        relu = [parents.t[f"score:{v}"].flatten(1) for v in self.relus]
+        curved = [parents.t[f"score:{v}"].flatten(1) for v in self.curved]
+        if relu and curved:                 # curved neurons only once no ReLU is left to split
+            relu_left = (torch.cat(relu, 1) > -math.inf).any(1, keepdim=True)
+            curved = [c.masked_fill(relu_left, -math.inf) for c in curved]
+        flat = torch.cat(relu + curved, 1)
         k = min(self.config.branch_candidates, flat.shape[1])
         score, cand = flat.topk(k, dim=1)                           # [P, k], best first
         first = torch.where(score[:, 0] > -math.inf, cand[:, 0], torch.full_like(cand[:, 0], -1))

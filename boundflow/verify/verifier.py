@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boundflow import api, ops
-from boundflow.errors import UnsupportedOpError
+from boundflow import api
 from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.planner.config import PlannerConfig
@@ -52,8 +51,9 @@ class VerifyConfig:
     refine_method: str | None = "alpha-crown"
     refine_min_inputs: int = 32
     # branch and bound: "input" splits input boxes (few inputs, e.g. ACAS Xu), "relu" splits
-    # ReLU neurons with beta-CROWN (needs refine_method "alpha-crown" for its intermediate
-    # bounds), "auto" picks "relu" from refine_min_inputs inputs on
+    # neurons (ReLUs with beta-CROWN, then other relaxed ops' inputs at midpoints; needs
+    # refine_method "alpha-crown" for its intermediate bounds), "auto" picks "relu" from
+    # refine_min_inputs inputs on
     split: str = "auto"
     seed: int = 0
     # every proof sound in floating point (api.bound's sound_fp): the first and branch-and-bound
@@ -127,18 +127,10 @@ def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -
 
 
 def _relu_split(model: str, problem: Problem, config: VerifyConfig) -> bool:
-    """Whether to split ReLU neurons (else input boxes): for many inputs, unless the network's
-    relaxed ops are all ones ReLU branch and bound cannot split (ops.Relaxation.splits_at_zero;
-    beside a ReLU they stay relaxed)."""
-    relu = problem.num_inputs >= config.refine_min_inputs if config.split == "auto" else config.split == "relu"
-    if not relu:
-        return False
-    relaxed = [ops.get(n.op).relaxation for n in api.load_model(model)[0].nodes if ops.get(n.op).relaxation]
-    splittable = not relaxed or any(r.splits_at_zero for r in relaxed)    # a linear network: its root decides
-    if not splittable and config.split == "relu":
-        raise UnsupportedOpError(f"{model}: ReLU branch and bound needs a ReLU to split; this network has none "
-                                 "(use split='input' or 'auto')")
-    return splittable
+    """Whether to split neurons (ReLUs at 0 with beta-CROWN, other relaxed ops' inputs at their
+    interval's midpoint; a network with no relaxed op is decided at the root), else input
+    boxes: for many inputs."""
+    return problem.num_inputs >= config.refine_min_inputs if config.split == "auto" else config.split == "relu"
 
 
 def _load(model: str, vnnlib_path) -> Problem:
@@ -216,13 +208,13 @@ def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacke
     pairs = [tuple(bk) for bk in (~(margins > 0)).nonzero().tolist()]
     search = ReluBranchAndBound(model, problem, pairs, _PairAttack(attacker, problem, pairs), config.relu_bab,
                                 refine.options["config"], sound_fp=config.sound_fp)
-    if not search.relus:                      # a linear network: nothing to split, the bound is final
+    if not search.relaxed:                    # a linear network: nothing to split, the bound is final
         stats["decided_by"] = "relu_bab"
-        stats["relu_bab"] = {"stopped": "no ReLU to split"}
+        stats["relu_bab"] = {"stopped": "no neuron to split"}
         return "unknown", None
-    # the root's first pass is one backward pass; the first bound made one per ReLU input and
-    # one for the output
-    if not fits(bounders["first"].seconds / (len(search.relus) + 1), deadline):
+    # the root's first pass is one backward pass; the first bound made one per relaxed op's
+    # input and one for the output
+    if not fits(bounders["first"].seconds / (len(search.relaxed) + 1), deadline):
         stats["decided_by"] = "deadline"
         return "timeout", None
     outcome = search.run(search.root(start, margins), deadline)
