@@ -1,13 +1,15 @@
 """run-suite on Ray (``--ray``): the same verdicts as the local runner, a killed worker's
 instance retried, the CLI on a cluster's address and on a Ray of its own, resuming.
 
-One Ray instance of 2 CPUs, started by this module, serves every test but the ``--ray local``
-one; the CLI tests join it as a second driver (``--ray ADDRESS``). CI installs the ray extra,
+One Ray instance of 2 CPUs, started by this module as ``--ray local`` starts its own (workers at
+normal priority), serves every test but the ``--ray local`` one; the CLI tests join it as a
+second driver (``--ray ADDRESS``). CI installs the ray extra,
 so there (BOUNDFLOW_SHARED set) a missing ray is a failure, not a skip.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -41,7 +43,8 @@ def _import_ray():
 @pytest.fixture(scope="module")
 def ray_address():
     ray = _import_ray()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config={"worker_niceness": 0})
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -142,10 +145,13 @@ class _WorkerKiller(threading.Thread):
 
 def test_a_killed_worker_is_retried_once(ray_address, shared):
     """A worker killed mid-instance: the instance runs again and gets its verdict; killed on
-    its retry too, the instance is an error. The suite finishes either way."""
+    its retry too, the instance is an error. The suite finishes either way. The timeouts are
+    far above the instances' seconds (a few, most of it start-up): on a loaded 2-core machine
+    a verify process can get a fraction of a core, and timeouts are not what this tests."""
     from boundflow.verify.ray_runner import RayRunner
 
-    instances = suite.read_instances(shared / VNNCOMP / "test" / "test_instances.csv", 30)[:3]
+    instances = [dataclasses.replace(inst, timeout=300.0)
+                 for inst in suite.read_instances(shared / VNNCOMP / "test" / "test_instances.csv")[:3]]
     names = [Path(i.vnnlib).name for i in instances]    # nano, tiny, small
     killer = _WorkerKiller({names[1]: 1, names[2]: 2})
     notices: list[str] = []
@@ -164,17 +170,17 @@ def test_a_killed_worker_is_retried_once(ray_address, shared):
 
 
 def test_the_driver_kills_a_task_past_its_deadline(ray_address, shared, monkeypatch):
-    """A task that has not answered by its deadline (here a second after it started, as if the
-    worker hung) is cancelled by the driver and recorded as a timeout."""
+    """A task that has not answered by its deadline (here a second after it started on its
+    worker, as if the worker hung) is cancelled by the driver and recorded as a timeout; the
+    time before it started (a fresh worker's start) does not count."""
     from boundflow.verify import ray_runner
 
     inst = suite.read_instances(shared / VNNCOMP / "test" / "test_instances.csv", 30)[0]
     monkeypatch.setattr(ray_runner, "DRIVER_GRACE_S", 1.0 - inst.timeout - suite.KILL_GRACE_S)
     with ray_runner.RayRunner(None, jobs=1) as runner:
-        t0 = time.monotonic()
         [outcome] = suite.run_suite([inst], runner=runner)
     assert outcome.verdict == "timeout" and outcome.message.startswith("killed by the driver")
-    assert 1.0 <= outcome.seconds < 1.0 + 2 * ray_runner.POLL_S and time.monotonic() - t0 < 10
+    assert 1.0 <= outcome.seconds < 1.0 + 2 * ray_runner.POLL_S
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -8,12 +8,19 @@ the worker reads them under ``data_root``, a folder every node sees (the instanc
 as the nodes see it). The result comes back to the driver, which turns it into an outcome
 exactly as the local runner does.
 
-At most as many tasks are in flight as there are slots (``jobs``, else the cluster's CPUs over
-the threads per instance), so every task submitted starts at once: that is what lets the
-driver kill a task that has not answered ``DRIVER_GRACE_S`` after its timeout (a hung worker),
-and lets an interrupted suite resume without losing queued work. A worker that dies
-mid-instance (killed, out of memory, its node lost) costs one retry of that instance; a second
+The task tells the driver when it starts on its worker, and the driver kills a task that has
+not answered ``DRIVER_GRACE_S`` after the worker's own kill (a hung worker), counting from that
+start: a task can wait long before it (Ray starting a fresh worker that imports boundflow, on a
+loaded node, takes tens of seconds). At most as many tasks are in flight as there are slots
+(``jobs``, else the cluster's CPUs over the threads per instance), so an interrupted suite loses
+no queued work. A worker that dies mid-instance (killed, out of memory, its node lost; Ray kills
+its process group, ``boundflow verify`` with it) costs one retry of that instance; a second
 death records it as ``error``.
+
+A Ray that ``--ray local`` starts runs its workers, and so the instances, at this process's
+priority: Ray's default (niceness 15, below its own processes) gives an instance a few percent
+of a core beside any other work on the machine, where the local runner's process gets a fair
+share, and it times out.
 
 ``ray`` is an optional dependency: ``pip install -e ".[ray]"``.
 """
@@ -33,8 +40,8 @@ from boundflow.errors import BoundflowError
 from boundflow.verify import suite
 from boundflow.verify.suite import Attempt, Instance, Outcome
 
-# The driver gives a task this long past the worker's own kill (timeout + KILL_GRACE_S) to
-# answer: the files' transfer and a worker's start on a loaded node. Then it kills the task.
+# The driver gives a task this long past the worker's own kill (timeout + KILL_GRACE_S after
+# the task started) to answer: the result's way back from a loaded node. Then it kills the task.
 DRIVER_GRACE_S = 60.0
 # How often the driver looks for overdue tasks while none finishes.
 POLL_S = 1.0
@@ -66,11 +73,14 @@ def _lost_errors(ray) -> tuple[type[BaseException], ...]:
 
 
 def verify_on_worker(model, prop, names: tuple[str, str], timeout: float, method: str,
-                     threads: int) -> Attempt:
+                     threads: int) -> Iterator[Attempt | None]:
     """The Ray task: ``boundflow verify`` in a fresh process on this worker. ``model`` and
-    ``prop`` are the files' bytes (written to a temporary folder under their names) or paths."""
+    ``prop`` are the files' bytes (written to a temporary folder under their names) or paths.
+    A generator: None as it starts (the driver's deadline counts from there), then the attempt."""
+    yield None
     if isinstance(model, str):
-        return suite.execute(Path(model), Path(prop), timeout, method, threads)
+        yield suite.execute(Path(model), Path(prop), timeout, method, threads)
+        return
     with tempfile.TemporaryDirectory(prefix="boundflow-ray-") as tmp:
         paths = []
         for sub, name, data in (("model", names[0], model), ("prop", names[1], prop)):
@@ -78,7 +88,7 @@ def verify_on_worker(model, prop, names: tuple[str, str], timeout: float, method
             path.parent.mkdir()
             path.write_bytes(data)
             paths.append(path)
-        return suite.execute(paths[0], paths[1], timeout, method, threads)
+        yield suite.execute(paths[0], paths[1], timeout, method, threads)
 
 
 @dataclass
@@ -86,11 +96,13 @@ class _Running:
     index: int
     instance: Instance
     tries: int
-    started: float
+    started: float | None = None    # when the task started on its worker (driver's clock)
 
-    @property
-    def deadline(self) -> float:
-        return self.started + self.instance.timeout + suite.KILL_GRACE_S + DRIVER_GRACE_S
+    def seconds(self, now: float) -> float:
+        return 0.0 if self.started is None else now - self.started
+
+    def overdue(self, now: float) -> bool:
+        return self.seconds(now) > self.instance.timeout + suite.KILL_GRACE_S + DRIVER_GRACE_S
 
 
 class RayRunner:
@@ -130,7 +142,9 @@ class RayRunner:
         try:
             if self.address == "local":
                 # "local": a new instance even where a cluster runs or RAY_ADDRESS is set
-                ray.init(address="local", num_cpus=(self.jobs or os.cpu_count() or 1) * self.threads, **options)
+                # workers at this process's priority, not Ray's niceness 15 (the module's docstring)
+                ray.init(address="local", num_cpus=(self.jobs or os.cpu_count() or 1) * self.threads,
+                         _system_config={"worker_niceness": 0}, **options)
             else:
                 ray.init(address=self.address, **options)
         except ConnectionError as e:
@@ -188,32 +202,37 @@ class RayRunner:
                     if missing:
                         yield index, Outcome(inst, "error", 0.0, missing)
                         continue
-                    running[self._submit(task, inst)] = _Running(index, inst, 1, time.monotonic())
+                    running[self._submit(task, inst)] = _Running(index, inst, 1)
                 if running:
                     yield from self._collect(ray, task, running)
         finally:
-            for ref in running:
-                ray.cancel(ref, force=True)
+            for gen in running:
+                ray.cancel(gen, force=True)
             self._refs.clear()
 
     def _collect(self, ray, task, running: dict) -> Iterator[tuple[int, Outcome]]:
-        """Wait for a task to finish (or a poll to pass); yield what finished or overran."""
+        """Wait for a task to start or finish (or a poll to pass); yield what finished or overran."""
         ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-        for ref in ready:
-            job = running.pop(ref)
+        for gen in ready:
+            job = running[gen]
             try:
-                attempt = ray.get(ref)
+                attempt = ray.get(next(gen))
             except _lost_errors(ray) as e:
+                del running[gen]
                 outcome = self._lost(task, job, e, running)
                 if outcome is not None:
                     yield job.index, outcome
                 continue
+            if job.started is None:     # verify_on_worker's first item: it started
+                job.started = time.monotonic()
+                continue
+            del running[gen]
             yield job.index, suite.outcome_of(job.instance, attempt)
         now = time.monotonic()
-        for ref in [r for r, job in running.items() if job.deadline < now]:
-            job = running.pop(ref)
-            ray.cancel(ref, force=True)
-            yield job.index, Outcome(job.instance, "timeout", now - job.started,
+        for gen in [g for g, job in running.items() if job.overdue(now)]:
+            job = running.pop(gen)
+            ray.cancel(gen, force=True)
+            yield job.index, Outcome(job.instance, "timeout", job.seconds(now),
                                      f"killed by the driver: no answer {DRIVER_GRACE_S:g} s past the worker's kill")
 
     def _lost(self, task, job: _Running, error: Exception, running: dict) -> Outcome | None:
@@ -222,11 +241,11 @@ class RayRunner:
         inst = job.instance
         reason = f"{type(error).__name__}: {_first_line(error)}"
         if job.tries >= TRIES:
-            return Outcome(inst, "error", time.monotonic() - job.started,
+            return Outcome(inst, "error", job.seconds(time.monotonic()),
                            f"the worker died {job.tries} times ({reason})")
         self.notice(f"retrying {inst.benchmark} {Path(inst.onnx).name} {Path(inst.vnnlib).name}: "
                     f"the worker died ({reason})")
-        running[self._submit(task, inst)] = _Running(job.index, inst, job.tries + 1, time.monotonic())
+        running[self._submit(task, inst)] = _Running(job.index, inst, job.tries + 1)
         return None
 
     def _submit(self, task, inst: Instance):
