@@ -43,7 +43,7 @@ Op variants (OPS):
   Concat         two or three variables along any axis (negative too), also x with itself
   Identity, Dropout (ratio / training_mode inputs, mask output)
   ConvTranspose  kernel 1..3, strides, dilations, pads, output_padding, groups, bias or none
-  ReduceSum, ReduceMean  axes (attribute or input by opset, negative too) or none, keepdims
+  ReduceSum, ReduceMean, ReduceMax, ReduceMin  axes (attribute or input by opset, negative too) or none, keepdims
   Slice          several axes, negative starts / ends / steps, clamped ends
   Gather         a scalar or 1-D constant index (negative, repeated)
   Split          two parts: split attribute / input, or num_outputs (18+)
@@ -898,6 +898,14 @@ def op_reduce_mean(b, x, pool):
     return op_reduce(b, x, pool, "ReduceMean", 18)
 
 
+def op_reduce_max(b, x, pool):
+    return op_reduce(b, x, pool, "ReduceMax", 18)
+
+
+def op_reduce_min(b, x, pool):
+    return op_reduce(b, x, pool, "ReduceMin", 18)
+
+
 def op_slice(b, x, pool):
     s = b.shapes[x]
     axes = sorted({b.pick.int(0, len(s) - 1) for _ in range(b.pick.int(1, len(s)))})
@@ -1049,6 +1057,8 @@ OP_FUNCS = {
     "ConvTranspose": (op_conv_transpose, _image),
     "ReduceSum": (op_reduce_sum, _any),
     "ReduceMean": (op_reduce_mean, _any),
+    "ReduceMax": (op_reduce_max, _any),
+    "ReduceMin": (op_reduce_min, _any),
     "Slice": (op_slice, _any),
     "Gather": (op_gather, _any),
     "Split": (op_split, lambda s: max(s, default=0) >= 2),

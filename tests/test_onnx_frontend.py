@@ -239,11 +239,13 @@ def test_binary_two_variables(op):
     assert "add" in ops(graph)
 
 
-def test_add_of_two_variables_with_broadcasting_is_unsupported():
+@pytest.mark.parametrize("op", ["Add", "Sub"])
+def test_two_variables_with_broadcasting(op):
+    """x [1, 3, 4] and r [1, 3, 1]: r is broadcast (a selection of its entries), then added."""
     nodes = [helper.make_node("ReduceSum", ["x"], ["r"], keepdims=1, axes=[2]),
-             helper.make_node("Add", ["x", "r"], ["y"], name="bcast")]
-    with pytest.raises(UnsupportedOpError):
-        load_onnx(make_model(nodes, (1, 3, 4), opset=11))
+             helper.make_node(op, ["r", "x"], ["y"], name="bcast")]
+    graph, _ = check(make_model(nodes, (1, 3, 4), opset=11))
+    assert {"add", "gather"} <= set(ops(graph))
 
 
 @pytest.mark.parametrize("opset,bounds", [(9, dict(min=0.0)), (9, dict(min=-0.5, max=0.25)), (9, dict(max=0.5)),

@@ -283,6 +283,11 @@ FORWARD_CASES = [
     ("reduce_mean_attr", [node("ReduceMean", ["x"], axes=[2, 3])], (1, 3, 4, 5), {}, 17, ("y",), {"reduce_sum", "affine"}),
     ("reduce_mean_input", [node("ReduceMean", ["x", "ax"], keepdims=0)], (1, 3, 4), {"ax": ints(-2)}, 18, ("y",),
      {"reduce_sum", "affine"}),
+    ("reduce_max_attr", [node("ReduceMax", ["x"], axes=[1, -1], keepdims=0)], (1, 3, 4, 2), {}, 13, ("y",),
+     {"transpose", "reshape", "maxpool2d"}),
+    ("reduce_min_all", [node("ReduceMin", ["x"])], (1, 3, 4), {}, 13, ("y",), {"affine", "reshape", "maxpool2d"}),
+    ("reduce_max_input", [node("ReduceMax", ["x", "ax"], keepdims=1)], (1, 3, 4), {"ax": ints(-2)}, 18, ("y",),
+     {"transpose", "reshape", "maxpool2d"}),
     ("slice_negative_step", [node("Slice", ["x", "s", "e", "a", "t"])], (1, 3, 5, 6),
      {"s": ints(-1, 1), "e": ints(-100, 5), "a": ints(3, 2), "t": ints(-2, 3)}, 13, ("y",), {"select"}),
     ("slice_clamped", [node("Slice", ["x", "s", "e"])], (1, 3, 5), {"s": ints(0, 1), "e": ints(9, 2**62)}, 13,
@@ -399,6 +404,11 @@ SOUND_CASES = {
          node("Expand", ["s2", "sh"], ["t"])],
         {"sc": np.array([1, 1, 2, 2], np.float32), "rep": ints(1, 2, 1, 1), "m": rand(rng, 1, 6, 1, 6),
          "ax": ints(2), "sh": ints(1, 6, 3, 6)}, 13),
+    # Conv -> ReduceMax over the channels -> Relu -> ReduceMin over a row, broadcast back by Add
+    "reduce_max_min": lambda rng: (
+        [node("ReduceMax", ["c", "ax1"], ["m1"]), node("Relu", ["m1"], ["r1"]),
+         node("ReduceMin", ["r1", "ax"], ["m2"], keepdims=1), node("Add", ["r1", "m2"], ["t"])],
+        {"ax1": ints(1), "ax": ints(-1)}, 18),
 }
 
 
@@ -446,11 +456,23 @@ class ResizeMix(nn.Module):
         return self.fc(torch.cat([h.expand(-1, 5, 2).flatten(1), h[:, :2, 0]], 1))
 
 
-@pytest.mark.parametrize("module", [SliceMix, ResizeMix])
+class ExtremeMix(nn.Module):
+    """amax / amin, max / min along a dim, and sums of variables that broadcast."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x)                                                    # [1, 3, 2, 2]
+        a = torch.relu(h.amax(1)) + h.min(dim=3, keepdim=True)[0].amin((1,))  # [1, 2, 2] + [1, 2, 1]
+        return self.fc(torch.relu(a - torch.max(h, 1)[0].amin(-1, keepdim=True)).flatten(1))
+
+
+@pytest.mark.parametrize("module", [SliceMix, ResizeMix, ExtremeMix])
 def test_torch_frontend_structural(module):
     torch.manual_seed(0)
     graph = assert_torch_lowering(module(), (1, 2, 3, 3))
-    assert {"select", "gather", "reduce_sum"} & {n.op for n in graph.nodes}
+    assert {"select", "gather", "reduce_sum", "maxpool2d"} & {n.op for n in graph.nodes}
 
 
 # -- refused, by name ---------------------------------------------------------------------------------

@@ -432,3 +432,37 @@ def test_biased_conv_on_a_leading_axis(tmp_path):
     lo, hi = -torch.ones(1, 2, 2, 2, 2), torch.ones(1, 2, 2, 2, 2)
     for method in ("crown", "alpha-crown"):
         _fuzz_case_sound(path, lo, hi, method)
+
+
+@pytest.mark.parametrize("op", ["Add", "Mul", "Min", "Max"])
+@pytest.mark.parametrize("cshape", [(2, 1, 3), (1, 1, 1), (2, 3)])
+def test_a_constant_that_broadcasts_the_variable(tmp_path, op, cshape):
+    """Regression (found by tests/test_fuzz.py): Min(x, c) with c of a higher rank than x failed
+    to load (the scalar clamp kept x's shape); a constant that enlarges x (Add, Mul, Min, Max of a
+    [1, 3] x and a [2, 3] c) was refused. Now x is broadcast to the output shape first."""
+    import numpy as np
+    from onnx import helper
+
+    from nets import onnx_file
+    c = np.linspace(-0.5, 0.5, int(np.prod(cshape)), dtype=np.float32).reshape(cshape)
+    out = list(np.broadcast_shapes((1, 3), cshape))
+    path = onnx_file([helper.make_node(op, ["x", "c"], ["y"])], {"c": c}, [1, 3], out, tmp_path / "bc.onnx")
+    lo, hi = -torch.ones(1, 1, 3), torch.ones(1, 1, 3)
+    for method in ("ibp", "crown", "alpha-crown"):
+        _fuzz_case_sound(path, lo, hi, method)
+
+
+def test_pure_crown_keeps_a_divisor_in_its_domain(tmp_path):
+    """Regression (found by tests/test_fuzz.py): with crown_interm="pure", CROWN's bound on
+    softplus(x) + 0.5 (a tangent below a convex curve) reached below 0 and replaced the interval,
+    so 1/x had no domain. Inputs of relaxed ops other than ReLU keep the interval's cut."""
+    import numpy as np
+    from onnx import helper
+
+    from nets import onnx_file
+    nodes = [helper.make_node("Softplus", ["x"], ["s"]), helper.make_node("Add", ["s", "h"], ["d"]),
+             helper.make_node("Reciprocal", ["d"], ["y"])]
+    path = onnx_file(nodes, {"h": np.float32(0.5)}, [1, 2], [1, 2], tmp_path / "div.onnx")
+    lo, hi = torch.tensor([[[-10.0, -1.0]]]), torch.tensor([[[10.0, 3.0]]])
+    for method in ("crown", "alpha-crown"):
+        _fuzz_case_sound(path, lo, hi, method, boundflow.PlannerConfig(crown_interm="pure"))

@@ -25,6 +25,7 @@ import torch
 from boundflow.domains.concrete import infer_shape
 from boundflow.domains.rounding import Enclosed
 from boundflow.ir.primal import Graph, Node, TensorType, Value
+from boundflow.ops import select
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class Builder(ABC):
     def affine(self, x: str, scale: Constant | None = None, shift: Constant | None = None,
                out: str | None = None) -> str:
         """y = x * scale + shift (a missing scale is ones, a missing shift zeros, shaped like the
-        other). Constants may add leading axes of size 1 (x is reshaped to them), nothing else."""
+        other). Where the constants broadcast x to a larger shape, x is broadcast first (a
+        selection of its entries)."""
         scale = scale if scale is not None else self.literal(np.ones(shift.shape))
         shift = shift if shift is not None else self.literal(np.zeros(scale.shape))
         xs = self.shape(x)
@@ -158,8 +160,5 @@ class Builder(ABC):
             self.unsupported(f"constant of shape {list(scale.shape)}/{list(shift.shape)} does not broadcast "
                              f"with the variable of shape {list(xs)}")
         if full != xs:
-            if math.prod(full) != math.prod(xs):
-                self.unsupported(f"a constant would broadcast the variable of shape {list(xs)} to "
-                                 f"{list(full)}; only variables of the full shape are supported")
-            x = self.reshape(x, full)
+            x = self.reshape(x, full) if math.prod(full) == math.prod(xs) else select.broadcast(self, x, full)
         return self.emit("affine", [x, self.constant(scale, "scale"), self.constant(shift, "shift")], out=out)

@@ -14,7 +14,7 @@ from boundflow.domains import fp
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound
 from boundflow.domains.rounding import magnitude
-from boundflow.ops import convex, mul, normalise
+from boundflow.ops import convex, mul, normalise, select
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -61,9 +61,8 @@ def add_scaled(b: Builder, p, q, k: float = 1.0) -> str:
     """p + k * q for source arguments p, q of which at least one depends on the network input."""
     if not b.is_const(p) and not b.is_const(q):
         x, y = b.var(p), b.var(q)
-        if b.shape(x) != b.shape(y):
-            b.unsupported(f"adding two variables of different shapes {list(b.shape(x))} and {list(b.shape(y))} "
-                          f"(broadcasting between variables is not supported)")
+        if b.shape(x) != b.shape(y):            # numpy broadcasting: each is a selection of itself
+            x, y = select.broadcast(b, x, b.shape(y)), select.broadcast(b, y, b.shape(x))
         if k != 1.0:
             y = b.affine(y, b.literal(k))
         return b.emit("add", [x, y], out=b.output)

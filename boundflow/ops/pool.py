@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops import conv
+from boundflow.ops.reduce import onnx_axes
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ MAXPOOL = register(Op(
 
 # -- frontends ------------------------------------------------------------------------------------
 
-def max_pool(b: Builder, x: str, kernel, stride, padding, dilation, ceil_mode: bool) -> str:
+def max_pool(b: Builder, x: str, kernel, stride, padding, dilation, ceil_mode: bool, out: str | None = None) -> str:
     if len(b.shape(x)) < 3:
         b.unsupported("max pooling needs a [..., C, H, W] input")
     attrs = {"kernel": tuple(int(k) for k in kernel), "stride": tuple(int(s) for s in stride),
@@ -195,7 +196,7 @@ def max_pool(b: Builder, x: str, kernel, stride, padding, dilation, ceil_mode: b
              "ceil_mode": bool(ceil_mode)}
     if any(p >= d * (k - 1) + 1 for p, k, d in zip(attrs["padding"], 2 * attrs["kernel"], 2 * attrs["dilation"])):
         b.unsupported(f"padding {list(attrs['padding'])} as wide as the window (a window could hold padding only)")
-    return b.emit("maxpool2d", [x], attrs, out=b.output)
+    return b.emit("maxpool2d", [x], attrs, out=out)
 
 
 @onnx_lowering("MaxPool")
@@ -207,7 +208,7 @@ def _onnx_max_pool(b) -> str:
     if len(b.outputs) > 1 and b.outputs[1]:
         b.unsupported("the Indices output (where each maximum came from) is not supported")
     stride, padding, dilation = conv.onnx_window(b, b.shape(x), kernel)
-    return max_pool(b, x, kernel, stride, padding, dilation, b.attr("ceil_mode", 0))
+    return max_pool(b, x, kernel, stride, padding, dilation, b.attr("ceil_mode", 0), b.output)
 
 
 @onnx_lowering("GlobalMaxPool")
@@ -215,7 +216,7 @@ def _onnx_global_max_pool(b) -> str:
     x = b.var(b.input(0))
     if len(b.shape(x)) != 4:
         b.unsupported("only [N, C, H, W] inputs are supported")
-    return max_pool(b, x, b.shape(x)[-2:], (1, 1), (0, 0, 0, 0), (1, 1), False)
+    return max_pool(b, x, b.shape(x)[-2:], (1, 1), (0, 0, 0, 0), (1, 1), False, b.output)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -230,5 +231,62 @@ def _torch_max_pool(b):
     kernel = _pair(b.arg(1, "kernel_size"))
     stride = _pair(b.arg(2, "stride") or kernel)
     ph, pw = _pair(b.arg(3, "padding", 0))
-    y = max_pool(b, x, kernel, stride, (ph, pw, ph, pw), _pair(b.arg(4, "dilation", 1)), b.arg(5, "ceil_mode", False))
+    y = max_pool(b, x, kernel, stride, (ph, pw, ph, pw), _pair(b.arg(4, "dilation", 1)), b.arg(5, "ceil_mode", False),
+                 b.output)
     return (y, None)          # (values, indices): only the values are meaningful
+
+
+# -- the largest (smallest) entry along axes: one window over them -----------------------------------
+
+def reduce_max(b: Builder, x: str, axes, keepdims: bool, smallest: bool = False, out: str | None = None) -> str:
+    """max (min: -max(-x)) of x over `axes` (None or empty: every axis): the reduced axes are moved
+    last and flattened into one window of a [M, 1, 1, K] max pool."""
+    shape = b.shape(x)
+    rank = len(shape)
+    axes = sorted({b.axis(int(a), rank) for a in axes}) if axes else list(range(rank))
+    kept = [a for a in range(rank) if a not in axes]
+    want = [1 if a in axes else shape[a] for a in range(rank)] if keepdims else [shape[a] for a in kept]
+    k = math.prod(shape[a] for a in axes)
+    if smallest:
+        x = b.affine(x, b.literal(-1.0))
+    if kept + axes != list(range(rank)):
+        x = b.transpose(x, kept + axes)
+    x = b.reshape(x, (math.prod(shape[a] for a in kept), 1, 1, k))
+    y = max_pool(b, x, (1, k), (1, k), (0, 0, 0, 0), (1, 1), False)
+    if smallest:
+        return b.affine(b.reshape(y, want), b.literal(-1.0), out=out)
+    return b.reshape(y, want, out=out)
+
+
+def _onnx_reduce_max(b, smallest: bool) -> str:
+    x = b.var(b.input(0))
+    axes = onnx_axes(b, 18)
+    if not axes and b.attr("noop_with_empty_axes", 0):
+        return x
+    return reduce_max(b, x, axes, b.attr("keepdims", 1), smallest, b.output)
+
+
+@onnx_lowering("ReduceMax")
+def _onnx_reduce_max_op(b) -> str:
+    return _onnx_reduce_max(b, smallest=False)
+
+
+@onnx_lowering("ReduceMin")
+def _onnx_reduce_min_op(b) -> str:
+    return _onnx_reduce_max(b, smallest=True)
+
+
+def _torch_amax(b, smallest: bool) -> str:
+    # amax / amin (x, dim=[], keepdim=False): an empty dim reduces every axis
+    return reduce_max(b, b.var(b.arg(0)), b.arg(1, "dim", []), b.arg(2, "keepdim", False), smallest, b.output)
+
+
+def _torch_max_dim(b, smallest: bool):
+    # max.dim / min.dim (x, dim, keepdim=False) -> (values, indices): only the values are meaningful
+    return (reduce_max(b, b.var(b.arg(0)), [b.arg(1, "dim")], b.arg(2, "keepdim", False), smallest, b.output), None)
+
+
+torch_lowering(aten.amax.default)(lambda b: _torch_amax(b, smallest=False))
+torch_lowering(aten.amin.default)(lambda b: _torch_amax(b, smallest=True))
+torch_lowering(aten.max.dim)(lambda b: _torch_max_dim(b, smallest=False))
+torch_lowering(aten.min.dim)(lambda b: _torch_max_dim(b, smallest=True))

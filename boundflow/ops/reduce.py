@@ -71,16 +71,18 @@ def reduce(b: Builder, x: str, axes, keepdims: bool, mean: bool = False) -> str:
     return b.affine(y, b.literal(Enclosed.exact(torch.tensor(float(n))).reciprocal()), out=b.output)
 
 
-def _onnx_axes(b, attr_until: int) -> list[int] | None:
+def onnx_axes(b, attr_until: int) -> list[int] | None:
     """ONNX reduce axes: an attribute before opset `attr_until`, an optional input from it on."""
     if b.opset < attr_until:
         return b.attr("axes")
+    if b.attr("axes") is not None:
+        b.unsupported(f"an axes attribute at opset {b.opset} (from opset {attr_until} on, axes is an input)")
     return None if b.input(1) is None else [int(a) for a in np.asarray(b.array(b.input(1), "axes")).reshape(-1)]
 
 
 def _onnx_reduce(b, attr_until: int, mean: bool) -> str:
     x = b.var(b.input(0))
-    axes = _onnx_axes(b, attr_until)
+    axes = onnx_axes(b, attr_until)
     if not axes and b.attr("noop_with_empty_axes", 0):
         return x
     return reduce(b, x, axes, b.attr("keepdims", 1), mean)

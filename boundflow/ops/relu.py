@@ -21,6 +21,7 @@ from boundflow.domains.linear import halves, sound
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons, unit_lead, windows
 from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
+from boundflow.ops import select
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -280,7 +281,11 @@ def _torch_hardtanh(b) -> str:
 def extreme_const(b: Builder, x: str, c, upper: bool) -> str:
     """min(x, c) (upper: c bounds x from above) or max(x, c) for a constant c: a scalar is a
     clamp; a tensor (broadcast to x) goes through the same identities on relu with c as shifts,
-    max(x, c) = relu(x - c) + c and min(x, c) = c - relu(c - x)."""
+    max(x, c) = relu(x - c) + c and min(x, c) = c - relu(c - x). A constant of a larger shape
+    broadcasts x to it first."""
+    full = tuple(np.broadcast_shapes(tuple(b.shape(x)), tuple(c.shape)))
+    if full != tuple(b.shape(x)):
+        x = select.broadcast(b, x, full)
     if math.prod(c.shape) == 1:
         v = float(c.value.value.reshape(-1)[0])
         if c.value.err.any():

@@ -14,7 +14,8 @@ class PlannerConfig:
     #  "intersect" CROWN for the unstable neurons, intersected with the interval. Tighter
     #              intermediate bounds, but CROWN is not monotone in them (the adaptive lower
     #              slope can flip), so the output is usually, not always, tighter
-    #  "pure"      textbook CROWN: every neuron's bound is its back-substitution bound
+    #  "pure"      textbook CROWN: every neuron's bound is its back-substitution bound (the
+    #              inputs of other relaxed ops, whose lines need their domain, still intersect)
     crown_interm: str = "sparse"
     dense_fraction: float = 0.9
     # a relaxed op's input that is itself a relaxed op's output (a ReLU before a max pool) gets

@@ -311,11 +311,12 @@ class _Lowering:
             em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": mode == "intersect"},
                     source=v)
         else:
-            # every neuron refined (pure CROWN, or the input of a relaxed op other than ReLU):
-            # outside "pure" the interval still cuts what CROWN leaves loose (a tangent of exp
-            # may reach below 0, where a log after it has no lines)
+            # every neuron refined (pure CROWN, or the input of a relaxed op other than ReLU);
+            # the interval still cuts what CROWN leaves loose except at a ReLU's input in "pure"
+            # mode: a tangent of exp may reach below 0, where a log or 1/x after it has no lines
             crown = self.backward(v, onehot_index=None, alpha=self.method == "alpha-crown")
-            em.emit("bound.replace" if mode == "pure" else "bound.intersect", [box, crown], [new], source=v)
+            em.emit("bound.replace" if mode == "pure" and sparse else "bound.intersect", [box, crown], [new],
+                    source=v)
         self.bounds[v] = new
         em.phase = "forward"
 
