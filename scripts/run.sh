@@ -2,13 +2,13 @@
 # One entry point for setting up and running BoundFlow from a fresh checkout.
 #
 #   bash scripts/run.sh demo            build the toy example, print its certified bounds
-#   bash scripts/run.sh test [ARGS]     run the test suite (pytest -q -n 2 ARGS)
+#   bash scripts/run.sh test [ARGS]     run the test suite (pytest -q -n 2 --dist loadgroup ARGS)
 #   bash scripts/run.sh setup           only create / update .venv
 #   bash scripts/run.sh cli ARGS        run the boundflow CLI inside .venv
 #
 # The virtual environment lives in .venv at the repo root; it is created when absent and
 # reused otherwise. The project is installed editable with the test extra (test: also the tvm
-# extra); the install is skipped when .venv/.boundflow-stamp matches pyproject.toml and the
+# and ray extras); the install is skipped when .venv/.boundflow-stamp matches pyproject.toml and the
 # extras, so re-runs start at once.
 # PYTHON=/path/to/python3.11 picks the interpreter used to create .venv.
 set -euo pipefail
@@ -72,9 +72,10 @@ case "$cmd" in
             --vnnlib examples/generated/toy_prop.vnnlib --method crown
         ;;
     test)
-        setup test,tvm          # the TVM executor's tests run too (apache-tvm wheel, CPU)
+        setup test,tvm,ray      # the TVM executor's and run-suite --ray's tests run too
         set +e
-        "$PY" -m pytest -q -n 2 "$@"
+        # loadgroup: the tests of one xdist_group (the Ray ones, which share a Ray) on one worker
+        "$PY" -m pytest -q -n 2 --dist loadgroup "$@"
         rc=$?
         set -e
         exit "$rc"

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from boundflow.cli import main
+from boundflow.errors import SpecError
 from boundflow.frontends.vnnlib import parse_vnnlib, read_vnnlib
 from boundflow.verify import suite
 from boundflow.verify.bab import BatchSizer, DomainQueue, Domains, combine, split, split_scores
@@ -536,3 +537,23 @@ def test_progress_lines_only_when_enabled(caplog):
     with caplog.at_level(logging.INFO, logger="boundflow.verify"):
         progress.tick(domains=5, queued=2)
     assert "search" in caplog.text and "domains 5, queued 2" in caplog.text
+
+
+def test_read_finished_rows_of_a_results_file(tmp_path):
+    """--resume's reading of a results file: its rows by instance; a foreign or torn row, or
+    another file, is an error naming the line."""
+    insts = [suite.Instance("b", f"m{k}.onnx", "p.vnnlib", 10.0, tmp_path / f"m{k}.onnx", tmp_path / "p.vnnlib",
+                            "holds") for k in range(3)]
+    out = tmp_path / "results.csv"
+    assert suite.read_finished(out, insts) == {}
+    suite.write_csv([suite.Outcome(insts[2], "violated", 1.5), suite.Outcome(insts[0], "holds", 2.0)], out)
+    finished = suite.read_finished(out, insts)
+    assert sorted(finished) == [0, 2] and finished[2].verdict == "violated" and finished[2].wrong
+    assert finished[0].seconds == 2.0
+    header = ",".join(suite.CSV_FIELDS) + "\n"
+    for text, fragment in [("onnx,vnnlib\n", "not a run-suite results file"),
+                           (header + "b,m9.onnx,p.vnnlib,holds,1.0,holds,\n", "results.csv:2: b m9.onnx p.vnnlib is not an instance"),
+                           (header + "b,m0.onnx,p.vnnlib,hol", "results.csv:2: a malformed row")]:
+        out.write_text(text)
+        with pytest.raises(SpecError, match=fragment):
+            suite.read_finished(out, insts)

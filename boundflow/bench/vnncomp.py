@@ -4,6 +4,7 @@
         --limit 10 --timeout-cap 30 [--filter mnistfc=256x2] [--jobs 1]
     python -m boundflow.bench.vnncomp --preset issue --json out.json
     python -m boundflow.bench.vnncomp --preset ops --json out.json
+    python -m boundflow.bench.vnncomp --benchmarks acasxu --limit 45 --ray local --jobs 2 --json out.json
 
 ``--preset issue`` runs the subsets the verification issue sets as the target (all 30 mnistfc
 mnist-net_256x2 instances at a 60 s cap, the first 45 ACAS Xu instances at 60 s, the first 5
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 from boundflow.bench.common import machine_info, shared_dir, table, versions, write_json
 from boundflow.verify import suite
@@ -59,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--filter", action="append", default=[], metavar="BENCH=TEXT",
                    help="keep only instances of BENCH whose onnx name contains TEXT (repeatable)")
     p.add_argument("--method", default="crown", help="bound method of the search (default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=1, help="instances in parallel (default: %(default)s)")
+    p.add_argument("--jobs", type=int, help="instances in parallel (default: 1; with --ray: the Ray's CPUs)")
+    p.add_argument("--ray", metavar="local|auto|ADDRESS", help="run the instances as Ray tasks (as run-suite --ray)")
+    p.add_argument("--data-root", metavar="DIR", help="with --ray: as run-suite --data-root")
     p.add_argument("--shared", help="the shared data folder (default: $BOUNDFLOW_SHARED or ../shared)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="fixed subsets with their caps and the reference numbers (overrides "
@@ -114,28 +118,38 @@ def summarise(outcomes: list[suite.Outcome]) -> dict:
     }
 
 
+def run_benchmark(benchmark: str, plan: tuple[str, int, float], args, runner) -> dict:
+    """Run one benchmark's instances with ``runner``, a progress line each; its summary."""
+    text, limit, cap = plan
+    instances = select(benchmark, args.shared, text, limit, cap)
+    print(f"{benchmark}: {len(instances)} instances, timeout cap {cap} s, {runner.describe()}", flush=True)
+    t0 = time.perf_counter()
+    outcomes = suite.run_reported(instances, runner, color=sys.stdout.isatty(),
+                                  emit=lambda line: print(line, flush=True))
+    result = summarise(outcomes)
+    result["wall_s"] = time.perf_counter() - t0
+    result["versus"] = against_reference(benchmark, text, outcomes)
+    return result
+
+
 def main(argv=None) -> int:
+    from boundflow.verify.commands import suite_runner
+
     args = parse_args(argv)
-    results, runs = {}, plan_runs(args)
-    for benchmark, (text, limit, cap) in runs.items():
-        instances = select(benchmark, args.shared, text, limit, cap)
-        done: list = []
-
-        def report(outcome, total=len(instances)) -> None:
-            done.append(outcome)
-            print(suite.progress_line(len(done), total, outcome, suite.tally(done), sys.stdout.isatty()),
-                  flush=True)
-
-        print(f"{benchmark}: {len(instances)} instances, timeout cap {cap} s", flush=True)
-        outcomes = suite.run_suite(instances, args.jobs, args.method, 1, report)
-        results[benchmark] = summarise(outcomes)
-        results[benchmark]["versus"] = against_reference(benchmark, text, outcomes)
+    runs = plan_runs(args)
+    t0 = time.perf_counter()
+    with suite_runner(args.ray, args.jobs, args.method, 1, args.data_root) as runner:
+        start_s = time.perf_counter() - t0     # a Ray's start (--ray local) or joining a cluster
+        results = {benchmark: run_benchmark(benchmark, plan, args, runner) for benchmark, plan in runs.items()}
+        slots = runner.describe()
+    if args.ray:
+        print(f"\nRay ({args.ray}): {start_s:.1f} s to start or join, not in the wall times")
     rows = [[b, r["instances"], r["solved"], r["holds"], r["violated"], r["unknown"] + r["timeout"],
-             r["error"], r["wrong"], f"{r['median_s']:.2f}", f"{r['median_solved_s'] or 0:.2f}"]
+             r["error"], r["wrong"], f"{r['median_s']:.2f}", f"{r['median_solved_s'] or 0:.2f}", f"{r['wall_s']:.1f}"]
             for b, r in results.items()]
     print()
     print(table(rows, ["benchmark", "n", "solved", "holds", "violated", "unsolved", "error", "wrong",
-                       "median s", "median solved s"]))
+                       "median s", "median solved s", "wall s"]))
     versus = [[b, v["reference"]["instances"], v["ours_on_same"]["solved"], v["reference"]["solved"],
                f"{v['ours_on_same']['median_s']:.2f}", f"{v['reference']['median_s']:.2f}",
                f"{v['median_speedup']:.1f}x" if v["median_speedup"] else "-"]
@@ -147,6 +161,7 @@ def main(argv=None) -> int:
     out = {"benchmark": "vnncomp2021", "machine": machine_info(), "versions": versions(),
            "config": {"runs": {b: {"onnx_filter": t, "limit": n, "timeout_cap_s": c} for b, (t, n, c) in runs.items()},
                       "preset": args.preset, "method": args.method, "jobs": args.jobs,
+                      "ray": args.ray, "runner": slots, "runner_start_s": start_s,
                       "torch_threads_per_instance": 1, "timing": "whole process, launch to exit"},
            "results": results}
     if args.json:

@@ -47,9 +47,21 @@ Each instance runs as a fresh 'boundflow verify' process. When an expected.csv (
 benchmark, onnx, vnnlib, expected, ...) is found beside the csv or up to two folders above,
 answers that contradict it are flagged WRONG and counted.
 
+With --out, each row is written as its instance finishes; --resume keeps the rows a results
+file already has and runs only the other instances (after an interrupt).
+
+With --ray, every instance is a Ray task running 'boundflow verify' in a fresh process on a
+worker (needs the ray extra: pip install -e ".[ray]"): --ray local starts Ray on this machine
+(--jobs workers, default one per core) and stops it at the end; --ray auto joins the cluster
+running here ('ray start --head' on one node, 'ray start --address=HEAD:6379' on the others);
+--ray HOST:PORT joins that one. The instances' files are sent to the workers, unless
+--data-root names the csv's folder as every node sees it (a shared file system). A worker that
+dies mid-instance costs one retry; a second death records the instance as error.
+
 examples:
   boundflow run-suite benchmarks/acasxu/acasxu_instances.csv --timeout-cap 30 --out acas.csv
   boundflow run-suite benchmarks/test/test_instances.csv --jobs 2
+  boundflow run-suite benchmarks/acasxu/acasxu_instances.csv --ray auto --out acas.csv --resume
 """
 
 
@@ -82,10 +94,19 @@ def add_commands(sub) -> None:
     s.add_argument("instances", metavar="INSTANCES.csv")
     s.add_argument("--timeout-cap", type=float, metavar="S", help="cap every instance's timeout at S seconds")
     s.add_argument("--out", metavar="RESULTS.csv", help="write one row per instance here")
-    s.add_argument("--jobs", type=int, default=1, metavar="N", help="instances run in parallel (default: 1)")
+    s.add_argument("--jobs", type=int, metavar="N",
+                   help="instances run in parallel (default: 1; with --ray: the cluster's CPUs / --threads)")
     s.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads per instance (default: %(default)s)")
     s.add_argument("--method", choices=METHODS, default="crown", help="as for verify (default: %(default)s)")
+    s.add_argument("--resume", action="store_true",
+                   help="keep the rows --out already has, run only the other instances")
+    s.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="run the instances as Ray tasks: on a Ray started here (local), the cluster "
+                        "running here (auto) or at ADDRESS (host:port)")
+    s.add_argument("--data-root", metavar="DIR",
+                   help="with --ray: the workers read the instances' files under DIR (the csv's "
+                        "folder as every node sees it) instead of receiving them")
     s.set_defaults(run=cmd_run_suite)
 
 
@@ -233,23 +254,37 @@ def cmd_run_suite(args) -> int:
     from boundflow.cli import CliError
     from boundflow.verify import suite
 
-    if args.jobs < 1 or args.threads < 1:
-        raise CliError("--jobs and --threads must be >= 1")
-    if args.timeout_cap is not None and not args.timeout_cap > 0:
-        raise CliError(f"--timeout-cap must be > 0, got {args.timeout_cap}")
+    _check_suite_args(args, CliError)
     instances = suite.read_instances(args.instances, args.timeout_cap)
-    color = sys.stdout.isatty()
-    done: list = []
-
-    def report(outcome) -> None:
-        done.append(outcome)
-        print(suite.progress_line(len(done), len(instances), outcome, suite.tally(done), color), flush=True)
-
-    print(f"{len(instances)} instances from {args.instances}, {args.jobs} at a time", flush=True)
-    outcomes = suite.run_suite(instances, args.jobs, args.method, args.threads, report)
+    with suite_runner(args.ray, args.jobs, args.method, args.threads, args.data_root) as runner:
+        print(f"{len(instances)} instances from {args.instances}, {runner.describe()}", flush=True)
+        outcomes = suite.run_reported(instances, runner, args.out, args.resume, sys.stdout.isatty(),
+                                      lambda line: print(line, flush=True))
     print()
     print(suite.summary_table(outcomes))
     if args.out:
-        suite.write_csv(outcomes, args.out)
         print(f"results: {args.out}")
     return 0
+
+
+def _check_suite_args(args, error) -> None:
+    if (args.jobs is not None and args.jobs < 1) or args.threads < 1:
+        raise error("--jobs and --threads must be >= 1")
+    if args.timeout_cap is not None and not args.timeout_cap > 0:
+        raise error(f"--timeout-cap must be > 0, got {args.timeout_cap}")
+    if args.resume and not args.out:
+        raise error("--resume needs --out (the results file to resume)")
+    if args.data_root is not None and args.ray is None:
+        raise error("--data-root goes with --ray")
+
+
+def suite_runner(ray: str | None, jobs: int | None, method: str, threads: int, data_root: str | None = None):
+    """The runner of a suite, as a context manager: local processes (``ray`` None), or Ray
+    tasks (a Ray it starts is stopped when the block ends)."""
+    from boundflow.verify import suite
+
+    if ray is None:
+        return contextlib.nullcontext(suite.LocalRunner(jobs or 1, method, threads))
+    from boundflow.verify.ray_runner import RayRunner
+
+    return RayRunner(ray, jobs, method, threads, data_root, notice=lambda line: print(line, flush=True))
