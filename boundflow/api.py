@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from boundflow.domains.rounding import down, round_outward, up
-from boundflow.errors import ModelLoadError, ShapeError
+from boundflow.errors import DeviceError, ModelLoadError, ShapeError
 from boundflow.ir.primal import Graph
 from boundflow.ir.task import BFTaskModule
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import METHODS
 from boundflow.planner.pipeline import plan
+from boundflow.runtime.device import resolve_device
 from boundflow.runtime.python_executor import PythonTaskExecutor
 
 _CACHE_SIZE = 16
@@ -141,10 +142,10 @@ def _regions(x: torch.Tensor, in_shape: tuple[int, ...], what: str) -> torch.Ten
                      f"(a leading batch dimension of B regions may be added)")
 
 
-def _spec(C, batch: int, num_out: int) -> torch.Tensor | None:
+def _spec(C, batch: int, num_out: int, device: str) -> torch.Tensor | None:
     if C is None:
         return None
-    C = _as_tensor(C, "C")
+    C = _as_tensor(C, "C").to(device)
     if C.dim() == 2:
         C = C.unsqueeze(0).expand(batch, -1, -1)
     if C.dim() != 3 or C.shape[0] != batch or C.shape[2] != num_out:
@@ -164,7 +165,7 @@ def _spec_rows(C: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor
     err = C - rounded.to(C.dtype)
     if not err.any():
         return rounded, None
-    eye = torch.eye(C.shape[2], dtype=dtype).expand(C.shape[0], -1, -1)
+    eye = torch.eye(C.shape[2], dtype=dtype, device=C.device).expand(C.shape[0], -1, -1)
     return torch.cat([rounded, eye], 1), err
 
 
@@ -193,7 +194,7 @@ def get_plan(graph: Graph, graph_key, method: str, batch: int, spec_rows: int | 
     return _remember(_plans, key, plan(graph, method, config, batch=batch, spec_rows=spec_rows)), False
 
 
-def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool):
+def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool, device: str):
     """The executor that runs plans: PythonTaskExecutor, or one TVMTaskExecutor per options
     (so its compiled modules are reused across calls)."""
     if executor == "python":
@@ -202,6 +203,9 @@ def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool):
         return _executor
     if executor != "tvm":
         raise ValueError(f"unknown executor {executor!r}; available: 'python', 'tvm'")
+    if device != "cpu":
+        raise DeviceError(f"executor='tvm' compiles for the CPU only, not for device {device!r}: use "
+                          "device='cpu' with it (or executor='python' on the GPU)")
     if sound_fp:
         raise ValueError("sound_fp plans run on executor='python' (the TVM lowering has no floating-point "
                          "error rules)")
@@ -217,25 +221,34 @@ def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool):
 
 def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
           config: PlannerConfig | None = None, executor: str = "python", alpha=None,
-          tvm_options=None, sound_fp: bool = False, deadline: float | None = None) -> BoundsResult:
+          tvm_options=None, sound_fp: bool = False, deadline: float | None = None,
+          device: str = "auto") -> BoundsResult:
     """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper].
     executor: "python" (torch kernels) or "tvm" (TVM-compiled tasks, options in tvm_options, a
     boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]").
     sound_fp: bounds sound in floating point (float64, every rounding error bounded, see
     domains/fp.py; also PlannerConfig(sound_fp=True)); lb and ub are then float64.
     deadline (a time.perf_counter value): alpha-crown starts no optimisation step that would
-    end past it (its bounds are then the best found so far); the other methods cannot stop."""
+    end past it (its bounds are then the best found so far); the other methods cannot stop.
+    device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda" or "cuda:N": where
+    the plan's parameters, arenas and kernels live (it sets config.device). The box and C move
+    there once; lb, ub and the intermediate bounds come back on the device x_lower is on (the
+    CPU for numpy arrays)."""
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     config = config or _default_config(crown_interm)
     if sound_fp and not config.sound_fp:
         config = dataclasses.replace(config, sound_fp=True)
-    runner = _get_executor(executor, tvm_options, method, config.sound_fp)
+    device = resolve_device(device)
+    if config.device != device:
+        config = dataclasses.replace(config, device=device)
+    runner = _get_executor(executor, tvm_options, method, config.sound_fp, device)
     dtype = torch.float64 if config.sound_fp else torch.float32
     lo, hi = _as_tensor(x_lower, "x_lower"), _as_tensor(x_upper, "x_upper")
     if lo.shape != hi.shape:
         raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")
+    home = lo.device
     t0 = time.perf_counter()
     example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
     graph, key = load_model(model, example if isinstance(model, torch.nn.Module) else None)
@@ -248,9 +261,9 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         i = tuple(bad[0].tolist())
         raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
                          f"{box[0][i].item()} > {box[1][i].item()}")
-    box = round_outward(box, dtype)
+    box = round_outward(box, dtype).to(device)
     batch = box.shape[1]
-    C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel), dtype)
+    C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel, device), dtype)
     module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)
     t1 = time.perf_counter()
     inputs = {"box": box}
@@ -265,12 +278,13 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     lb, ub = outputs["bounds"]
     if c_err is not None:
         lb, ub = _correct(lb, ub, c_err)
-    intermediate = {role.split(":", 1)[1]: t for role, t in outputs.items() if role.startswith("interm:")}
+    lb, ub = lb.to(home), ub.to(home)
+    intermediate = {role.split(":", 1)[1]: t.to(home) for role, t in outputs.items() if role.startswith("interm:")}
     t2 = time.perf_counter()
     if executor == "tvm":
         extra["tvm"] = runner.compile_stats(module)
     stats = dict(module.stats, plan_ms=(t1 - t0) * 1e3, run_ms=(t2 - t1) * 1e3, plan_cached=cached,
-                 executor=executor, config=module.config_dump, **extra)
+                 executor=executor, device=device, config=module.config_dump, **extra)
     return BoundsResult(lb, ub, method, stats, intermediate)
 
 
@@ -282,7 +296,8 @@ def compute_bounds(model, x_lower, x_upper, method: str = "crown", C=None, **opt
     axis of B regions. method: "ibp", "crown", "crown-ibp" or "alpha-crown". C: None, [S, O] or
     [B, S, O]. Options: crown_interm="sparse"|"intersect"|"pure", config=PlannerConfig(...),
     alpha=boundflow.verify.alpha.AlphaConfig(...) for alpha-crown, executor="python"|"tvm" and
-    tvm_options=TVMExecutorOptions(...) (pip install -e ".[tvm]").
+    tvm_options=TVMExecutorOptions(...) (pip install -e ".[tvm]"), sound_fp=True,
+    device="auto"|"cpu"|"cuda" (default "auto": CUDA when torch sees it; see bound).
     Returns lb, ub of shape [B, S] ([B, O] when C is None).
     """
     res = bound(model, x_lower, x_upper, method, C, **options)

@@ -24,3 +24,7 @@ class SpecError(BoundflowError):
 class DomainError(BoundflowError):
     """Bounds on an op's input leave the op's domain (log of an interval reaching 0, a reciprocal
     across 0), or its output overflows: no finite sound bound exists."""
+
+
+class DeviceError(BoundflowError):
+    """The requested device is unknown or not available here (e.g. "cuda" without CUDA)."""

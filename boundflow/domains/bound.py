@@ -11,7 +11,7 @@ def unstable(ins, ps, attrs):
     mask = ((lo < 0) & (hi > 0)).flatten(1).any(0)
     idx = mask.nonzero().flatten()
     if idx.numel() and idx.numel() > attrs["dense_fraction"] * mask.numel():
-        idx = torch.arange(mask.numel())
+        idx = torch.arange(mask.numel(), device=mask.device)
     return (idx,)
 
 

@@ -15,17 +15,18 @@ import torch
 
 from boundflow.domains import fp
 from boundflow.domains.rounding import gamma, magnitude, slack
+from boundflow.runtime.device import constant
 
-TO_CR = torch.tensor([[0.5, 0.5], [-0.5, 0.5]])    # (l, u) -> (c, r)
-FROM_CR = torch.tensor([[1.0, -1.0], [1.0, 1.0]])  # (c, r) -> (l, u)
+TO_CR = ((0.5, 0.5), (-0.5, 0.5))    # (l, u) -> (c, r)
+FROM_CR = ((1.0, -1.0), (1.0, 1.0))  # (c, r) -> (l, u)
 
 
 def to_cr(s: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(TO_CR.to(s.dtype), s.reshape(2, -1)).view(s.shape)
+    return torch.matmul(constant(TO_CR, s.dtype, s.device), s.reshape(2, -1)).view(s.shape)
 
 
 def from_cr(s: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(FROM_CR.to(s.dtype), s.reshape(2, -1)).view(s.shape)
+    return torch.matmul(constant(FROM_CR, s.dtype, s.device), s.reshape(2, -1)).view(s.shape)
 
 
 def spec_linear(ins, ps, attrs):

@@ -40,6 +40,11 @@ def _dtype(attrs) -> torch.dtype:
     return torch.float64 if attrs.get("dtype") == "float64" else torch.float32
 
 
+def _device(attrs) -> torch.device:
+    """The plan's device, for a pass that starts from no tensor (no C, every neuron)."""
+    return torch.device(attrs["device"])
+
+
 # -- starting a pass -------------------------------------------------------------------------
 
 def start_spec(ins, ps, attrs):
@@ -50,21 +55,21 @@ def start_spec(ins, ps, attrs):
         a = c.reshape((batch, c.shape[1]) + shape)
     else:
         n = attrs["numel"]
-        a = torch.eye(n, dtype=_dtype(attrs)).reshape((1, n) + shape).expand((batch, n) + shape)
+        a = torch.eye(n, dtype=_dtype(attrs), device=_device(attrs)).reshape((1, n) + shape).expand((batch, n) + shape)
     if not attrs.get("lower_only"):
         a = torch.cat([a, a], dim=1)
-    return a, torch.zeros(batch, a.shape[1], dtype=a.dtype)
+    return a, a.new_zeros(batch, a.shape[1])
 
 
 def start_onehot(ins, ps, attrs):
     """A = the selected rows of the identity on the target value (all rows without an index)."""
     batch, shape, n = attrs["batch"], tuple(attrs["shape"]), attrs["numel"]
-    idx = ins[0] if ins else torch.arange(n)
+    idx = ins[0] if ins else torch.arange(n, device=_device(attrs))
     k = idx.numel()
-    a = torch.zeros(batch, 2 * k, n, dtype=_dtype(attrs))
-    rows = torch.arange(2 * k)
+    a = torch.zeros(batch, 2 * k, n, dtype=_dtype(attrs), device=idx.device)
+    rows = torch.arange(2 * k, device=idx.device)
     a[:, rows, idx.repeat(2)] = 1.0
-    return a.reshape((batch, 2 * k) + shape), torch.zeros(batch, 2 * k, dtype=a.dtype)
+    return a.reshape((batch, 2 * k) + shape), a.new_zeros(batch, 2 * k)
 
 
 def start_rows(ins, ps, attrs):

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from boundflow.domains.rounding import down, gamma, slack, unit_roundoff, up
 
 
-def selected_neurons(ins: list, at: int, attrs) -> torch.Tensor:
-    """The target neurons of a patch pass: the index input, or every neuron without one."""
-    return ins[at] if len(ins) > at else torch.arange(math.prod(attrs["target"]))
+def selected_neurons(ins: list, at: int, attrs, like: torch.Tensor) -> torch.Tensor:
+    """The target neurons of a patch pass: the index input, or every neuron without one (on
+    like's device)."""
+    return ins[at] if len(ins) > at else torch.arange(math.prod(attrs["target"]), device=like.device)
 
 
 def patch_margins(attrs, h: int, w: int, ph: int, pw: int) -> tuple[int, int, int, int]:
@@ -45,8 +46,8 @@ def windows(x: torch.Tensor, idx: torch.Tensor, attrs, ph: int, pw: int) -> torc
     pix = idx % (ht * wt)
     top, left = (pix // wt) * s - p + mt, (pix % wt) * t - q + ml
     xp = F.pad(x, (ml, mr, mt, mb))
-    rows = top[:, None, None] + torch.arange(ph)[None, :, None]
-    cols = left[:, None, None] + torch.arange(pw)[None, None, :]
+    rows = top[:, None, None] + torch.arange(ph, device=idx.device)[None, :, None]
+    cols = left[:, None, None] + torch.arange(pw, device=idx.device)[None, None, :]
     return xp[..., rows, cols].movedim(-4, -3)
 
 
@@ -71,7 +72,7 @@ def patch_concretize(ins, ps, attrs):
     linear.concretize, the sums' rounding subtracted and the result rounded outward)."""
     a, bias, box = ins[:3]
     k = a.shape[1] // 2
-    lo, hi = windows(unit_lead(box, 2), selected_neurons(ins, 3, attrs), attrs, a.shape[-2], a.shape[-1])
+    lo, hi = windows(unit_lead(box, 2), selected_neurons(ins, 3, attrs, a), attrs, a.shape[-2], a.shape[-1])
     c, r = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)      # [B, 1, k, C, ph, pw]
     a = a.unflatten(1, (2, k))
     mid = (a * c).flatten(3).sum(-1) + bias.unflatten(1, (2, k))          # [B, 2, k]

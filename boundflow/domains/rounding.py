@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from boundflow.runtime.device import constant
+
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
@@ -39,11 +41,11 @@ def slack(n: int, dtype: torch.dtype) -> float:
 
 def down(x: torch.Tensor) -> torch.Tensor:
     """The next float below x: undoes the rounding to nearest of the operation that made x."""
-    return torch.nextafter(x, x.new_tensor(-math.inf))
+    return torch.nextafter(x, constant(-math.inf, x.dtype, x.device))
 
 
 def up(x: torch.Tensor) -> torch.Tensor:
-    return torch.nextafter(x, x.new_tensor(math.inf))
+    return torch.nextafter(x, constant(math.inf, x.dtype, x.device))
 
 
 def round_outward(box: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

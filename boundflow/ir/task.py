@@ -81,6 +81,7 @@ class BFTaskModule:
     memory_plan: MemoryPlan
     config_dump: dict[str, Any]
     stats: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")   # of params; executors put the arenas there
 
     def ops(self):
         for task in self.tasks:

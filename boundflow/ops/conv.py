@@ -123,11 +123,11 @@ def patch_start(ins, ps, attrs):
     a sound_fp plan the last input is the conv's error vector: each row's bound takes its own
     neuron's error (as linear.start_rows)."""
     sel, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
-    idx = selected_neurons(sel, 0, attrs)
+    idx = selected_neurons(sel, 0, attrs, ps[0])
     w, b = ps
     c = (idx // (attrs["target"][1] * attrs["target"][2])).repeat(2)
     a = w[c].unsqueeze(0).expand((attrs["batch"],) + (c.numel(),) + tuple(w.shape[1:]))
-    bias = (torch.zeros(c.numel(), dtype=w.dtype) if b is None else b[c]).unsqueeze(0).expand(attrs["batch"], -1)
+    bias = (w.new_zeros(c.numel()) if b is None else b[c]).unsqueeze(0).expand(attrs["batch"], -1)
     if e is not None:
         e = e.flatten(1)[:, idx]
         bias = torch.cat([down(bias[:, :len(idx)] - e), up(bias[:, len(idx):] + e)], 1)
@@ -145,7 +145,7 @@ def patch_backward(ins, ps, attrs):
     x = F.conv_transpose2d(a.flatten(0, 1), w, None, stride=tuple(attrs["stride"]))
     new_bias = bias.clone() if b is None else bias + a.sum((-1, -2)) @ b
     if attrs.get("fp"):
-        e, idx = ins[2], selected_neurons(ins, 3, attrs)
+        e, idx = ins[2], selected_neurons(ins, 3, attrs, a)
         new_bias = patch_fp_widen(a, new_bias, e, idx, attrs)
     return x.reshape(lead + x.shape[1:]), new_bias
 

@@ -285,7 +285,7 @@ def _curve_kernels(name: str):
         l = _in_domain(curve, l, u, "input interval")
         values = [curve.f(l), curve.f(u)]
         if curve.stationary is not None:
-            values.append(curve.f(torch.minimum(torch.maximum(l.new_tensor(curve.stationary), l), u)))
+            values.append(curve.f(torch.minimum(l.clamp(min=curve.stationary), u)))
         values = torch.stack(values)
         return (_finite(curve, torch.stack((values.amin(0), values.amax(0))), l, u, "the values"),)
 

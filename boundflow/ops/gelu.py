@@ -39,9 +39,10 @@ import torch.nn.functional as F
 
 from boundflow.domains import fp
 from boundflow.domains.linear import halves, sound
-from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
+from boundflow.domains.rounding import down, gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, onnx_rewrite, register, torch_lowering
 from boundflow.ops.s_shaped import FUNCTION_ULPS, _back, backward
+from boundflow.runtime.device import constant
 
 ITERS = 40                 # bisection steps (the fp rule counts the 2^-40 of a bracket left)
 FAR = 40.0                 # |t| beyond which f and f' are 0 / (x, 1) in float64
@@ -242,8 +243,8 @@ def interval(ins, ps, attrs):
     fl, fu = forward(l, attrs), forward(u, attrs)
     doubt = 1e-12 * (1 + l.abs().double())
     holds_min = (l.double() - doubt <= g.m) & (u.double() + doubt >= g.m)
-    f_min = torch.tensor(g.f_min, dtype=torch.float64).to(l.dtype)
-    f_min = torch.where(f_min.double() > g.f_min, torch.nextafter(f_min, f_min.new_tensor(-1.0)), f_min)
+    f_min = constant(g.f_min, torch.float64, l.device).to(l.dtype)
+    f_min = torch.where(f_min.double() > g.f_min, down(f_min), f_min)
     lo = torch.where(holds_min, f_min.expand_as(fl), torch.minimum(fl, fu))
     return (torch.stack((lo, torch.maximum(fl, fu))),)
 

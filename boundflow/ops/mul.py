@@ -110,7 +110,7 @@ def backward_alpha(ins, ps, attrs):
 def alpha_start(op, env) -> torch.Tensor:
     """CROWN's planes, r = 1 for both, per row of A: [B, 2, R, *out]."""
     a = env[op.inputs[0]]
-    return torch.ones((a.shape[0], 2) + tuple(a.shape[1:]), dtype=a.dtype)
+    return a.new_ones((a.shape[0], 2) + tuple(a.shape[1:]))
 
 
 def fp_lines(ins, ps, attrs):

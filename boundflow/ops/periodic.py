@@ -40,6 +40,7 @@ from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 from boundflow.ops.s_shaped import FUNCTION_ULPS, _back, backward
+from boundflow.runtime.device import constant
 
 TWO_PI = 2 * math.pi
 HALF_PI = math.pi / 2
@@ -91,7 +92,7 @@ def tangent_limit(v: torch.Tensor) -> torch.Tensor:
     for v too); 0 beyond the grid (the tangent at the minimum is valid everywhere)."""
     index = torch.ceil(v.clamp(min=0) / GRID_STEP).long()
     inside = index < len(TABLE)
-    t = TABLE[index.clamp(max=len(TABLE) - 1)]
+    t = constant(TABLE, TABLE.dtype, v.device)[index.clamp(max=len(TABLE) - 1)]
     return torch.where(inside, t, torch.zeros_like(t))
 
 

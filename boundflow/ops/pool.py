@@ -136,7 +136,7 @@ def _inside(attrs, like: torch.Tensor) -> torch.Tensor:
     """[k, 1, ..., Ho, Wo] (like's rank): which window elements lie on the input, not on its
     padding."""
     h, w = attrs["in_shape"][-2:]
-    inside = windows(torch.ones((1, h, w), dtype=like.dtype), attrs, 0.0)[0]          # [k, Ho, Wo]
+    inside = windows(like.new_ones((1, h, w)), attrs, 0.0)[0]          # [k, Ho, Wo]
     return inside.reshape((inside.shape[0],) + (1,) * (like.dim() - 3) + tuple(inside.shape[1:]))
 
 

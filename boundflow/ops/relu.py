@@ -23,6 +23,7 @@ from boundflow.domains.patches import selected_neurons, unit_lead, windows
 from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
 from boundflow.ops import select
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
+from boundflow.runtime.device import constant
 
 if TYPE_CHECKING:
     from boundflow.frontends.builder import Builder
@@ -142,7 +143,7 @@ def _patch_back(a, bias, win, alpha=None):
     a = a.unflatten(1, (2, k))
     if alpha is not None:
         lo_slope = torch.where(up_bias > 0, alpha.unflatten(1, (2, k)), lo_slope)
-    lower = torch.tensor([True, False]).reshape(1, 2, 1, 1, 1, 1)
+    lower = constant((True, False), torch.bool, a.device).reshape(1, 2, 1, 1, 1, 1)
     slope = torch.where(a >= 0, torch.where(lower, lo_slope, up_slope), torch.where(lower, up_slope, lo_slope))
     chosen = torch.where(lower, a.clamp(max=0), a.clamp(min=0))
     extra = (chosen * up_bias).flatten(3).sum(-1).flatten(1)
@@ -154,7 +155,7 @@ def patch_backward(ins, ps, attrs):
     plan the last input is the ReLU's error vector (patches.fp_widen)."""
     ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, lines = ins[:3]
-    idx = selected_neurons(ins, 3, attrs)
+    idx = selected_neurons(ins, 3, attrs, a)
     out, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a))
     return out, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
 
@@ -163,7 +164,7 @@ def patch_backward_alpha(ins, ps, attrs):
     """patch_backward with optimised lower slopes (alpha-CROWN); without them (None), CROWN's."""
     ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, lines, alpha = ins[:4]
-    idx = selected_neurons(ins, 4, attrs)
+    idx = selected_neurons(ins, 4, attrs, a)
     out, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a), alpha)
     return out, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
 
@@ -173,7 +174,7 @@ def patch_alpha_start(op, env) -> torch.Tensor:
     ins = [env[b] for b in op.inputs]
     ins = ins[:-1] if op.attrs.get("fp") else ins          # a sound_fp plan's error vector
     a, lines = ins[0], ins[2]
-    idx = selected_neurons(ins, 4, op.attrs)
+    idx = selected_neurons(ins, 4, op.attrs, a)
     lo_slope = _window_lines(lines, idx, op.attrs, a)[2]    # [B, 1, k, C, ph, pw]
     return lo_slope.expand(a.unflatten(1, (2, a.shape[1] // 2)).shape).flatten(1, 2).clone()
 

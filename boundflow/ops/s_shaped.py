@@ -30,6 +30,7 @@ from boundflow.domains import fp
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
+from boundflow.runtime.device import constant
 
 GRID_STEP = 0.01          # of the tangent-point table over u >= 0
 GRID_LIMIT = 64.0         # beyond: the flat line (sigmoid and tanh are constant there to 1e-27)
@@ -52,7 +53,7 @@ class SShape:
         at the grid point at or above u (valid for every smaller u too); -inf beyond the grid."""
         index = torch.ceil(u.clamp(min=0).double() / GRID_STEP).long()
         inside = index < len(self.table)
-        d = self.table[index.clamp(max=len(self.table) - 1)].to(u.dtype)
+        d = constant(self.table, self.table.dtype, u.device)[index.clamp(max=len(self.table) - 1)].to(u.dtype)
         return torch.where(inside, d, torch.full_like(d, -math.inf))
 
 

@@ -11,6 +11,7 @@ counterparts to chains of them, one node per indexed axis."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,7 @@ from boundflow.domains import fp
 from boundflow.domains.linear import sound
 from boundflow.domains.rounding import gamma, magnitude
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
+from boundflow.runtime.device import constant
 
 if TYPE_CHECKING:
     from boundflow.frontends.builder import Builder
@@ -27,14 +29,19 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 
 
+def _on(index: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An index list as a tensor on like's device (made once per device and list)."""
+    return constant(index, torch.int64, like.device)
+
+
 def take(x: torch.Tensor, axis: int, index) -> torch.Tensor:
     """x indexed along its axis `axis`; -1 gives zeros."""
-    idx = torch.as_tensor(index, dtype=torch.int64)
-    if bool((idx < 0).any()):
+    index = tuple(index)
+    if min(index) < 0:
         zero = x.new_zeros(x.shape[:axis] + (1,) + x.shape[axis + 1:])
-        idx = torch.where(idx < 0, x.shape[axis], idx)
+        index = tuple(x.shape[axis] if i < 0 else i for i in index)
         x = torch.cat([x, zero], axis)
-    return x.index_select(axis, idx)
+    return x.index_select(axis, _on(index, x))
 
 
 def forward(x, attrs=None):
@@ -48,21 +55,20 @@ def interval(ins, ps, attrs):
 def backward(ins, ps, attrs):
     """The transpose of the selection: A scattered back (summed where an index repeats)."""
     a, bias = ins
-    axis, idx = attrs["axis"] + 2, torch.as_tensor(attrs["index"], dtype=torch.int64)
+    axis, index = attrs["axis"] + 2, tuple(attrs["index"])
     shape = list(a.shape)
     shape[axis] = attrs["in_shape"][attrs["axis"]]
-    kept = (idx >= 0).nonzero().flatten()
-    if len(kept) < len(idx):
-        a, idx = a.index_select(axis, kept), idx[kept]
-    return a.new_zeros(shape).index_add_(axis, idx, a), bias
+    kept = tuple(k for k, i in enumerate(index) if i >= 0)
+    if len(kept) < len(index):
+        a, index = a.index_select(axis, _on(kept, a)), tuple(index[k] for k in kept)
+    return a.new_zeros(shape).index_add_(axis, _on(index, a), a), bias
 
 
 def gather_fp_error(ins, ps, attrs):
     """The backward rule adds up to m coefficients per input element (m: the most any index
     repeats): gamma(m) |A| max|y| covers their rounding. The forward rule is exact."""
     s, raw = ins
-    idx = torch.as_tensor(attrs["index"], dtype=torch.int64)
-    m = int(torch.bincount(idx[idx >= 0]).max()) if bool((idx >= 0).any()) else 1
+    m = max(Counter(i for i in attrs["index"] if i >= 0).values(), default=1)
     return fp.finish(raw, gamma(m, raw.dtype) * magnitude(raw), attrs["n"])
 
 

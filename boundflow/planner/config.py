@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
+from boundflow.errors import DeviceError
+
 CROWN_INTERM_MODES = ("sparse", "intersect", "pure")
 
 
@@ -45,8 +49,16 @@ class PlannerConfig:
     # bounds sound in floating point, not only in real arithmetic: float64 buffers, every op's
     # rounding error (and its constants' error bounds) added outward (domains/fp.py); no patches
     sound_fp: bool = False
+    # the torch device the plan's parameters, arenas and kernels live on (any torch device;
+    # users pick it through api.bound's device, which also resolves "auto")
+    device: str = "cpu"
 
     def __post_init__(self):
+        try:
+            device = str(torch.device(self.device))
+        except (RuntimeError, TypeError):
+            raise DeviceError(f"unknown device {self.device!r}") from None
+        object.__setattr__(self, "device", device)
         if self.crown_interm not in CROWN_INTERM_MODES:
             raise ValueError(f"crown_interm must be one of {CROWN_INTERM_MODES}, got {self.crown_interm!r}")
         if self.max_ops_per_task is not None and self.max_ops_per_task < 1:

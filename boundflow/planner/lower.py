@@ -453,7 +453,8 @@ class _Lowering:
             A[x_in], skip = a, node0
         else:
             a, bias = a_buf(target), bias_buf()
-            attrs = {"batch": B, "shape": list(self.shape(target)), "numel": numel, "dtype": em.dtype, **sides}
+            attrs = {"batch": B, "shape": list(self.shape(target)), "numel": numel, "dtype": em.dtype,
+                     "device": self.cfg.device, **sides}
             if is_output:
                 em.emit("linear.start_spec", [spec] if spec is not None else [], [a, bias], attrs=attrs, source=target)
             else:

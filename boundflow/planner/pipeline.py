@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from boundflow.ir.primal import Graph
 from boundflow.ir.task import BFTaskModule
 from boundflow.passes.layout import LayoutReport, count_transposes, fold_layout
@@ -51,9 +53,11 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
     t4 = time.perf_counter()
     timings.update(layout_ms=(t0 - t_layout) * 1e3, lower_ms=(t1 - t0) * 1e3, order_ms=(t2 - t1) * 1e3,
                    partition_ms=(t3 - t2) * 1e3, memory_ms=(t4 - t3) * 1e3)
-    params = {name: t for name, t in low.params.items() if any(name in op.params for op in ops)}
+    # the parameters move to the plan's device once, here
+    device = torch.device(config.device)
+    params = {name: t.to(device) for name, t in low.params.items() if any(name in op.params for op in ops)}
     module = BFTaskModule(method, tasks, edges, buffers, params, low.inputs, low.outputs, memory,
-                          dict(config.dump(), method=method, batch=batch, spec_rows=spec_rows))
+                          dict(config.dump(), method=method, batch=batch, spec_rows=spec_rows), device=device)
     module.stats.update(
         num_tasks=len(tasks), num_edges=len(edges), num_ops=len(ops), num_buffers=len(buffers),
         ops_pruned=len(low.ops) - len(ops),

@@ -12,7 +12,7 @@ def allocate(module: BFTaskModule, alignment: int = 1):
     """(arenas, views, slots): views[b] is buffer b's view (None when its size is dynamic),
     slots[b] = (arena, element offset). Every offset must be a multiple of `alignment` bytes."""
     plan = module.memory_plan
-    arenas = {dt: torch.empty(max(n, 8) // DTYPE_BYTES[dt], dtype=TORCH_DTYPES[dt])
+    arenas = {dt: torch.empty(max(n, 8) // DTYPE_BYTES[dt], dtype=TORCH_DTYPES[dt], device=module.device)
               for dt, n in plan.arena_bytes.items()}
     n = max(module.buffers) + 1 if module.buffers else 0
     views: list[torch.Tensor | None] = [None] * n
@@ -30,7 +30,8 @@ def allocate(module: BFTaskModule, alignment: int = 1):
 
 
 def bind_inputs(module: BFTaskModule, env: list, inputs: dict[str, torch.Tensor]) -> None:
-    """Copy the module inputs into their planned views, checking roles and shapes."""
+    """Copy the module inputs into their planned views, checking roles and shapes (an input
+    on another device than the plan's is copied over here, once per run)."""
     for role, bid in module.inputs.items():
         if role not in inputs:
             raise ShapeError(f"missing input {role!r} for this plan")

@@ -15,6 +15,7 @@ import torch
 from boundflow.ops import ALIASING_KERNELS, KERNELS
 from boundflow.ir.task import TORCH_DTYPES, BFTaskModule
 from boundflow.runtime.arena import allocate, bind_inputs
+from boundflow.runtime.device import ieee_float32
 
 
 @dataclass
@@ -26,7 +27,8 @@ class _Prepared:
 
 
 class PythonTaskExecutor:
-    """The reference executor, and the fast default on CPU."""
+    """The reference executor, and the fast default on CPU; runs a plan on its device (CPU,
+    CUDA), where it allocates the arenas and every kernel computes."""
 
     name = "python"
 
@@ -60,22 +62,25 @@ class PythonTaskExecutor:
 
     @torch.no_grad()
     def run(self, module: BFTaskModule, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The module's outputs (on its device) for `inputs` (copied into the arena)."""
         t0 = time.perf_counter()
         p = self.prepare(module)
         env: list[torch.Tensor | None] = list(p.views)
         bind_inputs(module, env, inputs)
         views, slots = p.views, p.slots
-        for kernel, ins, outs, params, attrs, name in p.program:
-            results = kernel([env[i] for i in ins], params, attrs)
-            if self.checked:
-                _check_promises(name, [env[i] for i in ins], results, [module.buffers[b] for b in outs])
-            for bid, t in zip(outs, results):
-                view = views[bid]
-                if view is None:                       # dynamic: a view of the data's size
-                    arena, start = slots[bid]
-                    view = arena.narrow(0, start, t.numel()).view(t.shape)
-                    env[bid] = view
-                view.copy_(t)
+        with ieee_float32(module.device):
+            for kernel, ins, outs, params, attrs, name in p.program:
+                results = kernel([env[i] for i in ins], params, attrs)
+                if self.checked:
+                    _check_promises(name, [env[i] for i in ins], results, [module.buffers[b] for b in outs],
+                                    module.device)
+                for bid, t in zip(outs, results):
+                    view = views[bid]
+                    if view is None:                       # dynamic: a view of the data's size
+                        arena, start = slots[bid]
+                        view = arena.narrow(0, start, t.numel()).view(t.shape)
+                        env[bid] = view
+                    view.copy_(t)
         out = {role: env[bid].clone() for role, bid in module.outputs.items()}
         self.stats["runs"] += 1
         self.stats["run_ms_total"] += (time.perf_counter() - t0) * 1e3
@@ -84,20 +89,25 @@ class PythonTaskExecutor:
     def run_functional(self, module: BFTaskModule, inputs: dict[str, torch.Tensor],
                        env: dict[int, torch.Tensor] | None = None, ops=None) -> dict[int, torch.Tensor]:
         """Run `ops` (default: all) on plain tensors, without the arena, so autograd can see
-        through them (alpha-CROWN). `env` holds buffers computed earlier. Returns buffer -> tensor."""
+        through them (alpha-CROWN). `env` holds buffers computed earlier; `inputs` must be on
+        the module's device already. Returns buffer -> tensor."""
         env = dict(env or {})
         for role, bid in module.inputs.items():
             if role in inputs:
                 env[bid] = inputs[role]
-        for op in module.ops() if ops is None else ops:
-            params = [module.params[p] if p else None for p in op.params]
-            env.update(zip(op.outputs, KERNELS[op.op]([env[i] for i in op.inputs], params, op.attrs)))
+        with ieee_float32(module.device):
+            for op in module.ops() if ops is None else ops:
+                params = [module.params[p] if p else None for p in op.params]
+                env.update(zip(op.outputs, KERNELS[op.op]([env[i] for i in op.inputs], params, op.attrs)))
         return env
 
 
-def _check_promises(name: str, inputs: list[torch.Tensor], results, specs) -> None:
-    held = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+def _check_promises(name: str, inputs: list[torch.Tensor], results, specs, device: torch.device) -> None:
+    # (storage without bytes, e.g. on the meta device, has address 0 and aliases nothing)
+    held = {t.untyped_storage().data_ptr() for t in inputs if t is not None} - {0}
     for k, (t, spec) in enumerate(zip(results, specs)):
+        if t.device != device:
+            raise AssertionError(f"kernel {name} returned a tensor on {t.device} as result {k}; the plan runs on {device}")
         if name not in ALIASING_KERNELS and t.untyped_storage().data_ptr() in held:
             raise AssertionError(f"kernel {name} returned a view of an input as result {k}; "
                                  "add it to ALIASING_KERNELS or return a fresh tensor")

@@ -168,6 +168,9 @@ class TVMTaskExecutor:
         hit = self._prepared.get(module)
         if hit is not None:
             return hit
+        if module.device.type != "cpu":
+            raise ValueError(f"the TVM executor compiles for the CPU only; this plan is for {module.device} "
+                             "(use executor='python', or device='cpu')")
         from boundflow.backends.tvm.lower import LoweredFunction, dynamic_extents, lower_module
 
         arenas, views, slots = allocate(module, TVM_ALIGNMENT)
