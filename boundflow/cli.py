@@ -118,11 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         help='run the plan with torch kernels (python, default) or TVM-compiled tasks (tvm; needs '
         'pip install -e ".[tvm]"; the first run of a model compiles it)',
     )
+    add_device_argument(b)
     b.set_defaults(run=cmd_bounds)
     from boundflow.verify.commands import add_commands  # verify, run-suite
 
     add_commands(sub)
     return parser
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", metavar="DEVICE",
+        help="where the bounds are computed: auto (CUDA when torch sees a GPU, else the CPU; the "
+        "default), cpu, cuda or cuda:N",
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -322,7 +331,7 @@ def cmd_bounds(args) -> int:
     C_t = None if C is None else torch.as_tensor(C, dtype=torch.float64)
 
     res = api.bound(model, x_lower, x_upper, method=args.method, C=C_t, executor=args.executor,
-                    sound_fp=args.sound_fp)
+                    sound_fp=args.sound_fp, device=args.device)
     lb = res.lb.detach().to(torch.float64).reshape(len(boxes), -1).numpy()
     ub = res.ub.detach().to(torch.float64).reshape(len(boxes), -1).numpy()
     if lb.shape[1] != len(labels):  # a bug, not a user error: let it show a traceback

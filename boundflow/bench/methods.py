@@ -1,5 +1,5 @@
 """Benchmark of the bound methods: ``python -m boundflow.bench.methods [--json FILE] [--models ...]
-[--repeats N] [--warmup N] [--threads 1] [--quick]``.
+[--repeats N] [--warmup N] [--threads 1] [--quick] [--device cpu|cuda|auto]``.
 
 For each model and input box it times ``boundflow.compute_bounds`` with IBP, CROWN-IBP, CROWN
 and CROWN with textbook intermediate bounds (``crown_interm="pure"``) and compares with
@@ -27,7 +27,9 @@ and runs (``first_call_ms``; ``plan_cached`` is true when an earlier case alread
 plan); then ``--warmup`` untimed calls and ``--repeats`` timed ones give the median and spread
 of the wall-clock time (``time_ms``, used by the ratios and targets) and of the thread's CPU
 time (``cpu_ms``, ``*_cpu`` ratios: robust to other processes sharing the machine). ``torch`` uses
-``--threads`` threads (default 1, as auto_LiRPA's reference times).
+``--threads`` threads (default 1, as auto_LiRPA's reference times). ``--device`` (default
+``cpu``) is where the bounds and the torch forward run (on CUDA each timed call ends with the
+results on the host, a synchronisation); onnxruntime stays on the CPU.
 
 Targets (``targets`` in the JSON): IBP takes at most 3x a torch forward pass on every case, and
 CROWN on mnist-net_256x2 with the prop_0_0.03 box is at least 2x faster than auto_LiRPA's
@@ -55,6 +57,7 @@ from boundflow.bench.common import fmt, machine_info, shared_dir, table, time_ca
 from boundflow import ops
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.ir.primal import Graph
+from boundflow.runtime.device import resolve_device
 
 # (label, compute_bounds method, crown_interm, sound_fp, key in a golden fixture)
 METHODS = [
@@ -148,14 +151,16 @@ def select(cases: list[Case], patterns: list[str] | None) -> list[Case]:
     return chosen
 
 
-def torch_forward(graph: Graph) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A plain torch forward of the primal graph's first output, x: [B, *input shape]. Each node
-    becomes a closure over its rule, constants and attributes; values live in a list."""
+def torch_forward(graph: Graph, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A plain torch forward of the primal graph's first output, x: [B, *input shape] on
+    `device`. Each node becomes a closure over its rule, constants (on `device`) and attributes;
+    values live in a list. On CUDA a call waits for its kernels."""
     slots = {graph.inputs[0]: 0}
     steps = []
     for k, node in enumerate(graph.nodes):
         rule, attrs = ops.get(node.op).forward, node.attrs
-        args = [(slots[i], None) if graph.is_variable(i) else (None, graph.data(i).float()) for i in node.inputs]
+        args = [(slots[i], None) if graph.is_variable(i) else (None, graph.data(i).float().to(device))
+                for i in node.inputs]
         if args[0][0] is not None and all(s is None for s, _ in args[1:]):
             src, consts = args[0][0], [c for _, c in args[1:]]
             steps.append(lambda env, r=rule, s=src, cs=consts, a=attrs: r(env[s], *cs, attrs=a))
@@ -170,6 +175,8 @@ def torch_forward(graph: Graph) -> Callable[[torch.Tensor], torch.Tensor]:
             env = [x]
             for step in steps:
                 env.append(step(env))
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
             return env[out]
 
     return forward
@@ -193,7 +200,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def run_case(case: Case, repeats: int, warmup: int, threads: int) -> list[dict[str, Any]]:
+def run_case(case: Case, repeats: int, warmup: int, threads: int, device: str = "cpu") -> list[dict[str, Any]]:
     path = str(case.model)
     load_ms, (graph, _) = time_once(lambda: boundflow.load_model(path))
     in_shape = tuple(graph.shape(graph.inputs[0]))
@@ -204,8 +211,9 @@ def run_case(case: Case, repeats: int, warmup: int, threads: int) -> list[dict[s
     C = None if case.C is None else torch.from_numpy(case.C)
 
     x = ((lo + hi) / 2).unsqueeze(0)
-    fwd = torch_forward(graph)
-    fwd_wall, fwd_cpu, y = time_calls(lambda: fwd(x), repeats * FORWARD_REPEATS_FACTOR, warmup)
+    fwd, x_dev = torch_forward(graph, device), x.to(device)
+    fwd_wall, fwd_cpu, y = time_calls(lambda: fwd(x_dev), repeats * FORWARD_REPEATS_FACTOR, warmup)
+    y = y.cpu()
     run_ort = ort_forward(case.model, threads, x.numpy().reshape(in_shape))
     ort_wall, ort_cpu, y_ort = time_calls(run_ort, repeats * FORWARD_REPEATS_FACTOR, warmup)
     forward = {"torch": fwd_wall, "torch_cpu": fwd_cpu, "onnxruntime": ort_wall, "onnxruntime_cpu": ort_cpu,
@@ -214,9 +222,10 @@ def run_case(case: Case, repeats: int, warmup: int, threads: int) -> list[dict[s
     rows = []
     for label, method, interm, sound, key in METHODS:
         first_ms, first = time_once(lambda: boundflow.bound(path, lo, hi, method, C, crown_interm=interm,
-                                                            sound_fp=sound))
+                                                            sound_fp=sound, device=device))
         wall, cpu, (lb, ub) = time_calls(
-            lambda: boundflow.compute_bounds(path, lo, hi, method=method, C=C, crown_interm=interm, sound_fp=sound),
+            lambda: boundflow.compute_bounds(path, lo, hi, method=method, C=C, crown_interm=interm, sound_fp=sound,
+                                             device=device),
             repeats, warmup)
         width = _num((ub - lb).double().mean().item())
         ms = wall["median"]
@@ -324,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1)")
     ap.add_argument("--quick", action="store_true", help="few repeats, for smoke tests")
     ap.add_argument("--shared", metavar="DIR", help="the shared data folder (default $BOUNDFLOW_SHARED or ../shared)")
+    ap.add_argument("--device", default="cpu",
+                    help="where bounds and the torch forward run: cpu (default), cuda, cuda:N or auto")
     args = ap.parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
     repeats = args.repeats if args.repeats is not None else preset["repeats"]
@@ -332,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
 
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     shared = shared_dir(args.shared)
     cases = select(all_cases(shared), args.models)
     # with --json -, stdout carries the JSON only; the table goes to stderr
@@ -340,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in cases:
         print(f"running {case.name} ({case.model.name})", file=log, flush=True)
-        rows.extend(run_case(case, repeats, warmup, args.threads))
+        rows.extend(run_case(case, repeats, warmup, args.threads, device))
     tg = targets(rows)
     print(report(rows, tg), file=log, flush=True)
     if args.json:
@@ -348,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": dict(machine, load_average_end=machine_info()["load_average"]),
             "versions": dict(versions(), boundflow_module=boundflow.__version__),
             "config": {"repeats": repeats, "warmup": warmup, "forward_repeats": repeats * FORWARD_REPEATS_FACTOR,
-                       "threads": args.threads, "quick": args.quick, "shared": str(shared),
+                       "threads": args.threads, "quick": args.quick, "shared": str(shared), "device": device,
+                       "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
                        "cases": [c.name for c in cases], "methods": [m[0] for m in METHODS],
                        "forward": FORWARD_NOTE, "ratio_vs_forward": "time_ms.median / forward.torch.median",
                        "ratio_vs_forward_cpu": "cpu_ms.median / forward.torch_cpu.median",

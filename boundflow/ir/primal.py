@@ -94,6 +94,16 @@ class Graph:
         return Graph(dict(self.values), [Node(n.op, list(n.inputs), list(n.outputs), dict(n.attrs), n.name)
                                          for n in self.nodes], list(self.inputs), list(self.outputs), self.name)
 
+    def to(self, device) -> "Graph":
+        """A copy whose constants (data and error bounds) live on `device`."""
+        def moved(v: Value) -> Value:
+            if v.data is None:
+                return v
+            return Value(v.name, v.type, v.kind, v.data.to(device), None if v.err is None else v.err.to(device))
+        g = self.copy()
+        g.values = {name: moved(v) for name, v in self.values.items()}
+        return g
+
     def __repr__(self) -> str:
         lines = [f"Graph {self.name}: input {self.inputs} {[list(self.shape(i)) for i in self.inputs]}"]
         for n in self.nodes:

@@ -119,14 +119,15 @@ def _first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct rows of ``keys`` [P, c] and, for each, the index of its first occurrence
     (ascending)."""
     distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    first = torch.full((distinct.shape[0],), keys.shape[0], dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), reduce="amin")
+    first = torch.full((distinct.shape[0],), keys.shape[0], dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0], device=keys.device), reduce="amin")
     return distinct, first.sort().values
 
 
 @dataclass
 class Attacker:
-    """PGD over sub-boxes of a problem, with onnxruntime confirmation."""
+    """PGD over sub-boxes of a problem, with onnxruntime confirmation. The graph, the problem
+    and the generator live on one device (the points go to the CPU for onnxruntime only)."""
     graph: Graph
     problem: Problem
     checker: OrtChecker
@@ -153,7 +154,7 @@ class Attacker:
         order = flagged[torch.argsort(f[flagged])][: self.config.max_checks_per_step]
         for i in order.tolist():
             self.stats.candidates += 1
-            cex = self.checker.check(x[i].detach().numpy())
+            cex = self.checker.check(x[i].detach().cpu().numpy())
             if cex is not None:
                 return cex
             self.stats.rejected += 1
@@ -238,10 +239,10 @@ class Attacker:
             per_pair = per_pair + math.ceil(short / region.numel())
         rounds = int(per_pair.max()) if per_pair.numel() else 0
         if rounds > 0 and used < cap:
-            reps = torch.arange(rounds).repeat_interleave(region.numel())
+            reps = torch.arange(rounds, device=region.device).repeat_interleave(region.numel())
             ur = region.repeat(rounds)[reps < per_pair.repeat(rounds)][: cap - used]
             ud = disjunct.repeat(rounds)[reps < per_pair.repeat(rounds)][: cap - used]
-            u = torch.rand((ur.numel(), lo.shape[1]), generator=self.generator)
+            u = torch.rand((ur.numel(), lo.shape[1]), generator=self.generator, device=lo.device)
             parts_region.append(ur)
             parts_disjunct.append(ud)
             parts_x.append(lo[ur] + u * (hi[ur] - lo[ur]))
@@ -256,11 +257,12 @@ class Attacker:
     def _fresh(self, lo: torch.Tensor, hi: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
         """[M] bool: the regions not attacked before (and remember them)."""
         fresh = torch.ones(lo.shape[0], dtype=torch.bool)
+        box, lo, hi = box.cpu(), lo.cpu().numpy(), hi.cpu().numpy()
         for m in range(lo.shape[0]):
-            key = (int(box[m]), hash(lo[m].numpy().tobytes()), hash(hi[m].numpy().tobytes()))
+            key = (int(box[m]), hash(lo[m].tobytes()), hash(hi[m].tobytes()))
             fresh[m] = key not in self._seen
             self._seen.add(key)
-        return fresh
+        return fresh.to(self.problem.device)
 
     def _corners(self, lo, hi, usable, count, per_region):
         """Neuron-corner starts. For every usable region m, the ReLUs that are off at its centre
@@ -286,7 +288,7 @@ class Attacker:
         up = grad[r, unit[r, slot]] > 0                                # [P, n]
         # one start per distinct corner of a region (few inputs: many units share a corner)
         code = up.double() @ torch.randn(up.shape[1], generator=torch.Generator().manual_seed(0),
-                                         dtype=torch.float64)
+                                         dtype=torch.float64).to(up.device)
         _, first = _first_of_each(torch.stack([r.double(), code], dim=1))
         r, slot, up = r[first], slot[first], up[first]
         region = rows[r]
@@ -299,12 +301,12 @@ class Attacker:
             return cex
         # per pair: the `count` lowest corners of its region
         M, K = lo.shape[0], f.shape[1]
-        table = torch.full((M, k, K), math.inf)
+        table = torch.full((M, k, K), math.inf, device=f.device)
         table[region, slot] = f
         best, order = torch.topk(table, min(count, k), dim=1, largest=False)   # [M, c, K]
         m, c, d = torch.nonzero(best < math.inf, as_tuple=True)
-        index = torch.full((M, k), -1, dtype=torch.long)
-        index[region, slot] = torch.arange(region.numel())
+        index = torch.full((M, k), -1, dtype=torch.long, device=f.device)
+        index[region, slot] = torch.arange(region.numel(), device=f.device)
         # most promising first (the cap cuts from the end): by rank, then region, disjunct
         rank = torch.argsort(c * (M * K) + m * K + d, stable=True)
         m, c, d = m[rank], c[rank], d[rank]
@@ -336,7 +338,7 @@ class Attacker:
         x = centre.repeat_interleave(units, dim=0).requires_grad_(True)   # row r*U + u
         with torch.enable_grad():
             z = self._pre_activations(x, units)                            # [R U, U]
-            picked = z.gather(1, torch.arange(units).repeat(R)[:, None]).squeeze(1)
+            picked = z.gather(1, torch.arange(units, device=z.device).repeat(R)[:, None]).squeeze(1)
             (grad,) = torch.autograd.grad(picked.sum(), x)
         self.stats.points += x.shape[0]
         return picked.detach().reshape(R, units), grad.reshape(R, units, n)

@@ -94,7 +94,8 @@ class Bounder:
     sound_fp: float64, every rounding bounded, the spec rows exact). A bounder with a sound
     ``confirm`` bounder computes fast float32 bounds and has every margin they prove (> 0)
     recomputed by ``confirm``: only confirmed margins stay positive, so whatever proves a
-    disjunct anywhere in the search is sound in floating point."""
+    disjunct anywhere in the search is sound in floating point. Bounds are computed on the
+    problem's device (api.bound's device)."""
 
     def __init__(self, model: str, problem: Problem, method: str, options: dict, sound: bool = False,
                  confirm: Bounder | None = None):
@@ -111,9 +112,9 @@ class Bounder:
         :func:`boundflow.api.bound`)."""
         t0 = time.perf_counter()
         shape = (lo.shape[0],) + self.problem.input_shape
-        C = torch.from_numpy(self.problem.C) if self.sound else self.problem.C_bound
+        C = self.problem.spec if self.sound else self.problem.C_bound
         res = api.bound(self.model, lo.reshape(shape), hi.reshape(shape), self.method, C=C,
-                        sound_fp=self.sound, deadline=deadline, **self.options)
+                        sound_fp=self.sound, deadline=deadline, device=str(self.problem.device), **self.options)
         rows = res.lb.double() if self.sound else self.problem.row_lower_bounds(res.lb, res.ub)
         self.calls += 1
         self.regions += lo.shape[0]
@@ -204,7 +205,7 @@ class DomainQueue:
             self.pending = []
         priority = self.all.priority.nan_to_num(nan=math.inf)
         index = torch.topk(priority, min(count, len(self.all)), largest=False).indices
-        keep = torch.ones(len(self.all), dtype=torch.bool)
+        keep = torch.ones(len(self.all), dtype=torch.bool, device=priority.device)
         keep[index] = False
         out = self.all.select(index)
         self.all = self.all.select(keep)
@@ -228,7 +229,7 @@ def split_scores(grad: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
 
 def split(domains: Domains, dims: torch.Tensor) -> Domains:
     """Both halves of each domain along ``dims`` [N]: lower halves first, then upper halves."""
-    rows = torch.arange(len(domains))
+    rows = torch.arange(len(domains), device=dims.device)
     mid = (domains.lo[rows, dims] + domains.hi[rows, dims]) / 2
     lower_hi = domains.hi.clone()
     lower_hi[rows, dims] = mid
@@ -342,12 +343,12 @@ class BranchAndBound:
         count = min(self.config.split_candidates, scores.shape[1])
         cand_scores, cand = scores.topk(count, dim=1)                # [P, c], best first
         P = len(parents)
-        trial = split(parents.select(torch.arange(P).repeat(count)), cand.T.reshape(-1))
+        trial = split(parents.select(torch.arange(P, device=cand.device).repeat(count)), cand.T.reshape(-1))
         margins = combine(trial.margins, self.split_bounder.margins(trial.lo, trial.hi))
         worst = margins.amin(dim=1).nan_to_num(nan=-math.inf)       # [2 P c]
         value = torch.minimum(worst[: P * count], worst[P * count:]).reshape(count, P).T
         value = value.masked_fill(cand_scores == -math.inf, -math.inf)
-        return cand[torch.arange(P), value.argmax(dim=1)]            # first max: best score
+        return cand[torch.arange(P, device=cand.device), value.argmax(dim=1)]   # first max: best score
 
     def _bound(self, children: Domains) -> Domains:
         """Bound the children in one call; the ones with a disjunct still unproven."""

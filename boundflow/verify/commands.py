@@ -67,6 +67,8 @@ examples:
 
 def add_commands(sub) -> None:
     """Register ``verify`` and ``run-suite`` on cli.py's subparsers."""
+    from boundflow.cli import add_device_argument
+
     v = sub.add_parser(
         "verify", help="decide a VNNLIB property: holds / violated / unknown / timeout",
         description="Verify a VNN-COMP property on an ONNX model and print a one-line summary.",
@@ -85,6 +87,7 @@ def add_commands(sub) -> None:
                    help="print a progress line to stderr every 5 s of branch and bound")
     v.add_argument("--debug", action="store_true",
                    help="on an error, also print the full traceback to stderr")
+    add_device_argument(v)
     v.set_defaults(run=cmd_verify)
 
     s = sub.add_parser(
@@ -196,7 +199,7 @@ def cmd_verify(args) -> int:
             prop = _existing_file(args.property, "property")
             budget = args.timeout - process_age() - EXIT_RESERVE_S
             result = verify(model, prop, budget, method=args.method,
-                            config=VerifyConfig(seed=args.seed))
+                            config=VerifyConfig(seed=args.seed, device=args.device))
             text = result_file_text(result)
             summary = _summary_json(result, args) if args.json else _summary_line(result, args)
     except (CliError, BoundflowError, OSError):

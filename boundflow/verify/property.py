@@ -27,6 +27,7 @@ Numerics, always erring on the safe side:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -68,7 +69,11 @@ class Problem:
     ``members`` [K, S] bool: row i belongs to disjunct k.
     ``C_bound`` [S', O] float32 is what is handed to the bound computation: ``C`` rounded to
     float32, followed by the O identity rows when that rounding was inexact (see
-    :meth:`row_lower_bounds`).
+    :meth:`row_lower_bounds`). ``spec`` and ``thresholds`` are ``C`` and ``d`` as float64
+    tensors.
+
+    The tensors live on one device (:meth:`to`), where the search runs; the numpy arrays stay
+    on the CPU, for the onnxruntime check of counterexamples.
     """
 
     input_shape: tuple[int, ...]
@@ -82,15 +87,26 @@ class Problem:
     d: np.ndarray
     members: torch.Tensor
     C_bound: torch.Tensor
+    spec: torch.Tensor
+    thresholds: torch.Tensor
+
+    def to(self, device) -> Problem:
+        """The problem with its tensors on ``device``."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    @property
+    def device(self) -> torch.device:
+        return self.outer_lo.device
 
     @property
     def exact_lo(self) -> torch.Tensor:
         """[nb, n] float64: the boxes as written (sound bounds take them as they are)."""
-        return torch.from_numpy(self.box_lo)
+        return torch.from_numpy(self.box_lo).to(self.device)
 
     @property
     def exact_hi(self) -> torch.Tensor:
-        return torch.from_numpy(self.box_hi)
+        return torch.from_numpy(self.box_hi).to(self.device)
 
     @property
     def num_boxes(self) -> int:
@@ -111,15 +127,16 @@ class Problem:
     def restrict(self, box: int, disjunct: int) -> Problem:
         """The sub-problem of one box and one disjunct (its rows only): ReLU branch and bound
         proves the (box, disjunct) pairs one at a time, with a smaller spec."""
-        rows = self.members[disjunct].numpy()
-        C = self.C[rows]
-        C_bound = self.C_bound[: self.num_rows][torch.from_numpy(rows)]
+        mask = self.members[disjunct]
+        rows = mask.cpu().numpy()
+        C_bound = self.C_bound[: self.num_rows][mask]
         if self.C_bound.shape[0] > self.num_rows:           # keep the float32 correction rows
             C_bound = torch.cat([C_bound, self.C_bound[self.num_rows:]])
         pick = slice(box, box + 1)
         return Problem(self.input_shape, self.outer_lo[pick], self.outer_hi[pick], self.inner_lo[pick],
-                       self.inner_hi[pick], self.box_lo[pick], self.box_hi[pick], C, self.d[rows],
-                       torch.ones(1, int(rows.sum()), dtype=torch.bool), C_bound)
+                       self.inner_hi[pick], self.box_lo[pick], self.box_hi[pick], self.C[rows], self.d[rows],
+                       torch.ones(1, int(rows.sum()), dtype=torch.bool, device=self.device), C_bound,
+                       self.spec[mask], self.thresholds[mask])
 
     # ---------------------------------------------------------------- proofs
 
@@ -140,7 +157,7 @@ class Problem:
             outputs = lb[:, self.num_rows:], ub[:, self.num_rows:]
         y_lo, y_hi = (t.detach().to(torch.float64) for t in outputs)
         y_abs = torch.maximum(y_lo.abs(), y_hi.abs())
-        err = torch.from_numpy(np.abs(self.C - self.C_bound[: self.num_rows].double().numpy()))
+        err = (self.spec - self.C_bound[: self.num_rows].double()).abs()
         return rows - y_abs @ err.T
 
     def disjunct_margins(self, row_lb: torch.Tensor) -> torch.Tensor:
@@ -149,7 +166,7 @@ class Problem:
         A positive margin proves the disjunct unreachable over the region. ``tol_i`` is the
         float32 round-off allowance ``ATOL + RTOL * max(|lb_i|, |d_i|)``.
         """
-        d = torch.from_numpy(self.d)
+        d = self.thresholds
         tol = ATOL + RTOL * torch.maximum(row_lb.abs(), d.abs())
         slack = row_lb - d - tol                                        # [B, S]
         masked = slack.unsqueeze(1).masked_fill(~self.members, -math.inf)  # [B, K, S]
@@ -160,8 +177,7 @@ class Problem:
     def violations(self, y: torch.Tensor) -> torch.Tensor:
         """Attack objective [N, K] (differentiable): ``max_{i in k} (C y - d)_i`` for each
         output ``y`` [N, O] and disjunct k; negative means every row of k holds strictly."""
-        C = torch.as_tensor(self.C, dtype=y.dtype)
-        d = torch.as_tensor(self.d, dtype=y.dtype)
+        C, d = self.spec.to(y.dtype), self.thresholds.to(y.dtype)
         slack = y @ C.T - d                                             # [N, S]
         return slack.unsqueeze(1).masked_fill(~self.members, -math.inf).amax(dim=2)
 
@@ -172,7 +188,7 @@ class Problem:
     def violated_disjunct(self, y: np.ndarray) -> int | None:
         """The first disjunct whose rows all hold strictly at output ``y`` (float64), or None."""
         slack = self.C @ np.asarray(y, dtype=np.float64).reshape(-1) - self.d
-        for k, rows in enumerate(self.members.numpy()):
+        for k, rows in enumerate(self.members.cpu().numpy()):
             if np.all(slack[rows] < 0):
                 return k
         return None
@@ -212,4 +228,6 @@ def make_problem(prop: VnnlibProperty, input_shape: tuple[int, ...]) -> Problem:
         d=d.astype(np.float64),
         members=torch.from_numpy(members),
         C_bound=C32,
+        spec=torch.from_numpy(C.astype(np.float64)),
+        thresholds=torch.from_numpy(d.astype(np.float64)),
     )

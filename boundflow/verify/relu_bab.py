@@ -140,7 +140,7 @@ class DomainQueue:
     def pop(self, count: int) -> DomainSet:
         """The ``count`` domains of lowest margin."""
         margins = torch.cat([c.t["margin"] for c in self.chunks])
-        picked = torch.zeros(len(margins), dtype=torch.bool)
+        picked = torch.zeros(len(margins), dtype=torch.bool, device=margins.device)
         picked[torch.topk(margins, min(count, len(margins)), largest=False).indices] = True
         out, keep, start = [], [], 0
         for c in self.chunks:
@@ -175,7 +175,8 @@ class ReluBranchAndBound:
         is the time it spent so far. With ``sound_fp`` every proof is confirmed by a sound plan
         (see the module docstring)."""
         self.model, self.problem, self.attack, self.config = model, problem, attack, config
-        self.planner = planner or PlannerConfig()
+        self.device = problem.device                  # of the plans, the domains and the queue
+        self.planner = dataclasses.replace(planner or PlannerConfig(), device=str(self.device))
         self.sound = dataclasses.replace(self.planner, sound_fp=True, export_intermediate=False) if sound_fp else None
         self.graph, self.key = api.load_model(model)
         self.output = self.graph.outputs[0]
@@ -198,13 +199,13 @@ class ReluBranchAndBound:
         self.C = torch.stack([torch.cat([sub.C_bound[: sub.num_rows],
                                          sub.C_bound[:1].expand(self.rows - sub.num_rows, -1)])
                               for sub in self.subs])                            # [pairs, S, O]
-        self.C_exact = torch.stack([torch.from_numpy(sub.C[[*range(sub.num_rows)] + [0] * (self.rows - sub.num_rows)])
+        self.C_exact = torch.stack([torch.cat([sub.spec, sub.spec[:1].expand(self.rows - sub.num_rows, -1)])
                                     for sub in self.subs])                      # float64, for sound_fp
         self.outputs = None
         if problem.C_bound.shape[0] > problem.num_rows:
             shape = (problem.num_boxes,) + problem.input_shape
             y = api.bound(model, problem.outer_lo.reshape(shape), problem.outer_hi.reshape(shape), "crown",
-                          config=self.planner)
+                          config=self.planner, device=str(self.device))
             self.outputs = y.lb, y.ub                                           # [boxes, O]
         self.box = torch.stack([torch.cat([sub.outer_lo, sub.outer_hi]) for sub in self.subs])  # [pairs, 2, n]
         self.stats = {"pairs": len(pairs), "rounds": 0, "domains_bounded": 0, "trial_domains": 0, "leaves_proven": 0,
@@ -216,7 +217,7 @@ class ReluBranchAndBound:
     def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """[N] certified margin of each domain's disjunct from the bounds of its rows (of the
         spec rows as float32 holds them, corrected; ``exact``: of the exact rows)."""
-        out = torch.empty(len(pair), dtype=torch.float64)
+        out = torch.empty(len(pair), dtype=torch.float64, device=pair.device)
         for p in pair.unique().tolist():
             mine = pair == p
             sub = self.subs[p]
@@ -241,7 +242,7 @@ class ReluBranchAndBound:
         n = len(domains)
         size = 1 << max(0, math.ceil(math.log2(n)))
         padded = domains if size == n else DomainSet.cat(
-            [domains, domains.select(torch.zeros(size - n, dtype=torch.long))])
+            [domains, domains.select(torch.zeros(size - n, dtype=torch.long, device=self.device))])
         planner, dtype = (self.sound, torch.float64) if sound else (self.planner, torch.float32)
         module, _ = api.get_plan(self.graph, self.key, SPLIT_METHOD, size, self.rows, planner)
         t = dict(padded.t)
@@ -420,7 +421,7 @@ class ReluBranchAndBound:
         children = DomainSet.cat([parents, parents])
         t = children.t
         offset = 0
-        rows = torch.arange(P)
+        rows = torch.arange(P, device=self.device)
         for v in self.relus:
             size = math.prod(t[f"lo:{v}"].shape[1:])
             mine = (index >= offset) & (index < offset + size)
@@ -464,12 +465,12 @@ class ReluBranchAndBound:
         if k == 1:
             return first
         P = len(parents)
-        trials = self.split(parents.select(torch.arange(P).repeat(k)), cand.T.reshape(-1))
-        trials.t["margin"] = torch.full((2 * P * k,), -math.inf, dtype=torch.float64)
+        trials = self.split(parents.select(torch.arange(P, device=self.device).repeat(k)), cand.T.reshape(-1))
+        trials.t["margin"] = torch.full((2 * P * k,), -math.inf, dtype=torch.float64, device=self.device)
         margins = self.bound(trials, 0, deadline, trial=True).t["margin"]
         value = torch.minimum(margins[: P * k], margins[P * k:]).reshape(k, P).T
         value = value.masked_fill(score == -math.inf, -math.inf)
-        best = cand[torch.arange(P), value.argmax(dim=1)]           # the first maximum: best score
+        best = cand[torch.arange(P, device=self.device), value.argmax(dim=1)]           # the first maximum: best score
         return torch.where(first >= 0, best, first)
 
     # -- the search -------------------------------------------------------------------------
@@ -477,14 +478,14 @@ class ReluBranchAndBound:
         """One unsplit domain per pair, from intermediate bounds over the boxes (ReLU input ->
         stack(lower, upper) [2, boxes, *shape], e.g. alpha-CROWN's) and the margins [boxes,
         disjuncts] already certified."""
-        boxes = torch.tensor([b for b, _ in self.pairs])
-        t = {"pair": torch.arange(len(self.pairs)),
+        boxes = torch.tensor([b for b, _ in self.pairs], device=self.device)
+        t = {"pair": torch.arange(len(self.pairs), device=self.device),
              "margin": torch.stack([margins[b, k] for b, k in self.pairs]).double().nan_to_num(nan=-math.inf)}
         for v in self.relaxed:
             lo, hi = round_outward(intermediate[v][:, boxes], torch.float32)   # still contains the sound bounds
             t[f"lo:{v}"], t[f"hi:{v}"] = lo.clone(), hi.clone()
         for v in self.relus:
-            t[f"sign:{v}"] = torch.zeros(t[f"lo:{v}"].shape, dtype=torch.int8)
+            t[f"sign:{v}"] = torch.zeros(t[f"lo:{v}"].shape, dtype=torch.int8, device=self.device)
         return DomainSet(t)
 
     def run(self, root: DomainSet, deadline: float) -> ReluBabOutcome:

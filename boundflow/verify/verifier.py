@@ -24,6 +24,7 @@ from boundflow import api
 from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.planner.config import PlannerConfig
+from boundflow.runtime.device import resolve_device
 from boundflow.verify.attack import AttackConfig, Attacker, Counterexample, OrtChecker
 from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, combine
 from boundflow.verify.deadline import fits
@@ -60,10 +61,15 @@ class VerifyConfig:
     # bounds are float32 and each margin they prove is confirmed by a sound bound; the refining
     # bound (the root of ReLU branch and bound) is sound itself. Off only to measure its cost.
     sound_fp: bool = True
+    # where the bounds, the attack and the branch-and-bound queues run: "auto" (CUDA when torch
+    # sees it), "cpu", "cuda" or "cuda:N"; onnxruntime checks counterexamples on the CPU
+    device: str = "auto"
 
     def __post_init__(self):
         if self.split not in ("auto", "input", "relu"):
             raise ValueError(f"split must be 'auto', 'input' or 'relu', not {self.split!r}")
+        if "device" in self.bab.bound_options:
+            raise ValueError("the device of the search is VerifyConfig.device, not a bound option")
 
 
 @dataclass
@@ -87,15 +93,16 @@ def verify(model_path, vnnlib_path, timeout: float, method: str = "crown", *,
     t0 = time.perf_counter()
     deadline = t0 + timeout
     config = config or VerifyConfig()
+    device = resolve_device(config.device)
     model = str(model_path)
-    problem = _load(model, vnnlib_path)
+    problem = _load(model, vnnlib_path).to(device)
     # the attack runs the network as imported, not simplified: folded constants (a normalisation
     # merged into the first layer) round differently from the file onnxruntime checks
-    attacker = Attacker(load_onnx(model), problem, OrtChecker(model, problem), config.attack,
-                        generator=torch.Generator().manual_seed(config.seed))
+    attacker = Attacker(load_onnx(model).to(device), problem, OrtChecker(model, problem), config.attack,
+                        generator=torch.Generator(device).manual_seed(config.seed))
     bounders = _bounders(model, problem, method, config)
-    stats: dict = {"method": method, "boxes": problem.num_boxes, "disjuncts": problem.num_disjuncts,
-                   "load_s": time.perf_counter() - t0}
+    stats: dict = {"method": method, "device": device, "boxes": problem.num_boxes,
+                   "disjuncts": problem.num_disjuncts, "load_s": time.perf_counter() - t0}
     verdict, cex = _decide(model, problem, bounders, attacker, config, deadline, stats)
     stats["attack"] = attacker.stats.as_dict()
     stats["bound_calls"] = sum(b.calls for b in bounders.values())
@@ -153,7 +160,7 @@ def _decide(model: str, problem: Problem, bounders: dict, attacker: Attacker, co
     stats["first_margin"] = float(margins.amin())
     if bool((margins > 0).all()) or over():
         return _verdict_by_bound(margins, stats)
-    cex = attacker.run(problem.inner_lo, problem.inner_hi, torch.arange(problem.num_boxes),
+    cex = attacker.run(problem.inner_lo, problem.inner_hi, torch.arange(problem.num_boxes, device=problem.device),
                        ~(margins > 0), deadline)
     if cex is not None:
         stats["decided_by"] = "attack"
@@ -169,8 +176,8 @@ def _decide(model: str, problem: Problem, bounders: dict, attacker: Attacker, co
             return _verdict_by_bound(margins, stats)
     if _relu_split(model, problem, config):
         return _relu_search(model, problem, bounders, attacker, config, margins, deadline, stats)
-    roots = Domains(problem.outer_lo, problem.outer_hi, torch.arange(problem.num_boxes),
-                    combine(margins, margins), torch.zeros(problem.num_boxes, dtype=torch.float64))
+    roots = Domains(problem.outer_lo, problem.outer_hi, torch.arange(problem.num_boxes, device=problem.device),
+                    combine(margins, margins), torch.zeros(problem.num_boxes, dtype=torch.float64, device=problem.device))
     open_roots = roots.select(roots.alive().any(dim=1))
     outcome = BranchAndBound(problem, bounders["bab"], attacker, config.bab).run(open_roots, deadline)
     stats["decided_by"] = "bab"
@@ -184,16 +191,18 @@ class _PairAttack:
     def __init__(self, attacker: Attacker, problem: Problem, pairs: list[tuple[int, int]]):
         self.attacker, self.problem = attacker, problem
         self.boxes = sorted({b for b, _ in pairs})
-        self.alive = torch.zeros(len(self.boxes), problem.num_disjuncts, dtype=torch.bool)
+        alive = torch.zeros(len(self.boxes), problem.num_disjuncts, dtype=torch.bool)
         for b, k in pairs:
-            self.alive[self.boxes.index(b), k] = True
+            alive[self.boxes.index(b), k] = True
+        self.alive = alive.to(problem.device)
+        self.index = torch.tensor(self.boxes, device=problem.device)
 
     @property
     def seconds(self) -> float:
         return self.attacker.stats.seconds
 
     def __call__(self, deadline: float) -> Counterexample | None:
-        b, p = torch.tensor(self.boxes), self.problem
+        b, p = self.index, self.problem
         return self.attacker.run(p.inner_lo[b], p.inner_hi[b], b, self.alive, deadline)
 
 
