@@ -95,12 +95,16 @@ def test_auto_runs_on_the_cpu_here_and_results_come_back():
 
 
 def test_tvm_refuses_a_gpu_plan(monkeypatch):
-    pytest.importorskip("tvm")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     lo = torch.zeros(1, 3)
     with pytest.raises(DeviceError, match="CPU only"):
         boundflow.compute_bounds(torch.nn.Linear(3, 2), lo, lo + 1, executor="tvm", device="cuda")
+
+
+def test_tvm_executor_refuses_a_plan_for_another_device():
+    pytest.importorskip("tvm")
+    lo = torch.zeros(1, 3)
     graph, _ = boundflow.load_model(torch.nn.Linear(3, 2), lo)
     module = boundflow.plan(graph, "crown", PlannerConfig(device="meta"))
     with pytest.raises(ValueError, match="CPU only"):
