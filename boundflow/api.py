@@ -280,6 +280,8 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         lb, ub = _correct(lb, ub, c_err)
     lb, ub = lb.to(home), ub.to(home)
     intermediate = {role.split(":", 1)[1]: t.to(home) for role, t in outputs.items() if role.startswith("interm:")}
+    if device.startswith("cuda"):                    # run_ms: the kernels' time, not their launch
+        torch.cuda.synchronize(device)
     t2 = time.perf_counter()
     if executor == "tvm":
         extra["tvm"] = runner.compile_stats(module)
