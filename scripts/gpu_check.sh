@@ -85,7 +85,8 @@ if [ "$HAVE_ONNX" = 1 ] && [ -n "$SHARED" ]; then
                              TESTS+=(-k "not verify and not onnxruntime"); }
         PARALLEL=()
         has xdist && PARALLEL=(-n 8)
-        step tests 150 python3 -m pytest -q -rs "${PARALLEL[@]}" "${TESTS[@]}"
+        # (two torch threads per worker: the CPU reference bounds of 8 workers share the cores)
+        step tests 150 env OMP_NUM_THREADS=2 python3 -m pytest -q -rs "${PARALLEL[@]}" "${TESTS[@]}"
     else
         note "SKIPPED  the pytest tests: pytest is MISSING"
     fi

@@ -208,28 +208,28 @@ GPU_FIXTURES = [(n, "golden") for n in FIXTURES] + [(n, "golden_ops") for n in (
 
 
 @needs_cuda
+@pytest.mark.parametrize("name,folder", GPU_FIXTURES, ids=[n for n, _ in GPU_FIXTURES])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("sound_fp", [False, True], ids=["float32", "sound_fp"])
-def test_cuda_bounds_equal_the_cpu_ones(shared, method, sound_fp):
+def test_cuda_bounds_equal_the_cpu_ones(shared, name, folder, method, sound_fp):
     """Same plan, another device: the bounds agree up to summation order (1e-4 relative; an
     alpha-CROWN optimiser's mean width within 1%), and sound_fp bounds contain the samples."""
-    for name, folder in GPU_FIXTURES:
-        fx = load_fixture(shared, name, folder)
-        kw = dict(method=method, C=fx.C, sound_fp=sound_fp)
-        lb_cpu, ub_cpu = boundflow.compute_bounds(str(fx.model), fx.lower, fx.upper, device="cpu", **kw)
-        res = boundflow.api.bound(str(fx.model), fx.lower.cuda(), fx.upper.cuda(), device="cuda", **kw)
-        assert res.stats["device"] == "cuda" and res.lb.is_cuda
-        lb, ub = res.lb.cpu().double(), res.ub.cpu().double()
-        emp_lo, emp_hi = (t.double() for t in fx.empirical)
-        tol = 1e-5 * emp_lo.abs().clamp(min=1)
-        assert (lb[0] <= emp_lo + tol).all() and (ub[0] >= emp_hi - tol).all(), name
-        lb_cpu, ub_cpu = lb_cpu.double(), ub_cpu.double()
-        if method == "alpha-crown":
-            width, cpu_width = (ub - lb).mean().item(), (ub_cpu - lb_cpu).mean().item()
-            assert width <= 1.01 * cpu_width + 1e-6, f"{name}: mean width {width:.6g} vs the CPU's {cpu_width:.6g}"
-        else:
-            assert torch.allclose(lb, lb_cpu, rtol=1e-4, atol=1e-5), f"{name}: lb {(lb - lb_cpu).abs().max():.3e}"
-            assert torch.allclose(ub, ub_cpu, rtol=1e-4, atol=1e-5), f"{name}: ub {(ub - ub_cpu).abs().max():.3e}"
+    fx = load_fixture(shared, name, folder)
+    kw = dict(method=method, C=fx.C, sound_fp=sound_fp)
+    lb_cpu, ub_cpu = boundflow.compute_bounds(str(fx.model), fx.lower, fx.upper, device="cpu", **kw)
+    res = boundflow.api.bound(str(fx.model), fx.lower.cuda(), fx.upper.cuda(), device="cuda", **kw)
+    assert res.stats["device"] == "cuda" and res.lb.is_cuda
+    lb, ub = res.lb.cpu().double(), res.ub.cpu().double()
+    emp_lo, emp_hi = (t.double() for t in fx.empirical)
+    tol = 1e-5 * emp_lo.abs().clamp(min=1)
+    assert (lb[0] <= emp_lo + tol).all() and (ub[0] >= emp_hi - tol).all()
+    lb_cpu, ub_cpu = lb_cpu.double(), ub_cpu.double()
+    if method == "alpha-crown":
+        width, cpu_width = (ub - lb).mean().item(), (ub_cpu - lb_cpu).mean().item()
+        assert width <= 1.01 * cpu_width + 1e-6, f"mean width {width:.6g} vs the CPU's {cpu_width:.6g}"
+    else:
+        assert torch.allclose(lb, lb_cpu, rtol=1e-4, atol=1e-5), f"lb {(lb - lb_cpu).abs().max():.3e}"
+        assert torch.allclose(ub, ub_cpu, rtol=1e-4, atol=1e-5), f"ub {(ub - ub_cpu).abs().max():.3e}"
 
 
 @needs_cuda
