@@ -245,7 +245,7 @@ def test_random_networks_alpha_crown_sound(data):
 def test_patches_equal_dense_passes(data):
     """Refinement passes over receptive-field windows give the dense passes' bounds (the same
     arithmetic, fewer zeros), for every intermediate mode and B regions at once."""
-    net = data.draw(networks(["cnn", "bn_cnn"]), label="net")
+    net = data.draw(networks(["cnn", "bn_cnn", "residual"]), label="net")
     batch = data.draw(st.sampled_from([1, 3]), label="B")
     lo, hi, _ = data.draw(regions(net.input_shape, batch), label="box")
     interm = data.draw(st.sampled_from(["sparse", "intersect", "pure"]), label="interm")
@@ -291,6 +291,48 @@ def test_patches_on_a_deep_conv_chain(interm):
     pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_inside(module(pts).double(), got[True].lb[0], got[True].ub[0], f"deep conv chain {interm}")
+
+
+class _ResidualNet(torch.nn.Module):
+    """resnet_2b's shape, small: a strided stem, a block whose shortcut is a strided 1 x 1
+    conv, a block with an identity shortcut, a dense head; with `bare`, a sum that feeds a conv
+    directly (no ReLU between: that pass stays dense)."""
+
+    def __init__(self, bare: bool = False):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem = conv(2, 4, 3, stride=2, padding=1)
+        self.a1, self.a2, self.short = conv(4, 6, 3, stride=2, padding=1), conv(6, 6, 3, padding=1), conv(4, 6, 1, stride=2)
+        self.b1, self.b2 = conv(6, 6, 3, padding=1), conv(6, 6, (3, 1), padding=(1, 0))
+        self.bare = conv(6, 6, 3, padding=1) if bare else None
+        self.head = torch.nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.a2(torch.relu(self.a1(h))) + self.short(h))
+        h = h + self.b2(torch.relu(self.b1(h)))
+        h = torch.relu(self.bare(h) + h if self.bare is not None else h)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("bare", [False, True])
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_patches_through_residual_blocks(bare, method):
+    """Passes go through sums (residual connections) and fan-out over windows: a value read by
+    a block and by its shortcut gets their windows' union. The bounds are the dense plan's,
+    and sound by sampling."""
+    torch.manual_seed(7)
+    module = _ResidualNet(bare)
+    x = torch.randn(1, 2, 12, 12)
+    module(x)
+    lo, hi = x - 0.1, x + 0.1
+    got = patched_and_dense(module, lo, hi, method, "linear.patch_pad", crown_interm="pure")
+    graph, key = boundflow.load_model(module, lo)
+    plan, _ = boundflow.api.get_plan(graph, key, method, 1, None, boundflow.PlannerConfig(crown_interm="pure"))
+    assert any(o.op == "linear.patch_start_onehot" for o in plan.ops())
+    pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_inside(module(pts).double(), got[True].lb[0], got[True].ub[0], f"residual patches {method}")
 
 
 def test_alpha_crown_patches_equal_dense():

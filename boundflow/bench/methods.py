@@ -14,8 +14,10 @@ and CROWN with textbook intermediate bounds (``crown_interm="pure"``) and compar
   fixtures' (median of 3, on a loaded 2-core machine), not re-timed here: the speedup is
   indicative only (see the golden README).
 
-Cases: mnist-net_256x2 and mnist-net_256x6 on the box of mnistfc/prop_0_0.03.vnnlib, ACAS Xu
-1_1 on acasxu/prop_1.vnnlib's box, oval21 cifar_base_kw on its golden fixture's box, and every
+Cases: mnist-net_256x2, 256x4 and 256x6 on the box of mnistfc/prop_0_0.03.vnnlib, ACAS Xu
+1_1 on acasxu/prop_1.vnnlib's box, oval21 cifar_base_kw on its golden fixture's box and
+cifar_wide_kw / cifar_deep_kw on one of their properties' boxes, a network of resnet_2b's shape
+built here (bench/nets.py: two residual blocks, 3x32x32 input; no reference time), and every
 golden fixture's model and box (and C). A case whose model bytes, box and C equal a fixture's is
 run once, with the fixture's reference attached. Boxes from vnnlib files are rounded to the
 nearest float32, as the fixtures' boxes were.
@@ -33,7 +35,8 @@ results on the host, a synchronisation); onnxruntime stays on the CPU.
 
 Targets (``targets`` in the JSON): IBP takes at most 3x a torch forward pass on every case, and
 CROWN on mnist-net_256x2 with the prop_0_0.03 box is at least 2x faster than auto_LiRPA's
-recorded CROWN time with a mean width no larger than its (up to 1e-5 relative). Also measured:
+recorded CROWN time with a mean width no larger than its (up to 1e-5 relative); CROWN on every
+case with a reference at least 3x faster and as tight (``crown_vs_lirpa_everywhere``). Also measured:
 the cost of floating-point soundness, CROWN with ``sound_fp=True`` ("crown-sound", compared
 with auto_LiRPA's CROWN too) against plain CROWN, aiming at 1.2x.
 """
@@ -44,6 +47,7 @@ import fnmatch
 import hashlib
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +59,7 @@ import torch
 import boundflow
 from boundflow.bench.common import fmt, machine_info, shared_dir, table, time_calls, time_once, versions, write_json
 from boundflow import ops
+from boundflow.bench import nets
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.ir.primal import Graph
 from boundflow.runtime.device import resolve_device
@@ -72,13 +77,18 @@ CIFAR_FIXTURE = "cifar_base_kw__cifar_base_kw-img2908-eps0.019869281045751634"
 # (model under benchmarks/vnncomp2021, box: a vnnlib file there or "golden:<fixture>")
 MODEL_CASES = [
     ("mnistfc/mnist-net_256x2.onnx", "mnistfc/prop_0_0.03.vnnlib"),
+    ("mnistfc/mnist-net_256x4.onnx", "mnistfc/prop_0_0.03.vnnlib"),
     ("mnistfc/mnist-net_256x6.onnx", "mnistfc/prop_0_0.03.vnnlib"),
     ("acasxu/ACASXU_run2a_1_1_batch_2000.onnx", "acasxu/prop_1.vnnlib"),
     ("oval21/nets/cifar_base_kw.onnx", f"golden:{CIFAR_FIXTURE}"),
+    ("oval21/nets/cifar_wide_kw.onnx", "oval21/vnnlib/cifar_wide_kw-img1075-eps0.012679738562091505.vnnlib"),
+    ("oval21/nets/cifar_deep_kw.onnx", "oval21/vnnlib/cifar_deep_kw-img2399-eps0.038562091503267976.vnnlib"),
 ]
+RESNET_EPS = 2 / 255         # the built resnet_2b-shaped case: an L-inf ball in [0, 1]
 IBP_FORWARD_LIMIT = 3.0
 CROWN_TARGET_CASE = "mnist-net_256x2__prop_0_0.03"
 CROWN_SPEEDUP_NEEDED = 2.0
+CROWN_SPEEDUP_EVERYWHERE = 3.0   # CROWN on every case with a reference (issue 10)
 WIDTH_RTOL = 1e-5
 QUICK = {"repeats": 3, "warmup": 1}
 DEFAULT = {"repeats": 30, "warmup": 3}
@@ -126,9 +136,20 @@ def model_case(shared: Path, model: str, box: str) -> Case:
     return Case(f"{path.stem}__{Path(box).stem}", path, box, lo.astype(np.float32), hi.astype(np.float32), None)
 
 
-def all_cases(shared: Path) -> list[Case]:
-    """The model cases, then every golden fixture not identical to one of them."""
-    cases = [model_case(shared, m, b) for m, b in MODEL_CASES]
+def resnet_case(folder: Path) -> Case:
+    """The built resnet_2b-shaped network (bench/nets.py) on the L-inf ball of radius
+    RESNET_EPS around a seeded uniform image, clipped to [0, 1]."""
+    path = nets.resnet_2b(folder / "resnet_2b_shape.onnx")
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    lo, hi = (x - RESNET_EPS).clamp(0, 1), (x + RESNET_EPS).clamp(0, 1)
+    return Case("resnet_2b_shape__eps2_255", path, f"built: seed 0, eps {RESNET_EPS:.6g}, clipped to [0, 1]",
+                lo.numpy().ravel(), hi.numpy().ravel(), None)
+
+
+def all_cases(shared: Path, built: Path) -> list[Case]:
+    """The model cases, the built ones (written to `built`), then every golden fixture not
+    identical to one of them."""
+    cases = [model_case(shared, m, b) for m, b in MODEL_CASES] + [resnet_case(built)]
     by_key = {c.key(): c for c in cases}
     for path in sorted((shared / "golden").glob("*__*.json")):
         fx = fixture_case(shared / "golden", path.stem)
@@ -251,6 +272,14 @@ def run_case(case: Case, repeats: int, warmup: int, threads: int, device: str = 
     return rows
 
 
+def _fast_and_tight(row: dict[str, Any], needed: float) -> bool:
+    """At least `needed` times auto_LiRPA's recorded time, with a mean width no larger (up to
+    WIDTH_RTOL relative)."""
+    ref = row["lirpa"]
+    return (ref["speedup"] is not None and ref["speedup"] >= needed and row["mean_width"] is not None
+            and row["mean_width"] <= ref["mean_width"] * (1 + WIDTH_RTOL))
+
+
 def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ibp = {r["case"]: {"ibp_ms": r["time_ms"]["median"], "forward_ms": r["forward_ms"],
                        "ratio": r["ratio_vs_forward"], "ratio_cpu": r["ratio_vs_forward_cpu"],
@@ -266,6 +295,14 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["sound_fp_cost"] = {"aim": SOUND_FP_COST_AIM, "per_case": cost,
                             "within_aim": sum(v["ratio"] is not None and v["ratio"] <= SOUND_FP_COST_AIM
                                               for v in cost.values()), "cases": len(cost)}
+    every = {r["case"]: {"ours_ms": r["time_ms"]["median"], "ours_cpu_ms": r["cpu_ms"]["median"],
+                         "lirpa_ms": r["lirpa"]["ms"], "speedup": r["lirpa"]["speedup"],
+                         "speedup_vs_cpu": r["lirpa"]["speedup_vs_cpu"], "tightness": r["lirpa"]["tightness"],
+                         "pass": _fast_and_tight(r, CROWN_SPEEDUP_EVERYWHERE)}
+             for r in rows if r["method"] == "crown" and r["lirpa"] is not None}
+    out["crown_vs_lirpa_everywhere"] = {"speedup_needed": CROWN_SPEEDUP_EVERYWHERE, "width_rtol": WIDTH_RTOL,
+                                        "per_case": every, "passed": sum(v["pass"] for v in every.values()),
+                                        "cases": len(every), "pass": bool(every) and all(v["pass"] for v in every.values())}
     crown = next((r for r in rows if r["case"] == CROWN_TARGET_CASE and r["method"] == "crown"), None)
     if crown is None or crown["lirpa"] is None:
         out["crown_vs_lirpa"] = {"case": CROWN_TARGET_CASE, "pass": None, "note": "case not run"}
@@ -306,6 +343,13 @@ def report(rows: list[dict[str, Any]], tg: dict[str, Any]) -> str:
     for name, v in sc["per_case"].items():
         lines.append(f"    {name}: {fmt(v['sound_ms'])} ms / {fmt(v['crown_ms'])} ms = {fmt(v['ratio'])}x "
                      f"(cpu time: {fmt(v['ratio_cpu'])}x)")
+    ev = tg["crown_vs_lirpa_everywhere"]
+    lines.append(f"  CROWN >= {ev['speedup_needed']:g}x faster than auto_LiRPA and as tight on every case with a "
+                 f"reference: {ev['passed']} of {ev['cases']}")
+    for name, v in ev["per_case"].items():
+        lines.append(f"    {name}: {fmt(v['ours_ms'])} ms vs {fmt(v['lirpa_ms'])} ms = {fmt(v['speedup'])}x "
+                     f"(cpu time: {fmt(v['speedup_vs_cpu'])}x), width ratio {fmt(v['tightness'], 6)}  "
+                     f"{'pass' if v['pass'] else 'FAIL'}")
     cr = tg["crown_vs_lirpa"]
     if cr["pass"] is None:
         lines.append(f"  CROWN vs auto_LiRPA on {cr['case']}: not run")
@@ -345,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     shared = shared_dir(args.shared)
-    cases = select(all_cases(shared), args.models)
+    built = tempfile.TemporaryDirectory(prefix="boundflow-bench-")
+    cases = select(all_cases(shared, Path(built.name)), args.models)
     # with --json -, stdout carries the JSON only; the table goes to stderr
     log = sys.stderr if args.json == "-" else sys.stdout
     machine = machine_info()  # load average at the start; the end's is added below

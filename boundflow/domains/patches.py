@@ -9,8 +9,14 @@ starts at (i_r * S - P, j_r * T - Q), with (i_r, j_r) the neuron's position in t
 idx. Positions outside a value are its conv's zero padding: the windows of the relaxation and
 of the box are read with zeros there, which zeroes A (and its contribution) exactly.
 
-Here the window geometry, the end of a patch pass and the sound_fp widening on windows; the
-conv's and the ReLU's patch rules live with those ops (boundflow.ops.conv, boundflow.ops.relu).
+A pass may also go through sums of two values (residual connections): both inputs get the
+sum's A. A value read by several ops gets windows of different extents (and origins) from
+them; the planner places each inside their union (patch_pad) before adding them up
+(planner/lower.py: Geometry).
+
+Here the window geometry, the start of a pass at a target that is not a conv output, the end
+of a patch pass and the sound_fp widening on windows; the conv's and the ReLU's patch rules
+live with those ops (boundflow.ops.conv, boundflow.ops.relu).
 """
 from __future__ import annotations
 
@@ -38,17 +44,14 @@ def patch_margins(attrs, h: int, w: int, ph: int, pw: int) -> tuple[int, int, in
 
 def windows(x: torch.Tensor, idx: torch.Tensor, attrs, ph: int, pw: int) -> torch.Tensor:
     """x [..., C, H, W] read at the windows of the neurons idx [k] (size ph x pw, zeros outside):
-    [..., k, C, ph, pw]."""
-    h, w = x.shape[-2:]
-    mt, mb, ml, mr = patch_margins(attrs, h, w, ph, pw)
+    [..., k, C, ph, pw]. Every target position's window at once (an unfold of x, cropped or
+    zero padded so that window (i, j) starts at (i S - P, j T - Q)), then each row's."""
+    lead, (c, h, w) = tuple(x.shape[:-3]), x.shape[-3:]
     _, ht, wt = attrs["target"]
     s, t, p, q = attrs["grid"]
-    pix = idx % (ht * wt)
-    top, left = (pix // wt) * s - p + mt, (pix % wt) * t - q + ml
-    xp = F.pad(x, (ml, mr, mt, mb))
-    rows = top[:, None, None] + torch.arange(ph, device=idx.device)[None, :, None]
-    cols = left[:, None, None] + torch.arange(pw, device=idx.device)[None, None, :]
-    return xp[..., rows, cols].movedim(-4, -3)
+    xp = F.pad(x.reshape((-1, c, h, w)), (q, (wt - 1) * t - q + pw - w, p, (ht - 1) * s - p + ph - h))
+    every = F.unfold(xp, (ph, pw), stride=(s, t)).transpose(1, 2)          # [N, ht wt, C ph pw]
+    return every.index_select(1, idx % (ht * wt)).reshape(lead + (idx.numel(), c, ph, pw))
 
 
 def unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
@@ -65,6 +68,25 @@ def fp_widen(a: torch.Tensor, bias: torch.Tensor, e: torch.Tensor, idx: torch.Te
     u = unit_roundoff(bias.dtype)
     err = 2 * (err + u * bias.abs()) + slack(math.prod(a.shape[2:]) + 2, bias.dtype)
     return torch.cat([down(bias[:, :k] - err[:, :k]), up(bias[:, k:] + err[:, k:])], 1)
+
+
+def patch_start_onehot(ins, ps, attrs):
+    """A = the selected neurons' rows of the identity as 1 x 1 windows on the target:
+    [B, 2k, C, 1, 1], one-hot along C (a pass whose target is not a conv output)."""
+    idx = selected_neurons(ins, 0, attrs)
+    c, h, w = attrs["target"]
+    channel = (idx // (h * w)).repeat(2)
+    dtype = torch.float64 if attrs["dtype"] == "float64" else torch.float32
+    a = torch.zeros(attrs["batch"], channel.numel(), c, 1, 1, dtype=dtype)
+    a[:, torch.arange(channel.numel()), channel] = 1.0
+    return a, torch.zeros(attrs["batch"], channel.numel(), dtype=dtype)
+
+
+def patch_pad(ins, ps, attrs):
+    """A's windows placed inside larger ones (attrs pad: top, bottom, left, right), zeros
+    around: where a value's consumers reach it with windows of different extents."""
+    top, bottom, left, right = attrs["pad"]
+    return (F.pad(ins[0], (left, right, top, bottom)),)
 
 
 def patch_concretize(ins, ps, attrs):
@@ -87,4 +109,4 @@ def patch_concretize(ins, ps, attrs):
     return (torch.stack((lower, upper)),)
 
 
-RULES = {"patch_concretize": patch_concretize}
+RULES = {"patch_start_onehot": patch_start_onehot, "patch_pad": patch_pad, "patch_concretize": patch_concretize}

@@ -144,6 +144,70 @@ def _ancestors(graph: Graph, value: str) -> set[str]:
     return seen
 
 
+# -- patch geometry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """Where a patch pass keeps A on a value: one window [C, ph, pw] per row, the window of the
+    target neuron at (i, j) starting at (i S - P, j T - Q); grid = (S, T, P, Q)."""
+
+    window: tuple[int, int, int]
+    grid: tuple[int, int, int, int]
+
+
+def _patch_value(shape) -> bool:
+    shape = tuple(shape)
+    return len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)
+
+
+def _patchable(g: Graph, node: Node) -> bool:
+    """A node a patch pass goes through: a 2-d conv without groups or dilation, a ReLU or a
+    sum of two values, over [C, H, W] values."""
+    if node.op == "conv2d":
+        if node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1):
+            return False
+    elif node.op not in ("relu", "add"):
+        return False
+    return all(_patch_value(g.shape(v)) for v in node.inputs + node.outputs if g.is_variable(v))
+
+
+def _patch_start_geometry(g: Graph, node0: Node) -> Geometry:
+    """A at the start of a pass: the target conv's kernel on its input, else 1 x 1 windows on
+    the target itself (one-hot rows)."""
+    if node0.op == "conv2d":
+        (s, t), pad = node0.attrs["stride"], node0.attrs["padding"]
+        return Geometry(tuple(g.data(node0.inputs[1]).shape[1:]), (s, t, pad[0], pad[1]))
+    return Geometry((g.shape(node0.outputs[0])[-3], 1, 1), (1, 1, 0, 0))
+
+
+def _through(g: Graph, node: Node, geo: Geometry) -> Geometry:
+    """The geometry of A on a node's input given that on its output: a conv's window grows by
+    its kernel's reach; a ReLU or a sum keeps it."""
+    if node.op != "conv2d":
+        return geo
+    (cs, ct), pad = node.attrs["stride"], node.attrs["padding"]
+    c_in, kh, kw = g.data(node.inputs[1]).shape[1:]
+    (_, ph, pw), (s, t, p, q) = geo.window, geo.grid
+    return Geometry((c_in, (ph - 1) * cs + kh, (pw - 1) * ct + kw), (s * cs, t * ct, p * cs + pad[0], q * ct + pad[1]))
+
+
+def _union(geos: list[Geometry]) -> Geometry | None:
+    """The smallest window holding every geometry's window (None when their strides differ:
+    their windows move apart from one neuron to the next)."""
+    c, strides = geos[0].window[0], geos[0].grid[:2]
+    if any(x.window[0] != c or x.grid[:2] != strides for x in geos):
+        return None
+    p, q = max(x.grid[2] for x in geos), max(x.grid[3] for x in geos)
+    ph = p + max(x.window[1] - x.grid[2] for x in geos)
+    pw = q + max(x.window[2] - x.grid[3] for x in geos)
+    return Geometry((c, ph, pw), strides + (p, q))
+
+
+def _placement(geo: Geometry, into: Geometry) -> tuple[int, int, int, int]:
+    """Zero padding (top, bottom, left, right) that places geo's window inside into's."""
+    top, left = into.grid[2] - geo.grid[2], into.grid[3] - geo.grid[3]
+    return top, into.window[1] - geo.window[1] - top, left, into.window[2] - geo.window[2] - left
+
+
 class _Lowering:
     def __init__(self, graph: Graph, method: str, batch: int, spec_rows: int | None, config: PlannerConfig):
         if method not in METHODS + (SPLIT_METHOD,):
@@ -339,75 +403,128 @@ class _Lowering:
         return res
 
     # -- patches -----------------------------------------------------------------------------
-    def patch_chain(self, target: str) -> list[Node] | None:
-        """The nodes conv, relu, conv, ..., conv from ``target`` back to the network input when
-        the target's ancestors are exactly such a chain of 2-d convs (no groups, no dilation)
-        over [C, H, W] values (a unit leading axis allowed); else None."""
-        g, chain, v = self.g, [], target
-        while v != g.inputs[0]:
-            node = self.producer.get(v)
-            want = "conv2d" if len(chain) % 2 == 0 else "relu"
-            if node is None or node.op != want:
-                return None
-            if want == "conv2d" and (node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1)):
-                return None
-            shape = tuple(self.shape(node.inputs[0]))
-            if not (len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)):
-                return None
-            chain.append(node)
-            v = node.inputs[0]
-        return chain if chain and chain[-1].op == "conv2d" else None
+    def patch_geometry(self, target: str) -> dict[str, Geometry] | None:
+        """The window and grid of A on every value a refinement pass from ``target`` reaches
+        (the union of its consumers' windows where several read it), when the pass can keep A
+        as windows: every node from the target back to the network input is a 2-d conv (no
+        groups, no dilation), a ReLU or a sum over [C, H, W] values (a unit leading axis
+        allowed), the windows a value gets from its consumers move by the same strides (a
+        sound_fp plan: a chain, no value read twice), and A reaches every conv clean.
 
-    def patch_backward(self, target: str, chain: list[Node], idx: int | None, alpha: bool) -> int:
-        """The refinement pass of the neurons ``idx`` (all when None) of a conv output over
-        patches (see domains/linear.py); the same bounds as the dense pass, at the cost of the
-        windows."""
+        Clean: zero wherever a window sticks out of its value. A conv's window reaches into its
+        input's padding; a ReLU's lines (as the box at the end) are read as zeros there, which
+        cleans A, and a sum passes A on as it is. A conv needs it clean (it would move those
+        coefficients inside). Else None."""
+        g = self.g
+        node0 = self.producer.get(target)
+        if node0 is None or not _patchable(g, node0):
+            return None
+        start = _patch_start_geometry(g, node0)
+        first = node0.inputs[0] if node0.op == "conv2d" else target
+        reached, dirty = {first: [start]}, {first: node0.op == "conv2d"}
+        geometry: dict[str, Geometry] = {}
+        ancestors = _ancestors(g, target)
+        for node in reversed(g.nodes):
+            out = node.outputs[0]
+            if out not in ancestors or out not in reached or (node is node0 and node.op == "conv2d"):
+                continue
+            if not _patchable(g, node) or (node.op == "conv2d" and dirty[out]):
+                return None
+            geometry[out] = _union(reached[out])
+            if geometry[out] is None or (self.sound and len(reached[out]) > 1):
+                return None
+            through = _through(g, node, geometry[out])
+            for i in (i for i in node.inputs if g.is_variable(i)):
+                reached.setdefault(i, []).append(through)
+                dirty[i] = dirty.get(i, False) or node.op == "conv2d" or (node.op == "add" and dirty[out])
+        x = g.inputs[0]
+        if x not in reached:
+            return None
+        geometry[x] = _union(reached[x])
+        if geometry[x] is None or (self.sound and len(reached[x]) > 1):
+            return None
+        return geometry
+
+    def patch_backward(self, target: str, geometry: dict[str, Geometry], idx: int | None, alpha: bool) -> int:
+        """The refinement pass of the neurons ``idx`` (all when None) of ``target`` over
+        patches (domains/patches.py): A on each value as one window per row, placed as
+        ``geometry`` says; the same bounds as the dense pass, at the cost of the windows."""
         g, em, B = self.g, self.em, self.B
         rows2 = 2 * g.values[target].type.numel
         dynamic = None if idx is None else 1
         sel = [] if idx is None else [idx]
-        out_shape = tuple(self.shape(target))[-3:]
-        (s, t), pad = chain[0].attrs["stride"], chain[0].attrs["padding"]
-        grid = [s, t, pad[0], pad[1]]
-        w0 = g.data(chain[0].inputs[1])
-        window = list(w0.shape[1:])                               # [C, ph, pw] on the conv input
+        base = {"target": list(tuple(self.shape(target))[-3:]), **({"fp": True} if self.sound else {})}
 
-        def a_buf(v):
+        def a_buf(v, window):
             return em.buffer(f"A({target}->{v})", (B, rows2) + tuple(window), dynamic_axis=dynamic)
 
         def bias_buf():
             return em.buffer(f"bias({target})", (B, rows2), dynamic_axis=dynamic)
 
-        geo = {"target": list(out_shape), **({"fp": True} if self.sound else {})}
-
         def err(node):          # sound_fp: the op's error vector, read at each row's window
             return [self.errors[node.outputs[0]]] if self.sound else []
 
-        a, bias = a_buf(chain[0].inputs[0]), bias_buf()
-        em.emit("linear.patch_start", sel + err(chain[0]), [a, bias], self.backward_params(chain[0]),
-                {"batch": B, **geo}, source=target)
-        for relu, conv in zip(chain[1::2], chain[2::2]):
-            new_a, new_bias = a_buf(relu.inputs[0]), bias_buf()
-            ins = [a, bias, self.relax[relu.outputs[0]]]
-            if alpha:                     # one slope per row and window position, as A
-                role = f"alpha:{target}:{relu.outputs[0]}"
-                em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(window), role="input",
-                                                dynamic_axis=dynamic)
-                ins.append(em.out.inputs[role])
-            kernel = f"linear.patch_{relu.op}_alpha" if alpha else f"linear.patch_{relu.op}"
-            em.emit(kernel, ins + sel + err(relu),
-                    [new_a, new_bias], attrs={**geo, "grid": list(grid)}, source=target)
-            conv_geo = {**geo, "grid": list(grid)} if self.sound else {}
-            (cs, ct), cpad = conv.attrs["stride"], conv.attrs["padding"]
-            kh, kw = g.data(conv.inputs[1]).shape[-2:]
-            window = [g.data(conv.inputs[1]).shape[1], (window[1] - 1) * cs + kh, (window[2] - 1) * ct + kw]
-            grid = [grid[0] * cs, grid[1] * ct, grid[2] * cs + cpad[0], grid[3] * ct + cpad[1]]
-            a, bias = a_buf(conv.inputs[0]), bias_buf()
-            em.emit("linear.patch_conv", [new_a, new_bias] + (err(conv) + sel if self.sound else []), [a, bias],
-                    self.backward_params(conv), {"stride": [cs, ct], **conv_geo}, source=target)
+        A: dict[str, int] = {}
+
+        def give(v: str, buf: int, geo: Geometry):
+            """A contribution on v, placed in v's window (zeros around it) and summed."""
+            want = geometry[v]
+            if geo != want:
+                pad = _placement(geo, want)
+                placed = a_buf(v, want.window)
+                em.emit("linear.patch_pad", [buf], [placed], attrs={"pad": list(pad)}, source=target)
+                buf = placed
+            if v in A:
+                acc = a_buf(v, want.window)
+                em.emit("linear.accumulate", [A[v], buf], [acc], source=target)
+                buf = acc
+            A[v] = buf
+
+        node0 = self.producer[target]
+        start = _patch_start_geometry(g, node0)
+        bias = bias_buf()
+        if node0.op == "conv2d":
+            a = a_buf(node0.inputs[0], start.window)
+            em.emit("linear.patch_start", sel + err(node0), [a, bias], self.backward_params(node0),
+                    {"batch": B, **base}, source=target)
+            give(node0.inputs[0], a, start)
+        else:
+            a = a_buf(target, start.window)
+            em.emit("linear.patch_start_onehot", sel, [a, bias], attrs={"batch": B, "dtype": em.dtype, **base},
+                    source=target)
+            give(target, a, start)
+        for node in reversed(g.nodes):
+            out = node.outputs[0]
+            if out not in A or (node is node0 and node.op == "conv2d"):
+                continue
+            geo = geometry[out]
+            through = _through(g, node, geo)
+            var = [i for i in node.inputs if g.is_variable(i)]
+            if node.op == "add":
+                for i in var:
+                    give(i, A[out], through)
+                continue
+            new_a, new_bias = a_buf(var[0], through.window), bias_buf()
+            grid = {**base, "grid": list(geo.grid)}
+            if node.op == "relu":
+                ins = [A[out], bias, self.relax[out]]
+                if alpha:                     # one slope per row and window position, as A
+                    role = f"alpha:{target}:{out}"
+                    em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(geo.window), role="input",
+                                                    dynamic_axis=dynamic)
+                    ins.append(em.out.inputs[role])
+                kernel = "linear.patch_relu_alpha" if alpha else "linear.patch_relu"
+                em.emit(kernel, ins + sel + err(node), [new_a, new_bias], attrs=grid, source=target)
+            else:
+                em.emit("linear.patch_conv", [A[out], bias] + (err(node) + sel if self.sound else []),
+                        [new_a, new_bias], self.backward_params(node),
+                        {"stride": list(node.attrs["stride"]), **(grid if self.sound else {})}, source=target)
+            bias = new_bias
+            give(var[0], new_a, through)
+        x = g.inputs[0]
         res = em.buffer(f"crown({target})", (2, B, rows2 // 2), dynamic_axis=None if idx is None else 2)
-        em.emit("linear.patch_concretize", [a, bias, self.bounds[g.inputs[0]]] + sel, [res],
-                attrs={**geo, "grid": list(grid)}, source=target)
+        em.emit("linear.patch_concretize", [A[x], bias, self.bounds[x]] + sel, [res],
+                attrs={**base, "grid": list(geometry[x].grid)}, source=target)
         return res
 
     # -- one CROWN backward pass -------------------------------------------------------------
@@ -418,9 +535,9 @@ class _Lowering:
         stack(lower, upper), [2, B, S] (upper +inf when lower_only)."""
         g, em, B = self.g, self.em, self.B
         if target != g.outputs[0] and self.cfg.patches:
-            chain = self.patch_chain(target)
-            if chain is not None:
-                return self.patch_backward(target, chain, onehot_index, alpha)
+            geometry = self.patch_geometry(target)
+            if geometry is not None:
+                return self.patch_backward(target, geometry, onehot_index, alpha)
         is_output = target == g.outputs[0]
         numel = g.values[target].type.numel
         rows2 = (1 if lower_only else 2) * (self.S if spec is not None else numel)

@@ -734,6 +734,24 @@ def _ln_patch_start(ctx, ins, ps, attrs):
     return a, bias
 
 
+def _ln_patch_start_onehot(ctx, ins, ps, attrs):
+    """patches.patch_start_onehot: rows of the identity as 1 x 1 windows, one-hot along C."""
+    idx = _patch_index(ctx, ins, 0, attrs)
+    c, ht, wt = attrs["target"]
+    channel = ctx.emit(R.floor_divide(idx, _i64(ht * wt)))
+    column = ctx.emit(R.expand_dims(ctx.emit(R.concat([channel, channel], axis=0)), [1]))       # [2k, 1]
+    onehot = ctx.emit(R.astype(ctx.emit(R.equal(column, ctx.emit(R.arange(0, c, 1, "int64")))), "float32"))
+    rows2 = ctx.shape(onehot)[0]
+    batch = attrs["batch"]
+    a = R.broadcast_to(ctx.emit(R.reshape(onehot, [1, rows2, c, 1, 1])), [batch, rows2, c, 1, 1])
+    return a, R.zeros([batch, rows2], "float32")
+
+
+def _ln_patch_pad(ctx, ins, ps, attrs):
+    top, bottom, left, right = attrs["pad"]
+    return (R.nn.pad(ins[0], [0, 0] * 3 + [top, bottom, left, right]),)
+
+
 def _ln_patch_relu(ctx, ins, ps, attrs):
     a, bias, relaxation = ins[:3]
     batch, rows, c, ph, pw = ctx.shape(a)
@@ -830,6 +848,8 @@ RULES: dict[str, Rule] = {
     "linear.concretize": _ln_concretize,
     "linear.concretize_const": _ln_concretize_const,
     "linear.patch_start": _ln_patch_start,
+    "linear.patch_start_onehot": _ln_patch_start_onehot,
+    "linear.patch_pad": _ln_patch_pad,
     "linear.patch_relu": _ln_patch_relu,
     "linear.patch_conv": _ln_patch_conv,
     "linear.patch_concretize": _ln_patch_concretize,
