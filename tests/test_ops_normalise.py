@@ -8,6 +8,8 @@ frontends, clear errors. (The tiny attention block of ../shared/golden_ops is in
 tests/test_golden_ops.py: as tight as auto_LiRPA's bounds.)"""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -244,3 +246,13 @@ def test_softmax_float_error_bounds_hold(seed):
     exact = (a.double().unsqueeze(0) * torch.softmax(x, -1)[:, :, None]).flatten(3).sum(-1)
     linear = (new_a.double().unsqueeze(0) * x[:, :, None]).flatten(3).sum(-1) + new_bias.double()
     assert (linear[..., :4] <= exact[..., :4]).all() and (linear[..., 4:] >= exact[..., 4:]).all()
+
+
+def test_softmax_is_one_op_and_refuses_an_infinite_interval():
+    torch.manual_seed(0)
+    graph, _ = boundflow.load_model(Attention().eval(), torch.zeros(1, 3, 4))
+    ops = [n.op for n in graph.nodes]
+    assert ops.count("softmax") == 1 and "exp" not in ops
+    box = torch.tensor([[[0.0, -math.inf]], [[1.0, 2.0]]], dtype=torch.float64)
+    with pytest.raises(DomainError, match="softmax: input interval .* not finite"):
+        softmax.relax([box], [], {})

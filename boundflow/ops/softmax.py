@@ -41,6 +41,7 @@ import torch
 from boundflow.domains import fp
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
+from boundflow.errors import DomainError
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 from boundflow.ops.s_shaped import FUNCTION_ULPS
 
@@ -107,6 +108,10 @@ def fp_interval(ins, ps, attrs):
 def relax(ins, ps, attrs):
     """stack(lower, upper) of the input -> rows (l, u, s, exp(l - s), chord slope, p̲, p̄, c)."""
     l, u = ins[0]
+    if not bool(torch.isfinite(ins[0]).all()):
+        i = int((~torch.isfinite(ins[0])).flatten(1).any(0).nonzero()[0])
+        raise DomainError(f"softmax: input interval [{float(l.flatten()[i]):.6g}, {float(u.flatten()[i]):.6g}] "
+                          f"(element {i}) is not finite")
     lo, hi = bounds(l, u)
     err = 2 * _bounds_error(l, u, lo, hi) + slack(l.shape[-1] + 4, l.dtype)
     lo, hi = (lo - err).clamp(min=0), (hi + err).clamp(max=1)
