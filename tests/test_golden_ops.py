@@ -14,7 +14,8 @@ from golden import load_fixture
 
 FIXTURES = ["sigmoid_tanh_mlp__eps0.1", "sigmoid_tanh_mlp__eps0.5", "maxpool_cnn__eps0.02", "maxpool_cnn__eps0.1",
             "nonlinear_mix__eps0.05", "nonlinear_mix__eps0.2", "convtranspose_net__eps0.02",
-            "convtranspose_net__eps0.1", "bivariate_mul__eps0.05", "bivariate_mul__eps0.2"]
+            "convtranspose_net__eps0.1", "bivariate_mul__eps0.05", "bivariate_mul__eps0.2",
+            "attention_tiny__eps0.02", "attention_tiny__eps0.1"]
 METHODS = [("ibp", "IBP"), ("crown-ibp", "CROWN-IBP"), ("crown", "CROWN"), ("alpha-crown", "alpha-CROWN")]
 
 

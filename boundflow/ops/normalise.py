@@ -1,10 +1,10 @@
-"""Softmax, LayerNormalization and the quotient of two variables: frontend mappings only,
-composed of registered ops, so each piece keeps its own relaxation (as auto_LiRPA decomposes
-them):
+"""LayerNormalization and the quotient of two variables: frontend mappings only, composed of
+registered ops, so each piece keeps its own relaxation (as auto_LiRPA decomposes them):
 
-  softmax(x)_i   = exp(x_i) * 1 / sum_j exp(x_j)                      exp, reduce_sum, reciprocal, mul
   layer_norm(x)  = (x - mean x) * 1 / sqrt(mean (x - mean x)^2 + eps) * gamma + beta
   x / y          = x * 1 / y                                           reciprocal, mul
+
+(Softmax is one op of its own, softmax.py.)
 
 Every bound method then follows from the pieces' rules; an input interval that leaves a
 piece's domain (a divisor whose interval holds 0) fails with the piece's DomainError."""
@@ -40,12 +40,6 @@ def quotient(b: Builder, x: str, y: str, out: str | None) -> str:
     return mul.product(b, x, b.emit("reciprocal", [y]), out)
 
 
-def softmax(b: Builder, x: str, axis: int, out: str | None) -> str:
-    axis = b.axis(axis, len(b.shape(x)))
-    e = b.emit("exp", [x])
-    return mul.product(b, e, b.emit("reciprocal", [_sum(b, e, (axis,))]), out)
-
-
 def layer_norm(b: Builder, x: str, axis: int, eps: float, gamma, beta, out: str | None) -> str:
     """Normalised over the axes from `axis` on; gamma and beta (Constants or None) broadcast over
     those axes."""
@@ -62,13 +56,6 @@ def layer_norm(b: Builder, x: str, axis: int, eps: float, gamma, beta, out: str 
     return b.affine(normal, scale, beta, out=out)
 
 
-@onnx_lowering("Softmax")
-def _onnx_softmax(b) -> str:
-    if b.opset < 13:                    # before 13: softmax over the flattened axes from `axis` on
-        b.unsupported("Softmax before opset 13 (over flattened trailing axes); export with opset >= 13")
-    return softmax(b, b.var(b.input(0)), int(b.attr("axis", -1)), b.output)
-
-
 @onnx_lowering("LayerNormalization")
 def _onnx_layer_norm(b) -> str:
     names = list(b.inputs) + [""] * 3
@@ -80,11 +67,6 @@ def _onnx_layer_norm(b) -> str:
     beta = b.const(names[2], "bias") if names[2] else None
     return layer_norm(b, b.var(names[0]), int(b.attr("axis", -1)), float(b.attr("epsilon", 1e-5)), gamma, beta,
                       b.output)
-
-
-@torch_lowering(aten._softmax.default, aten.softmax.int)
-def _torch_softmax(b) -> str:
-    return softmax(b, b.var(b.arg(0)), int(b.arg(1, "dim")), b.output)
 
 
 @torch_lowering(aten.layer_norm.default, keep_whole=True)

@@ -339,10 +339,13 @@ class _Lowering:
                 layout=node.attrs.get("layout_hint"))
         if self.sound and op.fp is not None:
             raw, out = out, self.interval_buffer(y, "sound")
-            self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
+            error = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
             weights = em.params(f"{y}.fp", op.fp_params(self.g, node, TORCH_DTYPES[em.dtype]))
-            em.emit(f"fp.{node.op}", ins + [raw], [out, self.errors[y]], weights,
+            em.emit(f"fp.{node.op}", ins + [raw], [out, error], weights,
                     dict(node.attrs, n=fp.dot_length(self.g, node)), source=node.name)
+            # the backward rules of a relaxed op read its lines' error vector (relax_node), not
+            # the interval rule's
+            self.errors.setdefault(y, error)
         self.bounds[y] = out
 
     def needs_refining(self, node: Node) -> bool:
