@@ -604,7 +604,7 @@ def test_every_mapping_lives_in_an_op_module():
     assert modules == {"boundflow.ops.linear", "boundflow.ops.conv", "boundflow.ops.affine", "boundflow.ops.relu",
                        "boundflow.ops.shape", "boundflow.ops.s_shaped", "boundflow.ops.pool", "boundflow.ops.convex",
                        "boundflow.ops.leaky_relu", "boundflow.ops.sign", "boundflow.ops.periodic", "boundflow.ops.gelu",
-                       "boundflow.ops.select", "boundflow.ops.reduce", "boundflow.ops.normalise",
+                       "boundflow.ops.select", "boundflow.ops.reduce", "boundflow.ops.normalise", "boundflow.ops.softmax",
                        "boundflow.frontends.torch"}
     assert [k for k, fn in TORCH_LOWERINGS.items() if fn.__module__ == "boundflow.frontends.torch"] == [
         operator.getitem]

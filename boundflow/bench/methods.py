@@ -8,11 +8,13 @@ and CROWN with textbook intermediate bounds (``crown_interm="pure"``) and compar
   simplified primal graph run as a list of closures with their weights and attributes bound
   in advance, under ``no_grad``; the ratios use this one) and onnxruntime's ``session.run`` on
   the ONNX file, both with the same thread count;
-- for the golden fixtures (../shared/golden), auto_LiRPA 0.7.1's recorded time (``ms``) and
+- for the golden fixtures (../shared/golden, and the operator fixtures of ../shared/golden_ops),
+  auto_LiRPA 0.7.1's recorded time (``ms``) and
   mean bound width for the same method: speedup ``lirpa_ms / ours_ms`` and tightness
   ``ours_width / lirpa_width`` (<= 1: at least as tight). auto_LiRPA's times are the
   fixtures' (median of 3, on a loaded 2-core machine), not re-timed here: the speedup is
-  indicative only (see the golden README).
+  indicative only (see the golden README). Where auto_LiRPA failed (the fixture records its
+  error) the row carries ``lirpa_error`` instead.
 
 Cases: mnist-net_256x2, 256x4 and 256x6 on the box of mnistfc/prop_0_0.03.vnnlib, ACAS Xu
 1_1 on acasxu/prop_1.vnnlib's box, oval21 cifar_base_kw on its golden fixture's box and
@@ -119,7 +121,7 @@ class Case:
 def fixture_case(golden: Path, name: str) -> Case:
     raw = json.loads((golden / f"{name}.json").read_text())
     C = None if raw["C"] is None else np.array(raw["C"], dtype=np.float32)
-    return Case(name, golden / raw["model"], f"golden:{name}", np.array(raw["x_lower"], dtype=np.float32),
+    return Case(name, golden / raw["model"], f"{golden.name}:{name}", np.array(raw["x_lower"], dtype=np.float32),
                 np.array(raw["x_upper"], dtype=np.float32), C, raw, name)
 
 
@@ -147,12 +149,12 @@ def resnet_case(folder: Path) -> Case:
 
 
 def all_cases(shared: Path, built: Path) -> list[Case]:
-    """The model cases, the built ones (written to `built`), then every golden fixture not
-    identical to one of them."""
+    """The model cases, the built ones (written to `built`), then every golden fixture (ReLU
+    networks, then the operator fixtures of golden_ops) not identical to one of them."""
     cases = [model_case(shared, m, b) for m, b in MODEL_CASES] + [resnet_case(built)]
     by_key = {c.key(): c for c in cases}
-    for path in sorted((shared / "golden").glob("*__*.json")):
-        fx = fixture_case(shared / "golden", path.stem)
+    for path in sorted((shared / "golden").glob("*__*.json")) + sorted((shared / "golden_ops").glob("*__*.json")):
+        fx = fixture_case(path.parent, path.stem)
         same = by_key.get(fx.key())
         if same is None:
             cases.append(fx)
@@ -262,7 +264,9 @@ def run_case(case: Case, repeats: int, warmup: int, threads: int, device: str = 
             "lirpa": None,
         }
         ref = case.fixture and (case.fixture["methods"].get(key) or case.fixture["variants"].get(key))
-        if ref:
+        if ref and "error" in ref:            # auto_LiRPA could not run it: nothing to compare
+            row["lirpa_error"] = ref["error"]
+        elif ref:
             ref_width = _num(float(np.mean(np.subtract(ref["ub"], ref["lb"], dtype=np.float64))))
             row["lirpa"] = {"fixture": case.fixture_name, "key": key, "ms": ref["ms"], "mean_width": ref_width,
                             "speedup": _ratio(ref["ms"], ms), "speedup_vs_cpu": _ratio(ref["ms"], cpu["median"]),

@@ -73,13 +73,14 @@ def fp_widen(a: torch.Tensor, bias: torch.Tensor, e: torch.Tensor, idx: torch.Te
 def patch_start_onehot(ins, ps, attrs):
     """A = the selected neurons' rows of the identity as 1 x 1 windows on the target:
     [B, 2k, C, 1, 1], one-hot along C (a pass whose target is not a conv output)."""
-    idx = selected_neurons(ins, 0, attrs)
+    device = torch.device(attrs["device"])
+    idx = ins[0] if ins else torch.arange(math.prod(attrs["target"]), device=device)
     c, h, w = attrs["target"]
     channel = (idx // (h * w)).repeat(2)
     dtype = torch.float64 if attrs["dtype"] == "float64" else torch.float32
-    a = torch.zeros(attrs["batch"], channel.numel(), c, 1, 1, dtype=dtype)
-    a[:, torch.arange(channel.numel()), channel] = 1.0
-    return a, torch.zeros(attrs["batch"], channel.numel(), dtype=dtype)
+    a = torch.zeros(attrs["batch"], channel.numel(), c, 1, 1, dtype=dtype, device=device)
+    a[:, torch.arange(channel.numel(), device=device), channel] = 1.0
+    return a, a.new_zeros(attrs["batch"], channel.numel())
 
 
 def patch_pad(ins, ps, attrs):

@@ -63,13 +63,13 @@ def _others(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.unsqueeze(-2) - x.unsqueeze(-1)
 
 
-def _off_diagonal(n: int) -> torch.Tensor:
-    return ~torch.eye(n, dtype=torch.bool)
+def _off_diagonal(n: int, device: torch.device) -> torch.Tensor:
+    return ~torch.eye(n, dtype=torch.bool, device=device)
 
 
 def _side(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1 / (1 + sum_{j != i} exp(y_j - x_i))."""
-    terms = torch.where(_off_diagonal(x.shape[-1]), torch.exp(_others(x, y)), x.new_zeros(()))
+    terms = torch.where(_off_diagonal(x.shape[-1], x.device), torch.exp(_others(x, y)), x.new_zeros(()))
     return torch.reciprocal(1 + terms.sum(-1))
 
 
@@ -90,7 +90,7 @@ def _bounds_error(l, u, lo, hi) -> torch.Tensor:
     y by y (1 - y) r <= y r, and 1 + S and the reciprocal round once each. An exp that under- or
     overflows only leaves errors below the underflow slack (|d| is capped at EXP_RANGE)."""
     eps = unit_roundoff(l.dtype)
-    off = _off_diagonal(l.shape[-1])
+    off = _off_diagonal(l.shape[-1], l.device)
 
     def rel(x, y):
         reach = torch.where(off, _others(x, y).abs().clamp(max=EXP_RANGE), x.new_zeros(())).amax(-1)
@@ -199,7 +199,7 @@ def backward_alpha(ins, ps, attrs):
 def alpha_start(op, env) -> torch.Tensor:
     """The midpoints, for both lines and every row of A: [B, 2, R, *shape]."""
     a = env[op.inputs[0]]
-    return torch.full((a.shape[0], 2) + tuple(a.shape[1:]), 0.5, dtype=a.dtype)
+    return torch.full((a.shape[0], 2) + tuple(a.shape[1:]), 0.5, dtype=a.dtype, device=a.device)
 
 
 def fp_lines(ins, ps, attrs):

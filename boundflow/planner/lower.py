@@ -493,8 +493,8 @@ class _Lowering:
             give(node0.inputs[0], a, start)
         else:
             a = a_buf(target, start.window)
-            em.emit("linear.patch_start_onehot", sel, [a, bias], attrs={"batch": B, "dtype": em.dtype, **base},
-                    source=target)
+            em.emit("linear.patch_start_onehot", sel, [a, bias],
+                    attrs={"batch": B, "dtype": em.dtype, "device": self.cfg.device, **base}, source=target)
             give(target, a, start)
         for node in reversed(g.nodes):
             out = node.outputs[0]

@@ -422,29 +422,20 @@ class ReluBranchAndBound:
         t = children.t
         offset = 0
         rows = torch.arange(P, device=self.device)
-        for v in self.relus:
+        for v in self.relus + self.curved:
             size = math.prod(t[f"lo:{v}"].shape[1:])
             mine = (index >= offset) & (index < offset + size)
             if mine.any():
                 r, j = rows[mine], index[mine] - offset
                 shape = t[f"lo:{v}"].shape
                 lo, hi = t[f"lo:{v}"].flatten(1).clone(), t[f"hi:{v}"].flatten(1).clone()
-                sign = t[f"sign:{v}"].flatten(1).clone()
-                lo[r, j], sign[r, j] = 0.0, 1                  # active: z >= 0
-                hi[P + r, j], sign[P + r, j] = 0.0, -1         # inactive: z <= 0
-                t[f"lo:{v}"], t[f"hi:{v}"], t[f"sign:{v}"] = lo.view(shape), hi.view(shape), sign.view(shape)
-            offset += size
-        for v in self.curved:
-            size = math.prod(t[f"lo:{v}"].shape[1:])
-            mine = (index >= offset) & (index < offset + size)
-            if mine.any():
-                r, j = rows[mine], index[mine] - offset
-                shape = t[f"lo:{v}"].shape
-                lo, hi = t[f"lo:{v}"].flatten(1).clone(), t[f"hi:{v}"].flatten(1).clone()
-                mid = (lo[r, j] + hi[r, j]) / 2
-                lo[r, j] = mid                                 # [m, u]
-                hi[P + r, j] = mid                             # [l, m]
+                cut = 0.0 if v in self.relu_slope else (lo[r, j] + hi[r, j]) / 2
+                lo[r, j], hi[P + r, j] = cut, cut              # [cut, u] (a ReLU active), [l, cut]
                 t[f"lo:{v}"], t[f"hi:{v}"] = lo.view(shape), hi.view(shape)
+                if v in self.relu_slope:
+                    sign = t[f"sign:{v}"].flatten(1).clone()
+                    sign[r, j], sign[P + r, j] = 1, -1         # active: z >= 0; inactive: z <= 0
+                    t[f"sign:{v}"] = sign.view(shape)
             offset += size
         return children
 
