@@ -384,6 +384,11 @@ class ReluBranchAndBound:
         intervals, at the domains' current slopes and multipliers."""
         if not self.curved:
             return
+        relu_left = [(out[f"score:{v}"] > -math.inf).flatten(1).any(1) for v in self.relus]
+        if relu_left and torch.stack(relu_left).any(0).all():    # no curved split chosen yet
+            for v in self.curved:
+                out[f"score:{v}"] = torch.full_like(out[f"lo:{v}"], -math.inf)
+            return
         interm = {v: inputs[f"interm:{v}"].detach().clone().requires_grad_(True) for v in self.curved}
         given = {f"alpha:{self.output}:{o}": out[f"alpha:{o}"].to(interm[self.curved[0]].dtype) for o in self.slopes}
         given.update({f"beta:{self.output}:{v}": out[f"beta:{v}"].to(signs[v].dtype) * signs[v] for v in self.relus})
