@@ -18,12 +18,35 @@ def outcome(verdict: str, seconds: float, expected: str = "holds") -> suite.Outc
     return suite.Outcome(inst, verdict, seconds)
 
 
-def test_issue_preset_runs_the_target_subsets():
+def test_presets_run_the_target_subsets():
+    Run = vnncomp.Run
     args = vnncomp.parse_args(["--preset", "issue", "--limit", "3"])
-    assert vnncomp.plan_runs(args) == {"mnistfc": ("256x2", 30, 60.0), "acasxu": ("", 45, 60.0),
-                                       "oval21": ("", 5, 120.0)}
+    assert vnncomp.plan_runs(args) == {"mnistfc": Run("mnistfc", "256x2", 30, 60.0),
+                                       "acasxu": Run("acasxu", "", 45, 60.0), "oval21": Run("oval21", "", 5, 120.0)}
     args = vnncomp.parse_args(["--benchmarks", "acasxu, oval21", "--limit", "3", "--filter", "oval21=wide"])
-    assert vnncomp.plan_runs(args) == {"acasxu": ("", 3, 60.0), "oval21": ("wide", 3, 60.0)}
+    assert vnncomp.plan_runs(args) == {"acasxu": Run("acasxu", "", 3, 60.0), "oval21": Run("oval21", "wide", 3, 60.0)}
+    # the deeper-networks issue: every instance of each, at its own timeout
+    deep = vnncomp.plan_runs(vnncomp.parse_args(["--preset", "deep"]))
+    assert deep == {"mnistfc 256x4": Run("mnistfc", "256x4"), "mnistfc 256x6": Run("mnistfc", "256x6"),
+                    "oval21": Run("oval21"), "acasxu": Run("acasxu")}
+
+
+def test_deep_preset_selects_whole_benchmarks_at_their_own_timeouts(shared):
+    deep = vnncomp.plan_runs(vnncomp.parse_args(["--preset", "deep"]))
+    mnist = vnncomp.select(str(shared), deep["mnistfc 256x4"])
+    assert len(mnist) == 30 and all("256x4" in i.onnx and i.timeout == 300.0 for i in mnist)
+    acas = vnncomp.select(str(shared), deep["acasxu"])
+    assert len(acas) == 186 and {i.timeout for i in acas} == {116.0}
+
+
+def test_abcrown_2021_beside_ours(shared):
+    run = vnncomp.Run("mnistfc", "256x4", 3)
+    instances = vnncomp.select(str(shared), run)       # prop_0_0.03, prop_1_0.03, prop_2_0.03
+    ours = [suite.Outcome(i, v, s) for i, v, s in zip(instances, ["holds", "timeout", "violated"], [10.0, 300.0, 2.0])]
+    got = vnncomp.abcrown_2021(str(shared), "mnistfc", ours)
+    assert got["instances"] == 3 and got["solved"] == 2 and got["ours_solved"] == 2
+    assert got["only_abcrown"] == [] and got["only_ours"] == []
+    assert got["median_s"] == 59.33 and got["ours_median_s"] == 10.0
 
 
 def test_reference_compared_on_the_instances_it_covers():

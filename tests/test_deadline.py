@@ -50,16 +50,17 @@ def test_alpha_crown_stops_at_its_deadline():
     crown = api.bound(net, lo, hi, "crown")
     past = api.bound(net, lo, hi, "alpha-crown", deadline=time.perf_counter())
     assert past.stats["iterations"] == 0                  # the CROWN pass only
+    assert past.stats["stopped_by_deadline"]              # (branch and bound: "timeout", not "unknown")
     torch.testing.assert_close(past.lb, crown.lb)
     t0 = time.perf_counter()
     full = api.bound(net, lo, hi, "alpha-crown")
     full_s = time.perf_counter() - t0
-    assert full.stats["iterations"] > 2
+    assert full.stats["iterations"] > 2 and not full.stats["stopped_by_deadline"]
     budget = full_s / 2
     t0 = time.perf_counter()
     part = api.bound(net, lo, hi, "alpha-crown", deadline=t0 + budget)
     assert time.perf_counter() - t0 < budget + 1.0         # a step may run over its estimate
-    assert 0 < part.stats["iterations"] < full.stats["iterations"]
+    assert 0 < part.stats["iterations"] < full.stats["iterations"] and part.stats["stopped_by_deadline"]
     assert (part.lb >= crown.lb - 1e-5).all() and (part.ub <= crown.ub + 1e-5).all()
 
 

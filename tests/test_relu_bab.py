@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from boundflow import api
-from boundflow.domains import concrete
+from boundflow.domains import bound, concrete, linear
 from boundflow.frontends.vnnlib import parse_vnnlib
 from boundflow.passes.layout import fold_layout
 from boundflow.planner.config import PlannerConfig
+from boundflow.planner.lower import SPLIT_METHOD
 from boundflow.verify.alpha import AlphaConfig
 from boundflow.verify.property import make_problem
 from boundflow.verify.relu_bab import DomainQueue, DomainSet, ReluBabConfig, ReluBranchAndBound
@@ -69,6 +70,29 @@ def setups(draw):
     return net, centre - radius, centre + radius, gen
 
 
+def split_at_random(search, root, z: dict, splits: int, gen) -> torch.Tensor:
+    """Split the one domain of ``root`` on up to ``splits`` unstable neurons, signs from one
+    sample's pattern (so the domain is never empty); which samples (pre-activations ``z``) are
+    in the domain."""
+    anchor = int(torch.randint(len(next(iter(z.values()))), (1,), generator=gen))
+    t = root.t
+    inside = torch.ones(len(next(iter(z.values()))), dtype=torch.bool)
+    for _ in range(splits):
+        v = search.relus[int(torch.randint(len(search.relus), (1,), generator=gen))]
+        l, u = t[f"lo:{v}"][0].flatten(), t[f"hi:{v}"][0].flatten()
+        free = ((l < 0) & (u > 0) & (t[f"sign:{v}"][0].flatten() == 0)).nonzero().flatten()
+        if not len(free):
+            continue
+        j = int(free[torch.randint(len(free), (1,), generator=gen)])
+        zj = z[v].flatten(1)[:, j]
+        side = 1 if zj[anchor] >= 0 else -1
+        t[f"sign:{v}"].view(1, -1)[0, j] = side
+        (t[f"lo:{v}"] if side > 0 else t[f"hi:{v}"]).view(1, -1)[0, j] = 0.0
+        inside &= side * zj >= 0
+    assert inside[anchor]
+    return inside
+
+
 @settings(SETTINGS)
 @given(setup=setups(), splits=st.integers(1, 6), iterations=st.sampled_from([1, 8]))
 def test_beta_crown_bounds_hold_on_their_domain(setup, splits, iterations):
@@ -88,22 +112,7 @@ def test_beta_crown_bounds_hold_on_their_domain(setup, splits, iterations):
 
         pts = sample_box(lo.float(), hi.float(), 1500, 300, gen).reshape((-1,) + shape)
         z = pre_activations(graph, pts)
-        # splits on unstable neurons, signs from one sample's pattern: that sample is in the domain
-        anchor = int(torch.randint(len(pts), (1,), generator=gen))
-        t = root.t
-        inside = torch.ones(len(pts), dtype=torch.bool)
-        for _ in range(splits):
-            v = search.relus[int(torch.randint(len(search.relus), (1,), generator=gen))]
-            l, u = t[f"lo:{v}"][0].flatten(), t[f"hi:{v}"][0].flatten()
-            free = ((l < 0) & (u > 0) & (t[f"sign:{v}"][0].flatten() == 0)).nonzero().flatten()
-            if not len(free):
-                continue
-            j = int(free[torch.randint(len(free), (1,), generator=gen)])
-            zj = z[v].flatten(1)[:, j]
-            side = 1 if zj[anchor] >= 0 else -1
-            t[f"sign:{v}"].view(1, -1)[0, j] = side
-            (t[f"lo:{v}"] if side > 0 else t[f"hi:{v}"]).view(1, -1)[0, j] = 0.0
-            inside &= side * zj >= 0
+        inside = split_at_random(search, root, z, splits, gen)
         # random warm starts: any alpha in [0, 1] and beta >= 0 must give a sound bound
         bounded = search.bound(root, 1)
         for o in search.slopes:
@@ -115,9 +124,76 @@ def test_beta_crown_bounds_hold_on_their_domain(setup, splits, iterations):
 
         y = net(pts[inside].reshape((-1,) + tuple(shape[1:]))).double()
         worst = float(spec_values(y).min())
-        assert inside[anchor]
         # margin = lb - d - tol with d = 0: every point of the domain has value >= lb > margin
         assert worst >= margin - 1e-5 * max(1.0, abs(worst)), (repr(net), worst, margin)
+
+
+@settings(SETTINGS)
+@given(setup=setups(), splits=st.integers(0, 6), k=st.sampled_from([1, 3, 1000]),
+       sound_fp=st.booleans())
+def test_refined_intermediate_bounds_hold_on_their_domain(setup, splits, k, sound_fp):
+    """The split plan's re-tightened bounds (PlannerConfig.split_refine) contain every sampled
+    pre-activation of the domain, lie inside the given bounds, and are tighter somewhere when
+    the domain has splits to carry."""
+    net, lo, hi, gen = setup
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net.module, torch.zeros(net.input_shape), os.path.join(tmp, "net.onnx"))
+        graph, key = api.load_model(path)
+        shape = net.input_shape
+        crown = api.bound(path, lo.float().reshape((1,) + shape), hi.float().reshape((1,) + shape), "crown",
+                          config=EXPORT)
+        problem = make_problem(parse_vnnlib(property_text(lo.numel(), net.num_outputs, lo, hi, 0.0)), shape)
+        search = ReluBranchAndBound(path, problem, [(0, 0)], None, ReluBabConfig(), EXPORT)
+        root = search.root(crown.intermediate, torch.full((1, 1), -math.inf))
+        pts = sample_box(lo.float(), hi.float(), 1500, 300, gen).reshape((-1,) + shape)
+        z = pre_activations(graph, pts)
+        inside = split_at_random(search, root, z, splits, gen)
+        config = PlannerConfig(split_refine=k, sound_fp=sound_fp)
+        module, _ = api.get_plan(graph, key, SPLIT_METHOD, 1, search.rows, config)
+        dtype = torch.float64 if sound_fp else torch.float32
+        inputs = {"box": torch.stack((lo, hi)).reshape((2, 1) + shape).to(dtype), "C": search.C.to(dtype)}
+        for v in search.relaxed:
+            inputs[f"interm:{v}"] = torch.stack((root.t[f"lo:{v}"], root.t[f"hi:{v}"])).to(dtype)
+            if f"refine:{v}" in module.inputs:        # the k widest neurons (any selection is sound)
+                width = (root.t[f"hi:{v}"] - root.t[f"lo:{v}"]).flatten(1)
+                inputs[f"refine:{v}"] = width.topk(min(k, width.shape[1]), dim=1).indices
+        for role in module.inputs:
+            if role.startswith(("alpha:", "beta:")):
+                inputs[role] = None
+        env = api._executor.run_functional(module, inputs)
+        refined = {role[len("interm:"):]: env[bid] for role, bid in module.outputs.items() if role.startswith("interm:")}
+        assert refined or not any(r.startswith("refine:") for r in module.inputs)
+        for v, bounds in refined.items():
+            given = inputs[f"interm:{v}"]
+            assert (bounds[0] >= given[0]).all() and (bounds[1] <= given[1]).all()
+            zin = z[v][inside].double()
+            tol = 1e-5 * max(1.0, float(zin.abs().max()))      # (the samples are float32)
+            assert (zin >= bounds[0].double() - tol).all() and (zin <= bounds[1].double() + tol).all(), v
+
+
+def test_per_region_selections_match_shared_ones():
+    """Start kernels and the merge given each region's own neurons ([B, k]) give each region
+    what the shared selection ([k]) gives it."""
+    gen = torch.Generator().manual_seed(0)
+    B, n = 3, 7
+    idx = torch.stack([torch.randperm(n, generator=gen)[:4] for _ in range(B)])
+    attrs = {"batch": 1, "shape": [n], "numel": n, "dtype": "float32", "device": "cpu"}
+    w, b = torch.randn(n, 5, generator=gen), torch.randn(n, generator=gen)
+    err = torch.rand(B, n, generator=gen)
+    per = {"onehot": linear.start_onehot([idx], [], dict(attrs, batch=B)),
+           "rows": linear.start_rows([idx], [w, b], {"batch": B, "in_shape": [5]}),
+           "rows_fp": linear.start_rows([idx, err], [w, b], {"batch": B, "in_shape": [5], "fp": True})}
+    s = torch.sort(torch.rand(2, B, n, generator=gen), dim=0).values       # stack(lower, upper)
+    crown = torch.sort(torch.rand(2, B, 4, generator=gen), dim=0).values
+    merged = bound.merge_sparse([s, idx, crown], [], {"intersect": True})[0]
+    for r in range(B):
+        one = {"onehot": linear.start_onehot([idx[r]], [], attrs),
+               "rows": linear.start_rows([idx[r]], [w, b], {"batch": 1, "in_shape": [5]}),
+               "rows_fp": linear.start_rows([idx[r], err[r:r + 1]], [w, b], {"batch": 1, "in_shape": [5], "fp": True})}
+        for name, (a, bias) in one.items():
+            assert torch.equal(per[name][0][r], a[0]) and torch.equal(per[name][1][r], bias[0]), name
+        want = bound.merge_sparse([s[:, r:r + 1], idx[r], crown[:, r:r + 1]], [], {"intersect": True})[0]
+        assert torch.equal(merged[:, r:r + 1], want)
 
 
 @settings(SETTINGS, max_examples=8)

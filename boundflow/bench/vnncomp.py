@@ -4,6 +4,7 @@
         --limit 10 --timeout-cap 30 [--filter mnistfc=256x2] [--jobs 1]
     python -m boundflow.bench.vnncomp --preset issue --json out.json
     python -m boundflow.bench.vnncomp --preset ops --json out.json
+    python -m boundflow.bench.vnncomp --preset deep --json out.json
     python -m boundflow.bench.vnncomp --benchmarks acasxu --limit 45 --ray local --jobs 2 --json out.json
 
 ``--preset issue`` runs the subsets the verification issue sets as the target (all 30 mnistfc
@@ -13,6 +14,12 @@ ratios: solved counts, and its median time over ours on the same instances (ACAS
 reference covers the first 10). ``--preset ops`` runs the operators issue's subsets of
 ../shared/benchmarks/vnncomp2021_ops (ERAN's Sigmoid network and VeriVital's MaxPool network,
 the first 10 instances each, at 60 s) beside alpha-beta-CROWN's 2021 answers (on a GPU).
+``--preset deep`` runs the deeper-networks issue's targets: every mnist-net_256x4 and
+mnist-net_256x6 instance, every oval21 and every ACAS Xu instance, each at its own timeout
+(hours in all).
+
+Every run also puts alpha-beta-CROWN's VNN-COMP 2021 answers (expected.csv, on the
+competition's GPU machine) on the same instances beside ours: its solved count and median time.
 
 Each instance runs as a fresh ``boundflow verify`` process with one torch thread, timed from
 launch to exit, as VNN-COMP measures it (Python and torch start-up included). Instances are the
@@ -24,9 +31,12 @@ machine's cores, so keep 1 for timings.
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from boundflow.bench.common import machine_info, shared_dir, table, versions, write_json
 from boundflow.verify import suite
@@ -44,9 +54,25 @@ REFERENCE = {
     "eran": {"tool": "alpha-beta-CROWN 2021 (GPU)", "filter": "", "instances": 10, "solved": 8, "median_s": 9.06},
     "verivital": {"tool": "alpha-beta-CROWN 2021 (GPU)", "filter": "", "instances": 10, "solved": 10, "median_s": 6.7},
 }
-# benchmark -> (onnx filter, first N, timeout cap in s)
-PRESETS = {"issue": {"mnistfc": ("256x2", 30, 60.0), "acasxu": ("", 45, 60.0), "oval21": ("", 5, 120.0)},
-           "ops": {"eran": ("", 10, 60.0), "verivital": ("", 10, 60.0)}}
+
+
+@dataclass(frozen=True)
+class Run:
+    """The instances of one benchmark a run takes: those whose onnx name contains
+    ``onnx_filter``, the first ``limit`` (None: all), timeouts capped at ``cap`` (None: each
+    instance's own)."""
+    benchmark: str
+    onnx_filter: str = ""
+    limit: int | None = None
+    cap: float | None = None
+
+
+# run name -> its instances
+PRESETS = {"issue": {"mnistfc": Run("mnistfc", "256x2", 30, 60.0), "acasxu": Run("acasxu", "", 45, 60.0),
+                     "oval21": Run("oval21", "", 5, 120.0)},
+           "ops": {"eran": Run("eran", "", 10, 60.0), "verivital": Run("verivital", "", 10, 60.0)},
+           "deep": {"mnistfc 256x4": Run("mnistfc", "256x4"), "mnistfc 256x6": Run("mnistfc", "256x6"),
+                    "oval21": Run("oval21"), "acasxu": Run("acasxu")}}
 # where each benchmark's folder is under ../shared/benchmarks
 SUITES = {"eran": "vnncomp2021_ops", "verivital": "vnncomp2021_ops"}
 
@@ -71,20 +97,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def plan_runs(args) -> dict[str, tuple[str, int, float]]:
-    """benchmark -> (onnx filter, first N, timeout cap)."""
+def plan_runs(args) -> dict[str, Run]:
+    """Run name -> its instances."""
     if args.preset:
         return dict(PRESETS[args.preset])
     filters = {name: text for name, _, text in (f.partition("=") for f in args.filter)}
-    return {b: (filters.get(b, ""), args.limit, args.timeout_cap)
+    return {b: Run(b, filters.get(b, ""), args.limit, args.timeout_cap)
             for b in (b.strip() for b in args.benchmarks.split(",")) if b}
 
 
-def select(benchmark: str, shared: str | None, text: str, limit: int, cap: float) -> list[suite.Instance]:
-    suite_dir = SUITES.get(benchmark, "vnncomp2021")
-    csv_path = shared_dir(shared) / "benchmarks" / suite_dir / benchmark / f"{benchmark}_instances.csv"
-    instances = [i for i in suite.read_instances(csv_path, cap) if text in i.onnx]
-    return instances[:limit]
+def suite_folder(shared: str | None, benchmark: str) -> Path:
+    return shared_dir(shared) / "benchmarks" / SUITES.get(benchmark, "vnncomp2021")
+
+
+def select(shared: str | None, run: Run) -> list[suite.Instance]:
+    csv_path = suite_folder(shared, run.benchmark) / run.benchmark / f"{run.benchmark}_instances.csv"
+    instances = [i for i in suite.read_instances(csv_path, run.cap) if run.onnx_filter in i.onnx]
+    return instances[:run.limit]
+
+
+def abcrown_2021(shared: str | None, benchmark: str, outcomes: list[suite.Outcome]) -> dict | None:
+    """alpha-beta-CROWN's VNN-COMP 2021 answers on the same instances (expected.csv columns
+    abcrown_2021_result/_s; its timeouts were the competition's): solved count and median
+    time, beside ours; None when expected.csv has no such columns."""
+    path = suite_folder(shared, benchmark) / "expected.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = {(r["onnx"], r["vnnlib"]): r for r in csv.DictReader(f) if r.get("benchmark") == benchmark}
+    theirs = [rows.get((Path(o.instance.onnx).name, Path(o.instance.vnnlib).name)) for o in outcomes]
+    if not outcomes or any(r is None or not r.get("abcrown_2021_result") for r in theirs):
+        return None
+    secs = [float(r["abcrown_2021_s"]) for r in theirs]
+    solved = [r["abcrown_2021_result"] in suite.SOLVED for r in theirs]
+    ours = summarise(outcomes)
+    return {"tool": "alpha-beta-CROWN, VNN-COMP 2021 (GPU)", "instances": len(outcomes), "solved": sum(solved),
+            "median_s": statistics.median(secs), "ours_solved": ours["solved"], "ours_median_s": ours["median_s"],
+            "solved_minus_abcrown": ours["solved"] - sum(solved),
+            "only_abcrown": [o.instance.vnnlib for o, s in zip(outcomes, solved) if s and o.verdict not in suite.SOLVED],
+            "only_ours": [o.instance.vnnlib for o, s in zip(outcomes, solved) if not s and o.verdict in suite.SOLVED]}
 
 
 def against_reference(benchmark: str, text: str, outcomes: list[suite.Outcome]) -> dict | None:
@@ -118,17 +169,18 @@ def summarise(outcomes: list[suite.Outcome]) -> dict:
     }
 
 
-def run_benchmark(benchmark: str, plan: tuple[str, int, float], args, runner) -> dict:
-    """Run one benchmark's instances with ``runner``, a progress line each; its summary."""
-    text, limit, cap = plan
-    instances = select(benchmark, args.shared, text, limit, cap)
-    print(f"{benchmark}: {len(instances)} instances, timeout cap {cap} s, {runner.describe()}", flush=True)
+def run_benchmark(name: str, run: Run, args, runner) -> dict:
+    """Run one run's instances with ``runner``, a progress line each; its summary."""
+    instances = select(args.shared, run)
+    cap = "each instance's own timeout" if run.cap is None else f"timeout cap {run.cap} s"
+    print(f"{name}: {len(instances)} instances, {cap}, {runner.describe()}", flush=True)
     t0 = time.perf_counter()
     outcomes = suite.run_reported(instances, runner, color=sys.stdout.isatty(),
                                   emit=lambda line: print(line, flush=True))
     result = summarise(outcomes)
     result["wall_s"] = time.perf_counter() - t0
-    result["versus"] = against_reference(benchmark, text, outcomes)
+    result["versus"] = against_reference(run.benchmark, run.onnx_filter, outcomes)
+    result["abcrown_2021"] = abcrown_2021(args.shared, run.benchmark, outcomes)
     return result
 
 
@@ -140,7 +192,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with suite_runner(args.ray, args.jobs, args.method, 1, args.data_root) as runner:
         start_s = time.perf_counter() - t0     # a Ray's start (--ray local) or joining a cluster
-        results = {benchmark: run_benchmark(benchmark, plan, args, runner) for benchmark, plan in runs.items()}
+        results = {name: run_benchmark(name, run, args, runner) for name, run in runs.items()}
         slots = runner.describe()
     if args.ray:
         print(f"\nRay ({args.ray}): {start_s:.1f} s to start or join, not in the wall times")
@@ -148,7 +200,7 @@ def main(argv=None) -> int:
              r["error"], r["wrong"], f"{r['median_s']:.2f}", f"{r['median_solved_s'] or 0:.2f}", f"{r['wall_s']:.1f}"]
             for b, r in results.items()]
     print()
-    print(table(rows, ["benchmark", "n", "solved", "holds", "violated", "unsolved", "error", "wrong",
+    print(table(rows, ["run", "n", "solved", "holds", "violated", "unsolved", "error", "wrong",
                        "median s", "median solved s", "wall s"]))
     versus = [[b, v["reference"]["instances"], v["ours_on_same"]["solved"], v["reference"]["solved"],
                f"{v['ours_on_same']['median_s']:.2f}", f"{v['reference']['median_s']:.2f}",
@@ -158,8 +210,14 @@ def main(argv=None) -> int:
         print()
         print(table(versus, ["benchmark", "same n", "solved", "ref solved", "median s", "ref median s",
                              "ref / ours"]))
+    abcrown = [[b, a["instances"], a["ours_solved"], a["solved"], f"{a['ours_median_s']:.2f}", f"{a['median_s']:.2f}"]
+               for b, r in results.items() if (a := r["abcrown_2021"])]
+    if abcrown:
+        print()
+        print(table(abcrown, ["run", "n", "solved", "abcrown 2021 solved", "median s", "abcrown 2021 median s"]))
     out = {"benchmark": "vnncomp2021", "machine": machine_info(), "versions": versions(),
-           "config": {"runs": {b: {"onnx_filter": t, "limit": n, "timeout_cap_s": c} for b, (t, n, c) in runs.items()},
+           "config": {"runs": {name: {"benchmark": r.benchmark, "onnx_filter": r.onnx_filter, "limit": r.limit,
+                                      "timeout_cap_s": r.cap} for name, r in runs.items()},
                       "preset": args.preset, "method": args.method, "jobs": args.jobs,
                       "ray": args.ray, "runner": slots, "runner_start_s": start_s,
                       "torch_threads_per_instance": 1, "timing": "whole process, launch to exit"},

@@ -17,9 +17,15 @@ def unstable(ins, ps, attrs):
 
 def merge_sparse(ins, ps, attrs):
     """The selected neurons take their CROWN bounds; with attrs["intersect"] the CROWN and
-    interval bounds are intersected instead (both are sound, so is their intersection)."""
+    interval bounds are intersected instead (both are sound, so is their intersection). An
+    index [B, k] selects per region."""
     s, idx, crown = ins
     out = s.flatten(2).clone()
+    if idx.dim() == 2:                          # per region (a repeated neuron: the better bound)
+        assert attrs["intersect"], "per-region merges intersect"
+        out[0].scatter_reduce_(1, idx, crown[0], "amax")
+        out[1].scatter_reduce_(1, idx, crown[1], "amin")
+        return (out.view(s.shape),)
     if attrs["intersect"]:
         out[0][:, idx] = torch.maximum(out[0][:, idx], crown[0])
         out[1][:, idx] = torch.minimum(out[1][:, idx], crown[1])

@@ -62,13 +62,16 @@ def start_spec(ins, ps, attrs):
 
 
 def start_onehot(ins, ps, attrs):
-    """A = the selected rows of the identity on the target value (all rows without an index)."""
+    """A = the selected rows of the identity on the target value (all rows without an index;
+    an index [B, k] selects per region)."""
     batch, shape, n = attrs["batch"], tuple(attrs["shape"]), attrs["numel"]
     idx = ins[0] if ins else torch.arange(n, device=_device(attrs))
-    k = idx.numel()
+    k = idx.shape[-1]
     a = torch.zeros(batch, 2 * k, n, dtype=_dtype(attrs), device=idx.device)
-    rows = torch.arange(2 * k, device=idx.device)
-    a[:, rows, idx.repeat(2)] = 1.0
+    if idx.dim() == 2:
+        a.scatter_(2, idx.repeat(1, 2).unsqueeze(2), 1.0)
+    else:
+        a[:, torch.arange(2 * k, device=idx.device), idx.repeat(2)] = 1.0
     return a.reshape((batch, 2 * k) + shape), a.new_zeros(batch, 2 * k)
 
 
@@ -81,18 +84,20 @@ def start_rows(ins, ps, attrs):
     w, b = ps
     batch, in_shape = attrs["batch"], tuple(attrs["in_shape"])
     sel = ins[:-1] if attrs.get("fp") else ins
-    if sel:
+    if sel and sel[0].dim() == 2:               # rows per region: [B, k]
         (idx,) = sel
-        w, b = w.index_select(0, idx), b.index_select(0, idx)
-    a = torch.cat([w, w], 0)
-    bias = torch.cat([b, b], 0)
-    s2 = a.shape[0]
-    a = a.reshape((1, s2) + in_shape).expand((batch, s2) + in_shape)
-    bias = bias.unsqueeze(0).expand(batch, s2)
+        a = torch.cat([w[idx], w[idx]], 1).reshape((batch, 2 * idx.shape[1]) + in_shape)
+        bias = torch.cat([b[idx], b[idx]], 1)
+    else:
+        if sel:
+            w, b = w.index_select(0, sel[0]), b.index_select(0, sel[0])
+        s2 = 2 * w.shape[0]
+        a = torch.cat([w, w], 0).reshape((1, s2) + in_shape).expand((batch, s2) + in_shape)
+        bias = torch.cat([b, b], 0).unsqueeze(0).expand(batch, s2)
     if attrs.get("fp"):
         e = ins[-1].flatten(1)
         if sel:
-            e = e.index_select(1, sel[0])
+            e = e.gather(1, sel[0]) if sel[0].dim() == 2 else e.index_select(1, sel[0])
         k = e.shape[1]
         bias = torch.cat([down(bias[:, :k] - e), up(bias[:, k:] + e)], 1)
     return a, bias

@@ -44,6 +44,12 @@ class PlannerConfig:
     # also output the final interval of every ReLU input, as "interm:<value>" (ReLU branch and bound
     # starts from them)
     export_intermediate: bool = False
+    # beta-crown (ReLU branch and bound) re-tightens the given intermediate bounds of this
+    # many neurons per relaxed op's input (after the first) and domain, which it selects
+    # (inputs "refine:<value>", [B, k] flat indices): a CROWN pass each, from the bounds
+    # before it, intersected with the given ones (the domain's split constraints reach the
+    # later layers); the re-tightened bounds are also outputs "interm:<value>". 0: none
+    split_refine: int = 0
     # prove the storage plan safe (no live buffers sharing bytes) before returning it
     verify: bool = True
     # bounds sound in floating point, not only in real arithmetic: float64 buffers, every op's
@@ -63,6 +69,8 @@ class PlannerConfig:
             raise ValueError(f"crown_interm must be one of {CROWN_INTERM_MODES}, got {self.crown_interm!r}")
         if self.max_ops_per_task is not None and self.max_ops_per_task < 1:
             raise ValueError("max_ops_per_task must be >= 1")
+        if self.split_refine < 0:
+            raise ValueError("split_refine must be >= 0")
         if self.min_tasks < 1:
             raise ValueError("min_tasks must be >= 1")
 

@@ -272,12 +272,15 @@ class _Lowering:
             role = f"interm:{v}"
             em.out.inputs[role] = given[v] = em.buffer(
                 role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
+        refined = {}
         for node in self.g.nodes:
             relaxation = ops.get(node.op).relaxation
             is_relaxed = relaxation is not None
             if is_relaxed:           # (an input of the network too: then the domain's own box)
                 for v in relaxation.relaxed(node):
-                    self.bounds[v] = given[v]
+                    if self.cfg.split_refine > 0 and v not in refined and not interval_is_exact(self.g, v):
+                        refined[v] = self.refine_given(v, given[v])
+                    self.bounds[v] = refined.get(v, given[v])
             if self.sound:
                 self.forward(node)   # every interval and error vector, relaxations from the given bounds
             elif is_relaxed:
@@ -285,7 +288,25 @@ class _Lowering:
         em.phase = "output"
         self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True,
                                                 lower_only=True))
+        for v, bid in refined.items():
+            self.set_output(f"interm:{v}", bid)
         return em.out
+
+    def refine_given(self, v: str, given: int) -> int:
+        """config.split_refine: a CROWN pass for the k neurons of v each region selects (module
+        input "refine:<v>", [B, k] flat indices), from the relaxations of the bounds before v
+        (themselves refined), intersected with the given bounds. Both hold on the domain (the
+        relaxations hold there), so does their intersection; the given bounds carry the
+        domain's split constraints."""
+        em, k = self.em, min(self.cfg.split_refine, self.g.values[v].type.numel)
+        em.phase = f"refine({v})"
+        role = f"refine:{v}"
+        em.out.inputs[role] = idx = em.buffer(role, (self.B, k), dtype="int64", role="input")
+        crown = self.backward(v, onehot_index=idx, per_region=k)
+        new = self.interval_buffer(v, "refined")
+        em.emit("bound.merge_sparse", [given, idx, crown], [new], attrs={"intersect": True}, source=v)
+        em.phase = "forward"
+        return new
 
     def computed(self, v: str) -> int:
         """v's interval buffer, copied when it is a module input (a ReLU on the network input):
@@ -532,20 +553,23 @@ class _Lowering:
 
     # -- one CROWN backward pass -------------------------------------------------------------
     def backward(self, target: str, spec: int | None = None, onehot_index: int | None = None,
-                 alpha: bool = False, lower_only: bool = False):
+                 alpha: bool = False, lower_only: bool = False, per_region: int | None = None):
         """Emit a backward pass bounding `target`: the rows of C (or every output) for the graph
-        output, else the neurons `onehot_index` selects (all when None). Returns the buffer of
-        stack(lower, upper), [2, B, S] (upper +inf when lower_only)."""
+        output, else the neurons `onehot_index` selects (all when None): [k] for every region,
+        k known at run time, or with ``per_region`` [B, per_region], each region's own (a dense
+        pass: patches select one set for the batch). Returns the buffer of stack(lower, upper),
+        [2, B, S] (upper +inf when lower_only)."""
         g, em, B = self.g, self.em, self.B
-        if target != g.outputs[0] and self.cfg.patches:
+        if target != g.outputs[0] and self.cfg.patches and per_region is None:
             geometry = self.patch_geometry(target)
             if geometry is not None:
                 return self.patch_backward(target, geometry, onehot_index, alpha)
         is_output = target == g.outputs[0]
         numel = g.values[target].type.numel
-        rows2 = (1 if lower_only else 2) * (self.S if spec is not None else numel)
+        rows2 = (1 if lower_only else 2) * (self.S if spec is not None else per_region or numel)
         sides = {"lower_only": True} if lower_only else {}
-        dynamic = 1 if onehot_index is not None else None   # the unstable count is known at run time
+        # the unstable count is known at run time
+        dynamic = 1 if onehot_index is not None and per_region is None else None
         idx_in = [onehot_index] if onehot_index is not None else []
 
         def a_buf(v):

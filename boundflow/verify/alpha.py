@@ -101,6 +101,7 @@ class Descent:
     best_variables: list[torch.Tensor] | None
     iterations: int
     last_env: dict[int, torch.Tensor]
+    cut: bool = False           # stopped by the deadline, not by the step count or patience
 
 
 def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, torch.Tensor],
@@ -123,7 +124,11 @@ def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, t
     score = None
     stale, done, step = 0, 0, env
     cost = 3 * forward_s
-    while done < config.iterations and fits(cost, deadline):
+    cut = False
+    while done < config.iterations:
+        if not fits(cost, deadline):
+            cut = True
+            break
         t0 = time.perf_counter()
         step = executor.run_functional(module, {}, {**env, **feed()}, loop)
         done += 1
@@ -155,7 +160,7 @@ def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, t
         with torch.no_grad():
             project()
         cost = time.perf_counter() - t0
-    return Descent(best, best_vars, done, step)
+    return Descent(best, best_vars, done, step, cut)
 
 
 def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: PythonTaskExecutor,
@@ -170,7 +175,7 @@ def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: Py
     forward_s = time.perf_counter() - t0
     crown = {role: env[bid] for role, bid in module.outputs.items()}
     if not roles:                                     # no ReLU anywhere: CROWN is exact already
-        return crown, {"iterations": 0}
+        return crown, {"iterations": 0, "stopped_by_deadline": False}
     alphas = {bid: a.requires_grad_(True) for bid, a in starting_slopes(module, env).items()}
 
     def project():
@@ -180,6 +185,6 @@ def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: Py
     found = descend(module, executor, env, [{"params": list(alphas.values()), "lr": config.lr}],
                     lambda: alphas, project, config, start=crown, deadline=deadline, forward_s=forward_s)
     bounds = found.best["bounds"]
-    stats = {"iterations": found.iterations, "crown_mean_width": (crown["bounds"][1] - crown["bounds"][0]).mean().item(),
+    stats = {"iterations": found.iterations, "stopped_by_deadline": found.cut, "crown_mean_width": (crown["bounds"][1] - crown["bounds"][0]).mean().item(),
              "alpha_mean_width": (bounds[1] - bounds[0]).mean().item(), "alpha_config": config.dump()}
     return found.best, stats

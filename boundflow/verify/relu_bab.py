@@ -88,6 +88,10 @@ class ReluBabConfig:
     attack_share: float = 0.1       # at most this share of the search time goes to PGD
     branch_candidates: int = 1      # neurons per domain tried by a look-ahead (1: score only)
     min_split_width: float = 1e-3   # a curved neuron's interval narrower than this is not split
+    # per relaxed op's input and domain, this many neurons (the best by branching score) get
+    # their intermediate bounds re-tightened by CROWN from the domain's split constraints each
+    # time it is bounded (PlannerConfig.split_refine; 0: the parent's bounds as they are)
+    refine_neurons: int = 0
 
 
 class DomainSet:
@@ -176,7 +180,8 @@ class ReluBranchAndBound:
         (see the module docstring)."""
         self.model, self.problem, self.attack, self.config = model, problem, attack, config
         self.device = problem.device                  # of the plans, the domains and the queue
-        self.planner = dataclasses.replace(planner or PlannerConfig(), device=str(self.device))
+        self.planner = dataclasses.replace(planner or PlannerConfig(), device=str(self.device),
+                                           split_refine=config.refine_neurons)
         self.sound = dataclasses.replace(self.planner, sound_fp=True, export_intermediate=False) if sound_fp else None
         self.graph, self.key = api.load_model(model)
         self.output = self.graph.outputs[0]
@@ -213,6 +218,7 @@ class ReluBranchAndBound:
         self.batch = 2
         self.steps_s = 0.0      # seconds spent in optimisation steps (they stop at a deadline)
         self.fixed_s = 0.0      # seconds per child of the rest of the last round (it cannot stop)
+        self.cut = False        # whether the deadline stopped the last bound's steps
 
     def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """[N] certified margin of each domain's disjunct from the bounds of its rows (of the
@@ -251,6 +257,8 @@ class ReluBranchAndBound:
         inputs = {"box": box, "C": (self.C_exact if sound else self.C)[pair]}
         for v in self.relaxed:
             inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(dtype)
+            if f"refine:{v}" in module.inputs:
+                t[f"refine:{v}"] = inputs[f"refine:{v}"] = self._refine_selection(t, v)
         executor = api._executor
         alpha_roles = {o: f"alpha:{self.output}:{o}" for o in self.slopes}
         beta_roles = {v: f"beta:{self.output}:{v}" for v in self.relus}
@@ -278,18 +286,20 @@ class ReluBranchAndBound:
                 t[f"beta:{v}"] = torch.zeros_like(t[f"alpha:{self.relu_slope[v]}"])
         start = env[module.outputs["bounds"]]
         last_env = env
+        self.cut = False
         if iterations > 0:
             t_steps = time.perf_counter()
             found = self._optimise(module, env, t, signs, iterations, start, deadline, exhausted, run_s)
             self.steps_s += time.perf_counter() - t_steps
             start, last_env = found.best["bounds"], found.last_env
+            self.cut = found.cut
             for k, o in enumerate(self.slopes):
                 t[f"alpha:{o}"] = found.best_variables[k]
             for k, v in enumerate(self.relus):
                 t[f"beta:{v}"] = found.best_variables[len(self.slopes) + k]
         t["margin"] = torch.maximum(t["margin"], self.margins(pair, start[0], start[1], exact=sound))
         if not trial:
-            self._scores(module, last_env, t)
+            self._scores(module, env, last_env, t)
             self._curved_scores(module, inputs, t, signs)
         for key in t:                         # the queue keeps float32 warm starts and scores
             if t[key].dtype == torch.float64 and key != "margin":
@@ -321,6 +331,8 @@ class ReluBranchAndBound:
                   "C": self.C_exact[pair]}
         for v in self.relaxed:
             inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(f64)
+            if f"refine:{v}" in module.inputs:          # the neurons the search re-tightened
+                inputs[f"refine:{v}"] = t[f"refine:{v}"]
         for o in self.slopes:
             inputs[f"alpha:{self.output}:{o}"] = t[f"alpha:{o}"].to(f64)
         for v in self.relus:
@@ -362,13 +374,30 @@ class ReluBranchAndBound:
         return descend(module, api._executor, env, groups, feed, project, opt,
                        start={"bounds": start}, track_variables=True, deadline=deadline, forward_s=forward_s)
 
-    def _scores(self, module, env, out: dict) -> None:
-        """BaBSR's intercept score per neuron (-inf where no split is possible)."""
+    def _refine_selection(self, t: dict, v: str) -> torch.Tensor:
+        """[N, k] the neurons of v whose bounds each domain re-tightens: the unsplit unstable
+        ones of best branching score (the widest before the first scores), padded by repeating
+        the best (a neuron bounded twice changes nothing)."""
+        lo, hi = t[f"lo:{v}"].flatten(1), t[f"hi:{v}"].flatten(1)
+        score = t[f"score:{v}"].flatten(1) if f"score:{v}" in t else hi - lo
+        free = (lo < 0) & (hi > 0)
+        if f"sign:{v}" in t:
+            free &= t[f"sign:{v}"].flatten(1) == 0
+        score = score.masked_fill(~free, -math.inf)
+        k = min(self.config.refine_neurons, score.shape[1])
+        best, idx = score.topk(k, dim=1)
+        return torch.where(best > -math.inf, idx, idx[:, :1])
+
+    def _scores(self, module, first_env, env, out: dict) -> None:
+        """BaBSR's intercept score per neuron (-inf where no split is possible), from the
+        re-tightened intermediate bounds of the first run (``first_env``) where the plan has them."""
         relu_of = {module.inputs[f"alpha:{self.output}:{o}"]: v for v, o in self.relu_slope.items()}
         coeff = {relu_of[op.inputs[3]]: env[op.inputs[0]].detach()
                  for op in module.ops() if len(op.inputs) > 3 and op.inputs[3] in relu_of}
         for v in self.relus:
             lo, hi, sign = out[f"lo:{v}"], out[f"hi:{v}"], out[f"sign:{v}"]
+            if f"interm:{v}" in module.outputs:
+                lo, hi = first_env[module.outputs[f"interm:{v}"]].to(lo.dtype)
             free = (lo < 0) & (hi > 0) & (sign == 0)
             intercept = (-lo * hi / (hi - lo).clamp(min=1e-12)).clamp(min=0)
             a_neg = coeff[v].clamp(max=0).abs().sum(1)
@@ -511,7 +540,8 @@ class ReluBranchAndBound:
                 self.stats["exhausted"] = self.stats.get("exhausted", 0) + len(exhausted)
                 if not (exhausted.t["margin"] > 0).all():
                     self.stats["unsplittable"] += int((~(exhausted.t["margin"] > 0)).sum())
-                    return self._outcome("unknown", None, t0)
+                    # (steps the deadline cut short decide nothing)
+                    return self._outcome("timeout" if self.cut else "unknown", None, t0)
                 parents, index = parents.select(index >= 0), index[index >= 0]
                 if not len(parents):
                     continue
