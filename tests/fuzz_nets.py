@@ -64,7 +64,8 @@ far below the tests' tolerances. Every tensor holds at most MAX_NUMEL values.
 
 Left out on purpose: combinations onnxruntime itself refuses or computes differently (SAME
 padding with dilations, pools where its SAME padding is negative, pads of a pool as large as
-its kernel, ops it lacks in double), and MaxPool ceil_mode where ONNX's shape inference and
+its kernel, ops it lacks in double), max pools with a window of padding only (the frontend
+refuses them), and MaxPool ceil_mode where ONNX's shape inference and
 onnxruntime disagree (_pool_out).
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from boundflow.ops.pool import padding_only_window
 
 MAX_NUMEL = 96
 OPSETS = (10, 11, 13, 17, 18, 20)
@@ -564,6 +567,9 @@ def op_maxpool(b, x, pool):
                 zip((h, w), kernel, strides, dil, pads[:2], pads[2:]))
     if None in out or min(out) < 1:
         return None
+    if any(padding_only_window(m, k, s, d, p0, p1, ceil_mode) for m, k, s, d, p0, p1 in
+           zip((h, w), kernel, strides, dil, pads[:2], pads[2:])):
+        return None                          # refused by the frontend (tests/test_onnx_frontend.py)
     attrs = {"kernel_shape": list(kernel), **_window_attrs(kernel, strides, dil, pads, auto_pad, b)}
     if ceil_mode:
         attrs["ceil_mode"] = 1

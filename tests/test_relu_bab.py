@@ -399,8 +399,9 @@ def test_split_children_clamp_and_sign_one_neuron(tmp_path):
     assert parent.t[f"lo:{v}"].min() == -1 and parent.t[f"sign:{v}"].abs().sum() == 0   # parent untouched
 
 
+@pytest.mark.parametrize("refine", [0, 4], ids=["parent's bounds", "re-tightened"])
 @pytest.mark.parametrize("other", ["maxpool", "sigmoid"])
-def test_relu_split_with_other_relaxed_ops(tmp_path, other):
+def test_relu_split_with_other_relaxed_ops(tmp_path, other, refine):
     """Relaxed ops branch and bound does not split (a max pool, a sigmoid) keep their
     relaxation and their own slopes while the ReLUs are split: a gap only branching closes is
     closed, and a threshold a sampled point violates is never proven."""
@@ -417,7 +418,7 @@ def test_relu_split_with_other_relaxed_ops(tmp_path, other):
     C = torch.tensor([[1.0, 0.0, -1.0]])
     lb = float(api.bound(path, lo.float().reshape(1, 1, 4, 4), hi.float().reshape(1, 1, 4, 4), "alpha-crown", C=C).lb)
     assert lb < low - 0.02, (lb, low)
-    config = VerifyConfig(split="relu", refine_min_inputs=0)
+    config = VerifyConfig(split="relu", refine_min_inputs=0, relu_bab=ReluBabConfig(refine_neurons=refine))
     prop = tmp_path / "p.vnnlib"
     # (a split ReLU does not tighten a max pool's input bounds, so the max pool's share of
     # the gap stays: a part of the gap only)

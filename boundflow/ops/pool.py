@@ -194,9 +194,19 @@ def max_pool(b: Builder, x: str, kernel, stride, padding, dilation, ceil_mode: b
     attrs = {"kernel": tuple(int(k) for k in kernel), "stride": tuple(int(s) for s in stride),
              "padding": tuple(int(p) for p in padding), "dilation": tuple(int(d) for d in dilation),
              "ceil_mode": bool(ceil_mode)}
-    if any(p >= d * (k - 1) + 1 for p, k, d in zip(attrs["padding"], 2 * attrs["kernel"], 2 * attrs["dilation"])):
-        b.unsupported(f"padding {list(attrs['padding'])} as wide as the window (a window could hold padding only)")
+    if any(padding_only_window(n, k, s, d, lo, hi, attrs["ceil_mode"]) for n, k, s, d, lo, hi in zip(
+            b.shape(x)[-2:], attrs["kernel"], attrs["stride"], attrs["dilation"], attrs["padding"][:2],
+            attrs["padding"][2:])):
+        b.unsupported(f"padding {list(attrs['padding'])} with dilation {list(attrs['dilation'])}: a window "
+                      "would hold padding only (its maximum is undefined)")
     return b.emit("maxpool2d", [x], attrs, out=out)
+
+
+def padding_only_window(n: int, k: int, s: int, d: int, pad_lo: int, pad_hi: int, ceil_mode: bool) -> bool:
+    """Whether some window along one axis reads no input element: every tap o s + j d of
+    output o falls outside [pad_lo, pad_lo + n)."""
+    return any(not any(pad_lo <= o * s + j * d < pad_lo + n for j in range(k))
+               for o in range(out_size(n, k, s, d, pad_lo, pad_hi, ceil_mode)))
 
 
 @onnx_lowering("MaxPool")

@@ -375,15 +375,13 @@ class ReluBranchAndBound:
                        start={"bounds": start}, track_variables=True, deadline=deadline, forward_s=forward_s)
 
     def _refine_selection(self, t: dict, v: str) -> torch.Tensor:
-        """[N, k] the neurons of v whose bounds each domain re-tightens: the unsplit unstable
-        ones of best branching score (the widest before the first scores), padded by repeating
-        the best (a neuron bounded twice changes nothing)."""
+        """[N, k] the neurons of v whose bounds each domain re-tightens: those of best branching
+        score (the widest before the first scores; of a ReLU's input only the unsplit unstable
+        ones), padded by repeating the best (a neuron bounded twice changes nothing)."""
         lo, hi = t[f"lo:{v}"].flatten(1), t[f"hi:{v}"].flatten(1)
         score = t[f"score:{v}"].flatten(1) if f"score:{v}" in t else hi - lo
-        free = (lo < 0) & (hi > 0)
-        if f"sign:{v}" in t:
-            free &= t[f"sign:{v}"].flatten(1) == 0
-        score = score.masked_fill(~free, -math.inf)
+        if v in self.relu_slope:
+            score = score.masked_fill(~((lo < 0) & (hi > 0) & (t[f"sign:{v}"].flatten(1) == 0)), -math.inf)
         k = min(self.config.refine_neurons, score.shape[1])
         best, idx = score.topk(k, dim=1)
         return torch.where(best > -math.inf, idx, idx[:, :1])
