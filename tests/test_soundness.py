@@ -274,6 +274,33 @@ def patched_and_dense(module, lo, hi, method: str, op: str, **config) -> dict:
     return got
 
 
+def test_patches_whose_window_grid_starts_past_the_input(tmp_path):
+    """A nightly fuzz find: a 1 x 1 input, a first conv padded by 2 on the left with stride 2 and
+    1 x 1 convs padded below after it; the windows on the input start past its far edge, where
+    F.pad refused the crop. Both plans agree and hold at the input."""
+    from onnx import TensorProto, helper, numpy_helper
+    gen = torch.Generator().manual_seed(3)
+    w = [torch.randn(1, 1, 1, 1, generator=gen).numpy() for _ in range(4)]
+    convs = [dict(pads=[0, 2, 0, 0], strides=[1, 2]), dict(pads=[0, 0, 1, 0]), dict(pads=[0, 0, 1, 0]),
+             dict(strides=[1, 2])]
+    nodes, x = [], "x"
+    for k, kw in enumerate(convs):
+        nodes += [helper.make_node("Conv", [x, f"w{k}"], [f"c{k}"], **kw), helper.make_node("Relu", [f"c{k}"], [f"r{k}"])]
+        x = f"r{k}"
+    nodes += [helper.make_node("Flatten", [x], ["f"]), helper.make_node("Gemm", ["f", "hw", "hb"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(a, f"w{k}") for k, a in enumerate(w)]
+    inits += [numpy_helper.from_array(torch.randn(1, 3, generator=gen).numpy(), "hw"),
+              numpy_helper.from_array(torch.randn(1, generator=gen).numpy(), "hb")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    path = tmp_path / "net.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)]).SerializeToString())
+    lo, hi = -torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    got = patched_and_dense(str(path), lo, hi, "crown", "linear.patch_concretize")
+    y = torch.as_tensor(onnx_runner(str(path))(torch.linspace(-1, 1, 21).reshape(21, 1, 1, 1)))
+    assert_inside(y, got[True].lb[0], got[True].ub[0], "window grid past the input")
+
+
 @pytest.mark.parametrize("interm", ["sparse", "pure"])
 def test_patches_on_a_deep_conv_chain(interm):
     """Three convs (strides 1 and 2, paddings 0 to 2, rectangular kernels and input, one without

@@ -49,9 +49,18 @@ def windows(x: torch.Tensor, idx: torch.Tensor, attrs, ph: int, pw: int) -> torc
     lead, (c, h, w) = tuple(x.shape[:-3]), x.shape[-3:]
     _, ht, wt = attrs["target"]
     s, t, p, q = attrs["grid"]
-    xp = F.pad(x.reshape((-1, c, h, w)), (q, (wt - 1) * t - q + pw - w, p, (ht - 1) * s - p + ph - h))
+    xp = _pad_or_crop(x.reshape((-1, c, h, w)), q, (wt - 1) * t - q + pw - w, p, (ht - 1) * s - p + ph - h)
     every = F.unfold(xp, (ph, pw), stride=(s, t)).transpose(1, 2)          # [N, ht wt, C ph pw]
     return every.index_select(1, idx % (ht * wt)).reshape(lead + (idx.numel(), c, ph, pw))
+
+
+def _pad_or_crop(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """x [..., H, W] with zeros added on each side (a negative amount crops): pads first, so a
+    crop may reach into the other side's padding (F.pad crops the input first and refuses a
+    crop wider than it: a window grid that starts past the input's far edge)."""
+    x = F.pad(x, (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0)))
+    h, w = x.shape[-2:]
+    return x[..., max(-top, 0): h - max(-bottom, 0), max(-left, 0): w - max(-right, 0)]
 
 
 def unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
