@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import boundflow
+from boundflow.verify.alpha import AlphaConfig
 from golden import FIXTURES, load_fixture
 from nets import KINDS, export_onnx, networks, onnx_runner, sample_box
 
@@ -299,6 +300,34 @@ def test_patches_whose_window_grid_starts_past_the_input(tmp_path):
     got = patched_and_dense(str(path), lo, hi, "crown", "linear.patch_concretize")
     y = torch.as_tensor(onnx_runner(str(path))(torch.linspace(-1, 1, 21).reshape(21, 1, 1, 1)))
     assert_inside(y, got[True].lb[0], got[True].ub[0], "window grid past the input")
+
+
+def test_alpha_crown_sound_fp_on_a_zero_width_sign_stays_finite(tmp_path):
+    """A nightly fuzz find: on a point box, Sign after ReLUs of a padded conv's zeros gave NaN
+    slope gradients; one Adam step made the slopes NaN and the kept "best" bound NaN (torch.maximum
+    propagates it). Now the bound stays finite and holds at the point."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+    head = [0.0247, -0.1263, 0.0852, 0.3074, 0.2232, -0.1659, -0.2983, -0.1469, 0.0097, -0.548, -0.0516,
+            -0.2937, -0.1726, -0.1283, -0.0746, 0.097, 0.2457, -0.0303]
+    inits = [numpy_helper.from_array(np.array([0.1257, -0.1321, 0.6404], np.float32).reshape(3, 1, 1, 1), "w"),
+             numpy_helper.from_array(np.array([head], np.float32), "hw"),
+             numpy_helper.from_array(np.array([0.4099], np.float32), "hb")]
+    nodes = [helper.make_node("GlobalMaxPool", ["x"], ["g"]), helper.make_node("Conv", ["g", "w"], ["c"], pads=[0, 0, 1, 2]),
+             helper.make_node("Relu", ["c"], ["r1"]), helper.make_node("Relu", ["r1"], ["r2"]),
+             helper.make_node("Relu", ["r2"], ["r3"]), helper.make_node("Sign", ["r3"], ["s"]),
+             helper.make_node("Flatten", ["s"], ["f"], axis=0),
+             helper.make_node("Gemm", ["f", "hw", "hb"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    path = tmp_path / "net.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)]).SerializeToString())
+    x = torch.zeros(1, 1, 1, 1)
+    res = boundflow.bound(str(path), x, x, "alpha-crown", config=boundflow.PlannerConfig(sound_fp=True),
+                          alpha=AlphaConfig(iterations=8))
+    y = torch.as_tensor(onnx_runner(str(path))(x.reshape(1, 1, 1, 1)))
+    assert torch.isfinite(res.lb).all() and torch.isfinite(res.ub).all()
+    assert_inside(y, res.lb[0], res.ub[0], "zero-width sign")
 
 
 @pytest.mark.parametrize("interm", ["sparse", "pure"])

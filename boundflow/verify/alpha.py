@@ -82,6 +82,9 @@ class Adam:
         for i, ((v, k), grad) in enumerate(zip(self.slots, grads)):
             if grad is None:
                 continue
+            # a non-finite gradient (0/0 in a relaxation of a zero-width interval) gives no
+            # direction; it must not make the variable NaN
+            grad = grad.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             state = self.moments.setdefault(i, [0, torch.zeros_like(v), torch.zeros_like(v)])
             state[0] += 1
             steps, m, m2 = state
@@ -140,7 +143,8 @@ def descend(module: BFTaskModule, executor: PythonTaskExecutor, env: dict[int, t
                 best[role] = now.clone()
                 continue
             improved |= bool((now[0] > old[0]).any() or (now[1] < old[1]).any())
-            best[role] = (torch.stack((torch.maximum(old[0], now[0]), torch.minimum(old[1], now[1])))
+            # (fmax / fmin: a NaN bound is no information and must not replace a sound one)
+            best[role] = (torch.stack((torch.fmax(old[0], now[0]), torch.fmin(old[1], now[1])))
                           if config.keep_best else now.clone())
         if track_variables:
             region = bounds[0].detach().sum(1)
