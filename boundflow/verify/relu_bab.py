@@ -17,7 +17,10 @@ Bounding a domain (the plan method "beta-crown", boundflow.planner.lower):
   being minimised there; for any ``beta >= 0`` the bound stays sound and projected Adam on
   ``beta`` (with the slopes alpha) tightens it (beta-CROWN, Wang et al. 2021). This carries the
   split constraints back to the input, which clamping alone cannot;
-- a child's margin is at least its parent's (the parent's bound holds on the child).
+- a child's margin is at least its parent's (the parent's bound holds on the child);
+- optionally (``ReluBabConfig.refine_neurons``) a few neurons per layer get their intermediate
+  bounds re-tightened by CROWN from the domain's clamped bounds (PlannerConfig.split_refine);
+  the domain keeps the sound given bounds, each bound call re-tightens from them.
 
 Other relaxed ops' inputs (sigmoid, tanh, sin, exp, a product's operands, a max pool's
 inputs: "curved" neurons) are split too, as GenBaB does (Shi et al. 2024), once no ReLU of the
