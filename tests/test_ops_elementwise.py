@@ -376,3 +376,39 @@ def test_relu_branch_and_bound_splits_leaky_relus(tmp_path):
     res = verify(path, prop, timeout=60, config=VerifyConfig(split="relu", refine_min_inputs=0))
     assert res.verdict == "holds", res.stats
     assert res.stats["decided_by"] == "relu_bab", res.stats
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 20), st.booleans(), st.integers(0, 2**16))
+def test_relu_backward_is_the_masked_product(batch, rows, n, with_alpha, seed):
+    """relu's backward rule (written without boolean masks) equals the textbook masked form
+    A * where(A >= 0, ...) exactly, and so do its gradients with respect to A and alpha, also
+    where A is exactly 0: there both the product and the intercept take the A >= 0 side's
+    derivative (alpha-CROWN: a derivative that was neither side's made it looser)."""
+    from boundflow.ops import relu as R
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.randn(batch, n, generator=g, dtype=F64)
+    box = torch.stack((lo, lo + torch.rand(batch, n, generator=g, dtype=F64) * 2))
+    (lines,) = R.relax([box], [], {})
+    a = torch.randn(batch, 2 * rows, n, generator=g, dtype=F64)
+    a = a * (torch.rand(a.shape, generator=g) < 0.6)                    # many exact zeros
+    a.requires_grad_(True)
+    alpha = torch.rand(batch, 2 * rows, n, generator=g, dtype=F64, requires_grad=True) if with_alpha else None
+    bias = torch.zeros(batch, 2 * rows, dtype=F64)
+    got = R.backward_alpha([a, bias, lines, alpha], [], {}) if with_alpha else R.backward([a, bias, lines], [], {})
+
+    up_slope, up_bias, lo_slope = lines.unsqueeze(2)
+    if with_alpha:
+        lo_slope = torch.where(up_bias > 0, alpha, lo_slope)
+    lo_l, lo_u = (lo_slope[:, :rows], lo_slope[:, rows:]) if with_alpha else (lo_slope, lo_slope)
+    a_lo, a_up = a[:, :rows], a[:, rows:]
+    want = (torch.cat([a_lo * torch.where(a_lo >= 0, lo_l, up_slope), a_up * torch.where(a_up >= 0, up_slope, lo_u)], 1),
+            torch.cat([(torch.where(a_lo < 0, a_lo, 0) * up_bias).sum(-1), (torch.where(a_up >= 0, a_up, 0) * up_bias).sum(-1)], 1))
+    assert torch.equal(got[0], want[0])
+    assert torch.allclose(got[1], want[1])
+    weights = torch.randn(got[0].shape, generator=g, dtype=F64)
+    leaves = [a] + ([alpha] if with_alpha else [])
+    grads = torch.autograd.grad((got[0] * weights).sum() + got[1].sum(), leaves)
+    want_grads = torch.autograd.grad((want[0] * weights).sum() + want[1].sum(), leaves)
+    for x, y in zip(grads, want_grads):
+        assert torch.allclose(x, y)

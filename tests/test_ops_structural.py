@@ -23,7 +23,7 @@ from boundflow.domains.concrete import evaluate
 from boundflow.errors import UnsupportedOpError
 from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.torch import load_torch
-from boundflow.ops import conv
+from boundflow.ops import conv, linear
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.alpha import AlphaConfig
 from nets import export_onnx
@@ -183,6 +183,58 @@ def test_conv_transpose_backward_is_the_adjoint(config, seed):
     assert torch.allclose((ax * x.unsqueeze(1)).flatten(2).sum(-1), (a * y.unsqueeze(1)).flatten(2).sum(-1))
     assert torch.allclose(bias, (a * b.reshape(-1, 1, 1)).flatten(2).sum(-1))
 
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2),
+       st.integers(1, 5), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
+def test_transposed_equals_torch(c_in, c_out, sh, sw, taps, h, w, groups_or_one, dil, seed):
+    """conv.transposed (stride phases as one conv2d when the stride divides the kernel) equals
+    F.conv_transpose2d, in float64, for kernels the stride divides (taps per phase) and not."""
+    g = torch.Generator().manual_seed(seed)
+    groups = groups_or_one if seed % 3 == 0 else 1
+    dilation = (dil, 1) if seed % 5 == 0 else (1, 1)
+    kh, kw = (sh * taps, sw * taps) if seed % 2 == 0 else (sh * taps + 1, sw)
+    x = torch.randn((2 if seed % 7 else 0, c_out * groups, h, w), generator=g, dtype=torch.float64)
+    weight = torch.randn((c_out * groups, c_in, kh, kw), generator=g, dtype=torch.float64)
+    want = F.conv_transpose2d(x, weight, stride=(sh, sw), dilation=dilation, groups=groups)
+    got = conv.transposed(x, weight, (sh, sw), dilation, groups)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want)
+
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(64, 300), st.floats(0, 1), st.integers(0, 2**16))
+def test_linear_backward_drops_dead_columns(batch, rows, n_out, dead, seed):
+    """linear's backward rule skips the columns of A that are zero in every row (large products
+    only): the result equals the full product, whichever share of columns is dead."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn((batch, rows, n_out), generator=g, dtype=torch.float64)
+    a[..., torch.rand(n_out, generator=g) < dead] = 0
+    w = torch.randn((n_out, 500), generator=g, dtype=torch.float64)
+    b = torch.randn(n_out, generator=g, dtype=torch.float64)
+    got, bias = linear.backward([a, torch.ones(batch, rows, dtype=torch.float64)], [w, b], {})
+    assert torch.allclose(got, a @ w)
+    assert torch.allclose(bias, 1 + a @ b)
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3),
+       st.lists(st.integers(0, 2), min_size=4, max_size=4), st.integers(3, 9), st.integers(0, 2**16))
+def test_conv_backward_is_the_adjoint(c_in, c_out, kh, kw, stride, pads, size, seed):
+    """<backward(a), x> = <a, conv2d(x)> for strides, asymmetric pads and inputs the strided
+    windows do not reach to the end (their rows of A x are zero)."""
+    assume(size + pads[0] + pads[2] >= kh and size + pads[1] + pads[3] >= kw)
+    g = torch.Generator().manual_seed(seed)
+    attrs = {"stride": [stride, stride], "padding": pads, "dilation": [1, 1], "groups": 1,
+             "in_shape": [1, c_in, size, size + 1]}
+    w = torch.randn((c_out, c_in, kh, kw), generator=g, dtype=torch.float64)
+    x = torch.randn((1, c_in, size, size + 1), generator=g, dtype=torch.float64)
+    y = conv.conv2d(x, w, None, attrs)
+    a = torch.randn((1, 2) + tuple(y.shape[1:]), generator=g, dtype=torch.float64)
+    ax, _ = conv.backward([a, torch.zeros(1, 2, dtype=torch.float64)], [w, None], attrs)
+    assert ax.shape == (1, 2) + tuple(x.shape[1:])
+    assert torch.allclose((ax * x.unsqueeze(1)).flatten(2).sum(-1), (a * y.unsqueeze(1)).flatten(2).sum(-1))
 
 @pytest.mark.parametrize("attrs,dims,in_shape,bias", [
     (dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]), (2, 3, 3, 3), (1, 2, 3, 3), True),

@@ -50,10 +50,25 @@ def backward_params(graph, node, dtype=torch.float32):
     return list(_weight_and_bias(graph, node))
 
 
+PRUNE_MIN_MACS = 1 << 20       # products smaller than this are not worth the check
+PRUNE_MAX_LIVE = 0.75          # drop the dead columns when at most this share of them live
+
+
 def backward(ins, ps, attrs):
+    """A @ W. Columns of A that are zero in every row (the neurons a ReLU after this layer
+    settles as inactive: often most of them) are dropped from the product first: the same sum
+    without its zero terms, so no extra rounding either. Not under autograd: a column can be
+    zero at the current slopes (alpha = 0) and still have a gradient that moves them."""
     a, bias = ins
     w, b = ps
-    return torch.matmul(a, w), bias + torch.matmul(sum_lead(a, 1), b)
+    new_bias = bias + torch.matmul(sum_lead(a, 1), b)
+    n_out = w.shape[0]
+    if a.numel() * w.shape[1] >= PRUNE_MIN_MACS and not a.requires_grad:
+        # (NaN or inf keep their column: amax propagates them, and they are not 0)
+        live = a.reshape(-1, n_out).abs().amax(0).ne(0).nonzero().squeeze(1)
+        if live.numel() <= PRUNE_MAX_LIVE * n_out:
+            return torch.matmul(a.index_select(-1, live), w.index_select(0, live)), new_bias
+    return torch.matmul(a, w), new_bias
 
 
 def matrix(graph, node, dtype, max_bytes):
