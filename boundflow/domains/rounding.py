@@ -51,6 +51,8 @@ def up(x: torch.Tensor) -> torch.Tensor:
 def round_outward(box: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An interval stack(lower, upper) in `dtype`, rounded outward so that it still contains
     the original (lower down, upper up)."""
+    if box.dtype == dtype:                         # nothing rounds
+        return box
     lo, hi = box.to(dtype)
     lo = torch.where(lo.double() > box[0].double(), down(lo), lo)
     hi = torch.where(hi.double() < box[1].double(), up(hi), hi)

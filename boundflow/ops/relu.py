@@ -163,7 +163,9 @@ def _patch_back(a, bias, win, alpha=None):
         lo_l, lo_u = lo_slope[:, 0], lo_slope[:, 1]
     out_lo, _, neg_lo = _lines(a[:, 0], lo_l, up_slope[:, 0])
     out_up, pos_up, _ = _lines(a[:, 1], up_slope[:, 0], lo_u)
-    extra = torch.stack(((neg_lo * up_bias[:, 0]).flatten(2).sum(-1), (pos_up * up_bias[:, 0]).flatten(2).sum(-1)), 1)
+    ub = up_bias[:, 0].flatten(2)
+    extra = torch.stack((torch.einsum("bkx,bkx->bk", neg_lo.flatten(2), ub),
+                         torch.einsum("bkx,bkx->bk", pos_up.flatten(2), ub)), 1)
     return torch.stack((out_lo, out_up), 1).flatten(1, 2), bias + extra.flatten(1)
 
 
