@@ -238,7 +238,7 @@ def test_cli_ray_local_starts_and_stops_its_own_ray(shared, tmp_path):
     """--ray local ships the files to a Ray it starts, and leaves no process behind."""
     _import_ray()
     instances = _mini(tmp_path, shared, absolute=True)
-    pid, stdout = _cli([str(instances), "--ray", "local", "--jobs", "1", "--timeout-cap", "20"],
+    pid, stdout = _cli([str(instances), "--ray", "local", "--jobs", "1", "--timeout-cap", "60"],
                        start_new_session=True)
     assert "2 instances from" in stdout and "1 at a time on Ray (local)" in stdout
     assert "solved 2 of 2; wrong answers 1" in stdout

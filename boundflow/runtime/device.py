@@ -21,11 +21,6 @@ def resolve_device(name: str) -> str:
     device and "cpu" otherwise; "cuda" / "cuda:N" must exist."""
     if not isinstance(name, str):
         raise DeviceError(f"device must be a string ({', '.join(USER_DEVICES)} or cuda:N), not {type(name).__name__}")
-    return _resolve(name)
-
-
-@functools.lru_cache(maxsize=None)
-def _resolve(name: str) -> str:                    # once per name: every bound call asks
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
