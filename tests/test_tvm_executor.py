@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -375,3 +376,16 @@ def test_cli_executor_tvm(shared, tmp_path, capsys):
     assert results["tvm"]["stats"]["executor"] == "tvm"
     assert close(torch.tensor(results["tvm"]["lb"]), torch.tensor(results["python"]["lb"]))
     assert close(torch.tensor(results["tvm"]["ub"]), torch.tensor(results["python"]["ub"]))
+
+
+def test_tvm_leaves_the_cpu_affinity_alone():
+    """TVM's thread pool pins the thread that starts it to core 0 unless TVM_BIND_THREADS=0:
+    torch, in the same process, then ran on one core (and CI's two test workers shared it)."""
+    code = ("import json, os; from boundflow.runtime.tvm_executor import require_tvm; "
+            "before = sorted(os.sched_getaffinity(0)); require_tvm().runtime.num_threads(); "
+            "print(json.dumps([before, sorted(os.sched_getaffinity(0))]))")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    before, after = json.loads(proc.stdout)
+    assert after == before

@@ -91,6 +91,7 @@ class TVMExecutorOptions:
 
 def require_tvm():
     """The tvm module; a TVMUnavailableError naming the install command when it is missing."""
+    import boundflow.backends.tvm  # noqa: F401  (first: keeps TVM's pool from pinning this thread)
     try:
         import tvm
     except ImportError as e:
