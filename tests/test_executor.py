@@ -42,3 +42,35 @@ def test_prepared_state_follows_module_lifetime(shared):
     import gc
     gc.collect()
     assert len(ex._prepared) == 0
+
+
+@pytest.mark.parametrize("name", ["mnist-net_256x2__prop_0_0.03", "mlp_small__eps0.05", "cnn_small__eps0.02"])
+def test_writing_kernels_leave_their_results_in_the_arena(shared, name):
+    """Kernels marked writes_into put every result in its planned bytes (a buffer of dynamic
+    size too: the unstable neurons' pass), so the executor copies none of them; the bounds
+    are those of a run without the arena."""
+    from boundflow.runtime.python_executor import _at
+
+    fx = load_fixture(shared, name)
+    graph, _ = boundflow.load_model(str(fx.model))
+    module = boundflow.plan(graph, "crown", PlannerConfig(), spec_rows=None if fx.C is None else fx.C.shape[0])
+    ex = PythonTaskExecutor(checked=True)
+    prepared = ex.prepare(module)
+    placed = []
+
+    def watch(kernel, outs):
+        def run(ins, ps, attrs, out):
+            results = kernel(ins, ps, attrs, out=out)
+            for b, t in zip(outs, results):
+                view = prepared.views[b]
+                placed.append(t is view if view is not None else _at(t, *prepared.slots[b]))
+            return results
+        return run
+
+    prepared.program[:] = [(watch(k, outs) if into is not None else k, ins, outs, *rest, into)
+                           for k, ins, outs, *rest, into in prepared.program]
+    dynamic = {b for b, s in module.buffers.items() if s.dynamic_axis is not None}
+    assert dynamic or name != "mnist-net_256x2__prop_0_0.03"
+    arena = ex.run(module, _inputs(fx))["bounds"]
+    assert len(placed) >= 4 and all(placed)
+    assert torch.equal(arena, ex.run_functional(module, _inputs(fx))[module.outputs["bounds"]])

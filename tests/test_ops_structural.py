@@ -189,12 +189,16 @@ def test_conv_transpose_backward_is_the_adjoint(config, seed):
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2),
        st.integers(1, 5), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
 def test_transposed_equals_torch(c_in, c_out, sh, sw, taps, h, w, groups_or_one, dil, seed):
-    """conv.transposed (stride phases as one conv2d when the stride divides the kernel) equals
-    F.conv_transpose2d, in float64, for kernels the stride divides (taps per phase) and not."""
+    """conv.transposed (stride phases as one conv2d when the stride divides the kernel, a 1x1
+    conv per tap when the kernel is no larger than the stride) equals F.conv_transpose2d, in
+    float64, for kernels the stride divides (taps per phase), smaller ones, and others."""
     g = torch.Generator().manual_seed(seed)
     groups = groups_or_one if seed % 3 == 0 else 1
     dilation = (dil, 1) if seed % 5 == 0 else (1, 1)
-    kh, kw = (sh * taps, sw * taps) if seed % 2 == 0 else (sh * taps + 1, sw)
+    if seed % 4 == 3:                                   # no larger than the stride
+        kh, kw = 1 + seed // 4 % sh, 1 + seed // 16 % sw
+    else:
+        kh, kw = (sh * taps, sw * taps) if seed % 2 == 0 else (sh * taps + 1, sw)
     x = torch.randn((2 if seed % 7 else 0, c_out * groups, h, w), generator=g, dtype=torch.float64)
     weight = torch.randn((c_out * groups, c_in, kh, kw), generator=g, dtype=torch.float64)
     want = F.conv_transpose2d(x, weight, stride=(sh, sw), dilation=dilation, groups=groups)

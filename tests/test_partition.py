@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import boundflow
-from boundflow.ops import ALIASING_KERNELS
+from boundflow.ops import ALIASING_KERNELS, WRITING_KERNELS
 from boundflow.planner.config import PlannerConfig
 from golden import FIXTURES, load_fixture
 from nets import KINDS, networks
@@ -91,14 +91,15 @@ def check_module(module: boundflow.BFTaskModule) -> None:
 
 
 def _lifetimes(module) -> dict[int, tuple[int, int]]:
-    """Half steps: op k reads at 2k, writes at 2k+1 (2k for kernels that may return views)."""
+    """Half steps: op k reads at 2k, writes at 2k+1 (2k for kernels that may return views or
+    that write into their planned outputs while reading)."""
     ops = list(module.ops())
     start = {b: -1 for b in module.inputs.values()}
     end = dict(start)
     for k, op in enumerate(ops):
         for b in op.inputs:
             end[b] = 2 * k
-        w = 2 * k if op.op in ALIASING_KERNELS else 2 * k + 1
+        w = 2 * k if op.op in ALIASING_KERNELS | WRITING_KERNELS else 2 * k + 1
         for b in op.outputs:
             start[b] = end[b] = w
     for b in module.outputs.values():

@@ -191,7 +191,7 @@ def _buf(i, shape, dtype="float32") -> BufferSpec:
 def test_freed_4x32_buffer_holds_a_later_4x8_one():
     # x -> A [4,32] -> C [4,16] (A dies here; C lives to the end) -> B [4,8]: B lands in A's bytes
     buffers = {0: _buf(0, (4, 4)), 1: _buf(1, (4, 32)), 2: _buf(2, (4, 16)), 3: _buf(3, (4, 8))}
-    ops = [TaskOp("interval.relu", [0], [1]), TaskOp("interval.relu", [1], [2]), TaskOp("interval.relu", [2], [3])]
+    ops = [TaskOp("interval.sigmoid", [0], [1]), TaskOp("interval.sigmoid", [1], [2]), TaskOp("interval.sigmoid", [2], [3])]
     module = _module(ops, buffers, inputs=[0], outputs=[2, 3])
     verify_plan(module)
     (_, a), (_, b) = module.memory_plan.offsets[1], module.memory_plan.offsets[3]
@@ -203,7 +203,8 @@ def test_freed_4x32_buffer_holds_a_later_4x8_one():
 @st.composite
 def random_dags(draw):
     """Module inputs, then ops in a topological order, each reading earlier buffers and writing
-    one or two fresh ones (float32, some int64; some ops alias, as reshapes do)."""
+    one or two fresh ones (float32, some int64; some ops alias, as reshapes do, and some write
+    into their planned outputs while reading, as interval.relu does)."""
     buffers: dict[int, BufferSpec] = {}
 
     def new(dtype="float32"):
@@ -217,7 +218,7 @@ def random_dags(draw):
     for _ in range(draw(st.integers(1, 14))):
         reads = draw(st.lists(st.sampled_from(sorted(buffers)), min_size=1, max_size=3, unique=True))
         writes = [new(draw(st.sampled_from(["float32", "float32", "int64"]))) for _ in range(draw(st.integers(1, 2)))]
-        kind = draw(st.sampled_from(["interval.relu", "interval.linear", "interval.reshape"]))
+        kind = draw(st.sampled_from(["interval.sigmoid", "interval.linear", "interval.reshape", "interval.relu"]))
         ops.append(TaskOp(kind, reads, writes))
     written = [b for op in ops for b in op.outputs]
     outputs = sorted(set(draw(st.lists(st.sampled_from(written), min_size=0, max_size=2))) | {written[-1]})
@@ -260,8 +261,8 @@ def test_memory_aware_order_lowers_peak_of_interleaved_branches():
     # two branches, each a big buffer reduced to a small one; naive order keeps both big ones live
     buffers = {0: _buf(0, (4,)), 1: _buf(1, (1000,)), 2: _buf(2, (1000,)), 3: _buf(3, (4,)), 4: _buf(4, (4,)),
                5: _buf(5, (4,))}
-    ops = [TaskOp("interval.relu", [0], [1]), TaskOp("interval.relu", [0], [2]), TaskOp("interval.relu", [1], [3]),
-           TaskOp("interval.relu", [2], [4]), TaskOp("interval.add", [3, 4], [5])]
+    ops = [TaskOp("interval.sigmoid", [0], [1]), TaskOp("interval.sigmoid", [0], [2]), TaskOp("interval.sigmoid", [1], [3]),
+           TaskOp("interval.sigmoid", [2], [4]), TaskOp("interval.add", [3, 4], [5])]
     nbytes = {b: s.nbytes for b, s in buffers.items()}
     naive = peak_live_bytes(op_lifetimes(ops, {0}, {5}), nbytes)
     order = memory_aware_order(ops, buffers, {5})

@@ -8,4 +8,23 @@ linear    CROWN backward passes: starting, summing fan-in, concretizing over the
 patches   backward passes with A as receptive-field windows
 bound     bookkeeping between domains (unstable neurons, merging bounds)
 fp        floating-point error vectors of sound_fp plans (rounding.py: the error model)
+
+Kernels that write their results into the planned views themselves are marked `writes_into`.
 """
+
+
+def writes_into(kernel):
+    """Marks a kernel that takes `out`, the planned views of its results (None for a result
+    without one: a dynamic size, or a run outside the arena), and writes its results there
+    instead of into fresh tensors, so the executor has nothing to copy: the memory plan is the
+    allocation. Its results are live while it reads its inputs, so they never share bytes with
+    them (planner/liveness.py)."""
+    kernel.writes_into = True
+    return kernel
+
+
+def shaped(out, shape):
+    """A writing kernel's destination for a result of `shape` that it fills piece by piece:
+    its planned view, or, for a buffer of dynamic size (an empty view at its slot), that view
+    grown to the shape; None outside the arena."""
+    return out.resize_(shape) if out is not None and out.numel() == 0 else out

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from boundflow.domains import writes_into
+from boundflow.domains.interval import to_cr
 from boundflow.domains.rounding import down, gamma, magnitude, slack, unit_roundoff, up
 
 
@@ -47,7 +49,8 @@ def _device(attrs) -> torch.device:
 
 # -- starting a pass -------------------------------------------------------------------------
 
-def start_spec(ins, ps, attrs):
+@writes_into
+def start_spec(ins, ps, attrs, out=(None, None)):
     """A = C on the output value (identity when there is no C)."""
     batch, shape = attrs["batch"], tuple(attrs["shape"])
     if ins:
@@ -57,8 +60,9 @@ def start_spec(ins, ps, attrs):
         n = attrs["numel"]
         a = torch.eye(n, dtype=_dtype(attrs), device=_device(attrs)).reshape((1, n) + shape).expand((batch, n) + shape)
     if not attrs.get("lower_only"):
-        a = torch.cat([a, a], dim=1)
-    return a, a.new_zeros(batch, a.shape[1])
+        a = torch.cat([a, a], dim=1, out=out[0])
+    bias = a.new_zeros(batch, a.shape[1]) if out[1] is None else out[1].zero_()
+    return a, bias
 
 
 def start_onehot(ins, ps, attrs):
@@ -75,7 +79,8 @@ def start_onehot(ins, ps, attrs):
     return a.reshape((batch, 2 * k) + shape), a.new_zeros(batch, 2 * k)
 
 
-def start_rows(ins, ps, attrs):
+@writes_into
+def start_rows(ins, ps, attrs, out=(None, None)):
     """Fused start + backward through the target's producer, when that op is a matrix on its
     flattened input (a linear over unit leading axes, or a conv given as its dense matrix):
     A on the input is just the selected rows of the matrix. In a sound_fp plan the last input
@@ -92,6 +97,9 @@ def start_rows(ins, ps, attrs):
         if sel:
             w, b = w.index_select(0, sel[0]), b.index_select(0, sel[0])
         s2 = 2 * w.shape[0]
+        if batch == 1 and not attrs.get("fp"):
+            w, b = w.view((1, s2 // 2) + in_shape), b.view(1, s2 // 2)
+            return torch.cat([w, w], 1, out=out[0]), torch.cat([b, b], 1, out=out[1])
         a = torch.cat([w, w], 0).reshape((1, s2) + in_shape).expand((batch, s2) + in_shape)
         bias = torch.cat([b, b], 0).unsqueeze(0).expand(batch, s2)
     if attrs.get("fp"):
@@ -120,39 +128,39 @@ def sound(rule, magnitude_of=lambda ins: ins[0].abs()):
     """An op's backward rule `rule`; in a sound_fp plan (attrs "fp") its last input is the op's
     error vector and the new bias is widened by it (fp_widen). `magnitude_of(ins)` bounds |A|
     as the op's arithmetic sees it."""
-    def kernel(ins, ps, attrs):
+    def kernel(ins, ps, attrs, out=None):
         if not attrs.get("fp"):
-            return rule(ins, ps, attrs)
+            return rule(ins, ps, attrs) if out is None else rule(ins, ps, attrs, out=out)
         ins, e = ins[:-1], ins[-1]
         *a_new, bias = rule(ins, ps, attrs)
         return (*a_new, fp_widen(magnitude_of(ins), bias, e, attrs))
     kernel.__doc__ = rule.__doc__
-    return kernel
+    return writes_into(kernel) if getattr(rule, "writes_into", False) else kernel
 
 
 # -- fan-in and the end of a pass --------------------------------------------------------------
 
-def accumulate(ins, ps, attrs):
+@writes_into
+def accumulate(ins, ps, attrs, out=(None, None)):
     """A value read by several ops gets the sum of their coefficients. In a sound_fp plan the
     inputs are (A1, A2, bias, interval of the value) and the bias also takes the sum's rounding,
     u |A| max|x| per row."""
     if not attrs.get("fp"):
-        return (ins[0] + ins[1],)
+        return (torch.add(ins[0], ins[1], out=out[0]),)
     a1, a2, bias, s = ins
     a = a1 + a2
     return a, fp_widen(a.abs(), bias, unit_roundoff(a.dtype) * magnitude(s), attrs)
 
 
-def concretize(ins, ps, attrs):
+@writes_into
+def concretize(ins, ps, attrs, out=(None,)):
     """stack(lower, upper) of A x + bias over the input box: A c -/+ |A| r. In a sound_fp plan
     the sums' rounding (and that of c and r) is subtracted, gamma(n) (|A| max|x| + |bias|), and
     the result rounded outward."""
     a, bias, box = ins
     s = halves(a, attrs)
     a = a.flatten(2)
-    lo, hi = box.flatten(2)
-    c = ((hi + lo) / 2).unsqueeze(-1)
-    r = ((hi - lo) / 2).unsqueeze(-1)
+    c, r = to_cr(box.flatten(2)).unsqueeze(-1).unbind(0)
     mid = torch.bmm(a, c).squeeze(-1) + bias
     rad = torch.bmm(a.abs(), r).squeeze(-1)
     lower, upper = mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:]
@@ -161,12 +169,12 @@ def concretize(ins, ps, attrs):
         err = torch.bmm(a.abs(), magnitude(box).flatten(1).unsqueeze(-1)).squeeze(-1) + bias.abs()
         err = 2 * gamma(n, a.dtype) * err + slack(n, a.dtype)
         lower, upper = down(lower - err[:, :s]), up(upper + err[:, s:])
-    return (sides(lower, upper),)
+    return (sides(lower, upper, out[0]),)
 
 
-def sides(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """stack(lower, upper); upper = +inf after a lower-only pass (upper is then empty)."""
-    return torch.stack((lower, upper if upper.shape[1] else torch.full_like(lower, torch.inf)))
+def sides(lower: torch.Tensor, upper: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """stack(lower, upper) (into out); upper = +inf after a lower-only pass (upper is then empty)."""
+    return torch.stack((lower, upper if upper.shape[1] else torch.full_like(lower, torch.inf)), out=out)
 
 
 def concretize_const(ins, ps, attrs):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import fp
+from boundflow.domains import fp, shaped, writes_into
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.rounding import Enclosed, magnitude
@@ -54,21 +54,27 @@ PRUNE_MIN_MACS = 1 << 20       # products smaller than this are not worth the ch
 PRUNE_MAX_LIVE = 0.75          # drop the dead columns when at most this share of them live
 
 
-def backward(ins, ps, attrs):
+@writes_into
+def backward(ins, ps, attrs, out=(None, None)):
     """A @ W. Columns of A that are zero in every row (the neurons a ReLU after this layer
     settles as inactive: often most of them) are dropped from the product first: the same sum
     without its zero terms, so no extra rounding either. Not under autograd: a column can be
     zero at the current slopes (alpha = 0) and still have a gradient that moves them."""
     a, bias = ins
     w, b = ps
-    new_bias = bias + torch.matmul(sum_lead(a, 1), b)
+    new_bias = torch.add(bias, torch.matmul(sum_lead(a, 1), b), out=out[1])
     n_out = w.shape[0]
     if a.numel() * w.shape[1] >= PRUNE_MIN_MACS and not a.requires_grad:
         # (NaN or inf keep their column: amax propagates them, and they are not 0)
         live = a.reshape(-1, n_out).abs().amax(0).ne(0).nonzero().squeeze(1)
         if live.numel() <= PRUNE_MAX_LIVE * n_out:
-            return torch.matmul(a.index_select(-1, live), w.index_select(0, live)), new_bias
-    return torch.matmul(a, w), new_bias
+            a, w = a.index_select(-1, live), w.index_select(0, live)
+    # one matrix product over A's rows (what matmul does without out=; with out= it may batch
+    # differently and round differently)
+    shape = tuple(a.shape[:-1]) + (w.shape[1],)
+    dest = shaped(out[0], shape)
+    rows = torch.mm(a.flatten(0, -2), w, out=None if dest is None else dest.flatten(0, -2))
+    return (rows.view(shape) if dest is None else dest), new_bias
 
 
 def matrix(graph, node, dtype, max_bytes):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from boundflow.domains import shaped, writes_into
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons, unit_lead, windows
@@ -34,22 +35,26 @@ def forward(x, attrs=None):
     return torch.relu(x)
 
 
-def interval(ins, ps, attrs):
-    return (ins[0].clamp(min=0),)
+@writes_into
+def interval(ins, ps, attrs, out=(None,)):
+    return (torch.clamp(ins[0], min=0, out=out[0]),)
 
 
-def relax(ins, ps, attrs):
-    """stack(lower, upper) -> stack(upper slope, upper intercept, lower slope)."""
-    lo, hi = ins[0]
+@writes_into
+def relax(ins, ps, attrs, out=(None,)):
+    """stack(lower, upper) -> stack(upper slope, upper intercept, lower slope). The lower slope
+    is 1 where the upper one is > 0.5: round() of a slope in [0, 1] is that (0.5 rounds to 0,
+    to even), cheaper than a comparison."""
+    lo, hi = ins[0].unbind(0)
     lo_r = lo.clamp(max=0)
     hi_r = torch.maximum(hi.clamp(min=0), lo_r + 1e-8)   # keeps d finite when l = u = 0
     up_slope = hi_r / (hi_r - lo_r)
-    up_bias = -lo_r * up_slope
-    lo_slope = (up_slope > 0.5).to(lo.dtype)
-    return (torch.stack((up_slope, up_bias, lo_slope)),)
+    lines = torch.stack((up_slope, lo_r * up_slope, up_slope.round()), out=out[0])
+    lines[1].neg_()                                       # the intercept -l d (negation is exact)
+    return (lines,)
 
 
-def _lines(a, pos_slope, neg_slope):
+def _lines(a, pos_slope, neg_slope, out=None):
     """(a * slope with slope pos_slope where a >= 0 and neg_slope below, a+, a-). Written as
     a+ pos_slope + a- neg_slope: one term is an exact zero, so this is the masked product
     bit for bit, without a boolean mask (a comparison and torch.where over A cost 10-30x an
@@ -57,7 +62,7 @@ def _lines(a, pos_slope, neg_slope):
     0, so autograd's derivative there is pos_slope, as the masked product's (alpha-CROWN)."""
     pos = a.clamp(min=0)
     neg = a - pos
-    return torch.addcmul(pos * pos_slope, neg, neg_slope), pos, neg
+    return torch.addcmul(pos * pos_slope, neg, neg_slope, out=out), pos, neg
 
 
 def _unstable_slopes(lo_slope, up_bias, alpha):
@@ -67,26 +72,32 @@ def _unstable_slopes(lo_slope, up_bias, alpha):
     return torch.addcmul(lo_slope * (1 - u), alpha, u)
 
 
-def _back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u, lower_only=False):
+def _back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u, lower_only=False, out=(None, None)):
     """Lower rows: positive coefficients take the lower line, negative ones the upper line;
-    upper rows the other way round. Slopes broadcast against A's halves."""
+    upper rows the other way round. Slopes broadcast against A's halves. out: where A and the
+    bias go (writes_into)."""
     ub = up_bias.flatten(2).transpose(1, 2)                                   # [B, N, 1]
     if lower_only:
-        out, _, neg = _lines(a, lo_slope_l, up_slope)
-        return out, bias + torch.bmm(neg.flatten(2), ub).squeeze(-1)
-    s = a.shape[1] // 2
-    out_lo, _, neg_lo = _lines(a[:, :s], lo_slope_l, up_slope)
-    out_up, pos_up, _ = _lines(a[:, s:], up_slope, lo_slope_u)
+        new_a, _, neg = _lines(a, lo_slope_l, up_slope, out[0])
+        return new_a, torch.add(bias, torch.bmm(neg.flatten(2), ub).squeeze(-1), out=out[1])
+    # both halves at once, as [B, 2, S, ...]: slopes stacked per half
+    halves_a = a.unflatten(1, (2, a.shape[1] // 2))
+    pos_slope = torch.stack(torch.broadcast_tensors(lo_slope_l, up_slope), 1)
+    neg_slope = torch.stack(torch.broadcast_tensors(up_slope, lo_slope_u), 1)
+    dest = shaped(out[0], a.shape)
+    new_a, pos, neg = _lines(halves_a, pos_slope, neg_slope, None if dest is None else dest.view(halves_a.shape))
     # intercepts: only the upper line has one; it enters where the upper line was taken
-    bias_lo = torch.bmm(neg_lo.flatten(2), ub).squeeze(-1)
-    bias_up = torch.bmm(pos_up.flatten(2), ub).squeeze(-1)
-    return torch.cat([out_lo, out_up], 1), bias + torch.cat([bias_lo, bias_up], 1)
+    bias_lo = torch.bmm(neg[:, 0].flatten(2), ub)
+    bias_up = torch.bmm(pos[:, 1].flatten(2), ub)
+    new_bias = torch.add(bias, torch.cat([bias_lo, bias_up], 1).squeeze(-1), out=out[1])
+    return new_a.flatten(1, 2) if dest is None else dest, new_bias
 
 
-def backward(ins, ps, attrs):
+@writes_into
+def backward(ins, ps, attrs, out=(None, None)):
     a, bias, lines = ins
     up_slope, up_bias, lo_slope = lines.unsqueeze(2)       # each [B, 1, ...]
-    return _back(a, bias, up_slope, up_bias, lo_slope, lo_slope, attrs.get("lower_only", False))
+    return _back(a, bias, up_slope, up_bias, lo_slope, lo_slope, attrs.get("lower_only", False), out)
 
 
 def backward_alpha(ins, ps, attrs):

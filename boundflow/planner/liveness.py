@@ -2,7 +2,8 @@
 
 Time runs in half steps: op k reads its inputs at 2k and writes its outputs at 2k + 1, after its
 kernel has returned, so an output may take the bytes of an input whose last reader is op k.
-Kernels whose results may be views of their inputs (ALIASING_KERNELS) write at 2k instead.
+Kernels whose results may be views of their inputs (ALIASING_KERNELS) and kernels that write
+into their outputs' planned bytes while reading their inputs (WRITING_KERNELS) write at 2k instead.
 A buffer is live from its write to its last read (module inputs from -1, outputs to the end);
 two buffers may share bytes only if their ranges are disjoint.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from boundflow.ops import ALIASING_KERNELS
+from boundflow.ops import ALIASING_KERNELS, WRITING_KERNELS
 from boundflow.ir.task import BoundTask, TaskOp
 
 
@@ -31,7 +32,7 @@ def op_lifetimes(ops: list[TaskOp], inputs: set[int], outputs: set[int]) -> dict
             if b not in start:
                 raise ValueError(f"op {k} ({op.op}) reads buffer {b} before anything writes it")
             end[b] = 2 * k
-        write = 2 * k if op.op in ALIASING_KERNELS else 2 * k + 1
+        write = 2 * k if op.op in ALIASING_KERNELS or op.op in WRITING_KERNELS else 2 * k + 1
         for b in op.outputs:
             if b in start:
                 raise ValueError(f"op {k} ({op.op}) writes buffer {b}, which is already written")

@@ -628,6 +628,10 @@ class _Lowering:
                 continue
             var = [i for i in node.inputs if g.is_variable(i)]
             op = ops.get(node.op)
+            if node.op == "reshape" and var == [g.inputs[0]] and len(g.consumers()[var[0]]) == 1:
+                # concretize reads A flat, in the same order: a reshape onto the input would copy it
+                A[var[0]] = A[out]
+                continue
             if op.backward is None:            # a sum: every input gets the same A
                 for i in var:
                     give(i, A[out])

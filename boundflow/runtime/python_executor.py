@@ -1,8 +1,9 @@
 """PythonTaskExecutor: runs a BFTaskModule task by task with torch kernels.
 
 It allocates the arenas the memory plan describes, once per module, and every op's outputs are
-written into their planned views. Buffers with a dynamic axis get a view of the size the data
-has, at the start of their planned slot.
+written into their planned views: by the kernel itself (WRITING_KERNELS, given the views as
+`out`), else copied there from its result. Buffers with a dynamic axis get a view of the size
+the data has, at the start of their planned slot.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from boundflow.ops import ALIASING_KERNELS, KERNELS
+from boundflow.ops import ALIASING_KERNELS, KERNELS, WRITING_KERNELS
 from boundflow.ir.task import TORCH_DTYPES, BFTaskModule
 from boundflow.runtime.arena import allocate, bind_inputs
 from boundflow.runtime.device import ieee_float32
+from boundflow.runtime.heap import keep_freed_memory
 
 
 @dataclass
@@ -23,7 +25,8 @@ class _Prepared:
     arenas: dict[str, torch.Tensor]
     views: list[torch.Tensor | None]          # static views, by buffer id; None for dynamic ones
     slots: list[tuple[torch.Tensor, int]]     # (arena, element offset), by buffer id
-    program: list[tuple]                      # (kernel, input ids, output ids, params, attrs, name)
+    # (kernel, input ids, output ids, params, attrs, name, the outputs' views when it writes into them)
+    program: list[tuple]
 
 
 class PythonTaskExecutor:
@@ -46,14 +49,16 @@ class PythonTaskExecutor:
         hit = self._prepared.get(module)
         if hit is not None:
             return hit
+        keep_freed_memory()              # kernels' temporaries from the heap, not fresh mmaps
         arenas, views, slots = allocate(module)
         program = []
         for op in module.ops():
             kernel = KERNELS.get(op.op)
             if kernel is None:
                 raise NotImplementedError(f"PythonTaskExecutor has no kernel for {op.op!r} ({op.source})")
+            into = [views[b] for b in op.outputs] if op.op in WRITING_KERNELS else None
             program.append((kernel, op.inputs, op.outputs, [module.params[p] if p else None for p in op.params],
-                            op.attrs, op.op))
+                            op.attrs, op.op, into))
         prepared = _Prepared(arenas, views, slots, program)
         self._prepared[module] = prepared
         self.stats["prepares"] += 1
@@ -69,18 +74,27 @@ class PythonTaskExecutor:
         bind_inputs(module, env, inputs)
         views, slots = p.views, p.slots
         with ieee_float32(module.device):
-            for kernel, ins, outs, params, attrs, name in p.program:
-                results = kernel([env[i] for i in ins], params, attrs)
+            for kernel, ins, outs, params, attrs, name, into in p.program:
+                if into is None:
+                    results = kernel([env[i] for i in ins], params, attrs)
+                else:   # a dynamic buffer's view is empty, at its slot: out= grows it to the data's size
+                    results = kernel([env[i] for i in ins], params, attrs,
+                                     out=[v if v is not None else _empty_at(*slots[b]) for b, v in zip(outs, into)])
                 if self.checked:
                     _check_promises(name, [env[i] for i in ins], results, [module.buffers[b] for b in outs],
-                                    module.device)
+                                    [views[b] if views[b] is not None else slots[b] for b in outs], module.device)
                 for bid, t in zip(outs, results):
                     view = views[bid]
                     if view is None:                       # dynamic: a view of the data's size
                         arena, start = slots[bid]
+                        if into is not None and _at(t, arena, start):
+                            _check_fits(t, module.buffers[bid])
+                            env[bid] = t
+                            continue
                         view = arena.narrow(0, start, t.numel()).view(t.shape)
                         env[bid] = view
-                    view.copy_(t)
+                    if t is not view:                      # (a writing kernel's result is its view)
+                        view.copy_(t)
         out = {role: env[bid].clone() for role, bid in module.outputs.items()}
         self.stats["runs"] += 1
         self.stats["run_ms_total"] += (time.perf_counter() - t0) * 1e3
@@ -102,13 +116,34 @@ class PythonTaskExecutor:
         return env
 
 
-def _check_promises(name: str, inputs: list[torch.Tensor], results, specs, device: torch.device) -> None:
+def _empty_at(arena: torch.Tensor, start: int) -> torch.Tensor:
+    return arena.narrow(0, start, 0)
+
+
+def _at(t: torch.Tensor, arena: torch.Tensor, start: int) -> bool:
+    """Whether t was written in place at element `start` of the arena (a grown empty view)."""
+    return t.is_contiguous() and t.data_ptr() == arena.data_ptr() + start * arena.element_size()
+
+
+def _check_fits(t: torch.Tensor, spec) -> None:
+    if t.numel() > spec.numel:
+        raise RuntimeError(f"buffer {spec.id} ({spec.name}) got {t.numel()} elements, more than the "
+                           f"{spec.numel} its plan holds")
+
+
+def _check_promises(name: str, inputs: list[torch.Tensor], results, specs, places, device: torch.device) -> None:
+    """places: each result's planned view, or (arena, start) for a buffer of dynamic size."""
     # (storage without bytes, e.g. on the meta device, has address 0 and aliases nothing)
     held = {t.untyped_storage().data_ptr() for t in inputs if t is not None} - {0}
-    for k, (t, spec) in enumerate(zip(results, specs)):
+    for k, (t, spec, place) in enumerate(zip(results, specs, places)):
         if t.device != device:
             raise AssertionError(f"kernel {name} returned a tensor on {t.device} as result {k}; the plan runs on {device}")
-        if name not in ALIASING_KERNELS and t.untyped_storage().data_ptr() in held:
+        if t is place or (isinstance(place, tuple) and name in WRITING_KERNELS and _at(t, *place)):
+            # written into its planned bytes (the arena, which inputs share)
+            if name not in WRITING_KERNELS:
+                raise AssertionError(f"kernel {name} returned its planned view as result {k} without being "
+                                     "marked writes_into")
+        elif t.numel() and name not in ALIASING_KERNELS and t.untyped_storage().data_ptr() in held:
             raise AssertionError(f"kernel {name} returned a view of an input as result {k}; "
                                  "add it to ALIASING_KERNELS or return a fresh tensor")
         if t.dtype != TORCH_DTYPES[spec.dtype]:
