@@ -76,3 +76,28 @@ def test_lines_bound_the_max(config, seed, optimised):
         assert (lower <= y + 1e-12).all()
         assert (upper >= y - 1e-12).all()
         assert (w_lo * ~valid).abs().sum() == 0                    # padding holds no input
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(st.integers(0, 2**16), st.floats(0.02, 0.3))
+def test_relu_output_before_a_max_pool_bounded_as_a_pass_through_the_relu(seed, eps):
+    """A ReLU output that feeds a max pool gets its CROWN bounds as relu() of a pass over
+    every neuron of the ReLU's input (planner: refine): the same as a CROWN pass from the
+    ReLU's output through its lines (the network cut there), intersected with the ReLU of the
+    input's bounds (its interval)."""
+    import boundflow
+    from boundflow.planner.config import PlannerConfig
+
+    torch.manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               torch.nn.Conv2d(3, 4, 2), torch.nn.ReLU())
+    full = torch.nn.Sequential(head, torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    x = torch.rand(1, 1, 12, 12)
+    lo, hi = x - eps, x + eps
+    res = boundflow.bound(full, lo, hi, "crown", config=PlannerConfig(export_intermediate=True), device="cpu")
+    relu_in, got = sorted((t for t in res.intermediate.values() if t.shape[-3:] == (4, 4, 4)),
+                          key=lambda t: float(t[0].min()))      # the output's lower bounds are >= 0
+    crown = torch.stack(boundflow.compute_bounds(head.eval(), lo, hi, method="crown", device="cpu"))
+    interval = relu_in.clamp(min=0).reshape(crown.shape)
+    want = torch.stack((torch.maximum(crown[0], interval[0]), torch.minimum(crown[1], interval[1])))
+    assert torch.allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)

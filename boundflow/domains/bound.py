@@ -18,8 +18,10 @@ def unstable(ins, ps, attrs):
 def merge_sparse(ins, ps, attrs):
     """The selected neurons take their CROWN bounds; with attrs["intersect"] the CROWN and
     interval bounds are intersected instead (both are sound, so is their intersection). An
-    index [B, k] selects per region."""
+    index [B, k] selects per region. With attrs["dense"], crown holds every neuron's bounds."""
     s, idx, crown = ins
+    if attrs.get("dense"):
+        crown = crown.index_select(-1, idx)
     out = s.flatten(2).clone()
     if idx.dim() == 2:                          # per region (a repeated neuron: the better bound)
         assert attrs["intersect"], "per-region merges intersect"

@@ -221,6 +221,8 @@ class _Lowering:
         self.bounds: dict[str, int] = {}       # value -> its interval buffer, stack(lower, upper)
         self.relax: dict[str, int] = {}        # relaxed op's output -> its lines (ops.Relaxation)
         self.errors: dict[str, int] = {}       # sound_fp: op output -> the op's error vector (domains/fp.py)
+        self.every_neuron: dict[str, int] = {}  # ReLU input -> CROWN bounds of all its neurons, [2, B, n]
+        self.relaxed: set[str] = set()          # the relaxed ops' inputs
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, v):
@@ -245,7 +247,7 @@ class _Lowering:
             out_numel = g.values[g.outputs[0]].type.numel
             em.out.inputs["C"] = em.buffer("spec.C", (self.B, self.S, out_numel), role="input")
 
-        relaxed = set(relaxed_inputs(g))
+        relaxed = self.relaxed = set(relaxed_inputs(g))
         if self.method == SPLIT_METHOD:
             return self.run_split(relaxed)
         folded_output = self._ibp_spec_fold()
@@ -391,13 +393,26 @@ class _Lowering:
         # ReLU inputs skip the neurons whose interval is stable; other relaxed ops refine all
         sparse = all(ops.get(n.op).relaxation is None or ops.get(n.op).relaxation.sparse_refine
                      for n in self.g.consumers()[v])
-        if mode in ("sparse", "intersect") and sparse:
+        relu = self.producer.get(v)
+        if relu is not None and relu.op == "relu" and relu.inputs[0] in self.every_neuron:
+            # v = relu(x), x bounded neuron by neuron already: relu of those bounds is what a
+            # pass through the ReLU's lines gives (its upper line meets relu at x's bounds)
+            crown = em.buffer(f"relu_crown({v})", (2, self.B, numel))
+            em.emit("interval.relu", [self.every_neuron[relu.inputs[0]]], [crown], source=v)
+            em.emit("bound.intersect", [box, crown], [new], source=v)
+        elif mode in ("sparse", "intersect") and sparse:
             fraction = self.cfg.dense_fraction if mode == "sparse" else 1.0
             idx = em.buffer(f"unstable({v})", (numel,), dtype="int64", dynamic_axis=0)
             em.emit("bound.unstable", [box], [idx], attrs={"dense_fraction": fraction}, source=v)
-            crown = self.backward(v, onehot_index=idx, alpha=self.method == "alpha-crown")
-            em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": mode == "intersect"},
-                    source=v)
+            if mode == "sparse" and self.method == "crown" and self.feeds_refined_relus(v):
+                # every neuron now, for the ReLUs' outputs; the unstable ones' bounds from it
+                crown = self.every_neuron[v] = self.backward(v)
+                em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": False, "dense": True},
+                        source=v)
+            else:
+                crown = self.backward(v, onehot_index=idx, alpha=self.method == "alpha-crown")
+                em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": mode == "intersect"},
+                        source=v)
         else:
             # every neuron refined (pure CROWN, or the input of a relaxed op other than ReLU);
             # the interval still cuts what CROWN leaves loose except at a ReLU's input in "pure"
@@ -407,6 +422,14 @@ class _Lowering:
                     source=v)
         self.bounds[v] = new
         em.phase = "forward"
+
+    def feeds_refined_relus(self, v: str) -> bool:
+        """Whether every op reading v is a ReLU whose output gets CROWN bounds of its own (it
+        feeds another relaxed op, a max pool): those bounds then come from a pass over every
+        neuron of v (refine), which costs about what the pass from the ReLU's output would."""
+        readers = self.g.consumers()[v]
+        return bool(readers) and all(n.op == "relu" and n.outputs[0] in self.relaxed and self.needs_refining(n)
+                                     for n in readers)
 
     def output_bounds(self, folded: Node | None):
         em, out = self.em, self.g.outputs[0]
