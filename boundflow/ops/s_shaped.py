@@ -108,10 +108,10 @@ def _chord(shape: SShape, l, u) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return k, fl - k * l, point
 
 
-def _ranges(shape: SShape, l, u, d_lo, d_up):
+def _ranges(shape: SShape, l, u, d_lo, d_up, chord):
     """Per neuron and line, the interval of tangent points that keep the tangent a bound, as
-    (start, end); empty (start = end = nan) where the line is a chord or flat."""
-    k, _, point = _chord(shape, l, u)
+    (start, end); empty (start = end = nan) where the line is a chord or flat. chord: _chord's."""
+    k, _, point = chord
     convex, concave = u <= 0, l >= 0
     mixed = ~(convex | concave)
     chord_lo = concave | (mixed & (k < shape.df(l))) | point
@@ -126,11 +126,11 @@ def _ranges(shape: SShape, l, u, d_lo, d_up):
     return (chord_lo, flat_lo, lo_a, lo_b), (chord_up, flat_up, up_a, up_b)
 
 
-def _lines_at(shape: SShape, l, u, d_lo, d_up, alpha_lo, alpha_up):
+def _lines_at(shape: SShape, l, u, ranges, chord, alpha_lo, alpha_up):
     """(lower slope, lower intercept, upper slope, upper intercept) with the tangent points at
-    fractions alpha of their ranges."""
-    (chord_lo, flat_lo, lo_a, lo_b), (chord_up, flat_up, up_a, up_b) = _ranges(shape, l, u, d_lo, d_up)
-    kc, bc, _ = _chord(shape, l, u)
+    fractions alpha of their ranges (ranges, chord: _ranges', _chord's)."""
+    (chord_lo, flat_lo, lo_a, lo_b), (chord_up, flat_up, up_a, up_b) = ranges
+    kc, bc, _ = chord
     t_lo = torch.nan_to_num(lo_a + alpha_lo * (lo_b - lo_a))
     t_up = torch.nan_to_num(up_a + alpha_up * (up_b - up_a))
     k_lo, b_lo = _tangent(shape, t_lo)
@@ -143,10 +143,10 @@ def _lines_at(shape: SShape, l, u, d_lo, d_up, alpha_lo, alpha_up):
     return k_lo, b_lo, k_up, b_up
 
 
-def _crown_alphas(shape: SShape, l, u, d_lo, d_up):
+def _crown_alphas(shape: SShape, l, u, d_lo, d_up, ranges):
     """CROWN's tangent points as fractions of their ranges: the midpoint in the convex/concave
     cases; in the mixed case d (or the midpoint when that is further in)."""
-    (_, _, lo_a, lo_b), (_, _, up_a, up_b) = _ranges(shape, l, u, d_lo, d_up)
+    (_, _, lo_a, lo_b), (_, _, up_a, up_b) = ranges
     m = (l + u) / 2
     t_lo = torch.where(u <= 0, m, torch.minimum(m, d_lo))
     t_up = torch.where(l >= 0, m, torch.maximum(m, d_up))
@@ -165,8 +165,9 @@ def _relax(shape: SShape):
         """stack(lower, upper) -> the CROWN lines and (l, u, d(u), -d(-l)) (module docstring)."""
         l, u = ins[0]
         d_lo, d_up = shape.tangent_point(u), -shape.tangent_point(-l)
-        a_lo, a_up = _crown_alphas(shape, l, u, d_lo, d_up)
-        lines = _lines_at(shape, l, u, d_lo, d_up, a_lo, a_up)
+        chord = _chord(shape, l, u)
+        ranges = _ranges(shape, l, u, d_lo, d_up, chord)
+        lines = _lines_at(shape, l, u, ranges, chord, *_crown_alphas(shape, l, u, d_lo, d_up, ranges))
         return (torch.stack((*lines, l, u, d_lo, d_up)),)
     return relax
 
@@ -202,7 +203,9 @@ def _backward_alpha(shape: SShape):
         if alpha is None:
             return backward(ins[:3], ps, attrs)
         l, u, d_lo, d_up = lines[4:8].unsqueeze(2)
-        k_lo, b_lo, k_up, b_up = _lines_at(shape, l, u, d_lo, d_up, alpha[:, 0], alpha[:, 1])
+        chord = _chord(shape, l, u)
+        ranges = _ranges(shape, l, u, d_lo, d_up, chord)
+        k_lo, b_lo, k_up, b_up = _lines_at(shape, l, u, ranges, chord, alpha[:, 0], alpha[:, 1])
         return _back(a, bias, k_lo, b_lo, k_up, b_up, halves(a, attrs))
     return backward_alpha
 
@@ -211,7 +214,9 @@ def _alpha_start(shape: SShape):
     def alpha_start(op, env) -> torch.Tensor:
         """CROWN's tangent points as fractions, one pair per row of A."""
         a, lines = env[op.inputs[0]], env[op.inputs[2]]
-        a_lo, a_up = _crown_alphas(shape, *lines[4:8])                       # [B, *shape]
+        l, u, d_lo, d_up = lines[4:8]
+        ranges = _ranges(shape, l, u, d_lo, d_up, _chord(shape, l, u))
+        a_lo, a_up = _crown_alphas(shape, l, u, d_lo, d_up, ranges)          # [B, *shape]
         pair = torch.stack((a_lo, a_up), 1).unsqueeze(2)                    # [B, 2, 1, *shape]
         return pair.expand((a.shape[0], 2) + tuple(a.shape[1:])).clone()
     return alpha_start
