@@ -140,6 +140,7 @@ def fp_lines(ins, ps, attrs):
 
 LEAKY_RELU = register(Op(
     "leaky_relu", forward, interval, sound(backward), fp=fp_interval, fp_params=lambda graph, node, dtype: [],
+    coordinatewise=True,                      # its interval rule is the exact range (ends and the kink)
     relaxation=Relaxation(relax, 3, fp_lines, sound(backward_alpha, _alpha_magnitude), alpha_start,
                           sparse_refine=True, splits_at_zero=True)))
 

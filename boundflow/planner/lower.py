@@ -133,6 +133,14 @@ def interval_is_exact(graph: Graph, value: str) -> bool:
     return mixing <= 1
 
 
+def _elementwise(graph: Graph, node: Node) -> bool:
+    """A node whose interval rule maps a box onto its exact image, coordinate by coordinate
+    (ops.Op.coordinatewise), from one variable input of its output's shape."""
+    var = [i for i in node.inputs if graph.is_variable(i)]
+    return ops.get(node.op).coordinatewise and len(var) == 1 and \
+        tuple(graph.shape(var[0])) == tuple(graph.shape(node.outputs[0]))
+
+
 def _ancestors(graph: Graph, value: str) -> set[str]:
     producer, seen, stack = graph.producer(), set(), [value]
     while stack:
@@ -221,7 +229,7 @@ class _Lowering:
         self.bounds: dict[str, int] = {}       # value -> its interval buffer, stack(lower, upper)
         self.relax: dict[str, int] = {}        # relaxed op's output -> its lines (ops.Relaxation)
         self.errors: dict[str, int] = {}       # sound_fp: op output -> the op's error vector (domains/fp.py)
-        self.every_neuron: dict[str, int] = {}  # ReLU input -> CROWN bounds of all its neurons, [2, B, n]
+        self.every_neuron: dict[str, int] = {}  # value -> CROWN bounds of all its neurons, [2, B, n]
         self.relaxed: set[str] = set()          # the relaxed ops' inputs
 
     # -- helpers ---------------------------------------------------------------------------
@@ -393,19 +401,24 @@ class _Lowering:
         # ReLU inputs skip the neurons whose interval is stable; other relaxed ops refine all
         sparse = all(ops.get(n.op).relaxation is None or ops.get(n.op).relaxation.sparse_refine
                      for n in self.g.consumers()[v])
-        relu = self.producer.get(v)
-        if relu is not None and relu.op == "relu" and relu.inputs[0] in self.every_neuron:
-            # v = relu(x), x bounded neuron by neuron already: relu of those bounds is what a
-            # pass through the ReLU's lines gives (its upper line meets relu at x's bounds)
-            crown = em.buffer(f"relu_crown({v})", (2, self.B, numel))
-            em.emit("interval.relu", [self.every_neuron[relu.inputs[0]]], [crown], source=v)
-            em.emit("bound.intersect", [box, crown], [new], source=v)
+        every = mode == "sparse" and self.method == "crown" and not self.sound
+        node = self.producer.get(v)
+        if every and node is not None and _elementwise(self.g, node) and node.inputs[0] in self.every_neuron:
+            # v = f(x) coordinate by coordinate, x bounded neuron by neuron already: f's interval
+            # rule maps those bounds to their exact image, at least as tight as a pass through
+            # f's lines (for a ReLU the same: its upper line meets it at x's bounds)
+            x = node.inputs[0]
+            at_x, image = self.interval_buffer(x, "crown_all"), self.interval_buffer(v, "image")
+            em.emit("interval.reshape", [self.every_neuron[x]], [at_x], attrs={"shape": list(self.shape(x))}, source=v)
+            em.emit(f"interval.{node.op}", [at_x], [image], em.params(f"{v}.ibp", ops.get(node.op).interval_params(
+                self.g, node)), node.attrs, source=v)
+            em.emit("bound.intersect", [box, image], [new], source=v)
         elif mode in ("sparse", "intersect") and sparse:
             fraction = self.cfg.dense_fraction if mode == "sparse" else 1.0
             idx = em.buffer(f"unstable({v})", (numel,), dtype="int64", dynamic_axis=0)
             em.emit("bound.unstable", [box], [idx], attrs={"dense_fraction": fraction}, source=v)
-            if mode == "sparse" and self.method == "crown" and self.feeds_refined_relus(v):
-                # every neuron now, for the ReLUs' outputs; the unstable ones' bounds from it
+            if every and self.feeds_refined_elementwise(v):
+                # every neuron now, for the outputs of the ops reading v; the unstable ones' from it
                 crown = self.every_neuron[v] = self.backward(v)
                 em.emit("bound.merge_sparse", [box, idx, crown], [new], attrs={"intersect": False, "dense": True},
                         source=v)
@@ -418,18 +431,21 @@ class _Lowering:
             # the interval still cuts what CROWN leaves loose except at a ReLU's input in "pure"
             # mode: a tangent of exp may reach below 0, where a log or 1/x after it has no lines
             crown = self.backward(v, onehot_index=None, alpha=self.method == "alpha-crown")
+            if every:
+                self.every_neuron[v] = crown
             em.emit("bound.replace" if mode == "pure" and sparse else "bound.intersect", [box, crown], [new],
                     source=v)
         self.bounds[v] = new
         em.phase = "forward"
 
-    def feeds_refined_relus(self, v: str) -> bool:
-        """Whether every op reading v is a ReLU whose output gets CROWN bounds of its own (it
-        feeds another relaxed op, a max pool): those bounds then come from a pass over every
-        neuron of v (refine), which costs about what the pass from the ReLU's output would."""
+    def feeds_refined_elementwise(self, v: str) -> bool:
+        """Whether every op reading v maps it coordinate by coordinate (_elementwise) and its
+        output gets CROWN bounds of its own (it feeds another relaxed op: a ReLU before a max
+        pool): those bounds then come from a pass over every neuron of v (refine), which costs
+        about what a pass from the op's output would."""
         readers = self.g.consumers()[v]
-        return bool(readers) and all(n.op == "relu" and n.outputs[0] in self.relaxed and self.needs_refining(n)
-                                     for n in readers)
+        return bool(readers) and all(_elementwise(self.g, n) and n.outputs[0] in self.relaxed and
+                                     self.needs_refining(n) for n in readers)
 
     def output_bounds(self, folded: Node | None):
         em, out = self.em, self.g.outputs[0]
