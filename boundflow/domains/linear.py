@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from boundflow.domains import writes_into
+from boundflow.domains import shaped, writes_into
 from boundflow.domains.interval import to_cr
 from boundflow.domains.rounding import down, gamma, magnitude, slack, unit_roundoff, up
 
@@ -61,7 +61,7 @@ def start_spec(ins, ps, attrs, out=(None, None)):
         a = torch.eye(n, dtype=_dtype(attrs), device=_device(attrs)).reshape((1, n) + shape).expand((batch, n) + shape)
     if not attrs.get("lower_only"):
         a = torch.cat([a, a], dim=1, out=out[0])
-    bias = a.new_zeros(batch, a.shape[1]) if out[1] is None else out[1].zero_()
+    bias = a.new_zeros(batch, a.shape[1]) if out[1] is None else shaped(out[1], (batch, a.shape[1])).zero_()
     return a, bias
 
 
