@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import stat
 import time
@@ -59,8 +60,6 @@ def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph,
     and a cache key for it."""
     import onnx
 
-    from boundflow.passes.simplify import simplify
-
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         try:
@@ -83,6 +82,7 @@ def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph,
     if hit is not None and hit[1] is (model if key[0] == "torch" else None):
         _graphs.move_to_end(key)
         return hit[0], key
+    from boundflow.passes.simplify import simplify
     if key[0] == "torch":
         from boundflow.frontends.torch import load_torch
         graph = load_torch(model, example_input)
@@ -253,10 +253,11 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
     graph, key = load_model(model, example if isinstance(model, torch.nn.Module) else None)
     in_shape = tuple(graph.shape(graph.inputs[0]))
-    box = torch.stack((_regions(lo, in_shape, "x_lower"), _regions(hi, in_shape, "x_upper")))
-    if not torch.isfinite(box).all():
+    lo, hi = _regions(lo, in_shape, "x_lower"), _regions(hi, in_shape, "x_upper")
+    box = torch.stack((lo, hi))
+    if box.numel() and not all(map(math.isfinite, box.aminmax())):    # (a NaN is both the min and the max)
         raise ShapeError("the input box contains NaN or infinite bounds")
-    if not (box[0] <= box[1]).all():
+    if not lo.le(hi).all():
         bad = (box[0] > box[1]).nonzero()
         i = tuple(bad[0].tolist())
         raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
@@ -275,7 +276,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         outputs, extra = optimize(module, inputs, _executor, alpha or AlphaConfig(), deadline)
     else:
         outputs = runner.run(module, inputs)
-    lb, ub = outputs["bounds"]
+    lb, ub = outputs["bounds"].unbind(0)
     if c_err is not None:
         lb, ub = _correct(lb, ub, c_err)
     lb, ub = lb.to(home), ub.to(home)

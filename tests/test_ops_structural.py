@@ -573,3 +573,67 @@ def test_conv_transpose_dense_start_on_a_leading_axis():
     head, head_inits = relu_head("t", 1, rng, 9)
     model = model_of(nodes + head, (2, 1, 5, 1), {"w": rand(rng, 1, 1, 1, 1), "b": rand(rng, 1), **head_inits})
     assert_onnx_sound(model, eps=0.5, methods=("crown",))
+
+
+
+def _interval_forms(onnx_node, inits: dict, in_shape, fn, batch: int, seed: int):
+    """The IBP kernel of the one-node model `onnx_node` (weights `inits`, input "x" of
+    [1, *in_shape]) with all its float32 params (the batch-1 form, where the layer gets one) and
+    with only the general ones, on a random box of `batch` regions; and fn (the layer in
+    float64) at 64 points of the box, corners among them."""
+    g = torch.Generator().manual_seed(seed)
+    model = helper.make_model(helper.make_graph(
+        [onnx_node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1,) + in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.numpy(), k) for k, v in inits.items()]), opset_imports=[helper.make_opsetid("", 17)])
+    graph = load_onnx(model)
+    (node,) = [n for n in graph.nodes if n.op in ("linear", "conv2d")]
+    op = {"linear": linear, "conv2d": conv}[node.op]
+    ps = op.interval_params(graph, node, torch.float32)
+    lo = torch.randn((batch, 1) + in_shape, generator=g)
+    hi = lo + torch.rand((batch, 1) + in_shape, generator=g) * torch.rand(1, generator=g)
+    general = 2 if node.op == "linear" else 3
+    both = [op.interval([torch.stack((lo, hi))], p, node.attrs)[0] for p in (ps, ps[:general])]
+    t = torch.rand((64, batch, 1) + in_shape, generator=g, dtype=torch.float64)
+    t[:4] = (torch.arange(4, dtype=torch.float64) % 2).view(4, *[1] * (t.dim() - 1))     # two corners
+    ys = fn((lo.double() + t * (hi - lo).double()).flatten(0, 2)).reshape((64,) + tuple(both[1].shape[1:]))
+    return len(ps) > general, both, ys
+
+
+def _holds(bounds: torch.Tensor, ys: torch.Tensor, tol: torch.Tensor) -> bool:
+    return bool(torch.all(ys >= bounds[0] - tol[0]) and torch.all(ys <= bounds[1] + tol[1]))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 3), st.integers(0, 2**16))
+def test_linear_interval_forms_agree_and_hold(n_in, n_out, batch, seed):
+    """Small layers of float32 plans also get the (l, u) form, used at batch 1: the same bounds
+    as the centre/radius form up to float32 rounding, and both hold at points of the box."""
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn((n_in, n_out), generator=g), torch.randn(n_out, generator=g)
+    has_lu, (fast, general), ys = _interval_forms(node("Gemm", ["x", "w", "b"]), {"w": w, "b": b}, (n_in,),
+                                                  lambda x: x @ w.double() + b.double(), batch, seed)
+    assert has_lu == (n_in * n_out <= linear.LU_FORM_MAX)
+    tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
+    assert torch.all((fast - general).abs() <= tol)
+    assert _holds(fast, ys, tol) and _holds(general, ys, tol)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(3, 5), st.integers(1, 2), st.integers(1, 2),
+       st.integers(1, 3), st.integers(0, 2**16))
+def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batch, seed):
+    """Kernels of PAIR_MIN_KERNEL or more get the pair form (one conv of twice the groups over
+    stacked centre and radius), used at batch 1: the same bounds as two convs up to float32
+    rounding, and both hold at points of the box."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn((c_out * groups, c_in, k, k), generator=g)
+    b = torch.randn(c_out * groups, generator=g)
+    attrs = dict(strides=[stride, stride], pads=[1, 0, 1, 2], group=groups)
+    has_pair, (fast, general), ys = _interval_forms(
+        node("Conv", ["x", "w", "b"], **attrs), {"w": w, "b": b}, (c_in * groups, 7, 8),
+        lambda x: F.conv2d(F.pad(x, (0, 2, 1, 1)), w.double(), b.double(), stride, groups=groups), batch, seed)
+    assert has_pair == (k >= conv.PAIR_MIN_KERNEL)
+    tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
+    assert torch.all((fast - general).abs() <= tol)
+    assert _holds(fast, ys, tol) and _holds(general, ys, tol)

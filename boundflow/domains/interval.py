@@ -25,8 +25,11 @@ def to_cr(s: torch.Tensor) -> torch.Tensor:
     return torch.matmul(constant(TO_CR, s.dtype, s.device), s.reshape(2, -1)).view(s.shape)
 
 
-def from_cr(s: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(constant(FROM_CR, s.dtype, s.device), s.reshape(2, -1)).view(s.shape)
+def from_cr(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(c, r) -> (l, u), into `out` (of s's shape) when given."""
+    lu = torch.matmul(constant(FROM_CR, s.dtype, s.device), s.reshape(2, -1),
+                      out=None if out is None else out.view(2, -1))
+    return lu.view(s.shape) if out is None else out
 
 
 def spec_linear(ins, ps, attrs):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import fp
+from boundflow.domains import fp, shaped, writes_into
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.patches import fp_widen as patch_fp_widen
@@ -109,16 +109,40 @@ def forward(x, w, b=None, attrs=None):
     return conv2d(x, w, b, attrs)
 
 
+# kernels at least this large (either side) get the pair form at batch 1, see interval
+PAIR_MIN_KERNEL = 4
+
+
 def interval_params(graph, node, dtype=torch.float32):
-    ps = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
-    return [ps[0], ps[0].abs(), ps[1] if len(ps) > 1 else None]
+    """[W, |W|, b]; for kernels of PAIR_MIN_KERNEL or more in float32 plans also cat(W, |W|) and
+    cat(b, 0): centre and radius through one conv of twice the groups."""
+    w, *rest = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
+    b = rest[0] if rest else None
+    ps = [w, w.abs(), b]
+    if dtype == torch.float32 and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
+        ps += [torch.cat((w, w.abs())), torch.cat((b if b is not None else torch.zeros(w.shape[0]),
+                                                  torch.zeros(w.shape[0])))]
+    return ps
 
 
-def interval(ins, ps, attrs):
+@writes_into
+def interval(ins, ps, attrs, out=(None,)):
+    """Centre and radius through W and |W|. One region with a large kernel (the pair params):
+    one conv of twice the groups over the stacked (c, r) channels, which at batch 1 costs about
+    what one conv does here (torch's default algorithm is slow on such kernels at batch 1: 4x4
+    stride 2 onto 8 channels, 87 us for the pair against 150 us for two convs); elsewhere two
+    convs. Not in sound_fp plans (float64; fp_error bounds the two convs' rounding)."""
     (s,) = ins
-    w, w_abs, b = ps
-    c, r = to_cr(s)
-    return (from_cr(torch.stack((conv2d(c, w, b, attrs), conv2d(r, w_abs, None, attrs)))),)
+    w, w_abs, b = ps[:3]
+    c_in, h, wd = s.shape[-3:]
+    cr = to_cr(s)
+    if len(ps) > 3 and s.numel() == 2 * c_in * h * wd:
+        pair = conv2d(cr.view(1, 2 * c_in, h, wd), ps[3], ps[4], dict(attrs, groups=2 * attrs["groups"]))
+        y = pair.view((2,) + tuple(s.shape[1:-3]) + (w.shape[0],) + tuple(pair.shape[-2:]))
+    else:
+        c, r = cr
+        y = torch.stack((conv2d(c, w, b, attrs), conv2d(r, w_abs, None, attrs)))
+    return (from_cr(y, shaped(out[0], y.shape)),)
 
 
 def backward_params(graph, node, dtype=torch.float32):

@@ -364,7 +364,7 @@ class _Lowering:
         if op.relaxation is not None and self.method in _LINEAR:
             self.relax_node(node)
         ins = [self.bounds[i] for i in node.inputs if self.g.is_variable(i)]
-        ps = em.params(f"{y}.ibp", op.interval_params(self.g, node))
+        ps = em.params(f"{y}.ibp", op.interval_params(self.g, node, TORCH_DTYPES[em.dtype]))
         out = self.interval_buffer(y)
         em.emit(f"interval.{node.op}", ins, [out], ps, node.attrs, source=node.name,
                 layout=node.attrs.get("layout_hint"))
@@ -411,7 +411,7 @@ class _Lowering:
             at_x, image = self.interval_buffer(x, "crown_all"), self.interval_buffer(v, "image")
             em.emit("interval.reshape", [self.every_neuron[x]], [at_x], attrs={"shape": list(self.shape(x))}, source=v)
             em.emit(f"interval.{node.op}", [at_x], [image], em.params(f"{v}.ibp", ops.get(node.op).interval_params(
-                self.g, node)), node.attrs, source=v)
+                self.g, node, TORCH_DTYPES[em.dtype])), node.attrs, source=v)
             em.emit("bound.intersect", [box, image], [new], source=v)
         elif mode in ("sparse", "intersect") and sparse:
             fraction = self.cfg.dense_fraction if mode == "sparse" else 1.0

@@ -7,6 +7,7 @@ the data has, at the start of their planned slot.
 """
 from __future__ import annotations
 
+import operator
 import time
 import weakref
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ class _Prepared:
     arenas: dict[str, torch.Tensor]
     views: list[torch.Tensor | None]          # static views, by buffer id; None for dynamic ones
     slots: list[tuple[torch.Tensor, int]]     # (arena, element offset), by buffer id
-    # (kernel, input ids, output ids, params, attrs, name, the outputs' views when it writes into them)
+    # (kernel, input ids, output ids, params, attrs, name, whether an output has a dynamic size,
+    #  the outputs' views when it writes into them)
     program: list[tuple]
 
 
@@ -58,7 +60,7 @@ class PythonTaskExecutor:
                 raise NotImplementedError(f"PythonTaskExecutor has no kernel for {op.op!r} ({op.source})")
             into = [views[b] for b in op.outputs] if op.op in WRITING_KERNELS else None
             program.append((kernel, op.inputs, op.outputs, [module.params[p] if p else None for p in op.params],
-                            op.attrs, op.op, into))
+                            op.attrs, op.op, any(views[b] is None for b in op.outputs), into))
         prepared = _Prepared(arenas, views, slots, program)
         self._prepared[module] = prepared
         self.stats["prepares"] += 1
@@ -73,15 +75,21 @@ class PythonTaskExecutor:
         env: list[torch.Tensor | None] = list(p.views)
         bind_inputs(module, env, inputs)
         views, slots = p.views, p.slots
+        checked = self.checked
         with ieee_float32(module.device):
-            for kernel, ins, outs, params, attrs, name, into in p.program:
+            for kernel, ins, outs, params, attrs, name, dynamic, into in p.program:
+                args = [env[i] for i in ins]
                 if into is None:
-                    results = kernel([env[i] for i in ins], params, attrs)
+                    results = kernel(args, params, attrs)
+                elif not dynamic:
+                    results = kernel(args, params, attrs, out=into)
+                    if not checked and all(map(operator.is_, results, into)):
+                        continue                           # written in place: nothing to copy
                 else:   # a dynamic buffer's view is empty, at its slot: out= grows it to the data's size
-                    results = kernel([env[i] for i in ins], params, attrs,
+                    results = kernel(args, params, attrs,
                                      out=[v if v is not None else _empty_at(*slots[b]) for b, v in zip(outs, into)])
-                if self.checked:
-                    _check_promises(name, [env[i] for i in ins], results, [module.buffers[b] for b in outs],
+                if checked:
+                    _check_promises(name, args, results, [module.buffers[b] for b in outs],
                                     [views[b] if views[b] is not None else slots[b] for b in outs], module.device)
                 for bid, t in zip(outs, results):
                     view = views[bid]

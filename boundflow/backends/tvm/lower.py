@@ -355,7 +355,7 @@ def _sum_lead(ctx: _Ctx, a: relax.Expr, keep: int) -> relax.Expr:
 # -- interval ------------------------------------------------------------------------------
 def _iv_linear(ctx, ins, ps, attrs):
     (s,) = ins
-    w_cr, b_cr = ps                                     # [2, in, out], [2, 1, out]
+    w_cr, b_cr = ps[:2]     # [2, in, out], [2, 1, out] (the (l, u) form after them: torch's batch-1 path)
     shape = ctx.shape(s)
     c, r = _to_cr(ctx, s)
     cr = ctx.emit(R.reshape(ctx.emit(R.stack([c, r], 0)), [2, -1, shape[-1]]))
@@ -366,7 +366,7 @@ def _iv_linear(ctx, ins, ps, attrs):
 
 def _iv_conv2d(ctx, ins, ps, attrs):
     (s,) = ins
-    w, w_abs, b = ps
+    w, w_abs, b = ps[:3]    # (the pair form after them: torch's batch-1 path)
     c, r = _to_cr(ctx, s)
     return (_from_cr(ctx, _conv(ctx, c, w, b, attrs), _conv(ctx, r, w_abs, None, attrs)),)
 
