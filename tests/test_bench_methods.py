@@ -9,7 +9,7 @@ import sys
 from conftest import REPO
 
 CASE = "mlp_small__eps0.05"
-METHODS = ["ibp", "crown-ibp", "crown", "crown-pure", "crown-sound"]
+METHODS = ["ibp", "crown-ibp", "crown", "crown-pure", "crown-sound", "ibp-batch64"]
 SPREAD = {"median", "min", "p25", "p75", "max", "n"}
 
 
@@ -31,16 +31,20 @@ def test_quick_run_writes_json(shared, tmp_path):
     rows = data["results"]
     assert [r["method"] for r in rows] == METHODS
     for r in rows:
-        assert r["case"] == CASE
+        assert r["case"] == CASE and r["batch"] == (64 if r["method"] == "ibp-batch64" else 1)
         for t in (r["time_ms"], r["cpu_ms"]):
             assert set(t) == SPREAD and t["n"] == data["config"]["repeats"]
             assert 0 < t["min"] <= t["p25"] <= t["median"] <= t["p75"] <= t["max"]
         t = r["time_ms"]
         assert r["first_call_ms"] > 0 and r["forward_ms"] > 0
-        assert all(set(r["forward"][k]) == SPREAD for k in ("torch", "torch_cpu", "onnxruntime", "onnxruntime_cpu"))
-        assert r["forward"]["torch_vs_onnxruntime_max_abs_diff"] < 1e-4
         assert r["ratio_vs_forward"] == t["median"] / r["forward_ms"]
         assert r["first_call_same_bounds"] and r["mean_width"] > 0
+        if r["batch"] > 1:          # the same box 64 times: IBP's widths; no reference, no onnxruntime
+            assert set(r["forward"]) == {"torch", "torch_cpu"} and r["lirpa"] is None
+            assert abs(r["mean_width"] - rows[0]["mean_width"]) < 1e-6 * rows[0]["mean_width"]
+            continue
+        assert all(set(r["forward"][k]) == SPREAD for k in ("torch", "torch_cpu", "onnxruntime", "onnxruntime_cpu"))
+        assert r["forward"]["torch_vs_onnxruntime_max_abs_diff"] < 1e-4
         ref = r["lirpa"]
         assert ref["fixture"] == CASE and ref["ms"] > 0
         assert ref["speedup"] == ref["ms"] / t["median"]
@@ -48,7 +52,7 @@ def test_quick_run_writes_json(shared, tmp_path):
         assert abs(ref["tightness"] - 1) < 1e-4  # mlp_small: every method matches auto_LiRPA
 
     tg = data["targets"]
-    assert set(tg["ibp_vs_forward"]["per_case"]) == {CASE}
+    assert set(tg["ibp_vs_forward"]["per_case"]) == {CASE} and set(tg["ibp_vs_forward_batch64"]) == {CASE}
     assert set(tg["sound_fp_cost"]["per_case"]) == {CASE} and tg["sound_fp_cost"]["per_case"][CASE]["ratio"] > 0
     assert isinstance(tg["ibp_vs_forward"]["pass"], bool)
     assert tg["crown_vs_lirpa"]["pass"] is None  # its case was not selected
