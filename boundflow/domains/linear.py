@@ -30,6 +30,8 @@ def sum_lead(a: torch.Tensor, keep: int) -> torch.Tensor:
     lead = 1
     for d in a.shape[2:a.dim() - keep]:
         lead *= d
+    if lead == 1:                                   # nothing to sum (a dense pass: A [B, 2S, 1, ...])
+        return a.reshape(tuple(a.shape[:2]) + kept)
     return a.reshape(tuple(a.shape[:2]) + (lead,) + kept).sum(2)
 
 
@@ -163,6 +165,13 @@ def concretize(ins, ps, attrs, out=(None,)):
     c, r = to_cr(box.flatten(2)).unsqueeze(-1).unbind(0)
     mid = torch.bmm(a, c).squeeze(-1) + bias
     rad = torch.bmm(a.abs(), r).squeeze(-1)
+    if not attrs.get("fp") and s * 2 == a.shape[1]:      # both halves in one addition: mid -/+ rad
+        rad[:, :s].neg_()                                # (exact: mid + (-rad) is mid - rad)
+        two, dest = (a.shape[0], 2, s), shaped(out[0], (2, a.shape[0], s))
+        if dest is None:
+            return (torch.add(mid.view(two), rad.view(two)).transpose(0, 1).contiguous(),)
+        torch.add(mid.view(two), rad.view(two), out=dest.transpose(0, 1))
+        return (dest,)
     lower, upper = mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:]
     if attrs.get("fp"):
         n = a.shape[-1] + 4

@@ -76,20 +76,23 @@ def _back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u, lower_only=False, 
     """Lower rows: positive coefficients take the lower line, negative ones the upper line;
     upper rows the other way round. Slopes broadcast against A's halves. out: where A and the
     bias go (writes_into)."""
-    ub = up_bias.flatten(2).transpose(1, 2)                                   # [B, N, 1]
+    ub = up_bias.flatten(1).unsqueeze(-1)                                      # [B, N, 1]
     if lower_only:
         new_a, _, neg = _lines(a, lo_slope_l, up_slope, out[0])
         return new_a, torch.add(bias, torch.bmm(neg.flatten(2), ub).squeeze(-1), out=out[1])
     # both halves at once, as [B, 2, S, ...]: slopes stacked per half
     halves_a = a.unflatten(1, (2, a.shape[1] // 2))
-    pos_slope = torch.stack(torch.broadcast_tensors(lo_slope_l, up_slope), 1)
-    neg_slope = torch.stack(torch.broadcast_tensors(up_slope, lo_slope_u), 1)
+    if lo_slope_l is lo_slope_u:                  # one lower slope per neuron: no broadcast needed
+        pos_slope, neg_slope = torch.stack((lo_slope_l, up_slope), 1), torch.stack((up_slope, lo_slope_l), 1)
+    else:
+        pos_slope = torch.stack(torch.broadcast_tensors(lo_slope_l, up_slope), 1)
+        neg_slope = torch.stack(torch.broadcast_tensors(up_slope, lo_slope_u), 1)
     dest = shaped(out[0], a.shape)
     new_a, pos, neg = _lines(halves_a, pos_slope, neg_slope, None if dest is None else dest.view(halves_a.shape))
-    # intercepts: only the upper line has one; it enters where the upper line was taken
-    bias_lo = torch.bmm(neg[:, 0].flatten(2), ub)
-    bias_up = torch.bmm(pos[:, 1].flatten(2), ub)
-    new_bias = torch.add(bias, torch.cat([bias_lo, bias_up], 1).squeeze(-1), out=out[1])
+    # intercepts: only the upper line has one; it enters where the upper line was taken (the
+    # negative part of the lower rows, the positive part of the upper ones): one product
+    took_upper = torch.stack((neg[:, 0], pos[:, 1]), 1).view(a.shape[0], a.shape[1], ub.shape[1])
+    new_bias = torch.add(bias, torch.bmm(took_upper, ub).squeeze(-1), out=out[1])
     return new_a.flatten(1, 2) if dest is None else dest, new_bias
 
 
