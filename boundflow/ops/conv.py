@@ -120,8 +120,8 @@ def interval_params(graph, node, dtype=torch.float32):
     b = rest[0] if rest else None
     ps = [w, w.abs(), b]
     if dtype == torch.float32 and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
-        ps += [torch.cat((w, w.abs())), torch.cat((b if b is not None else torch.zeros(w.shape[0]),
-                                                  torch.zeros(w.shape[0])))]
+        zeros = torch.zeros(w.shape[0], dtype=w.dtype)
+        ps += [torch.cat((w, w.abs())), torch.cat((zeros if b is None else b, zeros))]
     return ps
 
 

@@ -58,7 +58,7 @@ class PythonTaskExecutor:
             kernel = KERNELS.get(op.op)
             if kernel is None:
                 raise NotImplementedError(f"PythonTaskExecutor has no kernel for {op.op!r} ({op.source})")
-            into = [views[b] for b in op.outputs] if op.op in WRITING_KERNELS else None
+            into = tuple(views[b] for b in op.outputs) if op.op in WRITING_KERNELS else None
             program.append((kernel, op.inputs, op.outputs, [module.params[p] if p else None for p in op.params],
                             op.attrs, op.op, any(views[b] is None for b in op.outputs), into))
         prepared = _Prepared(arenas, views, slots, program)
