@@ -208,6 +208,19 @@ def test_transposed_equals_torch(c_in, c_out, sh, sw, taps, h, w, groups_or_one,
 
 
 
+@pytest.mark.parametrize("c_in,c_out,k,s,h,w", [(3, 8, 4, 2, 16, 16), (2, 3, 3, 2, 5, 7), (1, 2, 6, 3, 4, 3),
+                                                 (2, 2, 4, 2, 1, 1)])
+def test_transposed_weaves_large_results_phase_by_phase(monkeypatch, c_in, c_out, k, s, h, w):
+    """Above WEAVE_BY_PHASE_MIN elements the phases go into strided views of the result one at a
+    time: the same values as torch's transposed conv (here every size takes that path)."""
+    monkeypatch.setattr(conv, "WEAVE_BY_PHASE_MIN", 0)
+    g = torch.Generator().manual_seed(c_in * 100 + k)
+    x = torch.randn((5, c_out, h, w), generator=g, dtype=torch.float64)
+    weight = torch.randn((c_out, c_in, k, k), generator=g, dtype=torch.float64)
+    got = conv.transposed(x, weight, (s, s))
+    assert got.is_contiguous() and torch.allclose(got, F.conv_transpose2d(x, weight, stride=(s, s)))
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.integers(1, 3), st.integers(1, 40), st.integers(64, 300), st.floats(0, 1), st.integers(0, 2**16))
 def test_linear_backward_drops_dead_columns(batch, rows, n_out, dead, seed):
