@@ -165,7 +165,7 @@ def concretize(ins, ps, attrs, out=(None,)):
     c, r = to_cr(box.flatten(2)).unsqueeze(-1).unbind(0)
     mid = torch.bmm(a, c).squeeze(-1) + bias
     rad = torch.bmm(a.abs(), r).squeeze(-1)
-    if not attrs.get("fp") and s * 2 == a.shape[1]:      # both halves in one addition: mid -/+ rad
+    if not attrs.get("fp") and s * 2 == a.shape[1] and not rad.requires_grad:   # both halves in one addition
         rad[:, :s].neg_()                                # (exact: mid + (-rad) is mid - rad)
         two, dest = (a.shape[0], 2, s), shaped(out[0], (2, a.shape[0], s))
         if dest is None:

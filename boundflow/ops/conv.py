@@ -94,7 +94,7 @@ def transposed(x: torch.Tensor, w: torch.Tensor, stride, dilation=(1, 1), groups
     mh, mw = z.shape[-2:]
     phases = z.view(n, ci, sh, sw, mh, mw)
     out_h, out_w = (h - 1) * sh + kh, (wd - 1) * sw + kw
-    if z.numel() < WEAVE_BY_PHASE_MIN:
+    if z.numel() < WEAVE_BY_PHASE_MIN or z.requires_grad:    # (autograd: one view op to go back through)
         return phases.permute(0, 1, 4, 2, 5, 3).reshape(n, ci, mh * sh, mw * sw)[:, :, :out_h, :out_w]
     y = z.new_empty(n, ci, out_h, out_w)            # woven one phase at a time into strided views
     for ry in range(sh):

@@ -89,10 +89,10 @@ def _back(a, bias, up_slope, up_bias, lo_slope_l, lo_slope_u, lower_only=False, 
         neg_slope = torch.stack(torch.broadcast_tensors(up_slope, lo_slope_u), 1)
     dest = shaped(out[0], a.shape)
     new_a, pos, neg = _lines(halves_a, pos_slope, neg_slope, None if dest is None else dest.view(halves_a.shape))
-    # intercepts: only the upper line has one; it enters where the upper line was taken (the
-    # negative part of the lower rows, the positive part of the upper ones): one product
-    took_upper = torch.stack((neg[:, 0], pos[:, 1]), 1).view(a.shape[0], a.shape[1], ub.shape[1])
-    new_bias = torch.add(bias, torch.bmm(took_upper, ub).squeeze(-1), out=out[1])
+    # intercepts: only the upper line has one; it enters where the upper line was taken
+    bias_lo = torch.bmm(neg[:, 0].flatten(2), ub)
+    bias_up = torch.bmm(pos[:, 1].flatten(2), ub)
+    new_bias = torch.add(bias, torch.cat([bias_lo, bias_up], 1).squeeze(-1), out=out[1])
     return new_a.flatten(1, 2) if dest is None else dest, new_bias
 
 
