@@ -650,3 +650,51 @@ def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batc
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
+
+
+@pytest.mark.parametrize("attrs,c_in,c_out,k,size", [
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1]), 2, 3, 3, 7), (dict(strides=[1, 2], pads=[0, 1, 2, 0]), 1, 2, 4, 6),
+    (dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[2, 1]), 2, 2, 3, 5),
+    (dict(strides=[2, 2], pads=[0, 0, 0, 0], group=2), 2, 4, 2, 6)])
+def test_conv_backward_through_its_dense_matrix(attrs, c_in, c_out, k, size):
+    """A small conv's dense CROWN passes go through its dense matrix (one product): the same A
+    and bias as the transposed conv, up to float32 rounding."""
+    g = torch.Generator().manual_seed(k * 10 + c_out)
+    groups = attrs.get("group", 1)
+    w, b = torch.randn((c_out, c_in // groups, k, k), generator=g), torch.randn(c_out, generator=g)
+    model = helper.make_model(helper.make_graph(
+        [node("Conv", ["x", "w", "b"], **attrs)], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, c_in, size, size))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w.numpy(), "w"), numpy_helper.from_array(b.numpy(), "b")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph = load_onnx(model)
+    (conv_node,) = graph.nodes
+    m, _ = conv.matrix(graph, conv_node, torch.float32, 1 << 20)
+    out_shape = tuple(graph.shape(conv_node.outputs[0]))
+    a = torch.randn((2, 6) + out_shape, generator=g)
+    attrs_in = dict(conv_node.attrs, in_shape=list(graph.shape(conv_node.inputs[0])))
+    plain = conv.backward([a, torch.zeros(2, 6)], [w, b], attrs_in)
+    dense = conv.backward([a, torch.zeros(2, 6)], [w, b, m], attrs_in)
+    for x, y in zip(plain, dense):
+        assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5)
+
+
+def test_small_convs_get_their_dense_matrix_in_float32_plans_only(shared):
+    """cnn_small's convs are small enough: the float32 CROWN plan's conv backward rules carry the
+    dense matrix (bounds as with the transposed conv, up to rounding); a sound_fp plan's do not."""
+    from golden import load_fixture
+    fx = load_fixture(shared, "cnn_small__eps0.02")
+    graph, _ = boundflow.load_model(str(fx.model))
+
+    def conv_params(config):
+        module = boundflow.plan(graph, "crown", config)
+        return module, [len(op.params) for op in module.ops() if op.op == "linear.conv2d"]
+
+    assert conv_params(PlannerConfig())[1] and all(n == 3 for n in conv_params(PlannerConfig())[1])
+    assert all(n == 2 for n in conv_params(PlannerConfig(dense_conv_backward_bytes=0))[1])
+    assert all(n == 2 for n in conv_params(PlannerConfig(sound_fp=True))[1])
+    bounds = [boundflow.compute_bounds(str(fx.model), fx.lower, fx.upper, method="crown",
+                                       config=PlannerConfig(dense_conv_backward_bytes=n)) for n in (0, 512 << 10)]
+    for x, y in zip(*bounds):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-5)

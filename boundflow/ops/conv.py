@@ -162,24 +162,35 @@ def backward_params(graph, node, dtype=torch.float32):
     return [ps[0], ps[1] if len(ps) > 1 else None]
 
 
+DENSE_BACKWARD_MAX_MACS = 1 << 23
+
+
 def backward(ins, ps, attrs):
     """A through the transposed convolution, cropped to the input (output_padding recovers the
-    padded input extent the strided conv did not reach), and the bias term."""
+    padded input extent the strided conv did not reach), and the bias term. With a third param,
+    the conv's dense matrix [out numel, in numel] (small convs, PlannerConfig.
+    dense_conv_backward_bytes): A through it as one product when that takes at most
+    DENSE_BACKWARD_MAX_MACS (cnn_small's convs: ~15 us against ~150-230 us for the transposed
+    conv; the product does every zero of the matrix too, so many rows, as in branch and bound's
+    batches, go through the conv)."""
     a, bias = ins
-    w, b = ps
+    w, b = ps[:2]
     c_in, h, wd = attrs["in_shape"][-3:]
+    new_bias = bias.clone() if b is None else bias + sum_lead(a, 3).sum((-1, -2)) @ b
+    lead = tuple(a.shape[:-3])
+    if len(ps) > 2 and a.numel() * ps[2].shape[1] <= DENSE_BACKWARD_MAX_MACS:
+        rows = torch.mm(a.reshape(-1, ps[2].shape[0]), ps[2])
+        return rows.view(lead + (c_in, h, wd)), new_bias
     top, left, bottom, right = attrs["padding"]
     (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
     c_out, h_out, w_out = a.shape[-3:]
     kh, kw = w.shape[-2:]
     op_h = h + top + bottom - ((h_out - 1) * sh + dh * (kh - 1) + 1)
     op_w = wd + left + right - ((w_out - 1) * sw + dw * (kw - 1) + 1)
-    lead = tuple(a.shape[:-3])
     x = transposed(a.reshape(-1, c_out, h_out, w_out), w, (sh, sw), (dh, dw), attrs["groups"])
     if op_h > 0 or op_w > 0:                   # input rows the strided conv never read: zero
         x = F.pad(x, (0, max(op_w, 0), 0, max(op_h, 0)))
     x = x[:, :, top:top + h, left:left + wd]
-    new_bias = bias.clone() if b is None else bias + sum_lead(a, 3).sum((-1, -2)) @ b
     return x.reshape(lead + (c_in, h, wd)), new_bias
 
 

@@ -28,6 +28,10 @@ class PlannerConfig:
     # start a CROWN pass on a conv output by gathering rows of the conv's dense matrix (made once
     # at plan time) when that matrix takes at most this many bytes; else one-hot + conv backward
     dense_conv_start_bytes: int = 64 << 20
+    # a dense CROWN pass goes back through a conv as one product with the conv's dense matrix
+    # when that matrix takes at most this many bytes (small images: the transposed conv's fixed
+    # cost dominates there); float32 plans only (sound_fp plans keep the conv's error rules)
+    dense_conv_backward_bytes: int = 512 << 10
     # refinement passes on a conv output through a plain conv/relu chain keep A as receptive-
     # field windows ("patches") instead of whole values
     patches: bool = True

@@ -703,7 +703,11 @@ class _Lowering:
             if out in self.errors:             # sound_fp: the op's error vector widens the bias
                 ins.append(self.errors[out])
                 attrs.update(fp_attrs, **sides)
-            em.emit(kernel, ins, [*new_as, new_bias], self.backward_params(node), attrs, source=target,
+            params = self.backward_params(node)
+            if node.op == "conv2d" and not self.sound:
+                dense = op.matrix(g, node, TORCH_DTYPES[em.dtype], self.cfg.dense_conv_backward_bytes)
+                params += [] if dense is None else [em.param(f"{out}.bw_dense", dense[0])]
+            em.emit(kernel, ins, [*new_as, new_bias], params, attrs, source=target,
                     layout=node.attrs.get("layout_hint"))
             bias = new_bias
             for i, buf in zip(var, new_as):

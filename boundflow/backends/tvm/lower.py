@@ -500,9 +500,10 @@ def _matvec_rows(ctx: _Ctx, m: relax.Expr, v: relax.Expr) -> relax.Expr:
 
 
 def _ln_conv2d(ctx, ins, ps, attrs):
-    """A through the transposed convolution (see _conv_transpose), and the bias term."""
+    """A through the transposed convolution (see _conv_transpose), and the bias term (a small
+    conv's dense matrix after w, b: the Python kernel's form)."""
     a, bias = ins
-    w, b = ps
+    w, b = ps[:2]
     c_in, h, wd = attrs["in_shape"][-3:]
     shape = ctx.shape(a)
     lead = shape[:-3]
