@@ -595,11 +595,7 @@ def _interval_forms(onnx_node, inits: dict, in_shape, fn, batch: int, seed: int)
     with only the general ones, on a random box of `batch` regions; and fn (the layer in
     float64) at 64 points of the box, corners among them."""
     g = torch.Generator().manual_seed(seed)
-    model = helper.make_model(helper.make_graph(
-        [onnx_node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1,) + in_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v.numpy(), k) for k, v in inits.items()]), opset_imports=[helper.make_opsetid("", 17)])
-    graph = load_onnx(model)
+    graph = load_onnx(model_of([onnx_node], (1,) + in_shape, {k: v.numpy() for k, v in inits.items()}))
     (node,) = [n for n in graph.nodes if n.op in ("linear", "conv2d")]
     op = {"linear": linear, "conv2d": conv}[node.op]
     ps = op.interval_params(graph, node, torch.float32)
@@ -662,13 +658,8 @@ def test_conv_backward_through_its_dense_matrix(attrs, c_in, c_out, k, size):
     g = torch.Generator().manual_seed(k * 10 + c_out)
     groups = attrs.get("group", 1)
     w, b = torch.randn((c_out, c_in // groups, k, k), generator=g), torch.randn(c_out, generator=g)
-    model = helper.make_model(helper.make_graph(
-        [node("Conv", ["x", "w", "b"], **attrs)], "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, c_in, size, size))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(w.numpy(), "w"), numpy_helper.from_array(b.numpy(), "b")]),
-        opset_imports=[helper.make_opsetid("", 17)])
-    graph = load_onnx(model)
+    graph = load_onnx(model_of([node("Conv", ["x", "w", "b"], **attrs)], (1, c_in, size, size),
+                               {"w": w.numpy(), "b": b.numpy()}))
     (conv_node,) = graph.nodes
     m, _ = conv.matrix(graph, conv_node, torch.float32, 1 << 20)
     out_shape = tuple(graph.shape(conv_node.outputs[0]))
