@@ -704,9 +704,12 @@ class _Lowering:
                 ins.append(self.errors[out])
                 attrs.update(fp_attrs, **sides)
             params = self.backward_params(node)
-            if node.op == "conv2d" and not self.sound:
-                dense = op.matrix(g, node, TORCH_DTYPES[em.dtype], self.cfg.dense_conv_backward_bytes)
-                params += [] if dense is None else [em.param(f"{out}.bw_dense", dense[0])]
+            if node.op == "conv2d" and not self.sound:      # a small conv: its dense matrix too (made once)
+                name = f"{out}.bw_dense"
+                if name not in em.out.params:
+                    dense = op.matrix(g, node, TORCH_DTYPES[em.dtype], self.cfg.dense_conv_backward_bytes)
+                    em.param(name, None if dense is None else dense[0])
+                params += [name] if name in em.out.params else []
             em.emit(kernel, ins, [*new_as, new_bias], params, attrs, source=target,
                     layout=node.attrs.get("layout_hint"))
             bias = new_bias
