@@ -689,3 +689,15 @@ def test_small_convs_get_their_dense_matrix_in_float32_plans_only(shared):
                                        config=PlannerConfig(dense_conv_backward_bytes=n)) for n in (0, 512 << 10)]
     for x, y in zip(*bounds):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_affine_interval_is_exact_per_coordinate():
+    """An affine op's interval is min/max of scale l and scale u, plus shift: no centre/radius
+    cancellation (nightly fuzz seed 3145025985: a LayerNorm's variance [0, 1944] / 6 + 0.1 came
+    out at 0.1000061, and 1 / sqrt of it below the network's value at a constant input)."""
+    from boundflow.ops import affine
+    s = torch.tensor([[0.0, -3.0, 5.0], [1944.0, -1.0, 7.0]]).unsqueeze(1)          # [2, B=1, 3]
+    scale, shift = torch.tensor([1 / 6, -2.0, 0.5]), torch.tensor([0.1, 0.0, -1.0])
+    (got,) = affine.interval([s], [scale, scale.abs(), shift], {})
+    want = torch.stack((torch.minimum(s[0] * scale, s[1] * scale), torch.maximum(s[0] * scale, s[1] * scale))) + shift
+    assert torch.equal(got, want) and got[0, 0, 0].item() == torch.tensor(0.1).item()

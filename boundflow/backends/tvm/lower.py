@@ -372,11 +372,11 @@ def _iv_conv2d(ctx, ins, ps, attrs):
 
 
 def _iv_affine(ctx, ins, ps, attrs):
+    """As ops.affine.interval: min and max of scale l and scale u, plus shift."""
     (s,) = ins
-    scale, scale_abs, shift = ps
-    c, r = _to_cr(ctx, s)
-    return (_from_cr(ctx, ctx.emit(R.add(R.multiply(c, scale), shift)),
-                     ctx.emit(R.multiply(r, R.broadcast_to(scale_abs, ctx.shape(r))))),)
+    scale, _, shift = ps
+    prod = ctx.emit(R.multiply(s, scale))
+    return (R.add(ctx.emit(R.stack([ctx.emit(R.min(prod, axis=[0])), ctx.emit(R.max(prod, axis=[0]))], 0)), shift),)
 
 
 def _iv_add(ctx, ins, ps, attrs):
