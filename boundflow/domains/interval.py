@@ -2,9 +2,9 @@
 in boundflow.ops).
 
 An interval lives in one tensor s = stack(lower, upper): [2, B, ...], so shape ops, ReLU and
-additions are one kernel call each. Affine ops use centre/radius form, W @ c and |W| @ r, with
-|W| prepared once at plan time (at batch 1, small linear layers and large conv kernels take a
-cheaper form: ops/linear.py, ops/conv.py). Centre and radius come from (lower, upper) by a 2x2
+additions are one kernel call each. Linear layers and convs use centre/radius form, W @ c and
+|W| @ r, with |W| prepared once at plan time (at batch 1, small linear layers and large conv
+kernels take a cheaper form: ops/linear.py, ops/conv.py). Centre and radius come from (lower, upper) by a 2x2
 matmul with exact coefficients (1/2, 1), which rounds exactly like (u + l) / 2 and (u - l) / 2.
 
 Here: the centre/radius conversions, and how the output interval becomes bounds on C @ y.
