@@ -26,17 +26,12 @@ def forward(x, scale, shift, attrs=None):
     return x * scale + shift
 
 
-def interval_params(graph, node, dtype=torch.float32):
-    scale, shift = [graph.data(i) for i in node.inputs[1:]]
-    return [scale, scale.abs(), shift]
-
-
 def interval(ins, ps, attrs):
     """Coordinate by coordinate: the lesser and greater of scale l and scale u, plus shift (two
     roundings each; the centre/radius form's c scale + shift -/+ r |scale| cancels badly when
     |c| >> |the result|: a LayerNorm's variance [0, 1944] / 6 + 0.1 came out at 0.1000061)."""
     (s,) = ins
-    scale, _, shift = ps
+    scale, shift = ps
     return (torch.stack((s * scale).aminmax(dim=0)) + shift,)
 
 
@@ -53,7 +48,7 @@ def fp_error(ins, ps, attrs):
 
 
 AFFINE = register(Op("affine", forward, interval, sound(backward), fp_error, coordinatewise=True,
-                     interval_params=interval_params, fp_params=fp.weights))
+                     fp_params=fp.weights))
 
 
 # -- frontends: elementwise arithmetic with constants, BatchNorm ----------------------------------

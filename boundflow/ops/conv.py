@@ -133,7 +133,7 @@ def interval_params(graph, node, dtype=torch.float32):
     ps = [w, w.abs(), b]
     if dtype == torch.float32 and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
         zeros = torch.zeros(w.shape[0], dtype=w.dtype)
-        ps += [torch.cat((w, w.abs())), torch.cat((zeros if b is None else b, zeros))]
+        ps += [torch.cat(ps[:2]), torch.cat((zeros if b is None else b, zeros))]
     return ps
 
 

@@ -374,7 +374,7 @@ def _iv_conv2d(ctx, ins, ps, attrs):
 def _iv_affine(ctx, ins, ps, attrs):
     """As ops.affine.interval: min and max of scale l and scale u, plus shift."""
     (s,) = ins
-    scale, _, shift = ps
+    scale, shift = ps
     prod = ctx.emit(R.multiply(s, scale))
     return (R.add(ctx.emit(R.stack([ctx.emit(R.min(prod, axis=[0])), ctx.emit(R.max(prod, axis=[0]))], 0)), shift),)
 
