@@ -370,6 +370,24 @@ def test_relu_split_verifies_a_net_with_a_relu_on_its_input(tmp_path):
     assert res.verdict == "holds" and res.stats["decided_by"] == "relu_bab", res.stats
 
 
+def test_relu_split_verifies_a_net_with_a_one_element_max_pool(tmp_path):
+    """A ReduceMax over the model's batch axis (size 1) is a max pool of a 1 x 1 window: its
+    lower weights have an axis of one element, and the sound plan that confirms proofs must
+    expect that shape (nightly fuzz seed 4277419160: a ShapeError there)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    inits = {"A": rng.standard_normal((4, 3)).astype(np.float32), "B": rng.standard_normal((2, 4)).astype(np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "A"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceMax", ["r"], ["m"], axes=[0], keepdims=0),
+             helper.make_node("Flatten", ["m"], ["f"], axis=0), helper.make_node("Gemm", ["f", "B"], ["y"], transB=1)]
+    path = onnx_file(nodes, inits, [1, 3], [1, 2], tmp_path / "net.onnx")
+    assert any(n.op == "maxpool2d" for n in api.load_model(path)[0].nodes)
+    gap_property(path, (1, 3), tmp_path / "p.vnnlib")
+    res = verify(path, tmp_path / "p.vnnlib", timeout=30, config=VerifyConfig(split="relu", refine_min_inputs=1))
+    assert res.verdict == "holds" and res.stats["relu_bab"]["confirm_s"] > 0, res.stats
+
+
 def test_queue_pops_the_worst_domains_and_keeps_the_rest():
     queue = DomainQueue()
     queue.push(DomainSet({"margin": torch.tensor([-1.0, -5.0, -2.0], dtype=torch.float64),

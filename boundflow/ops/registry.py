@@ -53,7 +53,8 @@ class Relaxation:
     fp          "fp.<op>_lines": (input intervals, lines) -> (error vector of the backward rules,)
     optimised   "linear.<op>_alpha": the backward rule with optimisable parameters in [0, 1],
                 `params` of them per row of A and neuron of the lines ([B, params, rows, *shape],
-                or [B, rows, *shape] for one), given as an input (None: the plain lines), and
+                or [B, rows, *shape] for one: param_lead), given as an input (None: the plain
+                lines), and
                 split multipliers (beta-CROWN) when it `splits_at_zero`
     start       (task op of `optimised`, env: buffer -> tensor of a run without the parameters)
                 -> the parameters' starting value
@@ -87,8 +88,13 @@ class Relaxation:
             return tuple(self.lines_shape(graph, node))
         return (self.rows,) + tuple(graph.shape(node.inputs[0]))
 
-    def param_count(self, graph, node) -> int:
-        return self.params if self.params_of is None else self.params_of(graph, node)
+    def param_lead(self, graph, node) -> tuple[int, ...]:
+        """The parameters' axis of `optimised`'s input, after the region axis: none for one per
+        row and neuron, else their count (a node-dependent count keeps its axis even at 1:
+        a 1x1 max pool's window has one weight)."""
+        if self.params_of is not None:
+            return (self.params_of(graph, node),)
+        return (self.params,) if self.params > 1 else ()
 
     def relaxed(self, node) -> list[str]:
         """The inputs whose intervals the lines read (the intermediate bounds the op needs)."""

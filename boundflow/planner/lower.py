@@ -691,8 +691,7 @@ class _Lowering:
                         # (per op); beta: a split multiplier per row and input neuron (per
                         # input: two ReLUs of one value share its splits)
                         role = f"alpha:{target}:{out}" if kind == "alpha" else f"beta:{target}:{node.inputs[0]}"
-                        per_row = relaxation.param_count(g, node) if kind == "alpha" else 1
-                        lead = (per_row,) if per_row > 1 else ()
+                        lead = relaxation.param_lead(g, node) if kind == "alpha" else ()
                         shape = relaxation.shape(g, node)[1:] if kind == "alpha" else self.shape(node.inputs[0])
                         if role not in em.out.inputs:     # the region axis first (optimisers batch on it)
                             em.out.inputs[role] = em.buffer(
