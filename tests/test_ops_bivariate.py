@@ -54,13 +54,21 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, k: int = 9) -> torch.Tensor:
 
 # -- the relaxation ---------------------------------------------------------------------------------
 
+def _crown_planes(lx, ux, ly, uy):
+    """CROWN's planes L1, U1 as mul.relax lays them out for the backward rule."""
+    (lines,) = mul.relax([torch.stack((lx, ux)), torch.stack((ly, uy))], [], {})
+    lx, ux, ly, uy, ly2, lxly, lxuy, lxly2 = lines
+    assert torch.equal(ly2, ly) and torch.equal(lxly2, lxly)
+    return (ly, lx, lxly), (uy, lx, lxuy)
+
+
 @settings(SETTINGS, max_examples=12)
 @given(st.integers(0, 2**31), st.sampled_from(["crown", "zero", "one", "random"]))
 def test_planes_bound_the_product(seed, which):
     """On a 9 x 9 grid of each box (corners included): lower plane <= x y <= upper plane."""
     lx, ux, ly, uy = _boxes(seed, 2000)
     if which == "crown":
-        lower, upper = mul.crown_planes(lx, ux, ly, uy)
+        lower, upper = _crown_planes(lx, ux, ly, uy)
     else:
         g = torch.Generator().manual_seed(seed + 1)
         r_lo, r_up = ({"zero": torch.zeros_like, "one": torch.ones_like}[which](lx) if which != "random"
@@ -82,7 +90,7 @@ def test_crown_planes_are_the_ends_of_the_optimised_ones():
     """r = 1 gives CROWN's planes exactly (auto_LiRPA's L1, U1); r = 0 the other McCormick pair."""
     lx, ux, ly, uy = _boxes(7, 500)
     one, zero = torch.ones_like(lx), torch.zeros_like(lx)
-    for got, want in zip(mul.planes(lx, ux, ly, uy, one, one), mul.crown_planes(lx, ux, ly, uy)):
+    for got, want in zip(mul.planes(lx, ux, ly, uy, one, one), _crown_planes(lx, ux, ly, uy)):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     lower, upper = mul.planes(lx, ux, ly, uy, zero, zero)
@@ -90,6 +98,29 @@ def test_crown_planes_are_the_ends_of_the_optimised_ones():
         assert torch.equal(a, b)
     for a, b in zip(upper, (ly, ux, -(ux * ly))):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lower_only", [False, True])
+@pytest.mark.parametrize("shapes", [((3, 4), (3, 4)), ((3, 1), (1, 4)), ((1, 4), (3, 4))])
+def test_crown_backward_is_the_generic_rule_at_r_1(shapes, lower_only):
+    """The CROWN rule (both halves at once, slices of the relax tensor) gives what the generic
+    rule gives with every r = 1, broadcast operands' sums included."""
+    g = torch.Generator().manual_seed(5)
+    bounds = []
+    for shape in shapes:
+        c, w = torch.randn((2,) + shape, generator=g), torch.rand((2,) + shape, generator=g)   # 2 regions
+        bounds.append(torch.stack((c - w, c + w)))
+    (lines,) = mul.relax(bounds, [], {})
+    rows = 3 if lower_only else 6
+    a = torch.randn((2, rows) + tuple(lines.shape[2:]), generator=g)
+    a[a.abs() < 0.3] = 0.0
+    bias = torch.randn(2, rows, generator=g)
+    attrs = {"shapes": [list(s) for s in shapes], "lower_only": lower_only}
+    fast = mul.backward([a, bias, lines], [], attrs)
+    generic = mul.backward_alpha([a, bias, lines, torch.ones((2, 2) + tuple(a.shape[1:]))], [], attrs)
+    for f, want in zip(fast, generic):
+        assert f.shape == want.shape
+        assert torch.equal(f, want)
 
 
 def test_interval_is_the_range_of_the_product():

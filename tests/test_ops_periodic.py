@@ -43,16 +43,8 @@ def _grid(l, u):
 def _periodic_lines(op, l, u, alpha, shifted=True):
     """The lines (k_lo, b_lo, k_up, b_up) at CROWN's tangent points (alpha None) or at alpha;
     unshifted: as the tangent ranges and the chord decision make them, before the violation shift."""
-    (a_lo, e_lo, h_lo), (a_up, e_up, h_up) = P.tangent_range(op.lower, l, u), P.tangent_range(op.upper, l, u)
-    if alpha is None:
-        alpha_lo, alpha_up = P.crown_alpha(l, u, a_lo, e_lo), P.crown_alpha(l, u, a_up, e_up)
-    else:
-        alpha_lo = alpha_up = alpha
-    if shifted:
-        return P._lines(op, l, u, (a_lo, e_lo, a_up, e_up, h_lo.double(), h_up.double()), alpha_lo, alpha_up)
-    k_lo, b_lo = P.tangent_line(op.lower, l, u, a_lo, e_lo, h_lo, alpha_lo)
-    k_up, b_up = P.tangent_line(op.upper, l, u, a_up, e_up, h_up, alpha_up)
-    return k_lo, b_lo, -k_up, -b_up
+    a, e, has = P.tangent_range(op, l, u)
+    return P.lines(op, l, u, a, e, has, P.crown_alpha(l, u, a, e) if alpha is None else alpha, shifted)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)

@@ -30,15 +30,10 @@ def _intervals(seed: int, n: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
 @given(st.sampled_from(SHAPES), st.integers(0, 2**31), st.booleans())
 def test_lines_bound_the_function(shape, seed, crown):
     l, u = _intervals(seed)
-    d_lo, d_up = shape.tangent_point(u), -shape.tangent_point(-l)
-    chord = S._chord(shape, l, u)
-    ranges = S._ranges(shape, l, u, d_lo, d_up, chord)
-    if crown:
-        a_lo, a_up = S._crown_alphas(shape, l, u, d_lo, d_up, ranges)
-    else:
-        g = torch.Generator().manual_seed(seed + 1)
-        a_lo, a_up = (torch.rand(l.shape, generator=g, dtype=torch.float64) for _ in range(2))
-    k_lo, b_lo, k_up, b_up = S._lines_at(shape, l, u, ranges, chord, a_lo, a_up)
+    mirror = S.mirrored(l, u, shape.tangent_point(u), -shape.tangent_point(-l))
+    alpha = None if crown else torch.rand((2,) + l.shape, generator=torch.Generator().manual_seed(seed + 1),
+                                          dtype=torch.float64)
+    k_lo, b_lo, k_up, b_up = S.lines_at(shape, *mirror, alpha)
     for t in (k_lo, b_lo, k_up, b_up):
         assert torch.isfinite(t).all()
     x = l[:, None] + (u - l)[:, None] * torch.linspace(0, 1, 257, dtype=torch.float64)[None]
@@ -67,11 +62,10 @@ def test_tangent_table(shape):
 def test_crown_is_the_midpoint_tangent_in_the_convex_case():
     l, u = torch.tensor([-3.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)
     shape = S.SIGMOID
-    d_lo, d_up = shape.tangent_point(u), -shape.tangent_point(-l)
-    chord = S._chord(shape, l, u)
-    ranges = S._ranges(shape, l, u, d_lo, d_up, chord)
-    a_lo, a_up = S._crown_alphas(shape, l, u, d_lo, d_up, ranges)
-    k_lo, b_lo, k_up, b_up = S._lines_at(shape, l, u, ranges, chord, a_lo, a_up)
+    mirror = S.mirrored(l, u, shape.tangent_point(u), -shape.tangent_point(-l))
+    ranges = S.lower_ranges(shape, *mirror)
+    a_lo = S.crown_alpha(*mirror, ranges)[0]
+    k_lo, b_lo, k_up, b_up = S.lines_at(shape, *mirror)
     m = torch.tensor([-2.0], dtype=torch.float64)
     assert torch.allclose(k_lo, shape.df(m)) and torch.allclose(k_lo * m + b_lo, shape.f(m))
     chord = (shape.f(u) - shape.f(l)) / (u - l)

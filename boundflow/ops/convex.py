@@ -53,7 +53,8 @@ CONVEX, CONCAVE, MIXED = 0, 1, 2
 class Curve:
     """One function of the table.
 
-    kind        fn(l, u) -> per neuron CONVEX, CONCAVE or MIXED (odd powers across 0)
+    kind        CONVEX or CONCAVE on the whole domain, or fn(l, u) -> per neuron CONVEX, CONCAVE or
+                MIXED (odd powers across 0)
     crown       fn(l, u) -> CROWN's tangent point in the convex / concave case
     lo_bound    smallest lower bound allowed: an open domain (l > lo_bound) when open_lo, else
                 a closed one to which lower bounds are raised; None: none
@@ -66,7 +67,7 @@ class Curve:
     name: str
     f: Fn
     df: Fn
-    kind: Callable
+    kind: int | Callable
     crown: Callable
     lo_bound: float | None = None
     open_lo: bool = False
@@ -79,14 +80,6 @@ class Curve:
 
 def _midpoint(l, u):
     return (l + u) / 2
-
-
-def _convex(l, u):
-    return torch.full_like(l, CONVEX, dtype=torch.int8)
-
-
-def _concave(l, u):
-    return torch.full_like(l, CONCAVE, dtype=torch.int8)
 
 
 def _by_sign(positive: int, negative: int):
@@ -103,13 +96,13 @@ def _softplus(x):
     return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
 
 
-EXP = Curve("exp", torch.exp, torch.exp, _convex, lambda l, u: torch.minimum(_midpoint(l, u), l + 0.99))
-LOG = Curve("log", torch.log, torch.reciprocal, _concave, _midpoint, lo_bound=0.0, open_lo=True)
+EXP = Curve("exp", torch.exp, torch.exp, CONVEX, lambda l, u: torch.minimum(_midpoint(l, u), l + 0.99))
+LOG = Curve("log", torch.log, torch.reciprocal, CONCAVE, _midpoint, lo_bound=0.0, open_lo=True)
 RECIPROCAL = Curve("reciprocal", torch.reciprocal, lambda x: -torch.reciprocal(x * x), _by_sign(CONVEX, CONCAVE),
                    _midpoint, pole=0.0)
-SQRT = Curve("sqrt", torch.sqrt, lambda x: 0.5 / torch.sqrt(x), _concave, _midpoint, lo_bound=0.0, steep_at_lo=True)
+SQRT = Curve("sqrt", torch.sqrt, lambda x: 0.5 / torch.sqrt(x), CONCAVE, _midpoint, lo_bound=0.0, steep_at_lo=True)
 # f and f' with three roundings and two library calls each
-SOFTPLUS = Curve("softplus", _softplus, torch.sigmoid, _convex, _midpoint, ulps=3 * FUNCTION_ULPS)
+SOFTPLUS = Curve("softplus", _softplus, torch.sigmoid, CONVEX, _midpoint, ulps=3 * FUNCTION_ULPS)
 
 
 def _odd_split(n: int) -> float:
@@ -139,15 +132,15 @@ def power(p: float) -> Curve:
     if p == int(p) and p > 0:
         n = int(p)
         if n % 2 == 0:                 # convex everywhere, minimum at 0 (auto_LiRPA's square)
-            return Curve(name, f, df, _convex, lambda l, u: l.clamp(min=0) - (-u).clamp(min=0), stationary=0.0)
+            return Curve(name, f, df, CONVEX, lambda l, u: l.clamp(min=0) - (-u).clamp(min=0), stationary=0.0)
         return Curve(name, f, df, _by_sign(CONVEX, CONCAVE), _midpoint, split=_odd_split(n))
     if p == int(p):                    # negative integers: both sides of the pole at 0
         odd = int(p) % 2 != 0
         return Curve(name, f, df, _by_sign(CONVEX, CONCAVE if odd else CONVEX), _midpoint, pole=0.0)
     # other exponents: x >= 0 (x > 0 for p < 0), convex for p > 1 or p < 0, concave in between
     if p < 0:
-        return Curve(name, f, df, _convex, _midpoint, lo_bound=0.0, open_lo=True)
-    return Curve(name, f, df, _convex if p > 1 else _concave, _midpoint, lo_bound=0.0, steep_at_lo=p < 1)
+        return Curve(name, f, df, CONVEX, _midpoint, lo_bound=0.0, open_lo=True)
+    return Curve(name, f, df, CONVEX if p > 1 else CONCAVE, _midpoint, lo_bound=0.0, steep_at_lo=p < 1)
 
 
 def curve_of(name: str, attrs) -> Curve:
@@ -205,11 +198,16 @@ def _chord(curve: Curve, l, u):
 
 
 def _ranges(curve: Curve, l, u):
-    """Per neuron and line: whether it is a tangent, and the range [a, b] of its tangent point."""
-    kind = curve.kind(l, u)
+    """Per neuron and line: whether it is a tangent (None: never, the curve being convex or
+    concave throughout), and the range [a, b] of its tangent point."""
     point = u == l
-    lo_t = (kind == CONVEX) & ~point
-    up_t = (kind == CONCAVE) & ~point
+    if isinstance(curve.kind, int):
+        tangent = ~point
+        lo_t, up_t = (tangent, None) if curve.kind == CONVEX else (None, tangent)
+    else:
+        kind = curve.kind(l, u)
+        lo_t = (kind == CONVEX) & ~point
+        up_t = (kind == CONCAVE) & ~point
     lo_a, lo_b, up_a, up_b = l, u, l, u
     if curve.steep_at_lo:                    # f' infinite at the domain's end: stay off it
         lo_a = up_a = torch.maximum(l, u * 1e-6)
@@ -227,28 +225,33 @@ def _point(a, b, alpha):
     return torch.minimum(torch.maximum(a + alpha * (b - a), a), b)
 
 
-def lines_at(curve: Curve, l, u, alpha_lo, alpha_up):
+def lines_at(curve: Curve, l, u, alpha_lo, alpha_up, ranges=None):
     """(lower slope, lower intercept, upper slope, upper intercept) with the tangent points at
     fractions alpha of their ranges (the chords where a line is not a tangent)."""
-    (lo_t, lo_a, lo_b), (up_t, up_a, up_b) = _ranges(curve, l, u)
     kc, bc = _chord(curve, l, u)
-    # tangent points only where used (elsewhere l, which every curve's f' accepts)
-    k_lo, b_lo = _tangent(curve, torch.where(lo_t, _point(lo_a, lo_b, alpha_lo), l))
-    k_up, b_up = _tangent(curve, torch.where(up_t, _point(up_a, up_b, alpha_up), l))
-    return (torch.where(lo_t, k_lo, kc), torch.where(lo_t, b_lo, bc),
-            torch.where(up_t, k_up, kc), torch.where(up_t, b_up, bc))
+    out = []
+    for (tangent, a, b), alpha in zip(ranges or _ranges(curve, l, u), (alpha_lo, alpha_up)):
+        if tangent is None:
+            out += [kc, bc]
+            continue
+        # tangent points only where used (elsewhere l, which every curve's f' accepts)
+        k, icpt = _tangent(curve, torch.where(tangent, _point(a, b, alpha), l))
+        out += [torch.where(tangent, k, kc), torch.where(tangent, icpt, bc)]
+    return tuple(out)
 
 
-def crown_alphas(curve: Curve, l, u):
-    """CROWN's tangent points as fractions of their ranges (module docstring)."""
-    (_, lo_a, lo_b), (_, up_a, up_b) = _ranges(curve, l, u)
+def crown_alphas(curve: Curve, l, u, ranges=None):
+    """CROWN's tangent points as fractions of their ranges (module docstring); 0.5 for a line
+    that is never a tangent."""
     t = curve.crown(l, u)
 
-    def frac(a, b):
+    def frac(tangent, a, b):
+        if tangent is None:
+            return torch.full_like(l, 0.5)
         width = b - a
         safe = torch.where(width > 0, width, torch.ones_like(width))
         return torch.where(width > 0, (t - a) / safe, torch.full_like(width, 0.5)).clamp(0, 1)
-    return frac(lo_a, lo_b), frac(up_a, up_b)
+    return tuple(frac(*side) for side in (ranges or _ranges(curve, l, u)))
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -258,7 +261,8 @@ def _curve_kernels(name: str):
         curve = curve_of(name, attrs)
         l, u = ins[0]
         l = _in_domain(curve, l, u, "input interval")
-        lines = lines_at(curve, l, u, *crown_alphas(curve, l, u))
+        ranges = _ranges(curve, l, u)
+        lines = lines_at(curve, l, u, *crown_alphas(curve, l, u, ranges), ranges)
         _finite(curve, torch.stack(lines), l, u, "the linear bounds")
         return (torch.stack((*lines, l, u)),)
 

@@ -13,7 +13,9 @@ bounds broadcast to it):
 and so does every convex combination r L1 + (1 - r) L2 (r U1 + (1 - r) U2), r in [0, 1]. CROWN
 takes L1 and U1 (r = 1, auto_LiRPA's BoundMul); alpha-CROWN optimises r per row of A and output
 neuron, for the lower and for the upper plane (auto_LiRPA's optimisable BoundMul, starting at 1).
-The lines tensor ("mul.relax") is stack(lx, ux, ly, uy) broadcast to the output, [4, B, *out].
+The lines tensor ("mul.relax") is [8, B, *out]: lx, ux, ly, uy broadcast to the output, then
+CROWN's planes laid out for the backward rule's slices (module `backward`): ly again, and the
+intercepts -lx ly, -lx uy, -lx ly.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from boundflow.ops.registry import Op, Relaxation, register
 
 if TYPE_CHECKING:
     from boundflow.frontends.builder import Builder
+
+RELAX_ROWS = 8
 
 
 def forward(x, y, attrs=None):
@@ -52,9 +56,11 @@ def fp_error(ins, ps, attrs):
 # -- relaxation -----------------------------------------------------------------------------------
 
 def relax(ins, ps, attrs):
-    """stack(lower, upper) of x and of y -> stack(lx, ux, ly, uy) on the output's shape."""
+    """stack(lower, upper) of x and of y -> stack(lx, ux, ly, uy, ly, -lx ly, -lx uy, -lx ly) on
+    the output's shape."""
     (lx, ux), (ly, uy) = ins
-    return (torch.stack(torch.broadcast_tensors(lx, ux, ly, uy)),)
+    lxly, lxuy = -(lx * ly), -(lx * uy)
+    return (torch.stack(torch.broadcast_tensors(lx, ux, ly, uy, ly, lxly, lxuy, lxly)),)
 
 
 def planes(lx, ux, ly, uy, r_lo, r_up):
@@ -65,11 +71,6 @@ def planes(lx, ux, ly, uy, r_lo, r_up):
     lower = (torch.lerp(uy, ly, r_lo), y_slope(r_lo), -torch.lerp(ux * uy, lx * ly, r_lo))
     upper = (torch.lerp(ly, uy, r_up), y_slope(r_up), -torch.lerp(ux * ly, lx * uy, r_up))
     return lower, upper
-
-
-def crown_planes(lx, ux, ly, uy):
-    """CROWN's planes L1 and U1 (r = 1)."""
-    return (ly, lx, -(lx * ly)), (uy, lx, -(lx * uy))
 
 
 def _back(a, bias, lower, upper, shapes, s: int):
@@ -92,9 +93,22 @@ def _back(a, bias, lower, upper, shapes, s: int):
 
 
 def backward(ins, ps, attrs):
+    """CROWN's planes L1 = (ly, lx, -lx ly) and U1 = (uy, lx, -lx uy) (r = 1), both halves of A at
+    once as [B, h, S, *out]: lower rows take L1 where A >= 0 and U1 below, upper rows the other
+    way round, so the x slopes for (a+, a-) are rows (ly, uy) and (uy, ly) of the lines tensor
+    (slices 2:4 and 3:5 per half), the intercepts rows 5:7 and 6:8, the y slope lx throughout.
+    a- = a - a+ (exact), one of the two terms an exact zero (relu.py's _lines)."""
     a, bias, lines = ins
-    lower, upper = crown_planes(*lines.unsqueeze(2))
-    return _back(a, bias, lower, upper, attrs["shapes"], halves(a, attrs))
+    h = 1 if attrs.get("lower_only") else 2
+    split = a.unflatten(1, (h, a.shape[1] // h))
+    pos = split.clamp(min=0)
+    neg = split - pos
+    rows = lines.movedim(0, 1).unsqueeze(2)                       # [B, 8, 1, *out]
+    ax = torch.addcmul(pos * rows[:, 2:2 + h], neg, rows[:, 3:3 + h]).flatten(1, 2)
+    icpt = torch.addcmul(pos * rows[:, 5:5 + h], neg, rows[:, 6:6 + h]).flatten(3).sum(-1).flatten(1)
+    lead = tuple(a.shape[:2])
+    (sx, sy) = attrs["shapes"]
+    return ax.sum_to_size(lead + tuple(sx)), (a * rows[:, 0]).sum_to_size(lead + tuple(sy)), bias + icpt
 
 
 def backward_alpha(ins, ps, attrs):
@@ -103,7 +117,7 @@ def backward_alpha(ins, ps, attrs):
     a, bias, lines, alpha = ins[:4]
     if alpha is None:
         return backward(ins[:3], ps, attrs)
-    lower, upper = planes(*lines.unsqueeze(2), alpha[:, 0], alpha[:, 1])
+    lower, upper = planes(*lines[:4].unsqueeze(2), alpha[:, 0], alpha[:, 1])
     return _back(a, bias, lower, upper, attrs["shapes"], halves(a, attrs))
 
 
@@ -125,8 +139,8 @@ def fp_lines(ins, ps, attrs):
 
 
 def lines_shape(graph, node) -> tuple[int, ...]:
-    """[4, *output shape]."""
-    return (4,) + tuple(graph.shape(node.outputs[0]))
+    """[8, *output shape]."""
+    return (RELAX_ROWS,) + tuple(graph.shape(node.outputs[0]))
 
 
 def backward_attrs(graph, node) -> dict:
@@ -136,7 +150,7 @@ def backward_attrs(graph, node) -> dict:
 MUL = register(Op(
     "mul", forward, interval, sound(backward), fp_error, fp_params=lambda graph, node, dtype: [],
     backward_attrs=backward_attrs,
-    relaxation=Relaxation(relax, 4, fp_lines, sound(backward_alpha), alpha_start, params=2,
+    relaxation=Relaxation(relax, RELAX_ROWS, fp_lines, sound(backward_alpha), alpha_start, params=2,
                           lines_shape=lines_shape, inputs=2)))
 
 

@@ -23,8 +23,9 @@ at l, at u or at the one local minimum p + asin(k) + 2 pi n inside (u - l < 2 pi
 decision rounding can never make a line unsound (the shift is 0 in exact arithmetic).
 
 The relaxation tensor ("<op>.relax") holds the CROWN lines and what the optimised rule needs:
-rows (lower slope, lower intercept, upper slope, upper intercept, l, u, range start and end of
-the lower and of the upper tangent point, whether each has a range (else chord or constant)).
+rows (lower slope, lower intercept, upper slope, upper intercept, l, u, the starts of the lower
+and of the upper tangent point's range, their ends, whether each range is non-empty (else chord
+or constant)).
 Lines are computed in float64 and returned in the plan's dtype.
 """
 from __future__ import annotations
@@ -47,20 +48,6 @@ HALF_PI = math.pi / 2
 GRID_STEP = 1e-3          # of the table T(v)
 GRID_LIMIT = 2.5 * math.pi + 0.01    # beyond: T = 0 (the flat tangent at the minimum), never reached
 ROWS = 12
-
-
-@dataclass(frozen=True)
-class Wave:
-    """g(x) = -cos(x - phase), evaluated as the sin / cos it is."""
-    phase: float
-    f: Callable[[torch.Tensor], torch.Tensor]
-    df: Callable[[torch.Tensor], torch.Tensor]
-
-
-SIN_LOWER = Wave(1.5 * math.pi, torch.sin, torch.cos)
-SIN_UPPER = Wave(0.5 * math.pi, lambda x: -torch.sin(x), lambda x: -torch.cos(x))    # of -sin
-COS_LOWER = Wave(math.pi, torch.cos, lambda x: -torch.sin(x))
-COS_UPPER = Wave(0.0, lambda x: -torch.cos(x), torch.sin)                            # of -cos
 
 
 def _reach_ok(y0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -97,54 +84,69 @@ def tangent_limit(v: torch.Tensor) -> torch.Tensor:
 
 
 # -- lines (float64) ------------------------------------------------------------------------------
+# Both waves of an op (that of f, for its lower lines, and that of -f, for its upper lines) run as
+# one computation over tensors stacked on a new first axis, the waves' phases and signs broadcast
+# along it: half the torch calls of two passes.
 
-def tangent_range(w: Wave, l: torch.Tensor, u: torch.Tensor):
-    """(start, end, whether non-empty) of the tangent points in [l, u] whose tangent bounds g
-    from below on [l, u]: in the first trough meeting [l, u] that has any, else none."""
-    first = torch.ceil((l - w.phase - HALF_PI) / TWO_PI)
-    last = torch.floor((u - w.phase + HALF_PI) / TWO_PI)
-    out = None
-    for n in (first, last):
-        centre = w.phase + TWO_PI * n
-        yl, yu = l - centre, u - centre
-        a = torch.maximum(yl, -tangent_limit(-yl)) + centre
-        b = torch.minimum(yu, tangent_limit(yu)) + centre
-        found = a <= b
-        out = (a, b, found) if out is None else tuple(torch.where(out[2], o, x) for o, x in zip(out, (a, b, found)))
-    a, b, found = out
+@dataclass(frozen=True)
+class Periodic:
+    """f = sin or cos; phases: those of the waves of f and of -f (their minima)."""
+    name: str
+    f: Callable[[torch.Tensor], torch.Tensor]
+    df: Callable[[torch.Tensor], torch.Tensor]
+    phases: tuple[float, float]
+
+
+SIN = Periodic("sin", torch.sin, torch.cos, (1.5 * math.pi, 0.5 * math.pi))
+COS = Periodic("cos", torch.cos, lambda x: -torch.sin(x), (math.pi, 0.0))
+
+
+def _waves(values: tuple[float, float], like: torch.Tensor) -> torch.Tensor:
+    """A pair of per-wave constants, shaped to broadcast against `like` along a new first axis."""
+    return constant(values, torch.float64, like.device).view((2,) + (1,) * like.dim())
+
+
+def tangent_range(op: Periodic, l: torch.Tensor, u: torch.Tensor):
+    """Per wave, (start, end, whether non-empty) of the tangent points in [l, u] whose tangent
+    bounds the wave from below on [l, u]: in the first trough meeting [l, u] that has any, else
+    none. l, u: unstacked; the results: [2, *l.shape]."""
+    phase = _waves(op.phases, l)
+    first = torch.ceil((l - phase - HALF_PI) / TWO_PI)
+    last = torch.floor((u - phase + HALF_PI) / TWO_PI)
+    centre = phase + TWO_PI * torch.stack((first, last))                  # [trough, wave, ...]
+    yl, yu = l - centre, u - centre
+    limit = tangent_limit(torch.stack((-yl, yu)))
+    a = torch.maximum(yl, -limit[0]) + centre
+    b = torch.minimum(yu, limit[1]) + centre
+    found = a <= b
+    use_first = found[0]
+    a, b, found = (torch.where(use_first, t[0], t[1]) for t in (a, b, found))
     found = found & (u - l < TWO_PI)
     return torch.where(found, a, l), torch.where(found, b, l), found
 
 
-def _fallback(w: Wave, l, u):
+def _fallback(sign, fl, fu, dfl, l, u):
     """The line without a tangent: the chord (u - l < 2 pi; its slope in [-1, 1] as every chord
-    of g is; g' at l for a point), else the constant -1."""
+    of a wave is; the wave's slope at l for a point), else the constant -1. fl, fu, dfl: f(l),
+    f(u), f'(l)."""
     width = u - l
     point = width <= 1e-12 * (1 + l.abs())
-    k = torch.where(point, w.df(l), (w.f(u) - w.f(l)) / torch.where(point, torch.ones_like(u), width)).clamp(-1, 1)
-    b = w.f(l) - k * l
+    k = (sign * torch.where(point, dfl, (fu - fl) / torch.where(point, torch.ones_like(u), width))).clamp(-1, 1)
+    b = sign * fl - k * l
     long = width >= TWO_PI
     return torch.where(long, torch.zeros_like(k), k), torch.where(long, -torch.ones_like(b), b)
 
 
-def lower_shift(w: Wave, k, b, l, u):
-    """The intercept b lowered by the line's largest violation of g on [l, u] (u - l < 2 pi, or
-    k = 0): g - line is smallest at l, u or at its local minimum p + asin(k) + 2 pi n in [l, u]
-    (the point is only a place to evaluate at: no gradient through asin)."""
+def lower_shift(op: Periodic, sign, k, b, l, u, fl, fu):
+    """The intercepts b lowered by each line's largest violation of its wave g = sign f on
+    [l, u] (u - l < 2 pi, or k = 0): g - line is smallest at l, u or at its local minimum
+    phase + asin(k) + 2 pi n in [l, u] (the point is only a place to evaluate at: no gradient
+    through asin). fl, fu: f(l), f(u)."""
     with torch.no_grad():
-        c = w.phase + torch.asin(k.clamp(-1, 1))
+        c = _waves(op.phases, l) + torch.asin(k.clamp(-1, 1))
         x = (c + TWO_PI * torch.floor((u - c) / TWO_PI)).clamp(min=l, max=u)
-    gap = torch.stack([w.f(p) - (k * p + b) for p in (l, u, x)]).amin(0)
+    gap = torch.stack([sign * fp - (k * p + b) for fp, p in ((fl, l), (fu, u), (op.f(x), x))]).amin(0)
     return b + gap.clamp(max=0)
-
-
-def tangent_line(w: Wave, l, u, a, e, has, alpha):
-    """(slope, intercept) of the lower line of g before its shift: the tangent at
-    a + alpha (e - a) where the range is non-empty, else the fallback."""
-    t = a + alpha * (e - a)
-    k_t = w.df(t)
-    k_f, b_f = _fallback(w, l, u)
-    return torch.where(has, k_t, k_f), torch.where(has, w.f(t) - k_t * t, b_f)
 
 
 def crown_alpha(l, u, a, e):
@@ -154,36 +156,30 @@ def crown_alpha(l, u, a, e):
     return torch.where(width > 0, frac.clamp(0, 1), torch.full_like(frac, 0.5))
 
 
+def lines(op: Periodic, l, u, a, e, has, alpha, shift=True):
+    """(lower slope, lower intercept, upper slope, upper intercept): per wave the tangent at
+    a + alpha (e - a) where its range is non-empty, else the fallback; then (shift) lowered by
+    its violation. a, e, has, alpha: stacked per wave (tangent_range's)."""
+    sign = _waves((1.0, -1.0), l)
+    fl, fu, dfl = op.f(l), op.f(u), op.df(l)
+    t = a + alpha * (e - a)
+    k_t = sign * op.df(t)
+    k_f, b_f = _fallback(sign, fl, fu, dfl, l, u)
+    k, b = torch.where(has, k_t, k_f), torch.where(has, sign * op.f(t) - k_t * t, b_f)
+    if shift:
+        b = lower_shift(op, sign, k, b, l, u, fl, fu)
+    return k[0], b[0], -k[1], -b[1]
+
+
 # -- kernels --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Periodic:
-    name: str
-    f: Callable[[torch.Tensor], torch.Tensor]
-    lower: Wave
-    upper: Wave             # the lower wave of -f
-
-
-SIN = Periodic("sin", torch.sin, SIN_LOWER, SIN_UPPER)
-COS = Periodic("cos", torch.cos, COS_LOWER, COS_UPPER)
-
-
-def _lines(op: Periodic, l, u, ranges, alpha_lo, alpha_up):
-    """(lower slope, lower intercept, upper slope, upper intercept), float64."""
-    a_lo, e_lo, a_up, e_up, has_lo, has_up = ranges
-    k_lo, b_lo = tangent_line(op.lower, l, u, a_lo, e_lo, has_lo > 0, alpha_lo)
-    k_up, b_up = tangent_line(op.upper, l, u, a_up, e_up, has_up > 0, alpha_up)
-    return k_lo, lower_shift(op.lower, k_lo, b_lo, l, u), -k_up, -lower_shift(op.upper, k_up, b_up, l, u)
-
 
 def _relax(op: Periodic):
     def relax(ins, ps, attrs):
         """stack(lower, upper) -> the CROWN lines, l, u and the tangent ranges (module docstring)."""
         l, u = ins[0].double()
-        (a_lo, e_lo, has_lo), (a_up, e_up, has_up) = tangent_range(op.lower, l, u), tangent_range(op.upper, l, u)
-        ranges = (a_lo, e_lo, a_up, e_up, has_lo.double(), has_up.double())
-        lines = _lines(op, l, u, ranges, crown_alpha(l, u, a_lo, e_lo), crown_alpha(l, u, a_up, e_up))
-        return (torch.stack((*lines, l, u, *ranges)).to(ins[0].dtype),)
+        a, e, has = tangent_range(op, l, u)
+        k_lo, b_lo, k_up, b_up = lines(op, l, u, a, e, has, crown_alpha(l, u, a, e))
+        return (torch.cat((torch.stack((k_lo, b_lo, k_up, b_up, l, u)), a, e, has.double())).to(ins[0].dtype),)
     return relax
 
 
@@ -191,30 +187,30 @@ def _backward_alpha(op: Periodic):
     def backward_alpha(ins, ps, attrs):
         """backward with each row's tangent points at fractions alpha [B, 2, R, *shape] (lower
         line, upper line) of their ranges; without alpha (None), CROWN's lines."""
-        a, bias, lines, alpha = ins[:4]
+        a, bias, rows, alpha = ins[:4]
         if alpha is None:
             return backward(ins[:3], ps, attrs)
-        rows = lines[4:].double().unsqueeze(2)
-        l, u, ranges = rows[0], rows[1], tuple(rows[2:])
-        k_lo, b_lo, k_up, b_up = (t.to(a.dtype) for t in _lines(op, l, u, ranges, alpha[:, 0].double(), alpha[:, 1].double()))
+        rows = rows[4:].double().unsqueeze(2)
+        l, u, start, end, has = rows[0], rows[1], rows[2:4], rows[4:6], rows[6:8] > 0
+        k_lo, b_lo, k_up, b_up = (t.to(a.dtype) for t in lines(op, l, u, start, end, has, alpha.movedim(1, 0).double()))
         return _back(a, bias, k_lo, b_lo, k_up, b_up, halves(a, attrs))
     return backward_alpha
 
 
 def _alpha_start(op, env) -> torch.Tensor:
     """CROWN's tangent points as fractions, one pair per row of A."""
-    a, lines = env[op.inputs[0]], env[op.inputs[2]]
-    l, u, a_lo, e_lo, a_up, e_up = lines[4:10]
-    pair = torch.stack((crown_alpha(l, u, a_lo, e_lo), crown_alpha(l, u, a_up, e_up)), 1).unsqueeze(2)
+    a, rows = env[op.inputs[0]], env[op.inputs[2]]
+    pair = crown_alpha(rows[4], rows[5], rows[6:8], rows[8:10]).movedim(0, 1).unsqueeze(2)     # [B, 2, 1, *shape]
     return pair.expand((a.shape[0], 2) + tuple(a.shape[1:])).clone()
 
 
-def contains(w: Wave, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Whether [l, u] may hold a minimum p + 2 pi n of the wave; when rounding leaves it in
-    doubt, yes (the bound -1 is then merely loose)."""
+def contains(op: Periodic, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per wave (of f, of -f), whether [l, u] may hold one of its minima phase + 2 pi n; when
+    rounding leaves it in doubt, yes (the bound is then merely loose)."""
     l, u = l.double(), u.double()
+    phase = _waves(op.phases, l)
     doubt = 1e-14 * (1 + l.abs() + u.abs())
-    return torch.floor((u - w.phase) / TWO_PI + doubt) >= torch.ceil((l - w.phase) / TWO_PI - doubt)
+    return torch.floor((u - phase) / TWO_PI + doubt) >= torch.ceil((l - phase) / TWO_PI - doubt)
 
 
 def _interval(op: Periodic):
@@ -222,8 +218,9 @@ def _interval(op: Periodic):
         """The exact range: f at the ends, -1 / 1 where [l, u] holds a minimum / maximum."""
         l, u = ins[0]
         fl, fu = op.f(l), op.f(u)
-        lo = torch.where(contains(op.lower, l, u), -torch.ones_like(fl), torch.minimum(fl, fu))
-        hi = torch.where(contains(op.upper, l, u), torch.ones_like(fl), torch.maximum(fl, fu))
+        minimum, maximum = contains(op, l, u)
+        lo = torch.where(minimum, -torch.ones_like(fl), torch.minimum(fl, fu))
+        hi = torch.where(maximum, torch.ones_like(fl), torch.maximum(fl, fu))
         return (torch.stack((lo, hi)),)
     return interval
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -43,10 +43,14 @@ FUNCTION_ULPS = 8
 class SShape:
     name: str
     f: Callable[[torch.Tensor], torch.Tensor]
-    df: Callable[[torch.Tensor], torch.Tensor]
+    df_of_f: Callable[[torch.Tensor], torch.Tensor]     # f' as a function of f's value
     f_max: float              # sup |f|
     df_max: float             # sup f' (at 0)
+    centre: float             # f(0), the centre of symmetry
     table: torch.Tensor       # d(u_i), u_i = i GRID_STEP, float64
+
+    def df(self, x: torch.Tensor) -> torch.Tensor:
+        return self.df_of_f(self.f(x))
 
     def tangent_point(self, u: torch.Tensor) -> torch.Tensor:
         """d(u) for u >= 0: a point <= 0 whose tangent passes under f on [d, u]: the table's entry
@@ -75,87 +79,77 @@ def _tangent_table(f, df) -> torch.Tensor:
     return lo - 1e-9                             # a margin against the search's own rounding
 
 
-def _shape(name, f, df, f_max, df_max) -> SShape:
-    return SShape(name, f, df, f_max, df_max, _tangent_table(f, df))
+def _shape(name, f, df_of_f, f_max, df_max, centre) -> SShape:
+    return SShape(name, f, df_of_f, f_max, df_max, centre, _tangent_table(f, lambda x: df_of_f(f(x))))
 
 
-def _dsigmoid(x):
-    s = torch.sigmoid(x)
-    return s * (1 - s)
-
-
-def _dtanh(x):
-    return 1 - torch.tanh(x) ** 2
-
-
-SIGMOID = _shape("sigmoid", torch.sigmoid, _dsigmoid, 1.0, 0.25)
-TANH = _shape("tanh", torch.tanh, _dtanh, 1.0, 1.0)
+SIGMOID = _shape("sigmoid", torch.sigmoid, lambda s: s * (1 - s), 1.0, 0.25, 0.5)
+TANH = _shape("tanh", torch.tanh, lambda t: 1 - t ** 2, 1.0, 1.0, 0.0)
 
 
 # -- lines ----------------------------------------------------------------------------------------
+# Only lower lines are computed: f(-x) = 2 f(0) - f(x), so the upper line k x + b of f on [l, u]
+# is the lower line k y + 2 f(0) - b on [-u, -l]. Both sides run as one stacked computation
+# (half the torch calls of two); an upper line's tangent point (and its alpha) is that of its
+# mirror image.
 
-def _tangent(shape: SShape, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slope, intercept) of the tangent at t."""
-    k = shape.df(t)
-    return k, shape.f(t) - k * t
+def mirrored(l, u, d_lo, d_up):
+    """[l, u] and [-u, -l] stacked on a new first axis, with their tangent-point limits d."""
+    return torch.stack((l, -u)), torch.stack((u, -l)), torch.stack((d_lo, -d_up))
 
 
-def _chord(shape: SShape, l, u) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slope, intercept, whether l = u) of the chord; a point interval gets the tangent."""
+class Ranges(NamedTuple):
+    """Per neuron, the lower line's choices on [l, u]: the chord, f(l) (the flat line), which
+    of them is taken (neither: a tangent), and the range of tangent points whose tangent stays
+    under f: [l, u] (convex), [min(l, d), d] (across 0)."""
+    chord_slope: torch.Tensor
+    chord_intercept: torch.Tensor
+    fl: torch.Tensor
+    chord: torch.Tensor
+    flat: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+def lower_ranges(shape: SShape, l, u, d) -> Ranges:
+    """The Ranges of the lower lines on [l, u]; d = d(u)."""
     fl, fu = shape.f(l), shape.f(u)
+    dfl = shape.df_of_f(fl)
     point = (u - l) <= 1e-12 * (1 + l.abs())
-    k = torch.where(point, shape.df(l), (fu - fl) / torch.where(point, torch.ones_like(u), u - l))
-    return k, fl - k * l, point
+    kc = torch.where(point, dfl, (fu - fl) / torch.where(point, 1.0, u - l))
+    convex = u <= 0
+    mixed = ~convex & (l < 0)
+    chord = (l >= 0) | (mixed & (kc < dfl)) | point
+    flat = mixed & ~chord & torch.isinf(d)
+    return Ranges(kc, fl - kc * l, fl, chord, flat, torch.where(convex, l, torch.minimum(l, d)), torch.where(convex, u, d))
 
 
-def _ranges(shape: SShape, l, u, d_lo, d_up, chord):
-    """Per neuron and line, the interval of tangent points that keep the tangent a bound, as
-    (start, end); empty (start = end = nan) where the line is a chord or flat. chord: _chord's."""
-    k, _, point = chord
-    convex, concave = u <= 0, l >= 0
-    mixed = ~(convex | concave)
-    chord_lo = concave | (mixed & (k < shape.df(l))) | point
-    chord_up = convex | (mixed & (k < shape.df(u))) | point
-    flat_lo = mixed & ~chord_lo & torch.isinf(d_lo)
-    flat_up = mixed & ~chord_up & torch.isinf(d_up)
-    # lower line: a tangent at t in [l, u] (convex) or in [min(l, d), d] (mixed)
-    lo_a = torch.where(convex, l, torch.minimum(l, d_lo))
-    lo_b = torch.where(convex, u, d_lo)
-    up_a = torch.where(concave, l, d_up)
-    up_b = torch.where(concave, u, torch.maximum(u, d_up))
-    return (chord_lo, flat_lo, lo_a, lo_b), (chord_up, flat_up, up_a, up_b)
-
-
-def _lines_at(shape: SShape, l, u, ranges, chord, alpha_lo, alpha_up):
-    """(lower slope, lower intercept, upper slope, upper intercept) with the tangent points at
-    fractions alpha of their ranges (ranges, chord: _ranges', _chord's)."""
-    (chord_lo, flat_lo, lo_a, lo_b), (chord_up, flat_up, up_a, up_b) = ranges
-    kc, bc, _ = chord
-    t_lo = torch.nan_to_num(lo_a + alpha_lo * (lo_b - lo_a))
-    t_up = torch.nan_to_num(up_a + alpha_up * (up_b - up_a))
-    k_lo, b_lo = _tangent(shape, t_lo)
-    k_up, b_up = _tangent(shape, t_up)
-    zero = torch.zeros_like(kc)
-    k_lo = torch.where(chord_lo, kc, torch.where(flat_lo, zero, k_lo))
-    b_lo = torch.where(chord_lo, bc, torch.where(flat_lo, shape.f(l), b_lo))
-    k_up = torch.where(chord_up, kc, torch.where(flat_up, zero, k_up))
-    b_up = torch.where(chord_up, bc, torch.where(flat_up, shape.f(u), b_up))
-    return k_lo, b_lo, k_up, b_up
-
-
-def _crown_alphas(shape: SShape, l, u, d_lo, d_up, ranges):
-    """CROWN's tangent points as fractions of their ranges: the midpoint in the convex/concave
-    cases; in the mixed case d (or the midpoint when that is further in)."""
-    (_, _, lo_a, lo_b), (_, _, up_a, up_b) = ranges
+def crown_alpha(l, u, d, ranges: Ranges):
+    """CROWN's lower tangent point as a fraction of its range: the midpoint in the convex case,
+    across 0 d (or the midpoint when that is further in)."""
+    a, b = ranges.start, ranges.end
     m = (l + u) / 2
-    t_lo = torch.where(u <= 0, m, torch.minimum(m, d_lo))
-    t_up = torch.where(l >= 0, m, torch.maximum(m, d_up))
+    t = torch.where(u <= 0, m, torch.minimum(m, d))
+    width = b - a
+    return torch.where(width > 0, (t - a) / torch.where(width > 0, width, 1.0), 1.0).clamp(0, 1).nan_to_num(1.0)
 
-    def frac(t, a, b):
-        width = b - a
-        return torch.where(width > 0, (t - a) / torch.where(width > 0, width, torch.ones_like(width)),
-                           torch.ones_like(width)).clamp(0, 1).nan_to_num(1.0)
-    return frac(t_lo, lo_a, lo_b), frac(t_up, up_a, up_b)
+
+def lower_lines(shape: SShape, r: Ranges, alpha):
+    """(slope, intercept) of the lower lines, tangent points at fractions alpha of their ranges."""
+    t = torch.nan_to_num(r.start + alpha * (r.end - r.start))
+    ft = shape.f(t)
+    k = shape.df_of_f(ft)
+    return (torch.where(r.chord, r.chord_slope, torch.where(r.flat, 0.0, k)),
+            torch.where(r.chord, r.chord_intercept, torch.where(r.flat, r.fl, ft - k * t)))
+
+
+def lines_at(shape: SShape, ml, mu, md, alpha=None):
+    """(lower slope, lower intercept, upper slope, upper intercept) on [l, u], given mirrored's
+    stack; alpha: the tangent points as fractions of their ranges, stacked the same way (lower
+    line, mirrored upper line); None: CROWN's."""
+    ranges = lower_ranges(shape, ml, mu, md)
+    k, b = lower_lines(shape, ranges, crown_alpha(ml, mu, md, ranges) if alpha is None else alpha)
+    return k[0], b[0], k[1], 2 * shape.centre - b[1]
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -164,11 +158,9 @@ def _relax(shape: SShape):
     def relax(ins, ps, attrs):
         """stack(lower, upper) -> the CROWN lines and (l, u, d(u), -d(-l)) (module docstring)."""
         l, u = ins[0]
-        d_lo, d_up = shape.tangent_point(u), -shape.tangent_point(-l)
-        chord = _chord(shape, l, u)
-        ranges = _ranges(shape, l, u, d_lo, d_up, chord)
-        lines = _lines_at(shape, l, u, ranges, chord, *_crown_alphas(shape, l, u, d_lo, d_up, ranges))
-        return (torch.stack((*lines, l, u, d_lo, d_up)),)
+        ml, mu = torch.stack((l, -u)), torch.stack((u, -l))
+        md = shape.tangent_point(mu)                           # d(u), d(-l)
+        return (torch.stack((*lines_at(shape, ml, mu, md), l, u, md[0], -md[1])),)
     return relax
 
 
@@ -202,10 +194,8 @@ def _backward_alpha(shape: SShape):
         a, bias, lines, alpha = ins[:4]
         if alpha is None:
             return backward(ins[:3], ps, attrs)
-        l, u, d_lo, d_up = lines[4:8].unsqueeze(2)
-        chord = _chord(shape, l, u)
-        ranges = _ranges(shape, l, u, d_lo, d_up, chord)
-        k_lo, b_lo, k_up, b_up = _lines_at(shape, l, u, ranges, chord, alpha[:, 0], alpha[:, 1])
+        mirror = mirrored(*lines[4:8].unsqueeze(2))
+        k_lo, b_lo, k_up, b_up = lines_at(shape, *mirror, alpha.movedim(1, 0))
         return _back(a, bias, k_lo, b_lo, k_up, b_up, halves(a, attrs))
     return backward_alpha
 
@@ -214,10 +204,8 @@ def _alpha_start(shape: SShape):
     def alpha_start(op, env) -> torch.Tensor:
         """CROWN's tangent points as fractions, one pair per row of A."""
         a, lines = env[op.inputs[0]], env[op.inputs[2]]
-        l, u, d_lo, d_up = lines[4:8]
-        ranges = _ranges(shape, l, u, d_lo, d_up, _chord(shape, l, u))
-        a_lo, a_up = _crown_alphas(shape, l, u, d_lo, d_up, ranges)          # [B, *shape]
-        pair = torch.stack((a_lo, a_up), 1).unsqueeze(2)                    # [B, 2, 1, *shape]
+        ml, mu, md = mirrored(*lines[4:8])
+        pair = crown_alpha(ml, mu, md, lower_ranges(shape, ml, mu, md)).movedim(0, 1).unsqueeze(2)   # [B, 2, 1, *shape]
         return pair.expand((a.shape[0], 2) + tuple(a.shape[1:])).clone()
     return alpha_start
 

@@ -29,7 +29,8 @@ Where p̲ underflows to 0 the upper line is the constant p̄.
 
 The relaxation tensor ("softmax.relax") holds rows (l, u, s, exp(l - s), chord slope, p̲, p̄, c);
 p̲, p̄ are the interval widened by its rounding error bound, so the upper chord's range holds the
-exact one.
+exact one. Then CROWN's lines, which every pass reads: the midpoint, the lower line's x0, y0 and
+p, the upper line's y0 and q (RELAX_ROWS in all).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from boundflow.frontends.builder import Builder
 
 aten = torch.ops.aten
+RELAX_ROWS = 14
 EXP_RANGE = 750.0          # |t| beyond which float64's exp(t) has under- or overflowed
 
 
@@ -126,7 +128,11 @@ def relax(ins, ps, attrs):
     safe = torch.where((r > 0) & (r < 1), r, torch.full_like(r, 0.5))
     c = torch.where(r < 1, hi * (1 - safe) / -torch.log(safe), hi)
     c = torch.where(r > 0, c, torch.zeros_like(c))
-    return (torch.stack((l, u, s, e_l, slope, lo, hi, c)),)
+    rows = (l, u, s, e_l, slope, lo, hi, c)
+    mid = (l + u) / 2
+    x0, y0, _, p, _ = _lower_line(rows, mid)
+    _, y0_up, _, _, q_up = _upper_line(rows, mid)
+    return (torch.stack(rows + (mid, x0, y0, p, y0_up, q_up)),)
 
 
 def _lower_line(lines, x0):
@@ -175,10 +181,10 @@ def _back(a, bias, lower, upper, s: int):
 
 
 def backward(ins, ps, attrs):
+    """CROWN's lines, as relax made them."""
     a, bias, lines = ins
-    lines = lines.unsqueeze(2)
-    mid = (lines[0] + lines[1]) / 2
-    return _back(a, bias, _lower_line(lines, mid), _upper_line(lines, mid), halves(a, attrs))
+    _, _, _, _, slope, _, _, c, mid, x0, y0, p, y0_up, q_up = lines.unsqueeze(2)
+    return _back(a, bias, (x0, y0, y0, p, slope), (mid, y0_up, c, c, q_up), halves(a, attrs))
 
 
 def backward_alpha(ins, ps, attrs):
@@ -219,7 +225,7 @@ def fp_lines(ins, ps, attrs):
       rule   A J and A (y0 - J x0): gamma(N + n + 4) (|y0| + d max|x_k| + p sum_j q_j max|x_j|)
     """
     box, lines = ins
-    l, u, s, e_l, slope, lo, hi, c = lines
+    l, u, s, e_l, slope, lo, hi, c = lines[:8]
     dt, n = l.dtype, l.shape[-1]
     eps, width = unit_roundoff(dt), u - l
     m = magnitude(box)
@@ -248,7 +254,7 @@ def fp_lines(ins, ps, attrs):
 
 SOFTMAX = register(Op(
     "softmax", forward, interval, sound(backward), fp_interval, fp_params=lambda graph, node, dtype: [],
-    relaxation=Relaxation(relax, 8, fp_lines, sound(backward_alpha), alpha_start, params=2)))
+    relaxation=Relaxation(relax, RELAX_ROWS, fp_lines, sound(backward_alpha), alpha_start, params=2)))
 
 
 # -- frontends ------------------------------------------------------------------------------------
