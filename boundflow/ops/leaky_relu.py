@@ -14,8 +14,9 @@ line is never below the interval bound 0); for a > 1 the side with the smaller g
 u > -l, else a). Like ReLU, branch and bound may split its input at 0 (split multipliers as in
 relu.backward_alpha).
 
-The relaxation tensor holds rows (l, u, a) (the slope broadcast to the input); the backward rules
-build the lines from them.
+The relaxation tensor holds rows (l, u, a) (the slope broadcast to the input), from which the
+optimised rule builds its lines, then CROWN's lines (lower slope, lower intercept, upper slope,
+upper intercept), which the plain rule reads.
 """
 from __future__ import annotations
 
@@ -86,15 +87,15 @@ def lines(l, u, a, alpha=None):
 
 
 def relax(ins, ps, attrs):
-    """stack(l, u) and the slope ps[0] -> rows (l, u, slope)."""
+    """stack(l, u) and the slope ps[0] -> rows (l, u, slope, CROWN's four line coefficients)."""
     l, u = ins[0]
-    return (torch.stack((l, u, ps[0].expand_as(l))),)
+    slope = ps[0].expand_as(l)
+    return (torch.stack((l, u, slope, *lines(l, u, slope))),)
 
 
 def backward(ins, ps, attrs):
     a, bias, rows = ins
-    l, u, slope = rows.unsqueeze(2)
-    return _back(a, bias, *lines(l, u, slope), halves(a, attrs))
+    return _back(a, bias, *rows[3:].unsqueeze(2), halves(a, attrs))
 
 
 def backward_alpha(ins, ps, attrs):
@@ -103,7 +104,7 @@ def backward_alpha(ins, ps, attrs):
     relu.backward_alpha: lower rows subtract m, upper rows add it)."""
     a, bias, rows, alpha = ins[:4]
     beta = ins[4] if len(ins) > 4 else None
-    l, u, slope = rows.unsqueeze(2)
+    l, u, slope = rows[:3].unsqueeze(2)
     s = halves(a, attrs)
     out, bias = _back(a, bias, *lines(l, u, slope, alpha), s)
     if beta is not None:
@@ -113,7 +114,7 @@ def backward_alpha(ins, ps, attrs):
 
 def alpha_start(op, env) -> torch.Tensor:
     """CROWN's slopes as fractions of their ranges, one per row of A."""
-    a, (l, u, slope) = env[op.inputs[0]], env[op.inputs[2]]
+    a, (l, u, slope) = env[op.inputs[0]], env[op.inputs[2]][:3]
     s_lo, s_hi = _slope_range(slope)
     width = s_hi - s_lo
     frac = torch.where(width > 0, (crown_slope(l, u, slope) - s_lo) / width.clamp(min=1e-30), torch.zeros_like(width))
@@ -141,7 +142,7 @@ def fp_lines(ins, ps, attrs):
 LEAKY_RELU = register(Op(
     "leaky_relu", forward, interval, sound(backward), fp=fp_interval, fp_params=lambda graph, node, dtype: [],
     coordinatewise=True,                      # its interval rule is the exact range (ends and the kink)
-    relaxation=Relaxation(relax, 3, fp_lines, sound(backward_alpha, _alpha_magnitude), alpha_start,
+    relaxation=Relaxation(relax, 7, fp_lines, sound(backward_alpha, _alpha_magnitude), alpha_start,
                           sparse_refine=True, splits_at_zero=True)))
 
 

@@ -167,7 +167,21 @@ def _relax(shape: SShape):
 def _back(a, bias, k_lo, b_lo, k_up, b_up, s: int):
     """Lower rows (the first s; all of them in a lower-only pass): positive coefficients take
     the lower line, negative ones the upper line; upper rows the other way round. The lines are
-    [B, 1, ...] (shared by every row) or [B, rows, ...] (one per row)."""
+    [B, 1, ...] (shared by every row: both halves of A in one pass, as [B, h, S, ...]) or
+    [B, rows, ...] (one per row). a- = a - a+ is exact, and one of the two terms is an exact
+    zero (relu.py's _lines)."""
+    if all(t.shape[1] == 1 for t in (k_lo, b_lo, k_up, b_up)):
+        h = 1 if s == a.shape[1] else 2             # a lower-only pass has one half
+        split = a.unflatten(1, (h, s))
+        pos = split.clamp(min=0)
+        neg = split - pos
+
+        def pair(first, second):                  # [B, h, 1, ...]: per half, its line
+            return (first if h == 1 else torch.cat((first, second), 1)).unsqueeze(2)
+        out = torch.addcmul(pos * pair(k_lo, k_up), neg, pair(k_up, k_lo))
+        icpt = torch.addcmul(pos * pair(b_lo, b_up), neg, pair(b_up, b_lo)).flatten(3).sum(-1)
+        return out.flatten(1, 2), bias + icpt.flatten(1)
+
     def rows(t, lower):
         return t if t.shape[1] == 1 else (t[:, :s] if lower else t[:, s:])
 
