@@ -384,11 +384,16 @@ class _Lowering:
         bounds are exact already. At the output of a relaxed op (a ReLU before a max pool) the
         interval already comes through the relaxation of a refined input (auto_LiRPA's CROWN
         stops there); a pass of its own, over every neuron, is tighter but only affordable for
-        small values (config.refine_relaxed_outputs)."""
+        small values (config.refine_relaxed_outputs). Ops whose interval is a view of their
+        input's (reshape, transpose) are looked through: layout folding moves them across ReLUs,
+        and the bounds must not depend on it."""
         v = node.outputs[0]
         if interval_is_exact(self.g, v):
             return False
-        return ops.get(node.op).relaxation is None or \
+        source = node
+        while source is not None and f"interval.{source.op}" in ops.get(source.op).aliasing:
+            source = self.producer.get(source.inputs[0])
+        return source is None or ops.get(source.op).relaxation is None or \
             self.g.values[v].type.numel <= self.cfg.refine_relaxed_outputs
 
     def refine(self, v: str):
