@@ -268,9 +268,49 @@ def check_forward(net: FuzzNet, data):
         with torch.no_grad():
             got = concrete.evaluate(graph, pts)[0].reshape(len(pts), -1).double()
         assert got.shape == want.shape, (stage, got.shape, want.shape, net)
-        err = (got - want).abs().max().item()
+        keep = ~at_a_rounded_jump(graph, pts)
+        err = (got - want)[keep].abs().max().item() if keep.any() else 0.0
         assert err <= REL_TOL * scale(want).max().item(), \
             f"{stage} primal graph differs from onnxruntime by {err:.3e}\n{net!r}\nsaved: {saved(net)}"
+
+
+def at_a_rounded_jump(graph, points: torch.Tensor) -> torch.Tensor:
+    """Points [N] where a Sign's input is 0 or nearly so in exact arithmetic but rounding decides
+    its side: float32 and float64 give Sign different values, or float64 is a tiny non-zero
+    (a LayerNorm over equal values: x - mean is 0, or +-1e-8 after float32 rounding; an average
+    of values that sum to 0), and onnxruntime rounds otherwise. Either side of the jump is right
+    there, so the forward check leaves these points out."""
+    jumps = [n.inputs[0] for n in graph.nodes if n.op == "sign"]
+    near = torch.zeros(len(points), dtype=torch.bool)
+    if not jumps:
+        return near
+    with torch.no_grad():
+        env32, env64 = concrete.values(graph, points), concrete.values(graph, points.double())
+    for name in jumps:
+        x32, x64 = env32[name].reshape(len(points), -1), env64[name].reshape(len(points), -1)
+        tiny = (x64 != 0) & (x64.abs() <= REL_TOL * x64.abs().max().clamp(min=1))
+        near |= ((torch.sign(x32) != torch.sign(x64)) | tiny).any(1)
+    return near
+
+
+def test_rounded_jumps_are_told_from_exact_zeros():
+    """A Sign of a LayerNorm over three copies of one value (x - mean: 0, +-tiny after float32
+    rounding) is at a rounded jump; a Sign of ReLU zeros is not."""
+    from onnx import TensorProto, helper
+    def net(nodes, out_shape, extra=()):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, out_shape)
+        model = helper.make_model(helper.make_graph(nodes, "g", [x], [z], list(extra)),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        return load_onnx(model)
+    gamma = onnx.numpy_helper.from_array(np.ones(3, np.float32), "gamma")
+    norm = net([helper.make_node("Concat", ["x", "x", "x"], ["c"], axis=1),
+                helper.make_node("LayerNormalization", ["c", "gamma"], ["n"], axis=1, epsilon=0.1),
+                helper.make_node("Sign", ["n"], ["z"])], [1, 3], [gamma])
+    relu = net([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sign", ["r"], ["z"])], [1, 1])
+    pts = (torch.arange(-300, 301) / 100).reshape(-1, 1, 1)             # 0 among them, exactly
+    assert at_a_rounded_jump(norm, pts).any()
+    assert not at_a_rounded_jump(relu, pts).any()
 
 
 # --------------------------------------------------------------------------------------------
