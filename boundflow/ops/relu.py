@@ -165,32 +165,38 @@ def _window_lines(lines: torch.Tensor, idx: torch.Tensor, attrs, a: torch.Tensor
     return windows(unit_lead(lines, 2), idx, attrs, a.shape[-2], a.shape[-1]).unsqueeze(2)
 
 
-def _patch_back(a, bias, win, alpha=None):
+def _patch_back(a, bias, win, alpha=None, out=(None, None)):
     """_back on windows; alpha [B, 2k, C, ph, pw] replaces the lower slope of unstable neurons,
-    one per row as in backward_alpha."""
+    one per row as in backward_alpha. out: where A and the bias go (writes_into)."""
     k = a.shape[1] // 2
     up_slope, up_bias, lo_slope = win                    # each [B, 1, k, C, ph, pw]
+    dest = shaped(out[0], a.shape)
+    if dest is None and not torch.is_grad_enabled():     # (out= writes have no autograd)
+        dest = torch.empty_like(a)
     a = a.unflatten(1, (2, k))
     lo_l = lo_u = lo_slope[:, 0]
     if alpha is not None:
         lo_slope = _unstable_slopes(lo_slope, up_bias, alpha.unflatten(1, (2, k)))
         lo_l, lo_u = lo_slope[:, 0], lo_slope[:, 1]
-    out_lo, _, neg_lo = _lines(a[:, 0], lo_l, up_slope[:, 0])
-    out_up, pos_up, _ = _lines(a[:, 1], up_slope[:, 0], lo_u)
+    halves = (None, None) if dest is None else dest.unflatten(1, (2, k)).unbind(1)
+    out_lo, _, neg_lo = _lines(a[:, 0], lo_l, up_slope[:, 0], halves[0])
+    out_up, pos_up, _ = _lines(a[:, 1], up_slope[:, 0], lo_u, halves[1])
     ub = up_bias[:, 0].flatten(2)
     extra = torch.stack((torch.einsum("bkx,bkx->bk", neg_lo.flatten(2), ub),
                          torch.einsum("bkx,bkx->bk", pos_up.flatten(2), ub)), 1)
-    return torch.stack((out_lo, out_up), 1).flatten(1, 2), bias + extra.flatten(1)
+    new_a = torch.stack((out_lo, out_up), 1).flatten(1, 2) if dest is None else dest
+    return new_a, torch.add(bias, extra.flatten(1), out=out[1])
 
 
-def patch_backward(ins, ps, attrs):
+@writes_into
+def patch_backward(ins, ps, attrs, out=(None, None)):
     """backward on windows: each row reads the relaxation at its neuron's window. In a sound_fp
     plan the last input is the ReLU's error vector (patches.fp_widen)."""
     ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, lines = ins[:3]
     idx = selected_neurons(ins, 3, attrs, a)
-    out, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a))
-    return out, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
+    new_a, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a), out=out if e is None else (out[0], None))
+    return new_a, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
 
 
 def patch_backward_alpha(ins, ps, attrs):
