@@ -195,7 +195,8 @@ def patch_backward(ins, ps, attrs, out=(None, None)):
     ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, lines = ins[:3]
     idx = selected_neurons(ins, 3, attrs, a)
-    new_a, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a), out=out if e is None else (out[0], None))
+    into = out if e is None else (out[0], None)          # (a sound_fp bias is widened after)
+    new_a, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a), out=into)
     return new_a, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
 
 
