@@ -539,6 +539,25 @@ def test_progress_lines_only_when_enabled(caplog):
     assert "search" in caplog.text and "domains 5, queued 2" in caplog.text
 
 
+def test_progress_outlook_says_whether_the_queue_empties_in_time(caplog, monkeypatch):
+    from boundflow.verify import progress as P
+
+    assert P.outlook(100, 40, 2.0, 10.0).startswith("queue -30/s: empties in ~1 s at this rate, before")
+    assert "after the deadline (5 s left)" in P.outlook(1000, 900, 1.0, 5.0)
+    assert "not emptying" in P.outlook(10, 50, 1.0, 60.0) and "not emptying" in P.outlook(7, 7, 1.0, 60.0)
+    assert P.outlook(5, 0, 1.0, 1.0) == "queue empty"
+    assert "no deadline" in P.outlook(50, 10, 1.0, math.inf)
+    clock = iter([0.0, 1.0, 2.0, 3.0])
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    progress = P.Progress("search", every=0.5)
+    with caplog.at_level(logging.INFO, logger="boundflow.verify"):
+        progress.tick(100, 30.0, domains=1)             # t = 1: the first line has no rate yet
+        progress.tick(60, 30.0, domains=2)              # t = 2: -40 per second
+    first, second = caplog.text.strip().splitlines()
+    assert "domains 1, queued 100" in first and "outlook" not in first
+    assert "queued 60, outlook queue -40/s: empties in ~2 s at this rate, before the deadline (28 s left)" in second
+
+
 def test_read_finished_rows_of_a_results_file(tmp_path):
     """--resume's reading of a results file: its rows by instance; a foreign or torn row, or
     another file, is an error naming the line."""

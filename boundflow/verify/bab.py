@@ -271,7 +271,7 @@ class BranchAndBound:
         queue.push(roots)
         progress = Progress("input branch and bound")
         while cex is None and len(queue):
-            progress.tick(domains=self.stats["domains_bounded"], queued=len(queue))
+            progress.tick(len(queue), deadline, domains=self.stats["domains_bounded"])
             count = self.sizer.parents(len(queue))
             if not fits(self.parent_s * count, deadline):
                 return self._outcome("timeout", None, t0)

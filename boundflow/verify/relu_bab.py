@@ -552,7 +552,7 @@ class ReluBranchAndBound:
             self.stats["leaves_proven"] += int(proven.sum())
             queue.push(children.select(~proven))
             self.fixed_s = (time.perf_counter() - start - (self.steps_s - steps_s)) / len(children)
-            progress.tick(domains=self.stats["domains_bounded"], queued=len(queue),
+            progress.tick(len(queue), deadline, domains=self.stats["domains_bounded"],
                           worst_margin=f"{queue.worst():.4g}")
             self.stats["max_queue"] = max(self.stats["max_queue"], len(queue))
             if self.attack and len(queue) and \
