@@ -46,7 +46,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict
 
 # -- the transposed convolution (the adjoint of conv2d), the backward rules' main cost --------------
 
-PHASE_MAX_PADDED = 4                  # see transposed
+PHASE_MAX_PADDED = 8                  # see transposed
 # results of at least this many elements are woven from their phases one phase at a time (four
 # strided copies: 1.2-1.6x a permute of the whole on cifar_base_kw's passes here, 0.95x on
 # cnn_small's smaller ones)
@@ -78,8 +78,9 @@ def transposed(x: torch.Tensor, w: torch.Tensor, stride, dilation=(1, 1), groups
     or the result has at most PHASE_MAX_PADDED channels (the kernel then padded with zero taps,
     which add exact zeros): torch's own transposed conv spends most of its time on the zeros it
     inserts between inputs. Measured on this CPU: 1.6-3.7x faster on the oval21 nets' stride-2
-    4x4 kernels, 1.2-2.3x on 3x3 stride-2 kernels onto 3 channels, slower (0.7-0.85x) on those
-    onto 8 or more; stride 1 gains nothing. A kernel smaller than its stride: _sparse_phases."""
+    4x4 kernels, 1.2-2.3x on 3x3 stride-2 kernels onto 3 channels, 1.1-1.2x onto 8 (resnet_2b's
+    passes of 200-2048 rows; 0.8x at 20 rows), slower (0.55-0.75x) onto 16 or more; stride 1
+    gains nothing. A kernel smaller than its stride: _sparse_phases."""
     (sh, sw), (kh, kw) = stride, w.shape[-2:]
     divides = kh % sh == 0 and kw % sw == 0
     plain = groups == 1 and tuple(dilation) == (1, 1)
