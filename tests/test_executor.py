@@ -78,3 +78,25 @@ def test_writing_kernels_leave_their_results_in_the_arena(shared, name, method):
     arena = ex.run(module, _inputs(fx))["bounds"]
     assert len(placed) >= (4 if method == "crown" else 3) and all(placed)
     assert torch.equal(arena, ex.run_functional(module, _inputs(fx))[module.outputs["bounds"]])
+
+
+def test_results_are_ordinary_tensors_after_an_inference_mode_run(shared):
+    """The executor runs its kernels in torch.inference_mode (less dispatch per op), but what it
+    hands out (bounds, intermediate bounds) and the kernels' cached constants are ordinary
+    tensors: autograd may take them in later (alpha-CROWN takes the bounds of a run, and its
+    kernels read the same constants with gradients on)."""
+    from boundflow.runtime.device import constant
+
+    fx = load_fixture(shared, "mlp_small__eps0.05")
+    graph, _ = boundflow.load_model(str(fx.model))
+    module = boundflow.plan(graph, "crown", PlannerConfig())
+    ex = PythonTaskExecutor()
+    outputs = ex.run(module, _inputs(fx))
+    assert outputs and not any(t.is_inference() for t in outputs.values())
+    x = torch.ones(2, requires_grad=True)
+    (x * outputs["bounds"].flatten()[:2]).sum().backward()      # usable beside autograd
+    assert torch.equal(x.grad, outputs["bounds"].flatten()[:2])
+    with torch.inference_mode():
+        made_inside = constant((1.5, 2.5), torch.float32, torch.device("cpu"))
+    assert not made_inside.is_inference()
+    (x * made_inside).sum().backward()                           # saved for backward: allowed

@@ -63,5 +63,8 @@ def _cuda_ieee_float32():
 def constant(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`data` (a tuple, a number or a module-level tensor, cached by identity) as a tensor on
     `device`, made once per device: kernels read their small constants (index lists, lookup
-    tables) without a host-to-device copy per call. Never modify the result."""
-    return torch.as_tensor(data, dtype=dtype, device=device)
+    tables) without a host-to-device copy per call. Never modify the result. Made outside
+    inference mode even when first asked for inside it (the executor's runs): autograd may save
+    it later (alpha-CROWN)."""
+    with torch.inference_mode(False):
+        return torch.as_tensor(data, dtype=dtype, device=device)
