@@ -60,7 +60,8 @@ def test_convex_lines_bound_the_function(curve, seed, which):
     l, u = _intervals(curve, seed)
     l = C._in_domain(curve, l, u, "test interval")
     if which == "crown":
-        a_lo, a_up = C.crown_alphas(curve, l, u)
+        _check_lines(curve.f, *C.crown_lines(curve, l, u), l, u)
+        a_lo, a_up = C.crown_alphas(curve, l, u)        # (alpha-CROWN's start: the same lines)
     else:
         g = torch.Generator().manual_seed(seed + 1)
         fill = {"zero": 0.0, "one": 1.0}.get(which)
@@ -145,7 +146,7 @@ def test_crown_lines_are_auto_lirpas(name):
         ours = L.lines(l, u, torch.full_like(l, 0.1 if name == "leaky" else -1.0))
     else:
         curve = {"square": C.power(2)}.get(name) or C.FIXED[name]
-        ours = C.lines_at(curve, l, u, *C.crown_alphas(curve, l, u))
+        ours = C.crown_lines(curve, l, u)
     for mine, theirs in zip(ours, _lirpa_lines(name, l, u)):
         assert torch.allclose(mine, theirs.to(F64), rtol=1e-9, atol=1e-9)
 

@@ -225,19 +225,32 @@ def _point(a, b, alpha):
     return torch.minimum(torch.maximum(a + alpha * (b - a), a), b)
 
 
-def lines_at(curve: Curve, l, u, alpha_lo, alpha_up, ranges=None):
-    """(lower slope, lower intercept, upper slope, upper intercept) with the tangent points at
-    fractions alpha of their ranges (the chords where a line is not a tangent)."""
+def _lines(curve: Curve, l, u, ranges, point):
+    """(lower slope, lower intercept, upper slope, upper intercept): tangents at point(a, b,
+    side) (side 0: the lower line) where a line is one, the chord elsewhere."""
     kc, bc = _chord(curve, l, u)
     out = []
-    for (tangent, a, b), alpha in zip(ranges or _ranges(curve, l, u), (alpha_lo, alpha_up)):
+    for side, (tangent, a, b) in enumerate(ranges):
         if tangent is None:
             out += [kc, bc]
             continue
         # tangent points only where used (elsewhere l, which every curve's f' accepts)
-        k, icpt = _tangent(curve, torch.where(tangent, _point(a, b, alpha), l))
+        k, icpt = _tangent(curve, torch.where(tangent, point(a, b, side), l))
         out += [torch.where(tangent, k, kc), torch.where(tangent, icpt, bc)]
     return tuple(out)
+
+
+def lines_at(curve: Curve, l, u, alpha_lo, alpha_up, ranges=None):
+    """The lines with the tangent points at fractions alpha of their ranges (alpha-CROWN)."""
+    alphas = (alpha_lo, alpha_up)
+    return _lines(curve, l, u, ranges or _ranges(curve, l, u), lambda a, b, side: _point(a, b, alphas[side]))
+
+
+def crown_lines(curve: Curve, l, u, ranges=None):
+    """CROWN's lines: its tangent points (module docstring) moved into their ranges, as
+    crown_alphas' fractions would place them, without the round trip through a fraction."""
+    t = curve.crown(l, u)
+    return _lines(curve, l, u, ranges or _ranges(curve, l, u), lambda a, b, side: torch.clamp(t, a, b))
 
 
 def crown_alphas(curve: Curve, l, u, ranges=None):
@@ -261,10 +274,9 @@ def _curve_kernels(name: str):
         curve = curve_of(name, attrs)
         l, u = ins[0]
         l = _in_domain(curve, l, u, "input interval")
-        ranges = _ranges(curve, l, u)
-        lines = lines_at(curve, l, u, *crown_alphas(curve, l, u, ranges), ranges)
-        _finite(curve, torch.stack(lines), l, u, "the linear bounds")
-        return (torch.stack((*lines, l, u)),)
+        rows = torch.stack((*crown_lines(curve, l, u), l, u))
+        _finite(curve, rows[:4], l, u, "the linear bounds")
+        return (rows,)
 
     def backward_alpha(ins, ps, attrs):
         """backward with each row's tangent points at fractions alpha [B, 2, R, *shape] (lower
