@@ -48,6 +48,7 @@ class SShape:
     df_max: float             # sup f' (at 0)
     centre: float             # f(0), the centre of symmetry
     table: torch.Tensor       # d(u_i), u_i = i GRID_STEP, float64
+    lookup: torch.Tensor      # the table and -inf after it (beyond the grid)
 
     def df(self, x: torch.Tensor) -> torch.Tensor:
         return self.df_of_f(self.f(x))
@@ -55,10 +56,8 @@ class SShape:
     def tangent_point(self, u: torch.Tensor) -> torch.Tensor:
         """d(u) for u >= 0: a point <= 0 whose tangent passes under f on [d, u]: the table's entry
         at the grid point at or above u (valid for every smaller u too); -inf beyond the grid."""
-        index = torch.ceil(u.clamp(min=0).double() / GRID_STEP).long()
-        inside = index < len(self.table)
-        d = constant(self.table, self.table.dtype, u.device)[index.clamp(max=len(self.table) - 1)].to(u.dtype)
-        return torch.where(inside, d, torch.full_like(d, -math.inf))
+        index = torch.ceil(u.clamp(min=0).double() / GRID_STEP).long().clamp_(max=len(self.table))
+        return constant(self.lookup, self.lookup.dtype, u.device)[index].to(u.dtype)
 
 
 def _tangent_table(f, df) -> torch.Tensor:
@@ -80,7 +79,8 @@ def _tangent_table(f, df) -> torch.Tensor:
 
 
 def _shape(name, f, df_of_f, f_max, df_max, centre) -> SShape:
-    return SShape(name, f, df_of_f, f_max, df_max, centre, _tangent_table(f, lambda x: df_of_f(f(x))))
+    table = _tangent_table(f, lambda x: df_of_f(f(x)))
+    return SShape(name, f, df_of_f, f_max, df_max, centre, table, torch.cat((table, table.new_full((1,), -math.inf))))
 
 
 SIGMOID = _shape("sigmoid", torch.sigmoid, lambda s: s * (1 - s), 1.0, 0.25, 0.5)
@@ -118,25 +118,31 @@ def lower_ranges(shape: SShape, l, u, d) -> Ranges:
     point = (u - l) <= 1e-12 * (1 + l.abs())
     kc = torch.where(point, dfl, (fu - fl) / torch.where(point, 1.0, u - l))
     convex = u <= 0
-    mixed = ~convex & (l < 0)
-    chord = (l >= 0) | (mixed & (kc < dfl)) | point
-    flat = mixed & ~chord & torch.isinf(d)
+    # across 0 (l < 0 < u): the chord when it stays under f; (l >= 0 already takes it, and
+    # d = -inf only for u beyond the grid, so ~chord & isinf(d) is across 0)
+    chord = (l >= 0) | (~convex & (kc < dfl)) | point
+    flat = ~chord & torch.isinf(d)
     return Ranges(kc, fl - kc * l, fl, chord, flat, torch.where(convex, l, torch.minimum(l, d)), torch.where(convex, u, d))
 
 
-def crown_alpha(l, u, d, ranges: Ranges):
-    """CROWN's lower tangent point as a fraction of its range: the midpoint in the convex case,
-    across 0 d (or the midpoint when that is further in)."""
-    a, b = ranges.start, ranges.end
+def crown_point(l, u, d):
+    """CROWN's lower tangent point: the midpoint in the convex case, across 0 d (or the
+    midpoint when that is further in); inside the range either way."""
     m = (l + u) / 2
-    t = torch.where(u <= 0, m, torch.minimum(m, d))
+    return torch.where(u <= 0, m, torch.minimum(m, d))
+
+
+def crown_alpha(l, u, d, ranges: Ranges):
+    """crown_point as a fraction of its range."""
+    a, b = ranges.start, ranges.end
+    t = crown_point(l, u, d)
     width = b - a
     return torch.where(width > 0, (t - a) / torch.where(width > 0, width, 1.0), 1.0).clamp(0, 1).nan_to_num(1.0)
 
 
-def lower_lines(shape: SShape, r: Ranges, alpha):
-    """(slope, intercept) of the lower lines, tangent points at fractions alpha of their ranges."""
-    t = torch.nan_to_num(r.start + alpha * (r.end - r.start))
+def lower_lines(shape: SShape, r: Ranges, t):
+    """(slope, intercept) of the lower lines, tangents at t where neither chord nor flat."""
+    t = torch.nan_to_num(t)                  # (-inf where flat: finite, so no NaN gradient)
     ft = shape.f(t)
     k = shape.df_of_f(ft)
     return (torch.where(r.chord, r.chord_slope, torch.where(r.flat, 0.0, k)),
@@ -148,7 +154,8 @@ def lines_at(shape: SShape, ml, mu, md, alpha=None):
     stack; alpha: the tangent points as fractions of their ranges, stacked the same way (lower
     line, mirrored upper line); None: CROWN's."""
     ranges = lower_ranges(shape, ml, mu, md)
-    k, b = lower_lines(shape, ranges, crown_alpha(ml, mu, md, ranges) if alpha is None else alpha)
+    t = crown_point(ml, mu, md) if alpha is None else ranges.start + alpha * (ranges.end - ranges.start)
+    k, b = lower_lines(shape, ranges, t)
     return k[0], b[0], k[1], 2 * shape.centre - b[1]
 
 
