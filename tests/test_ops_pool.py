@@ -51,6 +51,27 @@ def test_fold_is_the_transpose_of_windows(config, seed):
 
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(configs(), st.integers(0, 2**31), st.booleans())
+def test_crown_backward_is_the_weights_folded(config, seed, lower_only):
+    """backward (CROWN's lines: a scatter onto each window's chosen input) = the general rule
+    (every window element's weight, then fold), for any geometry, batch and leading axes."""
+    attrs, shape = config
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn((2, 2) + shape, generator=g, dtype=torch.float64)       # B = 2, a leading axis
+    radius = torch.rand(centre.shape, generator=g, dtype=torch.float64)
+    (lines,) = pool.relax([torch.stack((centre - radius, centre + radius))], [], attrs)
+    k = math.prod(attrs["kernel"])
+    a = torch.randn((2, 6) + tuple(lines.shape[2:]), generator=g, dtype=torch.float64)
+    bias = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    attrs = dict(attrs, in_shape=[2] + list(shape), lower_only=lower_only)
+    s = 6 if lower_only else 3
+    want = pool._back(a, bias, lines[:k].unsqueeze(2), lines[k:2 * k].unsqueeze(2), lines[2 * k].unsqueeze(1),
+                      attrs, s)
+    got = pool.backward([a, bias, lines], [], attrs)
+    assert torch.allclose(got[0], want[0], rtol=1e-12, atol=1e-12) and torch.equal(got[1], want[1])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(configs(), st.integers(0, 2**31), st.booleans())
 def test_lines_bound_the_max(config, seed, optimised):
     """For sampled points of the box, lower line <= max over the window <= upper line."""
     attrs, shape = config

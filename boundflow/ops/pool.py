@@ -16,6 +16,7 @@ weights, the upper intercept), k = kh kw.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops import conv
 from boundflow.ops.reduce import onnx_axes
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
+from boundflow.runtime.device import constant
 
 if TYPE_CHECKING:
     from boundflow.frontends.builder import Builder
@@ -97,12 +99,11 @@ def relax(ins, ps, attrs):
     """stack(lower, upper) of the input -> [2k + 1, B, *out]: CROWN's lower weights (one-hot on
     the largest lower bound), the upper weights (one-hot where that input dominates) and the
     upper intercept (max u elsewhere)."""
-    lo_w, hi_w = (windows(t, attrs, -math.inf) for t in ins[0])        # [B, *lead, C, k, Ho, Wo]
+    lo_w, hi_w = windows(ins[0], attrs, -math.inf)                     # [B, *lead, C, k, Ho, Wo] each
     best, dominant = _dominant(lo_w, hi_w)
     onehot = torch.zeros_like(lo_w).scatter(-3, best, 1.0)
     upper = onehot * dominant
-    icpt = torch.where(dominant, torch.zeros_like(hi_w[..., :1, :, :]), hi_w.amax(-3, keepdim=True))
-    k = lo_w.shape[-3]
+    icpt = hi_w.amax(-3, keepdim=True).masked_fill_(dominant, 0.0)
     return (torch.cat([onehot.movedim(-3, 0), upper.movedim(-3, 0), icpt.movedim(-3, 0)]),)
 
 
@@ -126,10 +127,38 @@ def _back(a, bias, w_lo, w_up, icpt, attrs, s: int):
 
 
 def backward(ins, ps, attrs):
+    """_back for CROWN's lines, whose weights sit on one element per window (the upper ones
+    there or nowhere): each window's coefficient goes to that input with one scatter-add (a
+    sum where windows overlap), not through k weights and a fold (~5x the time)."""
     a, bias, lines = ins
     k = (lines.shape[0] - 1) // 2
-    w_lo, w_up, icpt = lines[:k].unsqueeze(2), lines[k:2 * k].unsqueeze(2), lines[2 * k].unsqueeze(1)
-    return _back(a, bias, w_lo, w_up, icpt, attrs, halves(a, attrs))
+    s = halves(a, attrs)
+    best = lines[:k].argmax(0, keepdim=True)                                  # [1, B, *out]
+    h, w = attrs["in_shape"][-2:]
+    pixels = _pixel_table(tuple(attrs["kernel"]), tuple(attrs["stride"]), tuple(attrs["padding"]),
+                          tuple(attrs["dilation"]), attrs["ceil_mode"], h, w)
+    pixels = constant(pixels, pixels.dtype, a.device)
+    pixels = pixels.view((k,) + (1,) * (lines.dim() - 3) + tuple(pixels.shape[1:]))   # broadcast over B, *lead, C
+    pixel = pixels.expand((k,) + tuple(lines.shape[1:])).gather(0, best)[0]
+    dominant = lines[k:2 * k].gather(0, best)[0].unsqueeze(1)                # the upper weight there
+    icpt = lines[2 * k].unsqueeze(1)
+    pos = a.clamp(min=0)
+    neg = a - pos
+    coeff = torch.cat([torch.addcmul(pos[:, :s], neg[:, :s], dominant), torch.addcmul(neg[:, s:], pos[:, s:], dominant)], 1)
+    extra = torch.cat([(neg[:, :s] * icpt).flatten(2).sum(-1), (pos[:, s:] * icpt).flatten(2).sum(-1)], 1)
+    lead = a.shape[:-2]                                                       # [B, R, *lead, C]
+    flat = coeff.new_zeros(lead.numel(), h * w + 1)                           # (+1: padding's slot)
+    flat.scatter_add_(1, pixel.unsqueeze(1).expand(coeff.shape).reshape(lead.numel(), -1), coeff.reshape(lead.numel(), -1))
+    return flat[:, :h * w].reshape(tuple(lead) + (h, w)), bias + extra
+
+
+@functools.lru_cache(maxsize=256)
+def _pixel_table(kernel, stride, padding, dilation, ceil_mode, h: int, w: int) -> torch.Tensor:
+    """[k, Ho, Wo]: the flat input position of each window element (h w on the padding)."""
+    attrs = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation, "ceil_mode": ceil_mode}
+    with torch.inference_mode(False):                   # (autograd may save it: scatter's index)
+        image = torch.arange(h * w, dtype=torch.float64).view(1, h, w)
+        return windows(image, attrs, float(h * w))[0].to(torch.int64)
 
 
 def _inside(attrs, like: torch.Tensor) -> torch.Tensor:
