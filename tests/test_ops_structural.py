@@ -7,6 +7,8 @@ inside a small net with a ReLU after the op, the torch frontend lowers the same 
 attributes we do not handle are refused by name."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -23,6 +25,7 @@ from boundflow.domains.concrete import evaluate
 from boundflow.errors import UnsupportedOpError
 from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.torch import load_torch
+from boundflow import ops
 from boundflow.ops import conv, linear
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.alpha import AlphaConfig
@@ -596,8 +599,8 @@ def _interval_forms(onnx_node, inits: dict, in_shape, fn, batch: int, seed: int)
     float64) at 64 points of the box, corners among them."""
     g = torch.Generator().manual_seed(seed)
     graph = load_onnx(model_of([onnx_node], (1,) + in_shape, {k: v.numpy() for k, v in inits.items()}))
-    (node,) = [n for n in graph.nodes if n.op in ("linear", "conv2d")]
-    op = {"linear": linear, "conv2d": conv}[node.op]
+    (node,) = [n for n in graph.nodes if n.op in ("linear", "conv2d", "conv_transpose2d")]
+    op = ops.get(node.op)
     ps = op.interval_params(graph, node, torch.float32)
     lo = torch.randn((batch, 1) + in_shape, generator=g)
     hi = lo + torch.rand((batch, 1) + in_shape, generator=g) * torch.rand(1, generator=g)
@@ -606,7 +609,7 @@ def _interval_forms(onnx_node, inits: dict, in_shape, fn, batch: int, seed: int)
     t = torch.rand((64, batch, 1) + in_shape, generator=g, dtype=torch.float64)
     t[:4] = (torch.arange(4, dtype=torch.float64) % 2).view(4, *[1] * (t.dim() - 1))     # two corners
     ys = fn((lo.double() + t * (hi - lo).double()).flatten(0, 2)).reshape((64,) + tuple(both[1].shape[1:]))
-    return len(ps) > general, both, ys
+    return None if len(ps) == general else ("lu" if ps[general].dim() == 2 else "pair"), both, ys
 
 
 def _holds(bounds: torch.Tensor, ys: torch.Tensor, tol: torch.Tensor) -> bool:
@@ -620,9 +623,9 @@ def test_linear_interval_forms_agree_and_hold(n_in, n_out, batch, seed):
     as the centre/radius form up to float32 rounding, and both hold at points of the box."""
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn((n_in, n_out), generator=g), torch.randn(n_out, generator=g)
-    has_lu, (fast, general), ys = _interval_forms(node("Gemm", ["x", "w", "b"]), {"w": w, "b": b}, (n_in,),
-                                                  lambda x: x @ w.double() + b.double(), batch, seed)
-    assert has_lu == (n_in * n_out <= linear.LU_FORM_MAX)
+    form, (fast, general), ys = _interval_forms(node("Gemm", ["x", "w", "b"]), {"w": w, "b": b}, (n_in,),
+                                                lambda x: x @ w.double() + b.double(), batch, seed)
+    assert form == ("lu" if n_in * n_out <= linear.LU_FORM_MAX else None)
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
@@ -632,17 +635,37 @@ def test_linear_interval_forms_agree_and_hold(n_in, n_out, batch, seed):
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(3, 5), st.integers(1, 2), st.integers(1, 2),
        st.integers(1, 3), st.integers(0, 2**16))
 def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batch, seed):
-    """Kernels of PAIR_MIN_KERNEL or more get the pair form (one conv of twice the groups over
-    stacked centre and radius), used at batch 1: the same bounds as two convs up to float32
-    rounding, and both hold at points of the box."""
+    """Small convs get the lu form (their dense matrix), others with kernels of PAIR_MIN_KERNEL
+    or more the pair form (one conv of twice the groups over stacked centre and radius), used
+    at batch 1: the same bounds as two convs up to float32 rounding, and both hold at points
+    of the box."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn((c_out * groups, c_in, k, k), generator=g)
     b = torch.randn(c_out * groups, generator=g)
     attrs = dict(strides=[stride, stride], pads=[1, 0, 1, 2], group=groups)
-    has_pair, (fast, general), ys = _interval_forms(
-        node("Conv", ["x", "w", "b"], **attrs), {"w": w, "b": b}, (c_in * groups, 7, 8),
-        lambda x: F.conv2d(F.pad(x, (0, 2, 1, 1)), w.double(), b.double(), stride, groups=groups), batch, seed)
-    assert has_pair == (k >= conv.PAIR_MIN_KERNEL)
+    fn = lambda x: F.conv2d(F.pad(x, (0, 2, 1, 1)), w.double(), b.double(), stride, groups=groups)   # noqa: E731
+    form, (fast, general), ys = _interval_forms(node("Conv", ["x", "w", "b"], **attrs), {"w": w, "b": b},
+                                                (c_in * groups, 7, 8), fn, batch, seed)
+    n_in, n_out = c_in * groups * 7 * 8, math.prod(fn(torch.zeros(1, c_in * groups, 7, 8, dtype=torch.float64)).shape)
+    assert form == ("lu" if n_in * n_out <= linear.LU_FORM_MAX else "pair" if k >= conv.PAIR_MIN_KERNEL else None)
+    tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
+    assert torch.all((fast - general).abs() <= tol)
+    assert _holds(fast, ys, tol) and _holds(general, ys, tol)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2**16))
+def test_conv_transpose_interval_forms_agree_and_hold(c_in, c_out, k, stride, batch, seed):
+    """Small transposed convs get the lu form too (their dense matrix), used at batch 1."""
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn((c_in, c_out, k, k), generator=g), torch.randn(c_out, generator=g)
+    attrs = dict(strides=[stride, stride], pads=[0, 0, 0, 0])
+    fn = lambda x: F.conv_transpose2d(x, w.double(), b.double(), stride)    # noqa: E731
+    form, (fast, general), ys = _interval_forms(node("ConvTranspose", ["x", "w", "b"], **attrs), {"w": w, "b": b},
+                                                (c_in, 5, 4), fn, batch, seed)
+    n_out = math.prod(fn(torch.zeros(1, c_in, 5, 4, dtype=torch.float64)).shape)
+    assert form == ("lu" if c_in * 5 * 4 * n_out <= linear.LU_FORM_MAX else None)
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)

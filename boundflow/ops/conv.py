@@ -21,6 +21,7 @@ from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons
 from boundflow.domains.rounding import Enclosed, down, magnitude, up
 from boundflow.ops import select
+from boundflow.ops.linear import LU_FORM_MAX, lu_form, lu_interval
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -126,36 +127,57 @@ def forward(x, w, b=None, attrs=None):
 PAIR_MIN_KERNEL = 4
 
 
-def interval_params(graph, node, dtype=torch.float32):
-    """[W, |W|, b]; for kernels of PAIR_MIN_KERNEL or more in float32 plans also cat(W, |W|) and
-    cat(b, 0): centre and radius through one conv of twice the groups."""
-    w, *rest = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
-    b = rest[0] if rest else None
-    ps = [w, w.abs(), b]
-    if dtype == torch.float32 and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
-        zeros = torch.zeros(w.shape[0], dtype=w.dtype)
-        ps += [torch.cat(ps[:2]), torch.cat((zeros if b is None else b, zeros))]
-    return ps
+def _interval_params(adjoint):
+    """The interval rule's params [W, |W|, b] and, in float32 plans, one form for a single
+    region: the op's lu_form (its dense matrix from `adjoint`, its backward rule) when that has
+    at most LU_FORM_MAX entries: the whole rule one product, ~10 us against ~100-230 us of
+    convolutions on small layers; else, for a conv2d with kernels of PAIR_MIN_KERNEL or more,
+    cat(W, |W|) and cat(b, 0): centre and radius through one conv of twice the groups."""
+    def interval_params(graph, node, dtype=torch.float32):
+        w, *rest = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
+        b = rest[0] if rest else None
+        ps = [w, w.abs(), b]
+        if dtype != torch.float32:
+            return ps
+        dense = dense_matrix(adjoint, graph, node, dtype, 4 * LU_FORM_MAX)
+        if dense is not None:
+            w_lu, b_lu = lu_form(*dense)
+            ps += [w_lu, b_lu.view((2,) + tuple(graph.shape(node.outputs[0])))]
+        elif adjoint is backward and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
+            zeros = torch.zeros(w.shape[0], dtype=w.dtype)
+            ps += [torch.cat(ps[:2]), torch.cat((zeros if b is None else b, zeros))]
+        return ps
+    return interval_params
 
 
 @writes_into
 def interval(ins, ps, attrs, out=(None,)):
-    """Centre and radius through W and |W|. One region with a large kernel (the pair params):
-    one conv of twice the groups over the stacked (c, r) channels, which at batch 1 costs about
-    what one conv does here (torch's default algorithm is slow on such kernels at batch 1: 4x4
-    stride 2 onto 8 channels, 87 us for the pair against 150 us for two convs); elsewhere two
-    convs. Not in sound_fp plans (float64; fp_error bounds the two convs' rounding)."""
+    """Centre and radius through W and |W|. One region: the lu_form (a 2-d weight) of a small
+    layer, else with a large kernel the pair params: one conv of twice the groups over the
+    stacked (c, r) channels, which at batch 1 costs about what one conv does here (torch's
+    default algorithm is slow on such kernels at batch 1: 4x4 stride 2 onto 8 channels, 87 us
+    for the pair against 150 us for two convs); elsewhere two convs. Not in sound_fp plans
+    (float64; fp_error bounds the two convs' rounding)."""
     (s,) = ins
     w, w_abs, b = ps[:3]
     c_in, h, wd = s.shape[-3:]
+    form = ps[3] if len(ps) > 3 else None
+    if form is not None and form.dim() == 2 and s.numel() == form.shape[0]:
+        return (_lu(s, ps, out),)
     cr = to_cr(s)
-    if len(ps) > 3 and s.numel() == 2 * c_in * h * wd:
+    if form is not None and form.dim() == 4 and s.numel() == 2 * c_in * h * wd:
         pair = conv2d(cr.view(1, 2 * c_in, h, wd), ps[3], ps[4], dict(attrs, groups=2 * attrs["groups"]))
         y = pair.view((2,) + tuple(s.shape[1:-3]) + (w.shape[0],) + tuple(pair.shape[-2:]))
     else:
         c, r = cr
         y = torch.stack((conv2d(c, w, b, attrs), conv2d(r, w_abs, None, attrs)))
     return (from_cr(y, shaped(out[0], y.shape)),)
+
+
+def _lu(s: torch.Tensor, ps, out) -> torch.Tensor:
+    """One region through the lu_form params ps[3:5] (its bias shaped [2, *output])."""
+    shape = tuple(s.shape[:2]) + tuple(ps[4].shape[1:])      # [2, B = 1, *output]
+    return lu_interval(s, ps[3], ps[4], shape, shaped(out[0], shape))
 
 
 def backward_params(graph, node, dtype=torch.float32):
@@ -262,7 +284,7 @@ def patch_backward(ins, ps, attrs):
 
 
 CONV2D = register(Op("conv2d", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
-                     interval_params=interval_params, backward_params=backward_params, fp_params=fp_params,
+                     interval_params=_interval_params(backward), backward_params=backward_params, fp_params=fp_params,
                      kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
 
 
@@ -292,9 +314,13 @@ def transpose_forward(x, w, b=None, attrs=None):
     return conv_transpose2d(x, w, b, attrs)
 
 
-def transpose_interval(ins, ps, attrs):
+@writes_into
+def transpose_interval(ins, ps, attrs, out=(None,)):
+    """As interval: the lu_form for one region of a small layer, else centre and radius."""
     (s,) = ins
-    w, w_abs, b = ps
+    w, w_abs, b = ps[:3]
+    if len(ps) > 3 and s.numel() == ps[3].shape[0]:
+        return (_lu(s, ps, out),)
     c, r = to_cr(s)
     return (from_cr(torch.stack((conv_transpose2d(c, w, b, attrs), conv_transpose2d(r, w_abs, None, attrs)))),)
 
@@ -332,7 +358,7 @@ def transpose_fp_error(ins, ps, attrs):
 # not conv2d: the patch chains (planner/lower.py) stop at it and its passes run dense
 CONV_TRANSPOSE2D = register(Op("conv_transpose2d", transpose_forward, transpose_interval, sound(transpose_backward),
                                transpose_fp_error, mixing=True, matrix=transpose_matrix,
-                               interval_params=interval_params, backward_params=backward_params,
+                               interval_params=_interval_params(transpose_backward), backward_params=backward_params,
                                fp_params=transpose_fp_params))
 
 

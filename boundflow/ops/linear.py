@@ -46,9 +46,20 @@ def interval_params(graph, node, dtype=torch.float32):
     w, b = _weight_and_bias(graph, node)
     ps = [torch.stack((w.t(), w.abs().t())), torch.stack((b, torch.zeros_like(b))).unsqueeze(1)]
     if dtype == torch.float32 and w.numel() <= LU_FORM_MAX:
-        pos, neg = w.clamp(min=0).t(), w.clamp(max=0).t()
-        ps += [torch.cat((torch.cat((pos, neg), 1), torch.cat((neg, pos), 1))), torch.cat((b, b))]
+        ps += lu_form(w, b)
     return ps
+
+
+def lu_form(w: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """The (l, u) form of x -> W x + b (W [out, in]): [[W+, W-], [W-, W+]].T and (b, b)."""
+    pos, neg = w.clamp(min=0).t(), w.clamp(max=0).t()
+    return [torch.cat((torch.cat((pos, neg), 1), torch.cat((neg, pos), 1))), torch.cat((b, b))]
+
+
+def lu_interval(s: torch.Tensor, w_lu: torch.Tensor, b_lu: torch.Tensor, shape, dest: torch.Tensor | None):
+    """The interval of one region's stack(l, u) through the lu_form, as `shape` (into dest)."""
+    lu = torch.addmm(b_lu.view(1, -1), s.reshape(1, -1), w_lu, out=None if dest is None else dest.view(1, -1))
+    return lu.view(shape) if dest is None else dest
 
 
 @writes_into
@@ -59,8 +70,7 @@ def interval(ins, ps, attrs, out=(None,)):
     shape = tuple(s.shape[:-1]) + (n_out,)
     dest = shaped(out[0], shape)
     if len(ps) > 2 and s.numel() == 2 * n_in:         # one region: (l, u) is one row
-        lu = torch.addmm(ps[3], s.reshape(1, -1), ps[2], out=None if dest is None else dest.view(1, -1))
-        return (lu.view(shape) if dest is None else dest,)
+        return (lu_interval(s, ps[2], ps[3], shape, dest),)
     cr = to_cr(s)
     out_cr = torch.baddbmm(b_cr, cr.reshape(2, -1, n_in), w_cr).view(shape)
     return (from_cr(out_cr, dest),)

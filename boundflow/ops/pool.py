@@ -103,7 +103,7 @@ def relax(ins, ps, attrs):
     best, dominant = _dominant(lo_w, hi_w)
     onehot = torch.zeros_like(lo_w).scatter(-3, best, 1.0)
     upper = onehot * dominant
-    icpt = hi_w.amax(-3, keepdim=True).masked_fill_(dominant, 0.0)
+    icpt = hi_w.amax(-3, keepdim=True).masked_fill(dominant, 0.0)
     return (torch.cat([onehot.movedim(-3, 0), upper.movedim(-3, 0), icpt.movedim(-3, 0)]),)
 
 
@@ -148,7 +148,8 @@ def backward(ins, ps, attrs):
     extra = torch.cat([(neg[:, :s] * icpt).flatten(2).sum(-1), (pos[:, s:] * icpt).flatten(2).sum(-1)], 1)
     lead = a.shape[:-2]                                                       # [B, R, *lead, C]
     flat = coeff.new_zeros(lead.numel(), h * w + 1)                           # (+1: padding's slot)
-    flat.scatter_add_(1, pixel.unsqueeze(1).expand(coeff.shape).reshape(lead.numel(), -1), coeff.reshape(lead.numel(), -1))
+    j = coeff.shape[-2] * coeff.shape[-1]                                     # windows per channel
+    flat.scatter_add_(1, pixel.unsqueeze(1).expand(coeff.shape).reshape(lead.numel(), j), coeff.reshape(lead.numel(), j))
     return flat[:, :h * w].reshape(tuple(lead) + (h, w)), bias + extra
 
 
