@@ -40,13 +40,12 @@ def forward(x, a, attrs=None):
 
 
 def interval(ins, ps, attrs):
-    """The range over [l, u]: at the ends, and at 0 inside (the kink)."""
+    """The range over [l, u]: at the ends, and at 0 inside (the kink): f at l, u and at the
+    point of [l, u] nearest 0 (0 itself inside, else an end again)."""
     l, u = ins[0]
     (a,) = ps
-    values = torch.stack((forward(l, a), forward(u, a), torch.zeros_like(l).expand_as(l)))
-    crossing = (l < 0) & (u > 0)
-    lo = torch.where(crossing, values.amin(0), values[:2].amin(0))
-    return (torch.stack((lo, torch.where(crossing, values.amax(0), values[:2].amax(0)))),)
+    values = forward(torch.stack((l, u, torch.maximum(l, u.clamp(max=0)))), a)
+    return (torch.stack((values.amin(0), values.amax(0))),)
 
 
 def _slope_range(a):
@@ -68,21 +67,20 @@ def lines(l, u, a, alpha=None):
     slope s = lo + alpha (hi - lo) over its range [lo, hi] (CROWN's s without alpha)."""
     crossing = (l < 0) & (u > 0)
     lr, ur = l.clamp(max=0), u.clamp(min=0)
-    width = torch.where(crossing, ur - lr, torch.ones_like(ur))
-    k = torch.where(crossing, (ur - a * lr) / width, torch.zeros_like(width))
+    width = torch.where(crossing, ur - lr, 1.0)
+    k = torch.where(crossing, (ur - a * lr) / width, 0.0)
     b = lr * (a - k)
     if alpha is None:
         s = crown_slope(l, u, a)
     else:
         s_lo, s_hi = _slope_range(a)
         s = s_lo + alpha * (s_hi - s_lo)
-    linear = torch.where(l >= 0, torch.ones_like(k), a * torch.ones_like(k))     # stable: one piece
-    zero = torch.zeros_like(k)
+    linear = torch.where(l >= 0, 1.0, a).expand_as(k)                           # stable: one piece
     convex = a <= 1
     k_lo = torch.where(crossing, torch.where(convex, s, k), linear)
-    b_lo = torch.where(crossing & ~convex, b, zero)
+    b_lo = torch.where(crossing & ~convex, b, 0.0)
     k_up = torch.where(crossing, torch.where(convex, k, s), linear)
-    b_up = torch.where(crossing & convex, b, zero)
+    b_up = torch.where(crossing & convex, b, 0.0)
     return k_lo, b_lo, k_up, b_up
 
 
