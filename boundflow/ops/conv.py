@@ -127,12 +127,13 @@ def forward(x, w, b=None, attrs=None):
 PAIR_MIN_KERNEL = 4
 
 
-def _interval_params(adjoint):
+def _interval_params(adjoint, pair: bool):
     """The interval rule's params [W, |W|, b] and, in float32 plans, one form for a single
     region: the op's lu_form (its dense matrix from `adjoint`, its backward rule) when that has
     at most LU_FORM_MAX entries: the whole rule one product, ~10 us against ~100-230 us of
-    convolutions on small layers; else, for a conv2d with kernels of PAIR_MIN_KERNEL or more,
-    cat(W, |W|) and cat(b, 0): centre and radius through one conv of twice the groups."""
+    convolutions on small layers; else, with `pair` (conv2d's rule reads it) and kernels of
+    PAIR_MIN_KERNEL or more, cat(W, |W|) and cat(b, 0): centre and radius through one conv of
+    twice the groups."""
     def interval_params(graph, node, dtype=torch.float32):
         w, *rest = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
         b = rest[0] if rest else None
@@ -143,7 +144,7 @@ def _interval_params(adjoint):
         if dense is not None:
             w_lu, b_lu = lu_form(*dense)
             ps += [w_lu, b_lu.view((2,) + tuple(graph.shape(node.outputs[0])))]
-        elif adjoint is backward and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
+        elif pair and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
             zeros = torch.zeros(w.shape[0], dtype=w.dtype)
             ps += [torch.cat(ps[:2]), torch.cat((zeros if b is None else b, zeros))]
         return ps
@@ -284,7 +285,7 @@ def patch_backward(ins, ps, attrs):
 
 
 CONV2D = register(Op("conv2d", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
-                     interval_params=_interval_params(backward), backward_params=backward_params, fp_params=fp_params,
+                     interval_params=_interval_params(backward, pair=True), backward_params=backward_params, fp_params=fp_params,
                      kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
 
 
@@ -358,7 +359,7 @@ def transpose_fp_error(ins, ps, attrs):
 # not conv2d: the patch chains (planner/lower.py) stop at it and its passes run dense
 CONV_TRANSPOSE2D = register(Op("conv_transpose2d", transpose_forward, transpose_interval, sound(transpose_backward),
                                transpose_fp_error, mixing=True, matrix=transpose_matrix,
-                               interval_params=_interval_params(transpose_backward), backward_params=backward_params,
+                               interval_params=_interval_params(transpose_backward, pair=False), backward_params=backward_params,
                                fp_params=transpose_fp_params))
 
 
