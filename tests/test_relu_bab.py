@@ -250,6 +250,48 @@ def test_relu_split_proves_what_alpha_crown_cannot(tmp_path, weight):
     assert verify(path, prop, timeout=10, config=config).verdict != "holds"
 
 
+def test_a_queue_over_its_budget_takes_the_domains_nearest_a_proof_and_over_its_limit_gives_up(tmp_path):
+    """Over the budget the order changes, not the answer; over the limit the answer is unknown."""
+    torch.manual_seed(3)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    path = export_onnx(module, torch.zeros(1, 4), tmp_path / "net.onnx")
+    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with torch.no_grad():
+        low = float(spec_values(module(sample_box(lo.float(), hi.float(), 20000, 16)).double()).min())
+    C = torch.tensor([[1.0, 0.0, -1.0]])
+    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown", C=C).lb)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb)))
+
+    def run(**queue):
+        return verify(path, prop, timeout=30, config=VerifyConfig(split="relu", refine_min_inputs=0,
+                                                                  relu_bab=ReluBabConfig(**queue)))
+
+    res = run(queue_budget=0)
+    stats = res.stats["relu_bab"]
+    assert res.verdict == "holds" and stats["rounds"] > 5 and stats["rounds_over_budget"] == stats["rounds"], stats
+    res = run(queue_limit=0)
+    assert res.verdict == "unknown" and res.stats["relu_bab"]["stopped"] == "queue over 0 bytes", res.stats
+
+
+def test_queue_pops_the_domains_nearest_a_proof():
+    queue = DomainQueue()
+    queue.push(DomainSet({"margin": torch.tensor([-1.0, -5.0, -2.0], dtype=torch.float64), "id": torch.tensor([0, 1, 2])}))
+    queue.push(DomainSet({"margin": torch.tensor([-4.0, -0.5], dtype=torch.float64), "id": torch.tensor([3, 4])}))
+    assert sorted(queue.pop(2, nearest=True).t["id"].tolist()) == [0, 4] and len(queue) == 3
+
+
+def test_queue_pops_each_domain_once_from_a_chunk_it_keeps():
+    queue = DomainQueue()
+    margin = torch.tensor([-3.0, -1.0, -math.inf, -2.0, -5.0, -4.0], dtype=torch.float64)
+    queue.push(DomainSet({"margin": margin, "id": torch.arange(6)}))
+    assert queue.pop(1).t["id"].tolist() == [2] and len(queue) == 5 and queue.worst() == -5.0
+    assert queue.pop(1, nearest=True).t["id"].tolist() == [1] and len(queue) == 4
+    assert sorted(queue.pop(3, nearest=True).t["id"].tolist()) == [0, 3, 5] and len(queue) == 1
+    assert queue.pop(2).t["id"].tolist() == [4] and len(queue) == 0
+
+
 @settings(SETTINGS, max_examples=6)
 @given(setup=setups())
 def test_unsplit_beta_crown_is_crown(setup):

@@ -576,3 +576,28 @@ def test_read_finished_rows_of_a_results_file(tmp_path):
         out.write_text(text)
         with pytest.raises(SpecError, match=fragment):
             suite.read_finished(out, insts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_steps_as_torch_adam_does(dtype):
+    """The optimiser of alpha- and beta-CROWN (written out, see verify.alpha.Adam) takes
+    torch.optim.Adam's steps, also where gradients are zero or so small that the second moment
+    is subnormal (it raises those before the root)."""
+    from boundflow.verify.alpha import Adam
+
+    g = torch.Generator().manual_seed(0)
+    ours = torch.rand(3000, generator=g, dtype=dtype)
+    ours[1000:2000] = 0.0                               # where a tiny step shows
+    theirs = ours.clone()
+    ours.requires_grad_(True)
+    theirs.requires_grad_(True)
+    opt, ref = Adam([{"params": [ours], "lr": 0.1}], decay=1.0), torch.optim.Adam([theirs], lr=0.1)
+    tiny = 1e-160 if dtype == torch.float64 else 1e-22
+    for _ in range(4):
+        grad = torch.randn(3000, generator=g, dtype=dtype)
+        grad[:1000] = 0.0
+        grad[1000:2000] *= tiny                         # squares below the smallest normal number
+        opt.step([grad])
+        theirs.grad = grad.clone()
+        ref.step()
+        assert torch.equal(ours.detach(), theirs.detach())

@@ -90,7 +90,11 @@ class Adam:
             steps, m, m2 = state
             m.lerp_(grad, 1 - b1)
             m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            denom = (m2.sqrt() / (1 - b2 ** steps) ** 0.5).add_(self.EPS)
+            # (the root of a second moment below the smallest normal number adds under half an
+            # ulp of EPS to the denominator: raising it there first spares sqrt the zeros and
+            # subnormals of neurons without gradient, 5-30x slower here, for the same bits)
+            tiny = torch.finfo(m2.dtype).tiny
+            denom = (m2.clamp(min=tiny).sqrt_() / (1 - b2 ** steps) ** 0.5).add_(self.EPS)
             v.addcdiv_(m, denom, value=-(self.lrs[k] / (1 - b1 ** steps)))
         self.lrs = [lr * self.decay for lr in self.lrs]
 

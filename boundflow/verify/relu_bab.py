@@ -87,7 +87,11 @@ class ReluBabConfig:
     max_batch: int = 1024           # children bounded per call (a power of two)
     call_seconds: float = 1.0       # target wall time of one call (keeps deadlines)
     memory_budget: int = 2 << 30    # bytes one call may hold (its buffers, autograd's copies)
-    queue_budget: int = 1 << 30     # bytes of queued domains before giving up ("unknown")
+    # bytes of queued domains: beyond the budget the search takes the domains nearest a proof
+    # first (their children are the likeliest proven, so the queue shrinks; a proof visits
+    # every domain in any order), beyond the limit it gives up ("unknown")
+    queue_budget: int = 1 << 30
+    queue_limit: int = 4 << 30
     attack_share: float = 0.1       # at most this share of the search time goes to PGD
     branch_candidates: int = 1      # neurons per domain tried by a look-ahead (1: score only)
     min_split_width: float = 1e-3   # a curved neuron's interval narrower than this is not split
@@ -124,41 +128,47 @@ class DomainSet:
 
 
 class DomainQueue:
-    """Unproven domains in chunks (as pushed): popping the worst few copies only the chunks
-    they come from, not the whole queue."""
+    """Unproven domains in chunks (as pushed), each with a mask of the domains still queued:
+    popping the worst few copies just those; a chunk is compacted once half of it is gone, so
+    the copies stay proportional to what is popped, not to the queue."""
 
     def __init__(self):
-        self.chunks: list[DomainSet] = []
+        self.chunks: list[tuple[DomainSet, torch.Tensor]] = []     # (domains, which are queued)
 
     def __len__(self) -> int:
-        return sum(len(c) for c in self.chunks)
+        return sum(int(queued.sum()) for _, queued in self.chunks)
 
     def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.chunks)
+        """Bytes held, popped domains of uncompacted chunks included."""
+        return sum(c.nbytes() for c, _ in self.chunks)
 
     def push(self, domains: DomainSet) -> None:
         if len(domains):
-            self.chunks.append(domains)
+            self.chunks.append((domains, torch.ones(len(domains), dtype=torch.bool, device=domains.t["margin"].device)))
 
     def worst(self) -> float:
         """The lowest margin queued (+inf when empty)."""
-        return min((float(c.t["margin"].min()) for c in self.chunks), default=math.inf)
+        return min((float(c.t["margin"][queued].min()) for c, queued in self.chunks), default=math.inf)
 
-    def pop(self, count: int) -> DomainSet:
-        """The ``count`` domains of lowest margin."""
-        margins = torch.cat([c.t["margin"] for c in self.chunks])
-        picked = torch.zeros(len(margins), dtype=torch.bool, device=margins.device)
-        picked[torch.topk(margins, min(count, len(margins)), largest=False).indices] = True
+    def pop(self, count: int, nearest: bool = False) -> DomainSet:
+        """The ``count`` domains of lowest margin (``nearest``: of highest, nearest a proof)."""
+        queued = torch.cat([q for _, q in self.chunks]).nonzero().flatten()
+        margins = torch.cat([c.t["margin"] for c, _ in self.chunks])[queued]
+        picked = torch.zeros(sum(len(c) for c, _ in self.chunks), dtype=torch.bool, device=margins.device)
+        picked[queued[torch.topk(margins, min(count, len(margins)), largest=nearest).indices]] = True
         out, keep, start = [], [], 0
-        for c in self.chunks:
+        for c, queued in self.chunks:
             mine = picked[start:start + len(c)]
             start += len(c)
             if mine.any():
                 out.append(c.select(mine))
-                if not mine.all():
-                    keep.append(c.select(~mine))
-            else:
-                keep.append(c)
+                queued = queued & ~mine
+                left = int(queued.sum())
+                if not left:
+                    continue
+                if 2 * left <= len(c):
+                    c, queued = c.select(queued), queued.new_ones(left)
+            keep.append((c, queued))
         self.chunks = keep
         return DomainSet.cat(out)
 
@@ -217,7 +227,8 @@ class ReluBranchAndBound:
             self.outputs = y.lb, y.ub                                           # [boxes, O]
         self.box = torch.stack([torch.cat([sub.outer_lo, sub.outer_hi]) for sub in self.subs])  # [pairs, 2, n]
         self.stats = {"pairs": len(pairs), "rounds": 0, "domains_bounded": 0, "trial_domains": 0, "leaves_proven": 0,
-                      "max_queue": 0, "unsplittable": 0, "max_batch": 0, "bound_s": 0.0}
+                      "max_queue": 0, "unsplittable": 0, "max_batch": 0, "bound_s": 0.0,
+                      "rounds_over_budget": 0}
         self.batch = 2
         self.steps_s = 0.0      # seconds spent in optimisation steps (they stop at a deadline)
         self.fixed_s = 0.0      # seconds per child of the rest of the last round (it cannot stop)
@@ -524,11 +535,15 @@ class ReluBranchAndBound:
         while len(queue):
             if not fits(self.fixed_s * self.batch, deadline):   # a round but for its steps
                 return self._outcome("timeout", None, t0)
-            if queue.nbytes() > self.config.queue_budget:
-                self.stats["stopped"] = f"queue over {self.config.queue_budget} bytes"
+            queued = queue.nbytes()
+            if queued > self.config.queue_limit:
+                self.stats["stopped"] = f"queue over {self.config.queue_limit} bytes"
                 return self._outcome("unknown", None, t0)
             start, steps_s = time.perf_counter(), self.steps_s
-            parents = queue.pop(max(1, self.batch // 2))     # the worst domains first
+            # the worst domains first, while the queue is within its budget
+            over = queued > self.config.queue_budget
+            self.stats["rounds_over_budget"] += over
+            parents = queue.pop(max(1, self.batch // 2), nearest=over)
             index = self.choose(parents, deadline)
             self.stats["rounds"] += 1
             if (index < 0).any():
