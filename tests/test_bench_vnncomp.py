@@ -42,10 +42,11 @@ def test_deep_preset_selects_whole_benchmarks_at_their_own_timeouts(shared):
 def test_abcrown_2021_beside_ours(shared):
     run = vnncomp.Run("mnistfc", "256x4", 3)
     instances = vnncomp.select(str(shared), run)       # prop_0_0.03, prop_1_0.03, prop_2_0.03
-    ours = [suite.Outcome(i, v, s) for i, v, s in zip(instances, ["holds", "timeout", "violated"], [10.0, 300.0, 2.0])]
+    ours = [suite.Outcome(i, v, s) for i, v, s in zip(instances, ["timeout", "holds", "violated"], [300.0, 10.0, 2.0])]
     got = vnncomp.abcrown_2021(str(shared), "mnistfc", ours)
     assert got["instances"] == 3 and got["solved"] == 2 and got["ours_solved"] == 2
-    assert got["only_abcrown"] == [] and got["only_ours"] == []
+    assert got["only_abcrown"] == ["mnist-net_256x4.onnx prop_0_0.03.vnnlib"]
+    assert got["only_ours"] == ["mnist-net_256x4.onnx prop_1_0.03.vnnlib"]
     assert got["median_s"] == 59.33 and got["ours_median_s"] == 10.0
 
 

@@ -134,8 +134,13 @@ def abcrown_2021(shared: str | None, benchmark: str, outcomes: list[suite.Outcom
     return {"tool": "alpha-beta-CROWN, VNN-COMP 2021 (GPU)", "instances": len(outcomes), "solved": sum(solved),
             "median_s": statistics.median(secs), "ours_solved": ours["solved"], "ours_median_s": ours["median_s"],
             "solved_minus_abcrown": ours["solved"] - sum(solved),
-            "only_abcrown": [o.instance.vnnlib for o, s in zip(outcomes, solved) if s and o.verdict not in suite.SOLVED],
-            "only_ours": [o.instance.vnnlib for o, s in zip(outcomes, solved) if not s and o.verdict in suite.SOLVED]}
+            "only_abcrown": [_name(o) for o, s in zip(outcomes, solved) if s and o.verdict not in suite.SOLVED],
+            "only_ours": [_name(o) for o, s in zip(outcomes, solved) if not s and o.verdict in suite.SOLVED]}
+
+
+def _name(outcome: suite.Outcome) -> str:
+    """The instance as its model and property file names (ACAS Xu's nets share properties)."""
+    return f"{Path(outcome.instance.onnx).name} {Path(outcome.instance.vnnlib).name}"
 
 
 def against_reference(benchmark: str, text: str, outcomes: list[suite.Outcome]) -> dict | None:
