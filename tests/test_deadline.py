@@ -18,8 +18,7 @@ import torch
 from boundflow import api
 from boundflow.verify.verifier import VerifyConfig, verify
 
-from nets import export_onnx, sample_box
-from test_relu_bab import property_text, spec_values
+from test_relu_bab import branching_gap, two_layer_net
 
 REPO = Path(__file__).resolve().parents[1]
 VNNCOMP = "benchmarks/vnncomp2021"
@@ -71,17 +70,7 @@ def test_slow_first_bound_is_no_reason_to_give_up(tmp_path, monkeypatch, first_s
     alpha-CROWN runs within its share of the time, or, when it does not fit, the search starts
     from CROWN's intermediate bounds: a property that only branching proves is proven, or
     "timeout" comes at the deadline. The first bound is slowed down here, the network kept small."""
-    torch.manual_seed(3)
-    module = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
-                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    path = export_onnx(module, torch.zeros(1, 4), tmp_path / "net.onnx")
-    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    with torch.no_grad():
-        low = float(spec_values(module(sample_box(lo.float(), hi.float(), 20000, 16)).double()).min())
-    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown",
-                         C=torch.tensor([[1.0, 0.0, -1.0]])).lb)
-    prop = tmp_path / "p.vnnlib"
-    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb)))
+    path, prop, _ = branching_gap(two_layer_net(), tmp_path)
     fast_bound = api.bound
 
     def bound(model, x_lower, x_upper, method="crown", *args, **kwargs):

@@ -357,23 +357,10 @@ def test_attack_finds_counterexamples_through_sign(tmp_path):
 def test_relu_branch_and_bound_splits_leaky_relus(tmp_path):
     """A threshold 90% of the way from alpha-CROWN's bound to the sampled minimum: ReLU branch and
     bound splits the leaky ReLUs at 0 and proves it."""
-    from boundflow import api
     from boundflow.verify.verifier import VerifyConfig, verify
-    from nets import export_onnx
-    from test_relu_bab import property_text, sample_box, spec_values
+    from test_relu_bab import branching_gap, two_layer_net
 
-    torch.manual_seed(3)
-    act = torch.nn.LeakyReLU(0.1)
-    module = torch.nn.Sequential(torch.nn.Linear(4, 16), act, torch.nn.Linear(16, 16), act, torch.nn.Linear(16, 3))
-    path = export_onnx(module, torch.zeros(1, 4), tmp_path / "net.onnx")
-    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    with torch.no_grad():
-        low = float(spec_values(module(sample_box(lo.float(), hi.float(), 20000, 16)).double()).min())
-    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown",
-                         C=torch.tensor([[1.0, 0.0, -1.0]])).lb)
-    assert lb < low - 0.05, (lb, low)
-    prop = tmp_path / "p.vnnlib"
-    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb)))
+    path, prop, _ = branching_gap(two_layer_net(torch.nn.LeakyReLU(0.1)), tmp_path)
     res = verify(path, prop, timeout=60, config=VerifyConfig(split="relu", refine_min_inputs=0))
     assert res.verdict == "holds", res.stats
     assert res.stats["decided_by"] == "relu_bab", res.stats

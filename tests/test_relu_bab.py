@@ -59,6 +59,29 @@ def spec_values(y: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     return (y[:, 0] - weight * y[:, -1]) if y.shape[1] > 1 else y[:, 0]
 
 
+def branching_gap(module: torch.nn.Module, folder, weight: float = 1.0) -> tuple[str, object, float]:
+    """The module (4 inputs, 3 outputs) as folder/net.onnx and a property folder/p.vnnlib,
+    Y_0 - weight Y_2 <= d over [-1, 1]^4, d 90% of the way from alpha-CROWN's bound to the
+    sampled minimum (returned): only branching proves it."""
+    path = export_onnx(module, torch.zeros(1, 4), folder / "net.onnx")
+    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with torch.no_grad():
+        low = float(spec_values(module(sample_box(lo.float(), hi.float(), 20000, 16)).double(), weight).min())
+    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown",
+                         C=torch.tensor([[1.0, 0.0, -weight]])).lb)
+    assert lb < low - 0.05, (lb, low)          # a real gap to close
+    prop = folder / "p.vnnlib"
+    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb), weight))
+    return path, prop, low
+
+
+def two_layer_net(act: torch.nn.Module | None = None) -> torch.nn.Module:
+    """4 -> 16 -> 16 -> 3 with ``act`` (ReLU) between, seeded."""
+    torch.manual_seed(3)
+    act = act or torch.nn.ReLU()
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), act, torch.nn.Linear(16, 16), act, torch.nn.Linear(16, 3))
+
+
 @st.composite
 def setups(draw):
     net = draw(networks(["mlp", "cnn", "permute"]), label="net")
@@ -229,40 +252,19 @@ def test_relu_split_proves_what_alpha_crown_cannot(tmp_path, weight):
     """A threshold 90% of the way from alpha-CROWN's bound to the sampled minimum: only
     branching can prove it, and it must (a small network, a generous deadline); just above the
     sampled minimum it must not."""
-    torch.manual_seed(3)
-    module = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
-                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    path = export_onnx(module, torch.zeros(1, 4), tmp_path / "net.onnx")
-    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    pts = sample_box(lo.float(), hi.float(), 20000, 16)
-    with torch.no_grad():
-        low = float(spec_values(module(pts).double(), weight).min())
-    C = torch.tensor([[1.0, 0.0, -weight]])
-    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown", C=C).lb)
-    assert lb < low - 0.05, (lb, low)          # a real gap to close
+    path, prop, low = branching_gap(two_layer_net(), tmp_path, weight)
     config = VerifyConfig(split="relu", refine_min_inputs=0)
-    prop = tmp_path / "p.vnnlib"
-    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb), weight))
     res = verify(path, prop, timeout=30, config=config)
     assert res.verdict == "holds", res.stats
     assert res.stats["decided_by"] == "relu_bab" and res.stats["relu_bab"]["rounds"] > 5, res.stats
+    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
     prop.write_text(property_text(4, 3, lo, hi, low + 1e-3, weight))    # a sampled point violates it
     assert verify(path, prop, timeout=10, config=config).verdict != "holds"
 
 
 def test_a_queue_over_its_budget_takes_the_domains_nearest_a_proof_and_over_its_limit_gives_up(tmp_path):
     """Over the budget the order changes, not the answer; over the limit the answer is unknown."""
-    torch.manual_seed(3)
-    module = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
-                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    path = export_onnx(module, torch.zeros(1, 4), tmp_path / "net.onnx")
-    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    with torch.no_grad():
-        low = float(spec_values(module(sample_box(lo.float(), hi.float(), 20000, 16)).double()).min())
-    C = torch.tensor([[1.0, 0.0, -1.0]])
-    lb = float(api.bound(path, lo.float().reshape(1, 4), hi.float().reshape(1, 4), "alpha-crown", C=C).lb)
-    prop = tmp_path / "p.vnnlib"
-    prop.write_text(property_text(4, 3, lo, hi, lb + 0.9 * (low - lb)))
+    path, prop, _ = branching_gap(two_layer_net(), tmp_path)
 
     def run(**queue):
         return verify(path, prop, timeout=30, config=VerifyConfig(split="relu", refine_min_inputs=0,
