@@ -152,10 +152,10 @@ class DomainQueue:
 
     def pop(self, count: int, nearest: bool = False) -> DomainSet:
         """The ``count`` domains of lowest margin (``nearest``: of highest, nearest a proof)."""
-        queued = torch.cat([q for _, q in self.chunks]).nonzero().flatten()
-        margins = torch.cat([c.t["margin"] for c, _ in self.chunks])[queued]
+        where = torch.cat([q for _, q in self.chunks]).nonzero().flatten()   # of the queued ones
+        margins = torch.cat([c.t["margin"] for c, _ in self.chunks])[where]
         picked = torch.zeros(sum(len(c) for c, _ in self.chunks), dtype=torch.bool, device=margins.device)
-        picked[queued[torch.topk(margins, min(count, len(margins)), largest=nearest).indices]] = True
+        picked[where[torch.topk(margins, min(count, len(margins)), largest=nearest).indices]] = True
         out, keep, start = [], [], 0
         for c, queued in self.chunks:
             mine = picked[start:start + len(c)]
@@ -535,13 +535,13 @@ class ReluBranchAndBound:
         while len(queue):
             if not fits(self.fixed_s * self.batch, deadline):   # a round but for its steps
                 return self._outcome("timeout", None, t0)
-            queued = queue.nbytes()
-            if queued > self.config.queue_limit:
+            held = queue.nbytes()
+            if held > self.config.queue_limit:
                 self.stats["stopped"] = f"queue over {self.config.queue_limit} bytes"
                 return self._outcome("unknown", None, t0)
             start, steps_s = time.perf_counter(), self.steps_s
             # the worst domains first, while the queue is within its budget
-            over = queued > self.config.queue_budget
+            over = held > self.config.queue_budget
             self.stats["rounds_over_budget"] += over
             parents = queue.pop(max(1, self.batch // 2), nearest=over)
             index = self.choose(parents, deadline)
