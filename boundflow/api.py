@@ -23,7 +23,7 @@ import torch
 from boundflow.domains.rounding import down, round_outward, up
 from boundflow.errors import DeviceError, ModelLoadError, ShapeError
 from boundflow.ir.primal import Graph
-from boundflow.ir.task import BFTaskModule
+from boundflow.ir.task import TORCH_DTYPES, BFTaskModule
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import METHODS
 from boundflow.planner.pipeline import plan
@@ -226,8 +226,9 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper].
     executor: "python" (torch kernels) or "tvm" (TVM-compiled tasks, options in tvm_options, a
     boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]").
-    sound_fp: bounds sound in floating point (float64, every rounding error bounded, see
-    domains/fp.py; also PlannerConfig(sound_fp=True)); lb and ub are then float64.
+    sound_fp: bounds sound in floating point (every rounding error bounded, see domains/fp.py;
+    also PlannerConfig(sound_fp=True)); lb and ub are then float64 (float32 with
+    config=PlannerConfig(fp_dtype="float32"): faster, for linear layers, ReLUs and affine maps).
     deadline (a time.perf_counter value): alpha-crown starts no optimisation step that would
     end past it (its bounds are then the best found so far); the other methods cannot stop.
     device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda" or "cuda:N": where
@@ -244,7 +245,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     if config.device != device:
         config = dataclasses.replace(config, device=device)
     runner = _get_executor(executor, tvm_options, method, config.sound_fp, device)
-    dtype = torch.float64 if config.sound_fp else torch.float32
+    dtype = TORCH_DTYPES[config.fp_dtype] if config.sound_fp else torch.float32
     lo, hi = _as_tensor(x_lower, "x_lower"), _as_tensor(x_upper, "x_upper")
     if lo.shape != hi.shape:
         raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")

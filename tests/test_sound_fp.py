@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import boundflow
+from boundflow.planner.config import FP_DTYPES, PlannerConfig
 from boundflow.verify.verifier import verify
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
@@ -125,9 +126,9 @@ def _points(lo: np.ndarray, hi: np.ndarray, rng, n: int = 12) -> list[np.ndarray
     return corners + inner
 
 
-def assert_contains_exact(model, lo, hi, method: str, C=None, seed: int = 0):
-    res = boundflow.api.bound(model, lo, hi, method, C=C, sound_fp=True)
-    assert res.lb.dtype == torch.float64
+def assert_contains_exact(model, lo, hi, method: str, C=None, seed: int = 0, fp_dtype: str = "float64"):
+    res = boundflow.api.bound(model, lo, hi, method, C=C, config=PlannerConfig(sound_fp=True, fp_dtype=fp_dtype))
+    assert res.lb.dtype == getattr(torch, fp_dtype)
     lb, ub = res.lb[0].tolist(), res.ub[0].tolist()
     for x in _points(lo, hi, np.random.default_rng(seed)):
         y = exact_outputs(model, x)
@@ -139,29 +140,77 @@ def assert_contains_exact(model, lo, hi, method: str, C=None, seed: int = 0):
 
 # ---------------------------------------------------------------- against exact arithmetic
 
+@pytest.mark.parametrize("fp_dtype", FP_DTYPES)
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(trap_nets(), st.sampled_from(METHODS))
-def test_sound_bounds_contain_the_exact_outputs(net, method):
+def test_sound_bounds_contain_the_exact_outputs(fp_dtype, net, method):
     model, lo, hi = net
-    assert_contains_exact(model, lo, hi, method)
+    assert_contains_exact(model, lo, hi, method, fp_dtype=fp_dtype)
 
 
+@pytest.mark.parametrize("fp_dtype", FP_DTYPES)
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(trap_nets(), st.sampled_from(("ibp", "crown")), st.integers(0, 2**31))
-def test_sound_bounds_with_a_float64_spec(net, method, seed):
+def test_sound_bounds_with_a_float64_spec(fp_dtype, net, method, seed):
     model, lo, hi = net
     C = np.random.default_rng(seed).standard_normal((3, 2)) * 1e3     # not exact in float32
-    assert_contains_exact(model, lo, hi, method, C=C)
+    assert_contains_exact(model, lo, hi, method, C=C, fp_dtype=fp_dtype)
 
 
-def test_sound_golden_bounds_are_close_to_the_float32_ones(shared):
-    """On ordinary models the error terms cost next to nothing (float64 is tighter anyway)."""
+@pytest.mark.parametrize("fp_dtype, share", [("float64", 1e-6), ("float32", 1e-2)])
+def test_sound_golden_bounds_are_close_to_the_float32_ones(shared, fp_dtype, share):
+    """On ordinary models the error terms cost next to nothing in float64 (tighter anyway),
+    and under 1% of the bounds' width in float32 (measured: 0.37% on mnist-net_256x2, whose
+    first layer sums 2 x 784 + 1 terms; 0.075% on ACAS Xu); in float32 they only widen."""
     from golden import load_fixture
-    f = load_fixture(shared, "mnist-net_256x2__prop_1_0.05")
-    plain = boundflow.api.bound(str(f.model), f.lower, f.upper, "crown", C=f.C)
-    sound = boundflow.api.bound(str(f.model), f.lower, f.upper, "crown", C=f.C, sound_fp=True)
-    assert torch.allclose(sound.lb, plain.lb.double(), rtol=1e-5, atol=1e-5)
-    assert torch.allclose(sound.ub, plain.ub.double(), rtol=1e-5, atol=1e-5)
+    for name in ("mnist-net_256x2__prop_1_0.05", "ACASXU_run2a_1_1_batch_2000__prop_1"):
+        f = load_fixture(shared, name)
+        plain = boundflow.api.bound(str(f.model), f.lower, f.upper, "crown", C=f.C)
+        sound = boundflow.api.bound(str(f.model), f.lower, f.upper, "crown", C=f.C,
+                                    config=PlannerConfig(sound_fp=True, fp_dtype=fp_dtype))
+        assert sound.lb.dtype == getattr(torch, fp_dtype)
+        width = (plain.ub - plain.lb).double()
+        for ours, theirs in ((sound.lb, plain.lb), (sound.ub, plain.ub)):
+            assert ((ours.double() - theirs.double()).abs() <= share * width).all(), name
+        if fp_dtype == "float32":      # the same float32 arithmetic, less its error terms
+            assert (sound.lb <= plain.lb).all() and (sound.ub >= plain.ub).all(), name
+
+
+def _problem(lo: np.ndarray, hi: np.ndarray, C: np.ndarray):
+    """A verification problem over the box [lo, hi] ([1, n]) whose spec rows are C (2 outputs)."""
+    from boundflow.frontends.vnnlib import parse_vnnlib
+    from boundflow.verify.property import make_problem
+    n = lo.shape[1]
+    lines = [f"(declare-const X_{i} Real)" for i in range(n)] + ["(declare-const Y_0 Real)", "(declare-const Y_1 Real)"]
+    lines += [f"(assert (>= X_{i} {float(lo[0, i])!r}))\n(assert (<= X_{i} {float(hi[0, i])!r}))" for i in range(n)]
+    rows = " ".join(f"(<= (+ (* {float(a)!r} Y_0) (* {float(b)!r} Y_1)) 0.0)" for a, b in C)
+    lines.append(f"(assert (and {rows}))")
+    return make_problem(parse_vnnlib("\n".join(lines)), (1, n))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(trap_nets(), st.integers(0, 2**31))
+def test_mixed_bounder_rows_contain_the_exact_values(net, seed):
+    """Input branch and bound's sound bound (a float32 sound_fp bound, then the output's pass
+    again in float64 from its intermediate bounds) holds against exact arithmetic, on boxes
+    and sub-boxes of the float traps."""
+    from boundflow.verify.bab import MixedBounder
+    model, lo, hi = net
+    rng = np.random.default_rng(seed)
+    C = np.round(rng.standard_normal((2, 2)), 3)
+    problem = _problem(lo, hi, C)
+    mid = ((lo + hi) / 2).astype(np.float32).astype(np.float64).clip(lo, hi)
+    boxes = [(lo, hi), (lo, mid), (mid, hi)]
+    blo = torch.tensor(np.concatenate([b[0] for b in boxes]), dtype=torch.float32)
+    bhi = torch.tensor(np.concatenate([b[1] for b in boxes]), dtype=torch.float32)
+    rows = MixedBounder(model, problem, "crown", {}).row_bounds(blo, bhi)
+    assert rows.dtype == torch.float64
+    for k, (a, b) in enumerate(boxes):
+        for x in _points(a, b, rng, n=6):
+            y = exact_outputs(model, x)
+            for r, (c0, c1) in enumerate(C):
+                exact = Fraction(float(c0)) * y[0] + Fraction(float(c1)) * y[1]
+                assert Fraction(float(rows[k, r])) <= exact, (k, r, float(rows[k, r]), float(exact))
 
 
 # ---------------------------------------------------------------- float traps and the audit findings
@@ -174,21 +223,24 @@ def normalisation_net() -> onnx.ModelProto:
     return make_model(nodes, inits, 1, 1)
 
 
-def test_folded_normalisation_trap():
+@pytest.mark.parametrize("fp_dtype, width", [("float64", 1e-8), ("float32", 0.5)])
+def test_folded_normalisation_trap(fp_dtype, width):
     """Folding (x - m) / s into one float32 affine loses |x / s| 2^-24: plain bounds exclude
-    the exact value; sound ones contain it (finding 1)."""
+    the exact value; sound ones contain it (finding 1), in float32 too, where the folded
+    constants themselves round."""
     model = normalisation_net()
     x = np.array([[300.000244140625]])
     exact = exact_outputs(model, x)[0]
     plain = boundflow.api.bound(model, x, x, "crown")
     assert not Fraction(float(plain.lb)) <= exact <= Fraction(float(plain.ub))   # the trap is real
     for method in METHODS:
-        sound = boundflow.api.bound(model, x, x, method, sound_fp=True)
+        sound = boundflow.api.bound(model, x, x, method, config=PlannerConfig(sound_fp=True, fp_dtype=fp_dtype))
         assert Fraction(float(sound.lb)) <= exact <= Fraction(float(sound.ub)), method
-        assert float(sound.ub - sound.lb) < 1e-8
+        assert float(sound.ub - sound.lb) < width
 
 
-def test_cancelling_weights_trap():
+@pytest.mark.parametrize("fp_dtype", FP_DTYPES)
+def test_cancelling_weights_trap(fp_dtype):
     """y = (2^24 x + 1) - 2^24 x = 1 exactly; float32 interval arithmetic rounds 2^24 + 1 away."""
     inits = [_tensor("W", [[2.0 ** 24], [2.0 ** 24]]), _tensor("b", [0.0, 1.0]), _tensor("V", [[-1.0, 1.0]])]
     nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
@@ -198,7 +250,7 @@ def test_cancelling_weights_trap():
     plain = boundflow.api.bound(model, x, x, "ibp")
     assert float(plain.ub) < 1                                                  # the trap is real
     for method in METHODS:
-        sound = boundflow.api.bound(model, x, x, method, sound_fp=True)
+        sound = boundflow.api.bound(model, x, x, method, config=PlannerConfig(sound_fp=True, fp_dtype=fp_dtype))
         assert float(sound.lb) <= 1 <= float(sound.ub), method
 
 
@@ -241,19 +293,31 @@ def test_verify_finds_the_folded_normalisation_counterexample(tmp_path):
     assert res.verdict == "violated"
 
 
-def test_sound_plans_compute_in_float64_only():
-    """Every kernel of a sound plan returns float64 (a float32 result copied into a float64
-    buffer would pass unnoticed and lose the guarantee)."""
+@pytest.mark.parametrize("fp_dtype", FP_DTYPES)
+def test_sound_plans_compute_in_their_dtype_only(fp_dtype):
+    """Every kernel of a sound plan returns the plan's dtype (a float32 result copied into a
+    float64 buffer would pass unnoticed and lose the guarantee)."""
     from boundflow.api import get_plan, load_model
-    from boundflow.planner.config import PlannerConfig
     from boundflow.runtime.python_executor import PythonTaskExecutor
     model = normalisation_net()
     graph, key = load_model(model)
     for method in ("ibp", "crown", "crown-ibp"):
-        module, _ = get_plan(graph, key, method, 2, None, PlannerConfig(sound_fp=True))
+        module, _ = get_plan(graph, key, method, 2, None, PlannerConfig(sound_fp=True, fp_dtype=fp_dtype))
         ex = PythonTaskExecutor(checked=True)
-        box = torch.tensor([[[[299.0]], [[301.0]]], [[[299.5]], [[301.5]]]], dtype=torch.float64).reshape(2, 2, 1, 1)
-        ex.run(module, {"box": box})
+        box = torch.tensor([[[[299.0]], [[301.0]]], [[[299.5]], [[301.5]]]], dtype=getattr(torch, fp_dtype))
+        ex.run(module, {"box": box.reshape(2, 2, 1, 1)})
+
+
+def test_float32_sound_plans_refuse_ops_without_float32_error_rules():
+    """A sigmoid's error rule assumes float64's library accuracy: a float32 sound plan says so
+    and names the node, a float64 one plans it."""
+    inits = [_tensor("W", [[1.0]])]
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), helper.make_node("Sigmoid", ["h"], ["y"])]
+    model = make_model(nodes, inits, 1, 1)
+    x = np.array([[0.5]])
+    with pytest.raises(boundflow.errors.UnsupportedOpError, match=r"float32.*\(sigmoid\)"):
+        boundflow.api.bound(model, x, x, "crown", config=PlannerConfig(sound_fp=True, fp_dtype="float32"))
+    assert boundflow.api.bound(model, x, x, "crown", sound_fp=True).lb.dtype == torch.float64
 
 
 # ---------------------------------------------------------------- enclosures of computed constants

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from boundflow.domains.rounding import down, enclosed, gamma, slack, up
+from boundflow.domains.rounding import down, enclosed, gamma, rounded_up, slack, up
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.primal import Graph, Node
 
@@ -35,10 +35,11 @@ def finish(raw: torch.Tensor, e: torch.Tensor, n: int):
     return widen(raw, e), e
 
 
-def weights(graph: Graph, node: Node, dtype: torch.dtype) -> list[torch.Tensor]:
+def weights(graph: Graph, node: Node, dtype: torch.dtype, n: int | None = None) -> list[torch.Tensor]:
     """Plan-time error weights of an op with constant operands: gamma(n) |p| + err(p) per
-    constant p, n = dot_length."""
-    g = gamma(dot_length(graph, node), dtype)
+    constant p, n = dot_length unless the op knows a shorter bound; in a float32 plan p is
+    also rounded to float32 (that rounding is added), and the weights are rounded up."""
+    g = gamma(dot_length(graph, node) if n is None else n, dtype)
     names = [i for i in node.inputs if not graph.is_variable(i)]
     out = []
     for name in names:
@@ -46,7 +47,8 @@ def weights(graph: Graph, node: Node, dtype: torch.dtype) -> list[torch.Tensor]:
         if not bool(torch.isfinite(c.err).all()):
             raise UnsupportedOpError(f"sound_fp: constant {name!r} of node {node.name!r} ({node.op}) was computed "
                                      "at import by an op whose rounding error has no known bound")
-        out.append((g * c.value.abs() + c.err.expand_as(c.value)).to(dtype))
+        cast = (c.value - c.value.to(dtype).to(torch.float64)).abs()      # exact in float64
+        out.append(rounded_up(g * c.value.abs() + c.err + cast, dtype))
     return out
 
 

@@ -48,6 +48,12 @@ def up(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(x, constant(math.inf, x.dtype, x.device))
 
 
+def rounded_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, rounded up (not to nearest): for error bounds cast to a narrower type."""
+    y = x.to(dtype)
+    return torch.where(y.to(x.dtype) < x, up(y), y) if y.dtype != x.dtype else y
+
+
 def round_outward(box: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An interval stack(lower, upper) in `dtype`, rounded outward so that it still contains
     the original (lower down, upper up)."""

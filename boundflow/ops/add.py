@@ -21,4 +21,4 @@ def fp_error(ins, ps, attrs):
     return fp.finish(raw, unit_roundoff(raw.dtype) * (magnitude(s1) + magnitude(s2)), attrs["n"])
 
 
-ADD = register(Op("add", forward, interval, None, fp_error, fp_params=fp.weights))
+ADD = register(Op("add", forward, interval, None, fp_error, fp_params=fp.weights, fp32=True))

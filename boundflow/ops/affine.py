@@ -48,7 +48,7 @@ def fp_error(ins, ps, attrs):
 
 
 AFFINE = register(Op("affine", forward, interval, sound(backward), fp_error, coordinatewise=True,
-                     fp_params=fp.weights))
+                     fp_params=fp.weights, fp32=True))
 
 
 # -- frontends: elementwise arithmetic with constants, BatchNorm ----------------------------------

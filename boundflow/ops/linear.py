@@ -115,7 +115,12 @@ def matrix(graph, node, dtype, max_bytes):
 
 
 def fp_params(graph, node, dtype):
-    weights = fp.weights(graph, node, dtype)
+    # the longest sums: a row of the (l, u) form (2 in + 1 terms), A @ W (out features) and
+    # the backward bias update (every output element); dot_length's product of fan-in and
+    # fan-out is harmless in float64, not in float32
+    n_in = graph.shape(node.inputs[0])[-1]
+    n = max(2 * n_in + 1, graph.values[node.outputs[0]].type.numel + 1) + 4
+    weights = fp.weights(graph, node, dtype, n)
     if len(weights) == 1:                       # no bias: no error from one
         weights.append(torch.zeros(weights[0].shape[0], dtype=dtype))
     return weights
@@ -127,7 +132,7 @@ def fp_error(ins, ps, attrs):
     return fp.finish(raw, F.linear(magnitude(s), w_err, b_err), attrs["n"])
 
 
-LINEAR = register(Op("linear", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
+LINEAR = register(Op("linear", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix, fp32=True,
                      interval_params=interval_params, backward_params=backward_params, fp_params=fp_params))
 
 

@@ -120,6 +120,9 @@ class Op:
     interval_params: ParamFn = constants
     backward_params: ParamFn = constants
     fp_params: ParamFn | None = None
+    # its error rules (fp, the relaxation's fp, fp_params) hold in float32 sound_fp plans too,
+    # not only in float64 ones (ops that round nothing need not say)
+    fp32: bool = False
     backward_attrs: Callable[..., dict] = lambda graph, node: {}
     kernels: dict[str, Kernel] = field(default_factory=dict)
     # kernels (full names) whose results may be views of their inputs (the storage plan must know)

@@ -223,7 +223,8 @@ RELU = register(Op(
     "relu", forward, interval, sound(backward), coordinatewise=True,     # monotone: [relu(l), relu(u)] is exact
     relaxation=Relaxation(relax, 3, fp_error, sound(backward_alpha, _alpha_magnitude), alpha_start,
                           patch_backward, patch_backward_alpha, patch_alpha_start, sparse_refine=True,
-                          splits_at_zero=True)))
+                          splits_at_zero=True),
+    fp32=True))
 
 
 # -- frontends: relu and clamps ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from boundflow.errors import DeviceError
 
 CROWN_INTERM_MODES = ("sparse", "intersect", "pure")
+FP_DTYPES = ("float64", "float32")
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,13 @@ class PlannerConfig:
     split_refine: int = 0
     # prove the storage plan safe (no live buffers sharing bytes) before returning it
     verify: bool = True
-    # bounds sound in floating point, not only in real arithmetic: float64 buffers, every op's
-    # rounding error (and its constants' error bounds) added outward (domains/fp.py); no patches
+    # bounds sound in floating point, not only in real arithmetic: every op's rounding error
+    # (and its constants' error bounds) added outward (domains/fp.py); no patches
     sound_fp: bool = False
+    # the float type a sound_fp plan computes in: "float64" (any op; the error terms vanish
+    # next to the bounds) or "float32" (about twice as fast, the error terms larger; only ops
+    # whose error rules are written for it: Op.fp32)
+    fp_dtype: str = "float64"
     # the torch device the plan's parameters, arenas and kernels live on (any torch device;
     # users pick it through api.bound's device, which also resolves "auto")
     device: str = "cpu"
@@ -75,6 +80,8 @@ class PlannerConfig:
             raise ValueError("max_ops_per_task must be >= 1")
         if self.split_refine < 0:
             raise ValueError("split_refine must be >= 0")
+        if self.fp_dtype not in FP_DTYPES:
+            raise ValueError(f"fp_dtype must be one of {FP_DTYPES}, got {self.fp_dtype!r}")
         if self.min_tasks < 1:
             raise ValueError("min_tasks must be >= 1")
 

@@ -23,7 +23,8 @@ ops.Relaxation) is bounded by lines computed from its input's interval.
 With config.export_intermediate, the final interval of every relaxed op's input is also an
 output, "interm:<input>" (the starting point of ReLU branch and bound).
 
-With config.sound_fp the plan computes in float64 and is sound in floating point: after each
+With config.sound_fp the plan computes in config.fp_dtype (float64, or float32 where every op's
+error rules are written for it: Op.fp32) and is sound in floating point: after each
 rounding op's interval rule an "fp.<op>" op widens the interval by the op's error vector
 (domains/fp.py), every backward rule through it reads that vector and widens its bias, fan-in
 sums and the final concretization add their own rounding, and everything is rounded outward.
@@ -108,6 +109,23 @@ def relaxed_inputs(graph: Graph, splitting: bool = False) -> list[str]:
     bounds of (their slopes are per op: "alpha:<target>:<op output>"), and with `splitting`
     the neurons ReLU branch and bound splits."""
     return list(dict.fromkeys(v for n in relaxed_nodes(graph, splitting) for v in ops.get(n.op).relaxation.relaxed(n)))
+
+
+def fp32_refusal(graph: Graph) -> Node | None:
+    """The first node of `graph` that rounds without error rules for float32 sound_fp plans
+    (Op.fp32), or None when a float32 sound plan can bound it."""
+    for node in graph.nodes:
+        op = ops.get(node.op)
+        if (op.fp is not None or op.relaxation is not None) and not op.fp32:
+            return node
+    return None
+
+
+def check_fp32(graph: Graph) -> None:
+    node = fp32_refusal(graph)
+    if node is not None:
+        raise UnsupportedOpError(f"sound_fp in float32: node {node.name!r} ({node.op}) has error rules for "
+                                 "float64 plans only (use fp_dtype='float64')")
 
 
 def _unit_lead(shape) -> bool:
@@ -224,7 +242,9 @@ class _Lowering:
             raise UnsupportedOpError(f"model {graph.name!r} has {len(graph.outputs)} outputs; bounds need exactly one")
         self.g, self.method, self.B, self.S, self.cfg = graph, method, batch, spec_rows, config
         self.sound = config.sound_fp
-        self.em = _Emitter(batch, "float64" if self.sound else "float32")
+        self.em = _Emitter(batch, config.fp_dtype if self.sound else "float32")
+        if self.sound and config.fp_dtype != "float64":
+            check_fp32(graph)
         self.producer = graph.producer()
         self.bounds: dict[str, int] = {}       # value -> its interval buffer, stack(lower, upper)
         self.relax: dict[str, int] = {}        # relaxed op's output -> its lines (ops.Relaxation)

@@ -24,9 +24,10 @@ from boundflow import api
 from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.vnnlib import read_vnnlib
 from boundflow.planner.config import PlannerConfig
+from boundflow.planner.lower import fp32_refusal
 from boundflow.runtime.device import resolve_device
 from boundflow.verify.attack import AttackConfig, Attacker, Counterexample, OrtChecker
-from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, combine
+from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, MixedBounder, combine
 from boundflow.verify.deadline import fits
 from boundflow.verify.property import Problem, make_problem
 from boundflow.verify.relu_bab import ReluBabConfig, ReluBranchAndBound
@@ -121,6 +122,8 @@ def _bounders(model: str, problem: Problem, method: str, config: VerifyConfig) -
         return Bounder(model, problem, method, options, confirm=confirm)
 
     out = {"first": confirmed(config.first_method), "bab": confirmed(method)}
+    if sound and fp32_refusal(api.load_model(model)[0]) is None:
+        out["bab"] = MixedBounder(model, problem, method, options)     # sound at once, cheaper
     if config.refine_method and problem.num_inputs >= config.refine_min_inputs:
         # their intermediate bounds are where ReLU branch and bound starts: the refining
         # bound's, or the first bound's when the refining one did not fit
