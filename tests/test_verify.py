@@ -23,7 +23,7 @@ from boundflow.cli import main
 from boundflow.errors import SpecError
 from boundflow.frontends.vnnlib import parse_vnnlib, read_vnnlib
 from boundflow.verify import suite
-from boundflow.verify.bab import BatchSizer, DomainQueue, Domains, combine, split, split_scores
+from boundflow.verify.bab import BatchSizer, Bounder, DomainQueue, Domains, combine, split, split_scores
 from boundflow.verify.property import ATOL, inward_float32, make_problem
 from boundflow.verify.verifier import Result, result_file_text, verify
 
@@ -232,6 +232,23 @@ def test_batch_sizer_respects_memory_and_time():
 
 
 # --------------------------------------------------------------------------- verdicts on a known network
+
+
+def test_input_search_bounds_soundly_at_once_where_float32_error_rules_exist(two_relu, tmp_path):
+    """An MLP's input branch and bound uses MixedBounder (no float32 bound to confirm); a model
+    with an op float32 sound plans refuse (sigmoid) confirms float32 proofs in float64; without
+    sound_fp, plain float32 bounds."""
+    from boundflow.verify.bab import MixedBounder
+    from boundflow.verify.verifier import VerifyConfig, _bounders
+    problem = problem_of(header(2, 2) + unit_box(2) + "(assert (<= Y_0 -1.0))\n")
+    bab = _bounders(str(two_relu), problem, "crown", VerifyConfig())["bab"]
+    assert isinstance(bab, MixedBounder) and bab.sound and bab.confirm is None
+    sigmoid = tmp_path / "sigmoid.onnx"
+    export_onnx(nn.Sequential(nn.Linear(2, 2), nn.Sigmoid()), torch.zeros(1, 2), sigmoid)
+    bab = _bounders(str(sigmoid), problem, "crown", VerifyConfig())["bab"]
+    assert type(bab) is Bounder and not bab.sound and bab.confirm.sound
+    bab = _bounders(str(two_relu), problem, "crown", VerifyConfig(sound_fp=False))["bab"]
+    assert type(bab) is Bounder and not bab.sound and bab.confirm is None
 
 
 def test_holds_after_splitting(two_relu, tmp_path):
