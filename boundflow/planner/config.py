@@ -61,7 +61,7 @@ class PlannerConfig:
     # (and its constants' error bounds) added outward (domains/fp.py); no patches
     sound_fp: bool = False
     # the float type a sound_fp plan computes in: "float64" (any op; the error terms vanish
-    # next to the bounds) or "float32" (about twice as fast, the error terms larger; only ops
+    # next to the bounds) or "float32" (about 1.7x as fast, the error terms larger; only ops
     # whose error rules are written for it: Op.fp32)
     fp_dtype: str = "float64"
     # the torch device the plan's parameters, arenas and kernels live on (any torch device;
