@@ -226,8 +226,8 @@ def normalisation_net() -> onnx.ModelProto:
 @pytest.mark.parametrize("fp_dtype, width", [("float64", 1e-8), ("float32", 0.5)])
 def test_folded_normalisation_trap(fp_dtype, width):
     """Folding (x - m) / s into one float32 affine loses |x / s| 2^-24: plain bounds exclude
-    the exact value; sound ones contain it (finding 1), in float32 too, where the folded
-    constants themselves round."""
+    the exact value; sound ones contain it (finding 1), in float32 too (wider there: the
+    folded map's own roundings on values of 3e4)."""
     model = normalisation_net()
     x = np.array([[300.000244140625]])
     exact = exact_outputs(model, x)[0]
