@@ -86,7 +86,7 @@ if [ "$HAVE_ONNX" = 1 ] && [ -n "$SHARED" ]; then
         PARALLEL=()
         has xdist && PARALLEL=(-n 8)
         # (two torch threads per worker: the CPU reference bounds of 8 workers share the cores)
-        step tests 150 env OMP_NUM_THREADS=2 python3 -m pytest -q -rs "${PARALLEL[@]}" "${TESTS[@]}"
+        step tests 150 env OMP_NUM_THREADS=2 python3 -m pytest -q -rfs -p no:benchmark "${PARALLEL[@]}" "${TESTS[@]}"
     else
         note "SKIPPED  the pytest tests: pytest is MISSING"
     fi

@@ -21,11 +21,12 @@ import boundflow
 from boundflow.cli import main
 from boundflow.errors import DeviceError
 from boundflow.planner.config import PlannerConfig
+from boundflow.planner.lower import fp32_refusal
 from boundflow.runtime.device import constant, ieee_float32, resolve_device
 from boundflow.runtime.python_executor import PythonTaskExecutor
 from boundflow.verify.alpha import starting_slopes
 from golden import FIXTURES, load_fixture
-from nets import KINDS, build
+from nets import KINDS, build, export_onnx
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run scripts/gpu_check.sh on one)")
@@ -183,6 +184,27 @@ def test_a_graph_and_a_problem_move_whole():
                                                   problem.C_bound, problem.spec, problem.thresholds))
 
 
+def test_input_search_output_pass_plans_for_the_search_device(tmp_path):
+    """Input branch and bound's float64 output pass (MixedBounder) runs on the problem's device
+    (meta here), from intermediate bounds on that device, like its float32 bound."""
+    from boundflow.frontends.vnnlib import parse_vnnlib
+    from boundflow.verify.bab import MixedBounder
+    from boundflow.verify.property import make_problem
+    model = tmp_path / "mlp.onnx"
+    export_onnx(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)),
+                torch.zeros(1, 2), model)
+    text = "".join(f"(declare-const X_{i} Real)\n(assert (>= X_{i} 0.0))\n(assert (<= X_{i} 1.0))\n" for i in range(2))
+    problem = make_problem(parse_vnnlib(text + "(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+                                        "(assert (<= Y_0 Y_1))\n"), (1, 2))
+    cpu = MixedBounder(str(model), problem, "crown", {})
+    lo, hi = problem.outer_lo, problem.outer_hi
+    rows = cpu.row_bounds(lo, hi)
+    res = boundflow.api.BoundsResult(None, None, "crown", {}, {k: v.to("meta") for k, v in cpu.last_intermediate.items()})
+    meta = MixedBounder(str(model), problem.to("meta"), "crown", {})
+    out = meta._output_pass(lo.to("meta"), hi.to("meta"), res, rows.to("meta"))
+    assert out.device.type == "meta" and out.shape == rows.shape
+
+
 def test_kernel_constants_are_made_once_per_device():
     a = constant((1, 2, 3), torch.int64, torch.device("cpu"))
     assert a is constant((1, 2, 3), torch.int64, torch.device("cpu"))
@@ -198,6 +220,31 @@ def test_ieee_float32_on_cuda_and_restored():
     assert (conv.fp32_precision, matmul.fp32_precision) == before
     with ieee_float32(torch.device("cpu")):
         assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+@pytest.mark.parametrize("sound_fp", [False, True], ids=["float32", "sound_fp"])
+@pytest.mark.parametrize("name,folder", [("mlp_small__eps0.2", "golden"), ("cnn_small__eps0.1", "golden"),
+                                         ("resnet_block__eps0.05", "golden"), ("attention_tiny__eps0.02", "golden_ops")])
+def test_alpha_crown_needs_no_derivative_older_torch_lacks(shared, name, folder, sound_fp, monkeypatch):
+    """torch before 2.13 (the GPU machines' 2.11) has no derivative for nextafter or aminmax:
+    alpha-CROWN's kernels differentiate neither (rounding.up/down step one ulp with the
+    identity's gradient), and the bounds are the same as with torch 2.13's derivatives."""
+    fx = load_fixture(shared, name, folder)
+    kw = dict(method="alpha-crown", C=fx.C, sound_fp=sound_fp, device="cpu")   # (bitwise: CUDA's are not)
+    lb_ref, ub_ref = boundflow.compute_bounds(str(fx.model), fx.lower, fx.upper, **kw)
+
+    def no_derivative(f, what):
+        def g(x, *args, **kwargs):
+            if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x,) + args):
+                raise NotImplementedError(f"the derivative for {what!r} is not implemented.")
+            return f(x, *args, **kwargs)
+        return g
+
+    monkeypatch.setattr(torch, "nextafter", no_derivative(torch.nextafter, "nextafter"))
+    monkeypatch.setattr(torch, "aminmax", no_derivative(torch.aminmax, "aminmax"))
+    monkeypatch.setattr(torch.Tensor, "aminmax", no_derivative(torch.Tensor.aminmax, "aminmax"))
+    lb, ub = boundflow.compute_bounds(str(fx.model), fx.lower, fx.upper, **kw)
+    assert torch.equal(lb, lb_ref) and torch.equal(ub, ub_ref)
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -233,6 +280,29 @@ def test_cuda_bounds_equal_the_cpu_ones(shared, name, folder, method, sound_fp):
 
 
 @needs_cuda
+@pytest.mark.parametrize("name,folder", GPU_FIXTURES, ids=[n for n, _ in GPU_FIXTURES])
+def test_cuda_float32_sound_plans_contain_the_samples(shared, name, folder):
+    """float32 sound_fp plans (the search's bounder) on the GPU: IEEE float32 there too, so
+    the error terms hold; the bounds contain the samples and agree with the CPU's."""
+    fx = load_fixture(shared, name, folder)
+    graph, _ = boundflow.load_model(str(fx.model))
+    if fp32_refusal(graph) is not None:
+        pytest.skip("has ops with float64 error rules only")
+    config = PlannerConfig(sound_fp=True, fp_dtype="float32")
+    for method in METHODS[:3]:
+        kw = dict(method=method, C=fx.C, config=config)
+        cpu = boundflow.api.bound(str(fx.model), fx.lower, fx.upper, device="cpu", **kw)
+        res = boundflow.api.bound(str(fx.model), fx.lower.cuda(), fx.upper.cuda(), device="cuda", **kw)
+        assert res.lb.is_cuda and res.lb.dtype == torch.float32
+        lb, ub = res.lb.cpu().double(), res.ub.cpu().double()
+        emp_lo, emp_hi = (t.double() for t in fx.empirical)
+        tol = 1e-5 * emp_lo.abs().clamp(min=1)
+        assert (lb[0] <= emp_lo + tol).all() and (ub[0] >= emp_hi - tol).all(), method
+        assert torch.allclose(lb, cpu.lb.double(), rtol=1e-4, atol=1e-5), method
+        assert torch.allclose(ub, cpu.ub.double(), rtol=1e-4, atol=1e-5), method
+
+
+@needs_cuda
 def test_cuda_plan_runs_every_kernel_there(shared):
     fx = load_fixture(shared, "resnet_block__eps0.05")
     graph, _ = boundflow.load_model(str(fx.model))
@@ -244,19 +314,19 @@ def test_cuda_plan_runs_every_kernel_there(shared):
 
 
 @needs_cuda
-@pytest.mark.parametrize("benchmark,onnx_name,vnnlib_name", [
+@pytest.mark.parametrize("suite_name,onnx_name,vnnlib_name", [
     ("mnistfc", "mnist-net_256x2.onnx", "prop_0_0.03.vnnlib"),
     ("mnistfc", "mnist-net_256x2.onnx", "prop_1_0.05.vnnlib"),
     ("acasxu", "ACASXU_run2a_1_1_batch_2000.onnx", "prop_3.vnnlib"),
 ])
-def test_cuda_verify_gives_the_expected_verdict(shared, benchmark, onnx_name, vnnlib_name):
+def test_cuda_verify_gives_the_expected_verdict(shared, suite_name, onnx_name, vnnlib_name):
     from boundflow.verify.verifier import VerifyConfig, verify
     root = shared / "benchmarks/vnncomp2021"
     with open(root / "expected.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["benchmark"] == benchmark
+        rows = [r for r in csv.DictReader(f) if r["benchmark"] == suite_name
                 and r["onnx"].endswith(onnx_name) and r["vnnlib"].endswith(vnnlib_name)]
     assert rows, f"{onnx_name} {vnnlib_name} not in expected.csv"
-    res = verify(root / benchmark / onnx_name, root / benchmark / vnnlib_name, 60,
+    res = verify(root / suite_name / onnx_name, root / suite_name / vnnlib_name, 60,
                  config=VerifyConfig(device="cuda"))
     assert res.stats["device"] == "cuda"
     assert res.verdict == rows[0]["expected"], res.stats

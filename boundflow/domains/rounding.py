@@ -41,11 +41,32 @@ def slack(n: int, dtype: torch.dtype) -> float:
 
 def down(x: torch.Tensor) -> torch.Tensor:
     """The next float below x: undoes the rounding to nearest of the operation that made x."""
-    return torch.nextafter(x, constant(-math.inf, x.dtype, x.device))
+    return _next(x, constant(-math.inf, x.dtype, x.device))
 
 
 def up(x: torch.Tensor) -> torch.Tensor:
-    return torch.nextafter(x, constant(math.inf, x.dtype, x.device))
+    return _next(x, constant(math.inf, x.dtype, x.device))
+
+
+class _NextFloat(torch.autograd.Function):
+    """nextafter with the identity's gradient (a one-ulp step): alpha-CROWN optimises through
+    sound plans, and torch before 2.13 has no derivative for nextafter."""
+
+    @staticmethod
+    def forward(x, to):
+        return torch.nextafter(x, to)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _next(x: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+    return _NextFloat.apply(x, to) if x.requires_grad else torch.nextafter(x, to)
 
 
 def rounded_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

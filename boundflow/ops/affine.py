@@ -32,7 +32,8 @@ def interval(ins, ps, attrs):
     |c| >> |the result|: a LayerNorm's variance [0, 1944] / 6 + 0.1 came out at 0.1000061)."""
     (s,) = ins
     scale, shift = ps
-    return (torch.stack((s * scale).aminmax(dim=0)) + shift,)
+    p = s * scale                                     # (not aminmax: no derivative before torch 2.13)
+    return (torch.stack((torch.minimum(p[0], p[1]), torch.maximum(p[0], p[1]))) + shift,)
 
 
 def backward(ins, ps, attrs):

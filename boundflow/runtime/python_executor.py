@@ -147,7 +147,7 @@ def _check_promises(name: str, inputs: list[torch.Tensor], results, specs, place
     # (storage without bytes, e.g. on the meta device, has address 0 and aliases nothing)
     held = {t.untyped_storage().data_ptr() for t in inputs if t is not None} - {0}
     for k, (t, spec, place) in enumerate(zip(results, specs, places)):
-        if t.device != device:
+        if t.device.type != device.type or device.index not in (None, t.device.index):   # "cuda" is any cuda:N
             raise AssertionError(f"kernel {name} returned a tensor on {t.device} as result {k}; the plan runs on {device}")
         if t is place or (isinstance(place, tuple) and name in WRITING_KERNELS and _at(t, *place)):
             # written into its planned bytes (the arena, which inputs share)

@@ -162,7 +162,8 @@ class MixedBounder(Bounder):
         options = {k: v for k, v in options.items() if k != "crown_interm"}
         options["config"] = dataclasses.replace(planner, sound_fp=True, fp_dtype="float32", export_intermediate=True)
         super().__init__(model, problem, method, options, sound=True)
-        self.output_plan = dataclasses.replace(planner, sound_fp=True, fp_dtype="float64", export_intermediate=False)
+        self.output_plan = dataclasses.replace(planner, sound_fp=True, fp_dtype="float64", export_intermediate=False,
+                                               device=str(problem.device))
 
     def _output_pass(self, lo, hi, res, rows):
         graph, key = api.load_model(self.model)
