@@ -203,14 +203,18 @@ def test_mixed_bounder_rows_contain_the_exact_values(net, seed):
     boxes = [(lo, hi), (lo, mid), (mid, hi)]
     blo = torch.tensor(np.concatenate([b[0] for b in boxes]), dtype=torch.float32)
     bhi = torch.tensor(np.concatenate([b[1] for b in boxes]), dtype=torch.float32)
-    rows = MixedBounder(model, problem, "crown", {}).row_bounds(blo, bhi)
-    assert rows.dtype == torch.float64
+    bounder = MixedBounder(model, problem, "crown", {})
+    rows = bounder.row_bounds(blo, bhi)
+    A, bias = bounder.last_linear                  # what clipping cuts by (verify/clip.py)
+    assert rows.dtype == torch.float64 and A.shape == (3, 2, lo.shape[1]) and bias.shape == (3, 2)
     for k, (a, b) in enumerate(boxes):
         for x in _points(a, b, rng, n=6):
             y = exact_outputs(model, x)
             for r, (c0, c1) in enumerate(C):
                 exact = Fraction(float(c0)) * y[0] + Fraction(float(c1)) * y[1]
                 assert Fraction(float(rows[k, r])) <= exact, (k, r, float(rows[k, r]), float(exact))
+                line = sum(Fraction(float(A[k, r, j])) * Fraction(float(x[0, j])) for j in range(A.shape[2]))
+                assert line + Fraction(float(bias[k, r])) <= exact, (k, r, "linear bound")
 
 
 # ---------------------------------------------------------------- float traps and the audit findings

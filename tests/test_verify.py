@@ -397,6 +397,21 @@ def test_vnncomp_instances(shared, benchmark, onnx_name, vnnlib_name, timeout):
         assert res.verdict in suite.SOLVED, (res.verdict, res.stats)
 
 
+def test_clipping_shrinks_the_input_search(shared):
+    """ACAS Xu 1_1 property 4: clipping each domain to where its linear bounds allow a
+    violation (verify/clip.py) proves it in far fewer domains (686 against 1,626 measured),
+    some of them by clipping alone."""
+    from boundflow.verify.bab import BabConfig
+    from boundflow.verify.verifier import VerifyConfig
+    folder = shared / VNNCOMP / "acasxu"
+    net, prop = folder / "ACASXU_run2a_1_1_batch_2000.onnx", folder / "prop_4.vnnlib"
+    clipped = verify(net, prop, timeout=60)
+    plain = verify(net, prop, timeout=60, config=VerifyConfig(bab=BabConfig(clip=False)))
+    assert clipped.verdict == plain.verdict == "holds", (clipped.stats, plain.stats)
+    assert clipped.stats["bab"]["clipped_proofs"] > 0 and plain.stats["bab"]["clipped_proofs"] == 0
+    assert clipped.stats["bab"]["domains_bounded"] < 0.7 * plain.stats["bab"]["domains_bounded"]
+
+
 # --------------------------------------------------------------------------- CLI and result files
 
 

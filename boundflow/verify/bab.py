@@ -5,12 +5,15 @@ shown unreachable on it. Each round pops the most promising domains (lowest atta
 the centre: the likeliest to hide a counterexample; a proof has to visit every domain anyway),
 splits each in two along one input, bounds all children in one batched ``compute_bounds`` call
 (B regions, the spec rows shared), drops the disjuncts a child proves, and queues the children
-that still have some. PGD runs inside the most promising children now and then, so violations
-are found early.
+that still have some. With a bounder whose linear bounds are sound (MixedBounder), each child is
+first clipped to the bounding box of the points where those bounds still allow a violation
+(clip.py): the part cut off holds none, and a disjunct with no such point left is proven. PGD
+runs inside the most promising children now and then, so violations are found early.
 
 Soundness: the two halves of a split are closed boxes whose union is the parent; a disjunct
 proven on a box stays proven on its sub-boxes; the roots are the property boxes rounded
-outward. So "holds" (the queue runs empty with every leaf proven) covers every input. A domain
+outward; clipping cuts off only points its sound linear bounds prove safe. So "holds" (the
+queue runs empty with every leaf proven) covers every input. A domain
 that cannot be split further in float32 and is still unproven makes the answer "unknown".
 """
 from __future__ import annotations
@@ -26,9 +29,10 @@ from boundflow import api
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import SPLIT_METHOD
 from boundflow.verify.attack import Attacker, Counterexample
+from boundflow.verify.clip import clip
 from boundflow.verify.deadline import fits
 from boundflow.verify.progress import Progress
-from boundflow.verify.property import Problem
+from boundflow.verify.property import ATOL, RTOL, Problem
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class BabConfig:
     attack_domains: int = 16         # worst children attacked per round
     attack_steps: int = 10
     attack_restarts: int = 2
+    clip: bool = True                # shrink domains to where their linear bounds allow a violation (clip.py)
 
 
 @dataclass
@@ -109,6 +114,8 @@ class Bounder:
         self.seconds = 0.0
         self.last_stats: dict = {}
         self.last_intermediate: dict[str, torch.Tensor] = {}    # with export_intermediate
+        self.last_rows: torch.Tensor | None = None
+        self.last_linear: tuple[torch.Tensor, torch.Tensor] | None = None   # sound A, b of the rows (MixedBounder)
 
     def margins(self, lo: torch.Tensor, hi: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
         """[B, K] margins of the boxes [lo, hi] ([B, n]) for every disjunct (``deadline``: see
@@ -125,6 +132,7 @@ class Bounder:
                         sound_fp=self.sound, deadline=deadline, device=str(self.problem.device), **self.options)
         rows = res.lb.double() if self.sound else self.problem.row_lower_bounds(res.lb, res.ub)
         rows = self._output_pass(lo, hi, res, rows)
+        self.last_rows = rows
         self.calls += 1
         self.regions += lo.shape[0]
         self.seconds += time.perf_counter() - t0
@@ -166,6 +174,8 @@ class MixedBounder(Bounder):
                                                device=str(problem.device))
 
     def _output_pass(self, lo, hi, res, rows):
+        """The float64 pass; its linear lower bounds of the spec rows over each box (A x + b
+        <= row, sound) are kept in last_linear for clipping."""
         graph, key = api.load_model(self.model)
         B, spec = lo.shape[0], self.problem.spec
         module, _ = api.get_plan(graph, key, SPLIT_METHOD, B, spec.shape[0], self.output_plan)
@@ -179,7 +189,14 @@ class MixedBounder(Bounder):
                 inputs[role] = None
         with torch.no_grad():
             env = api._executor.run_functional(module, inputs)
-        return torch.fmax(rows, env[module.outputs["bounds"]][0])
+        bounds = module.outputs["bounds"]
+        end = next(op for op in module.ops() if op.outputs == [bounds])
+        self.last_linear = None
+        if end.op == "linear.concretize":           # (not when the pass never reaches the input)
+            a, b = (env[i] for i in end.inputs[:2])
+            rows_n = spec.shape[0]
+            self.last_linear = a.flatten(2)[:, :rows_n], b[:, :rows_n]
+        return torch.fmax(rows, env[bounds][0])
 
 
 def _ceil_pow2(n: int) -> int:
@@ -305,7 +322,7 @@ class BranchAndBound:
         self.attack_seconds_before = 0.0
         self.parent_s = 0.0     # seconds per parent of the last round (its bound calls cannot stop)
         self.stats = {"rounds": 0, "domains_bounded": 0, "leaves_proven": 0, "max_queue": 0,
-                      "unsplittable": 0, "max_batch": 0}
+                      "unsplittable": 0, "max_batch": 0, "clipped_proofs": 0}
 
     def run(self, roots: Domains, deadline: float) -> BabOutcome:
         """Search from ``roots`` (their margins computed) until every domain is proven, a
@@ -403,11 +420,24 @@ class BranchAndBound:
         run_ms = self.bounder.last_stats.get("run_ms")    # without planning: a new batch size
         self.sizer.update(len(children), run_ms / 1e3, self.bounder.last_stats.get("physical_bytes"))
         children.margins = combine(children.margins, margins)
+        if self.config.clip and self.bounder.last_linear is not None:
+            self._clip(children)
         done = ~children.alive().any(dim=1)
         self.stats["domains_bounded"] += len(children)
         self.stats["leaves_proven"] += int(done.sum())
         self.stats["max_batch"] = max(self.stats["max_batch"], len(children))
         return children.select(~done)
+
+    def _clip(self, children: Domains) -> None:
+        """Shrink the children to where their linear bounds allow a violation (clip.py); a
+        disjunct with no such point left is proven."""
+        a, b = self.bounder.last_linear
+        rows = self.bounder.last_rows
+        t = self.problem.thresholds + ATOL + RTOL * torch.maximum(rows.abs(), self.problem.thresholds.abs())
+        alive = children.alive()
+        children.lo, children.hi, gone = clip(children.lo, children.hi, a, b, t, self.problem.members, alive)
+        children.margins = children.margins.masked_fill(gone, math.inf)
+        self.stats["clipped_proofs"] += int(gone.any(dim=1).sum())
 
     def _attack_due(self, t0: float) -> bool:
         spent = self.attacker.stats.seconds - self.attack_seconds_before
