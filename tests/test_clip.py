@@ -74,6 +74,26 @@ def test_cuts_are_deep_and_empty_sets_are_found():
     assert torch.equal(new_lo[2], lo[2]) and torch.equal(new_hi[2], hi[2])   # nothing left: the box stays
 
 
+def test_rows_that_clear_only_together_prove_the_disjunct():
+    """x0 + x1 <= 0.5 and x0 + x1 >= 0.6 on the unit square: each row alone leaves points
+    (the first cuts the box to [0, 0.5]^2, the second cuts nothing), cutting by one and then
+    the other leaves [0.1, 0.5]^2, and their combination shows that no point meets both."""
+    lo, hi = torch.zeros(1, 2), torch.ones(1, 2)
+    a = torch.tensor([[[1.0, 1.0], [-1.0, -1.0]]], dtype=torch.float64)
+    b = torch.tensor([[-0.5, 0.6]], dtype=torch.float64)
+    t = torch.zeros(1, 2, dtype=torch.float64)
+    alive = torch.ones(1, 1, dtype=torch.bool)
+    _, _, empty = clip(lo, hi, a, b, t, torch.ones(1, 2, dtype=torch.bool), alive)
+    assert empty.tolist() == [[True]]
+    for row in range(2):                            # one row at a time: a cut, no proof
+        one = torch.zeros(1, 2, dtype=torch.bool)
+        one[0, row] = True
+        new_lo, new_hi, empty = clip(lo, hi, a, b, t, one, alive)
+        assert empty.tolist() == [[False]]
+        expect = torch.full((1, 2), 0.5 if row == 0 else 1.0)
+        assert (new_hi >= expect).all() and (new_hi < expect + 1e-6).all() and new_lo.tolist() == [[0, 0]]
+
+
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**31))
 def test_clipped_boxes_keep_every_sampled_violation(n, rows, seed):

@@ -11,6 +11,8 @@ to float32, so what is cut holds no point of the polytope.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from boundflow.domains.rounding import down, gamma, rounded_up, slack, unit_roundoff, up
@@ -18,19 +20,59 @@ from boundflow.domains.rounding import down, gamma, rounded_up, slack, unit_roun
 
 def halfspace(lo: torch.Tensor, hi: torch.Tensor, a: torch.Tensor, c: torch.Tensor):
     """The bounding box of {x in [lo, hi] : a x + c <= 0} (float64, [N, n] boxes, a [N, n],
-    c [N]), enlarged by its rounding error; lo > hi somewhere where the set is empty.
+    c [N]: a rounded value, e.g. b - t), enlarged by its rounding error; lo > hi somewhere where
+    the set is empty.
 
     For input j, a_j x_j <= -c - sum_{k != j} min(a_k lo_k, a_k hi_k) =: r_j, so x_j <= r_j / a_j
     when a_j > 0 and x_j >= r_j / a_j when a_j < 0."""
     m = torch.minimum(a * lo, a * hi)
-    r = m - (c.unsqueeze(1) + m.sum(dim=1, keepdim=True))
-    n = a.shape[1] + 4                        # the products, the sum, the two subtractions
-    err = 2 * gamma(n, a.dtype) * (c.abs() + 2 * m.abs().sum(dim=1)).unsqueeze(1) + slack(n, a.dtype)
+    low = c + m.sum(dim=1)                    # min over the box of a x + c
+    r = m - low.unsqueeze(1)
+    n = a.shape[1] + 5                        # the products, the sum, two subtractions, c's own
+    err = 2 * gamma(n, a.dtype) * (c.abs() + 2 * m.abs().sum(dim=1)) + slack(n, a.dtype)
     q = r / a                                 # +-inf or NaN where a_j = 0: no cut (fmin/fmax)
-    tol = up(up(err / a.abs()) + 2 * unit_roundoff(a.dtype) * q.abs())
+    tol = up(up(err.unsqueeze(1) / a.abs()) + 2 * unit_roundoff(a.dtype) * q.abs())
     cut_hi = torch.where(a > 0, up(q + tol), torch.full_like(q, torch.inf))
     cut_lo = torch.where(a < 0, down(q - tol), torch.full_like(q, -torch.inf))
-    return torch.fmax(lo, cut_lo), torch.fmin(hi, cut_hi)
+    void = (low > err).unsqueeze(1)           # a x + c > 0 on the whole box (a = 0 included)
+    return torch.where(void, torch.inf, torch.fmax(lo, cut_lo)), torch.fmin(hi, cut_hi)
+
+
+def combination(lo: torch.Tensor, hi: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
+                steps: int = 24) -> torch.Tensor:
+    """Weights w >= 0 summing to 1 ([N, R]) for the rows a [N, R, n], c [N, R] whose combined
+    row sum_j w_j (a_j x + c_j) has a large minimum over the box [lo, hi]: exponentiated
+    supergradient ascent from equal weights, the best weights (or the best row alone) kept. A disjunct is unreachable where that minimum is
+    positive (some row is then positive at every point), even where no single row is positive
+    on the whole box: near the surfaces where its rows trade places, as the outputs of ACAS
+    Xu's property 2 do. Any weights give a valid cut; these only make it deep."""
+    N, R, _ = a.shape
+    single = c + torch.minimum(a * lo.unsqueeze(1), a * hi.unsqueeze(1)).sum(dim=2)   # each row's minimum
+    best, top = single.max(dim=1)             # the best row alone is where the search starts from
+    best_w = torch.nn.functional.one_hot(top, R).to(a.dtype)
+    w = torch.full((N, R), 1.0 / R, dtype=a.dtype, device=a.device)
+    for step in range(steps):
+        x = torch.where((w.unsqueeze(2) * a).sum(dim=1) >= 0, lo, hi)     # the box's minimiser
+        rows = c + (a * x.unsqueeze(1)).sum(dim=2)                        # each row there
+        value = (w * rows).sum(dim=1)
+        better = value > best
+        best, best_w = torch.where(better, value, best), torch.where(better.unsqueeze(1), w, best_w)
+        g = rows / rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+        w = w * torch.exp(g * (2.0 / math.sqrt(step + 1)))
+        w = w / w.sum(dim=1, keepdim=True)
+    return best_w
+
+
+def combined(lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor, a: torch.Tensor, c: torch.Tensor):
+    """(a', c'): a half-space a' x + c' <= 0 holding wherever every row a_j x + c_j <= 0 does
+    (c_j rounded, as from b - t): sum_j w_j (a_j x + c_j) <= 0 there, and a', c' are its
+    rounded coefficients, so c' takes their rounding over the box."""
+    R = a.shape[1]
+    g = 2 * gamma(R + 2, a.dtype)
+    ac, cc = (w.unsqueeze(2) * a).sum(dim=1), (w * c).sum(dim=1)
+    err = g * ((w.unsqueeze(2) * a.abs()).sum(dim=1) * torch.maximum(lo.abs(), hi.abs())).sum(dim=1) \
+        + g * (w * c.abs()).sum(dim=1) + slack(R + 2, a.dtype)
+    return ac, down(cc - up(err))
 
 
 def clip(lo: torch.Tensor, hi: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
@@ -46,8 +88,13 @@ def clip(lo: torch.Tensor, hi: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t
     empty = torch.zeros_like(alive)
     for k in range(members.shape[0]):
         klo, khi = lo64, hi64
-        for i in members[k].nonzero().flatten().tolist():
-            klo, khi = halfspace(klo, khi, a[:, i], b[:, i] - t[:, i])
+        rows = members[k].nonzero().flatten()
+        c = b[:, rows] - t[:, rows]
+        if len(rows) > 1:                     # the rows' best combination first
+            w = combination(klo, khi, a[:, rows], c)
+            klo, khi = halfspace(klo, khi, *combined(klo, khi, w, a[:, rows], c))
+        for j in range(len(rows)):
+            klo, khi = halfspace(klo, khi, a[:, rows[j]], c[:, j])
         gone = (klo > khi).any(dim=1) & alive[:, k]
         empty[:, k] = gone
         keep = (alive[:, k] & ~gone).unsqueeze(1)
