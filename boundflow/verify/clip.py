@@ -42,10 +42,10 @@ def combination(lo: torch.Tensor, hi: torch.Tensor, a: torch.Tensor, c: torch.Te
                 steps: int = 24) -> torch.Tensor:
     """Weights w >= 0 summing to 1 ([N, R]) for the rows a [N, R, n], c [N, R] whose combined
     row sum_j w_j (a_j x + c_j) has a large minimum over the box [lo, hi]: exponentiated
-    supergradient ascent from equal weights, the best weights (or the best row alone) kept. A disjunct is unreachable where that minimum is
-    positive (some row is then positive at every point), even where no single row is positive
-    on the whole box: near the surfaces where its rows trade places, as the outputs of ACAS
-    Xu's property 2 do. Any weights give a valid cut; these only make it deep."""
+    supergradient ascent from equal weights, keeping the best weights seen (or the best row
+    alone). A disjunct is unreachable where that minimum is positive (some row is then positive
+    at every point), even where no single row is positive on the whole box: near the surfaces
+    where its rows trade places. Any weights give a valid cut; these only make it deep."""
     N, R, _ = a.shape
     single = c + torch.minimum(a * lo.unsqueeze(1), a * hi.unsqueeze(1)).sum(dim=2)   # each row's minimum
     best, top = single.max(dim=1)             # the best row alone is where the search starts from
