@@ -100,3 +100,24 @@ def test_results_are_ordinary_tensors_after_an_inference_mode_run(shared):
         made_inside = constant((1.5, 2.5), torch.float32, torch.device("cpu"))
     assert not made_inside.is_inference()
     (x * made_inside).sum().backward()                           # saved for backward: allowed
+
+
+@pytest.mark.parametrize("n_in", [50, 300])
+def test_linear_backward_drops_dead_columns_only_where_it_pays(n_in, monkeypatch):
+    """A @ W without the columns of A that are zero in every row: the same product (the dropped
+    terms are exact zeros), done only for products wide enough to repay the check and the
+    gather (linear.PRUNE_MIN_WIDTH); a narrow one multiplies the whole A."""
+    from boundflow.ops import linear
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 40, 200, generator=gen)
+    a[..., ::4] = 0
+    a[..., 1::4] = 0                                  # half the columns dead in every row
+    w, b = torch.randn(200, n_in, generator=gen), torch.randn(200, generator=gen)
+    bias = torch.zeros(64, 40)
+    seen = []
+    index_select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *args: seen.append(1) or index_select(t, *args))
+    new_a, new_bias = linear.backward([a, bias], [w, b], {})
+    assert bool(seen) == (n_in >= linear.PRUNE_MIN_WIDTH)
+    assert torch.allclose(new_a, a @ w, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(new_bias, a @ b, rtol=1e-5, atol=1e-4)
