@@ -240,6 +240,19 @@ def test_acas_many_batched_restarts(shared):
     assert attacker.stats.points >= AttackConfig().fill_points
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_acas_thin_violation_at_a_face(shared, seed):
+    """ACAS Xu 1_9 / property 7: the counterexamples lie in a thin sliver at the face
+    X_0 = min, where all five scores are within 1e-3. One default run (wide first steps, 4,096
+    starts) finds one; the narrow schedule with 256 starts (the old default) misses it with the
+    same seed, and branch and bound then took 3-75 s to stumble on it."""
+    folder = shared / VNNCOMP / "acasxu"
+    model, prop = folder / "ACASXU_run2a_1_9_batch_2000.onnx", folder / "prop_7.vnnlib"
+    assert_real_counterexample(model, prop, attack_whole(attacker_for(model, prop, seed=seed)))
+    narrow = AttackConfig(step_start=0.25, step_end=0.01, fill_points=256)
+    assert attack_whole(attacker_for(model, prop, narrow, seed=seed)) is None
+
+
 def test_bab_calls_keep_their_size(shared):
     """Calls with explicit restarts (branch and bound's) get no fill: their cost stays theirs."""
     folder = shared / VNNCOMP / "acasxu"

@@ -47,12 +47,17 @@ class AttackConfig:
     decaying geometrically from ``step_start`` to ``step_end``."""
     steps: int = 50
     restarts: int = 8
-    step_start: float = 0.25
-    step_end: float = 0.01
+    # wide first steps reach thin violations at the box's faces; the small last ones settle
+    # there (ACAS Xu's 47 violated instances, one run each, 3 seeds: 0.25 -> 0.01 with 256 fill
+    # points found 109 of 141, 0.5 -> 0.001 with 4,096 fill points 123, in 20 steps as in 50;
+    # no change on mnistfc's 22 violated, where 20 steps instead of 50 lose 3 of 66)
+    step_start: float = 0.5
+    step_end: float = 0.001
     max_points: int = 4096          # points per PGD batch (restarts x disjuncts x boxes)
     max_checks_per_step: int = 4    # candidates sent to onnxruntime per step
-    fill_points: int = 256          # calls with the default restarts on at most
-    fill_max_inputs: int = 32       # this many inputs add uniform samples up to this many points
+    fill_points: int = 4096         # calls with the default restarts on at most
+    fill_max_inputs: int = 32       # this many inputs add uniform samples up to this many points,
+    fill_steps: int = 20            # and take this many steps
     corner_starts: int = 8          # neuron corners per (region, disjunct), at most ``restarts``
     jacobian_rows: int = 4096       # ReLU-unit gradients per call (regions x units), for corners
     jacobian_entries: int = 1 << 23  # ... and their entries (x inputs): memory
@@ -193,7 +198,7 @@ class Attacker:
                 starts = self._starts(lo, hi, box, alive, restarts or self.config.restarts, fill)
             if isinstance(starts, Counterexample) or starts is None:
                 return starts
-            return self._descend(*starts, steps or self.config.steps, deadline)
+            return self._descend(*starts, steps or (self.config.fill_steps if fill else self.config.steps), deadline)
         finally:
             self.stats.seconds += time.perf_counter() - t0
 
