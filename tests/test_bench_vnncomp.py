@@ -50,6 +50,13 @@ def test_abcrown_2021_beside_ours(shared):
     assert got["median_s"] == 59.33 and got["ours_median_s"] == 10.0
 
 
+def test_abcrown_2021_found_where_properties_sit_in_a_folder(shared):
+    """expected.csv names oval21's properties "vnnlib/<name>": matched by file name all the same."""
+    instances = vnncomp.select(str(shared), vnncomp.Run("oval21", "", 2))   # img4549, img2908
+    got = vnncomp.abcrown_2021(str(shared), "oval21", [suite.Outcome(i, "holds", 5.0) for i in instances])
+    assert got["instances"] == 2 and got["solved"] == 2 and got["median_s"] == (17.04 + 36.72) / 2
+
+
 def test_reference_compared_on_the_instances_it_covers():
     runs = [outcome("holds", 2.0)] * 20 + [outcome("timeout", 60.0)] * 5 + [outcome("violated", 1.0)] * 5
     versus = vnncomp.against_reference("mnistfc", "256x2", runs)

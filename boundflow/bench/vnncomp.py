@@ -124,7 +124,9 @@ def abcrown_2021(shared: str | None, benchmark: str, outcomes: list[suite.Outcom
     if not path.is_file():
         return None
     with path.open(newline="") as f:
-        rows = {(r["onnx"], r["vnnlib"]): r for r in csv.DictReader(f) if r.get("benchmark") == benchmark}
+        # by file name: expected.csv names oval21's properties with their folder ("vnnlib/...")
+        rows = {(Path(r["onnx"]).name, Path(r["vnnlib"]).name): r for r in csv.DictReader(f)
+                if r.get("benchmark") == benchmark}
     theirs = [rows.get((Path(o.instance.onnx).name, Path(o.instance.vnnlib).name)) for o in outcomes]
     if not outcomes or any(r is None or not r.get("abcrown_2021_result") for r in theirs):
         return None
