@@ -227,7 +227,7 @@ def test_deeper_mnist_plain_pgd_misses_them(shared, onnx_name, vnnlib_name):
 
 
 def test_acas_many_batched_restarts(shared):
-    """ACAS Xu (5 inputs): the default run batches hundreds of uniform starts (``fill_points``),
+    """ACAS Xu (5 inputs): the default run batches thousands of uniform starts (``fill_points``),
     which finds the counterexample of 1_2 / property 2 in one run; 8 restarts per run took 22
     runs."""
     folder = shared / VNNCOMP / "acasxu"
@@ -249,7 +249,7 @@ def test_acas_thin_violation_at_a_face(shared, seed):
     folder = shared / VNNCOMP / "acasxu"
     model, prop = folder / "ACASXU_run2a_1_9_batch_2000.onnx", folder / "prop_7.vnnlib"
     assert_real_counterexample(model, prop, attack_whole(attacker_for(model, prop, seed=seed)))
-    narrow = AttackConfig(step_start=0.25, step_end=0.01, fill_points=256)
+    narrow = AttackConfig(step_start=0.25, step_end=0.01, fill_points=256, fill_steps=50)
     assert attack_whole(attacker_for(model, prop, narrow, seed=seed)) is None
 
 
