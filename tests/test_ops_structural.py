@@ -208,20 +208,37 @@ def test_transposed_equals_torch(c_in, c_out, sh, sw, taps, h, w, groups_or_one,
     got = conv.transposed(x, weight, (sh, sw), dilation, groups)
     assert got.shape == want.shape
     assert torch.allclose(got, want)
+    # a window of it (past the end: zeros), written into a given tensor (NaN: every entry written)
+    full_h, full_w = want.shape[-2:]
+    top, left = seed % (full_h + 2), seed // 7 % (full_w + 2)
+    height, width = 1 + seed // 11 % (full_h + 3), 1 + seed // 13 % (full_w + 3)
+    padded = F.pad(want, (0, left + width, 0, top + height))
+    out = torch.full(want.shape[:2] + (height, width), math.nan, dtype=torch.float64)
+    windowed = conv.transposed(x, weight, (sh, sw), dilation, groups, window=(top, left, height, width), out=out)
+    assert windowed is out
+    assert torch.allclose(out, padded[:, :, top:top + height, left:left + width])
+    assert torch.allclose(conv.transposed(x, weight, (sh, sw), dilation, groups, window=(top, left, height, width)), out)
 
 
 
 @pytest.mark.parametrize("c_in,c_out,k,s,h,w", [(3, 8, 4, 2, 16, 16), (2, 3, 3, 2, 5, 7), (1, 2, 6, 3, 4, 3),
                                                  (2, 2, 4, 2, 1, 1)])
-def test_transposed_weaves_large_results_phase_by_phase(monkeypatch, c_in, c_out, k, s, h, w):
-    """Above WEAVE_BY_PHASE_MIN elements the phases go into strided views of the result one at a
-    time: the same values as torch's transposed conv (here every size takes that path)."""
-    monkeypatch.setattr(conv, "WEAVE_BY_PHASE_MIN", 0)
+def test_transposed_window_is_contiguous_and_differentiable(c_in, c_out, k, s, h, w):
+    """The phases are gathered into the window in one step: a contiguous result, the values of
+    torch's transposed conv cropped (one row past the end: zero), and autograd's gradient
+    through it torch's too (alpha-CROWN differentiates the backward passes)."""
     g = torch.Generator().manual_seed(c_in * 100 + k)
-    x = torch.randn((5, c_out, h, w), generator=g, dtype=torch.float64)
+    x = torch.randn((5, c_out, h, w), generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn((c_out, c_in, k, k), generator=g, dtype=torch.float64)
-    got = conv.transposed(x, weight, (s, s))
-    assert got.is_contiguous() and torch.allclose(got, F.conv_transpose2d(x, weight, stride=(s, s)))
+    want = F.conv_transpose2d(x, weight, stride=(s, s))
+    window = (1, 2, want.shape[-2], want.shape[-1] - 3)       # a conv's padding off, a row past the end
+    want = F.pad(want, (0, 0, 0, 1))[:, :, 1:, 2:-1]
+    got = conv.transposed(x, weight, (s, s), window=window)
+    assert got.is_contiguous() and torch.allclose(got, want)
+    probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (grad_got,) = torch.autograd.grad((got * probe).sum(), x)
+    (grad_want,) = torch.autograd.grad((want * probe).sum(), x)
+    assert torch.allclose(grad_got, grad_want)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -5,6 +5,7 @@ receptive-field windows, domains/patches.py). Frontends lower convolutions and a
 its padding. conv_transpose2d, its adjoint, is here too (ConvTranspose)."""
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -47,11 +48,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict
 
 # -- the transposed convolution (the adjoint of conv2d), the backward rules' main cost --------------
 
-PHASE_MAX_PADDED = 8                  # see transposed
-# results of at least this many elements are woven from their phases one phase at a time (four
-# strided copies: 1.2-1.6x a permute of the whole on cifar_base_kw's passes here, 0.95x on
-# cnn_small's smaller ones)
-WEAVE_BY_PHASE_MIN = 1 << 17
+PHASE_MAX_PADDED = 16                 # see transposed
 _PHASE_KERNELS: dict[int, tuple] = {}     # id(weight) -> (weakref to it, {stride: its phase kernel})
 
 
@@ -72,50 +69,100 @@ def _phase_kernel(w: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     return kernel
 
 
-def transposed(x: torch.Tensor, w: torch.Tensor, stride, dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+def transposed(x: torch.Tensor, w: torch.Tensor, stride, dilation=(1, 1), groups: int = 1,
+               window: tuple[int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv_transpose2d(x, w, stride=stride, dilation=dilation, groups=groups), x [N, C, H, W]:
-    the full ((H - 1) s + d (k - 1) + 1 rows) transposed conv. A strided one runs as one stride-1
-    conv2d over all s x s output phases, interleaved after, when the stride divides the kernel
-    or the result has at most PHASE_MAX_PADDED channels (the kernel then padded with zero taps,
-    which add exact zeros): torch's own transposed conv spends most of its time on the zeros it
-    inserts between inputs. Measured on this CPU: 1.6-3.7x faster on the oval21 nets' stride-2
-    4x4 kernels, 1.2-2.3x on 3x3 stride-2 kernels onto 3 channels, 1.1-1.2x onto 8 (resnet_2b's
-    passes of 200-2048 rows; 0.8x at 20 rows), slower (0.55-0.75x) onto 16 or more; stride 1
-    gains nothing. A kernel smaller than its stride: _sparse_phases."""
+    the full ((H - 1) s + d (k - 1) + 1 rows) transposed conv, or its `window` (top, left,
+    height, width), which may reach past the full result's end (zeros there: a conv's input rows
+    its stride never read, ONNX's output_padding). out: a tensor of the result's shape to write
+    it into (the arena's view), or None.
+
+    A strided one runs as one stride-1 conv2d over all s x s output phases, gathered into the
+    window after (_weave_index), when the stride divides the kernel or the result
+    has at most PHASE_MAX_PADDED channels (the kernel then padded with zero taps, which add exact
+    zeros): torch's own transposed conv spends most of its time on the zeros it inserts between
+    inputs. Measured on this CPU (torch's time / ours): 2-5x on the oval21 nets' stride-2 4x4
+    kernels, 2.2-5x on resnet_2b's 3x3 stride-2 kernels onto 3 and 8 channels (200-2048 rows),
+    1.1-2.2x onto 16, 1.1x onto 32, 0.75-1x onto 64 (the padded taps' work then dominates: not
+    taken); stride 1 gains nothing. A kernel smaller than its stride: _sparse_phases."""
     (sh, sw), (kh, kw) = stride, w.shape[-2:]
+    n, _, h, wd = x.shape
+    full_h, full_w = (h - 1) * sh + dilation[0] * (kh - 1) + 1, (wd - 1) * sw + dilation[1] * (kw - 1) + 1
+    window = (0, 0, full_h, full_w) if window is None else tuple(window)
     divides = kh % sh == 0 and kw % sw == 0
     plain = groups == 1 and tuple(dilation) == (1, 1)
     if plain and kh <= sh and kw <= sw and not divides:
-        return _sparse_phases(x, w, sh, sw)
+        return _sparse_phases(x, w, sh, sw, window, out)
     if not plain or (sh, sw) == (1, 1) or not (divides or w.shape[1] <= PHASE_MAX_PADDED):
-        return F.conv_transpose2d(x, w, None, stride=tuple(stride), dilation=tuple(dilation), groups=groups)
-    n, _, h, wd = x.shape
+        y = F.conv_transpose2d(x, w, None, stride=tuple(stride), dilation=tuple(dilation), groups=groups)
+        return _into(_crop(y, window), out)
     jh, jw = -(-kh // sh), -(-kw // sw)
     z = F.conv2d(x, _phase_kernel(w, sh, sw), padding=(jh - 1, jw - 1))       # [N, ci sh sw, h+jh-1, wd+jw-1]
-    ci = w.shape[1]
-    mh, mw = z.shape[-2:]
-    phases = z.view(n, ci, sh, sw, mh, mw)
-    out_h, out_w = (h - 1) * sh + kh, (wd - 1) * sw + kw
-    if z.numel() < WEAVE_BY_PHASE_MIN or z.requires_grad:    # (autograd: one view op to go back through)
-        return phases.permute(0, 1, 4, 2, 5, 3).reshape(n, ci, mh * sh, mw * sw)[:, :, :out_h, :out_w]
-    y = z.new_empty(n, ci, out_h, out_w)            # woven one phase at a time into strided views
-    for ry in range(sh):
-        for rx in range(sw):
-            dest = y[:, :, ry::sh, rx::sw]
-            dest.copy_(phases[:, :, ry, rx, :dest.shape[-2], :dest.shape[-1]])
-    return y
+    ci, (mh, mw) = w.shape[1], z.shape[-2:]
+    top, left, height, width = window
+    idx = _weave_index(ci, sh, sw, mh, mw, full_h, full_w, window, z.device)
+    y = torch.index_select(z.flatten(1), 1, idx, out=None if out is None else out.flatten(1))
+    y = y.view(n, ci, height, width)
+    if full_h - top < height:                      # past the full result's end: zeros
+        y[:, :, max(full_h - top, 0):] = 0
+    if full_w - left < width:
+        y[:, :, :, max(full_w - left, 0):] = 0
+    return y if out is None else out
 
 
-def _sparse_phases(x: torch.Tensor, w: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _weave_index(ci: int, sh: int, sw: int, mh: int, mw: int, full_h: int, full_w: int, window, device) -> torch.Tensor:
+    """For each entry of a window (top, left >= 0) of the transposed conv, where it sits in the
+    phase conv's result per sample, [ci, sh, sw, mh, mw] flattened: output row top + i is phase
+    row (top + i) % sh, at (top + i) // sh. One gather then weaves and crops at once, writing
+    the result contiguously (2-3x the four strided phase copies it replaced here). Entries past
+    the full result's end point anywhere; the caller zeroes them."""
+    top, left, height, width = window
+    with torch.inference_mode(False):        # (cached: autograd may save it later)
+        ys = torch.arange(top, top + height).clamp(max=full_h - 1)[:, None]
+        xs = torch.arange(left, left + width).clamp(max=full_w - 1)[None, :]
+        c = torch.arange(ci)[:, None, None]
+        idx = (((c * sh + ys % sh) * sw + xs % sw) * mh + ys // sh) * mw + xs // sw
+        return idx.reshape(-1).to(device)
+
+
+def _landing(offset: int, step: int, count: int, start: int, length: int) -> tuple[int, int, int]:
+    """Entries offset + step i (i < count) of a full axis seen through the window [start, start +
+    length): (the first i inside, where it lands in the window, how many land)."""
+    i0 = max(0, -((offset - start) // step))
+    j0 = offset + step * i0 - start
+    return i0, j0, max(0, min(count - i0, -(-(length - j0) // step)))
+
+
+def _crop(y: torch.Tensor, window) -> torch.Tensor:
+    top, left, height, width = window
+    grow_h, grow_w = max(0, top + height - y.shape[-2]), max(0, left + width - y.shape[-1])
+    if grow_h or grow_w:
+        y = F.pad(y, (0, grow_w, 0, grow_h))
+    return y[:, :, top:top + height, left:left + width]
+
+
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return y if out is None else out.copy_(y)
+
+
+def _sparse_phases(x: torch.Tensor, w: torch.Tensor, sh: int, sw: int, window, out) -> torch.Tensor:
     """The transposed conv of a kernel no larger than its stride (a resnet's 1x1 stride-2
     shortcut): each output phase takes at most one tap, a 1x1 conv over channels, and the
     others are zero. 3-10x torch's conv_transpose2d on such kernels here."""
     n, _, h, wd = x.shape
     _, ci, kh, kw = w.shape
-    y = x.new_zeros(n, ci, (h - 1) * sh + kh, (wd - 1) * sw + kw)
+    top, left, height, width = window
+    y = (x.new_empty(n, ci, height, width) if out is None else out).zero_()
     for ry in range(kh):
+        rows = _landing(ry, sh, h, top, height)
         for rx in range(kw):
-            y[:, :, ry::sh, rx::sw] = F.conv2d(x, w[:, :, ry, rx].t()[:, :, None, None])
+            cols = _landing(rx, sw, wd, left, width)
+            (i0, y0, nr), (k0, x0, nc) = rows, cols
+            if nr == 0 or nc == 0:
+                continue
+            tap = F.conv2d(x[:, :, i0:i0 + nr, k0:k0 + nc], w[:, :, ry, rx].t()[:, :, None, None])
+            y[:, :, y0::sh, x0::sw][:, :, :nr, :nc] = tap
     return y
 
 
@@ -189,33 +236,36 @@ def backward_params(graph, node, dtype=torch.float32):
 DENSE_BACKWARD_MAX_MACS = 1 << 23
 
 
-def backward(ins, ps, attrs):
-    """A through the transposed convolution, cropped to the input (output_padding recovers the
-    padded input extent the strided conv did not reach), and the bias term. With a third param,
-    the conv's dense matrix [out numel, in numel] (small convs, PlannerConfig.
-    dense_conv_backward_bytes): A through it as one product when that takes at most
-    DENSE_BACKWARD_MAX_MACS (cnn_small's convs: ~15 us against ~150-230 us for the transposed
-    conv; the product does every zero of the matrix too, so many rows, as in branch and bound's
-    batches, go through the conv)."""
+def _bias(bias: torch.Tensor, term: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """bias + term (the conv's bias through A; None: no bias), written into out if given."""
+    out = shaped(out, bias.shape)
+    if term is None:
+        return bias.clone() if out is None else out.copy_(bias)
+    return torch.add(bias, term, out=out)
+
+
+@writes_into
+def backward(ins, ps, attrs, out=(None, None)):
+    """A through the transposed convolution, cropped to the input (the input rows the strided
+    conv never read are zero), and the bias term. With a third param, the conv's dense matrix
+    [out numel, in numel] (small convs, PlannerConfig.dense_conv_backward_bytes): A through it as
+    one product when that takes at most DENSE_BACKWARD_MAX_MACS (cnn_small's convs: ~15 us
+    against ~150-230 us for the transposed conv; the product does every zero of the matrix too,
+    so many rows, as in branch and bound's batches, go through the conv). Both write into the
+    planned views: the transposed conv's phases land in the arena's rows directly."""
     a, bias = ins
     w, b = ps[:2]
     c_in, h, wd = attrs["in_shape"][-3:]
-    new_bias = bias.clone() if b is None else bias + sum_lead(a, 3).sum((-1, -2)) @ b
     lead = tuple(a.shape[:-3])
+    new_bias = _bias(bias, None if b is None else sum_lead(a, 3).sum((-1, -2)) @ b, out[1])
+    dest = shaped(out[0], lead + (c_in, h, wd))
     if len(ps) > 2 and a.numel() * ps[2].shape[1] <= DENSE_BACKWARD_MAX_MACS:
-        rows = torch.mm(a.reshape(-1, ps[2].shape[0]), ps[2])
-        return rows.view(lead + (c_in, h, wd)), new_bias
-    top, left, bottom, right = attrs["padding"]
-    (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
-    c_out, h_out, w_out = a.shape[-3:]
-    kh, kw = w.shape[-2:]
-    op_h = h + top + bottom - ((h_out - 1) * sh + dh * (kh - 1) + 1)
-    op_w = wd + left + right - ((w_out - 1) * sw + dw * (kw - 1) + 1)
-    x = transposed(a.reshape(-1, c_out, h_out, w_out), w, (sh, sw), (dh, dw), attrs["groups"])
-    if op_h > 0 or op_w > 0:                   # input rows the strided conv never read: zero
-        x = F.pad(x, (0, max(op_w, 0), 0, max(op_h, 0)))
-    x = x[:, :, top:top + h, left:left + wd]
-    return x.reshape(lead + (c_in, h, wd)), new_bias
+        rows = torch.mm(a.reshape(-1, ps[2].shape[0]), ps[2], out=None if dest is None else dest.view(-1, ps[2].shape[1]))
+        return (rows.view(lead + (c_in, h, wd)) if dest is None else dest), new_bias
+    top, left = attrs["padding"][:2]
+    x = transposed(a.reshape((-1,) + tuple(a.shape[-3:])), w, attrs["stride"], attrs["dilation"], attrs["groups"],
+                   window=(top, left, h, wd), out=None if dest is None else dest.view(-1, c_in, h, wd))
+    return x.reshape(lead + (c_in, h, wd)) if dest is None else dest, new_bias
 
 
 def dense_matrix(rule, graph, node, dtype, max_bytes):
@@ -268,20 +318,24 @@ def patch_start(ins, ps, attrs):
     return a, bias
 
 
-def patch_backward(ins, ps, attrs):
+@writes_into
+def patch_backward(ins, ps, attrs, out=(None, None)):
     """Back through a conv: the window grows to the kernel's reach (no cropping: what falls on
     the conv's padding is zeroed by the next window read). In a sound_fp plan the inputs end
     with the conv's error vector and the selected neurons (attrs "grid": the window geometry
     of A on the conv's output)."""
     a, bias = ins[:2]
     w, b = ps
-    lead = a.shape[:2]
-    x = transposed(a.flatten(0, 1), w, attrs["stride"])
-    new_bias = bias.clone() if b is None else bias + a.sum((-1, -2)) @ b
+    (sh, sw), (kh, kw) = attrs["stride"], w.shape[-2:]
+    shape = tuple(a.shape[:2]) + (w.shape[1], (a.shape[-2] - 1) * sh + kh, (a.shape[-1] - 1) * sw + kw)
+    dest = shaped(out[0], shape)
+    x = transposed(a.flatten(0, 1), w, (sh, sw), out=None if dest is None else dest.flatten(0, 1))
     if attrs.get("fp"):
-        e, idx = ins[2], selected_neurons(ins, 3, attrs, a)
-        new_bias = patch_fp_widen(a, new_bias, e, idx, attrs)
-    return x.reshape(lead + x.shape[1:]), new_bias
+        new_bias = bias.clone() if b is None else bias + a.sum((-1, -2)) @ b
+        new_bias = patch_fp_widen(a, new_bias, ins[2], selected_neurons(ins, 3, attrs, a), attrs)
+    else:
+        new_bias = _bias(bias, None if b is None else a.sum((-1, -2)) @ b, out[1])
+    return (x.view(shape) if dest is None else dest), new_bias
 
 
 CONV2D = register(Op("conv2d", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
@@ -302,10 +356,18 @@ def _transpose_margins(attrs) -> tuple[int, int, int, int]:
     return (-left, op_w - right, -top, op_h - bottom)
 
 
+def _transpose_window(in_hw, kernel, attrs) -> tuple[int, int, int, int]:
+    """The output as a window (top, left, height, width) of the full transposed conv."""
+    (h, wd), (kh, kw) = in_hw, kernel
+    (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
+    left, right, top, bottom = _transpose_margins(attrs)
+    return (-top, -left, (h - 1) * sh + dh * (kh - 1) + 1 + top + bottom, (wd - 1) * sw + dw * (kw - 1) + 1 + left + right)
+
+
 def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict) -> torch.Tensor:
     lead = tuple(x.shape[:-3])
-    y = transposed(x.reshape((-1,) + tuple(x.shape[-3:])), w, attrs["stride"], attrs["dilation"], attrs["groups"])
-    y = F.pad(y, _transpose_margins(attrs))
+    y = transposed(x.reshape((-1,) + tuple(x.shape[-3:])), w, attrs["stride"], attrs["dilation"], attrs["groups"],
+                   window=_transpose_window(x.shape[-2:], w.shape[-2:], attrs))
     if b is not None:
         y = y + b.reshape(-1, 1, 1)
     return y.reshape(lead + tuple(y.shape[1:]))
