@@ -42,15 +42,27 @@ def patch_margins(attrs, h: int, w: int, ph: int, pw: int) -> tuple[int, int, in
     return max(0, p), max(0, (ht - 1) * s - p + ph - h), max(0, q), max(0, (wt - 1) * t - q + pw - w)
 
 
-def windows(x: torch.Tensor, idx: torch.Tensor, attrs, ph: int, pw: int) -> torch.Tensor:
+def shared_windows(idx: torch.Tensor, attrs) -> int:
+    """How many blocks of rows share their windows: the target's channels when the rows are
+    every neuron of the target in order (neuron c P + p's window depends on its position p
+    only; bound.unstable's indices are sorted and unique, so all of them is the identity), else
+    1. Windows are then read once per position, not once per row."""
+    c, h, w = attrs["target"]
+    return c if idx.dim() == 1 and idx.numel() == c * h * w else 1
+
+
+def windows(x: torch.Tensor, idx: torch.Tensor | None, attrs, ph: int, pw: int) -> torch.Tensor:
     """x [..., C, H, W] read at the windows of the neurons idx [k] (size ph x pw, zeros outside):
-    [..., k, C, ph, pw]. Every target position's window at once (an unfold of x, cropped or
-    zero padded so that window (i, j) starts at (i S - P, j T - Q)), then each row's."""
+    [..., k, C, ph, pw]; idx None: at each position of the target once, [..., H_t W_t, C, ph, pw].
+    Every target position's window at once (an unfold of x, cropped or zero padded so that
+    window (i, j) starts at (i S - P, j T - Q)), then each row's."""
     lead, (c, h, w) = tuple(x.shape[:-3]), x.shape[-3:]
     _, ht, wt = attrs["target"]
     s, t, p, q = attrs["grid"]
     xp = _pad_or_crop(x.reshape((-1, c, h, w)), q, (wt - 1) * t - q + pw - w, p, (ht - 1) * s - p + ph - h)
     every = F.unfold(xp, (ph, pw), stride=(s, t)).transpose(1, 2)          # [N, ht wt, C ph pw]
+    if idx is None:
+        return every.reshape(lead + (ht * wt, c, ph, pw))
     return every.index_select(1, idx % (ht * wt)).reshape(lead + (idx.numel(), c, ph, pw))
 
 
@@ -69,7 +81,7 @@ def unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def _row_dots(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """[B, 2, k] dots of each row's window a [B, 2, k, n] with its neuron's x [B, k, n]: one
+    """[B, h, k] dots of each row's window a [B, h, k, n] with its neuron's x [B, k, n]: one
     batched product, ~3x faster than multiplying out and summing (no [B, 2, k, n] temporary)."""
     return torch.einsum("bhjx,bjx->bhj", a, x)
 
@@ -111,19 +123,22 @@ def patch_concretize(ins, ps, attrs):
     a, bias, box = ins[:3]
     k = a.shape[1] // 2
     lo, hi = unit_lead(box, 2)
+    idx = selected_neurons(ins, 3, attrs, a)
+    groups = shared_windows(idx, attrs)
     # centre and radius (and the magnitude) on the box, then read at the windows: the same
     # values as computed on the windows (zeros outside give zeros), at a fraction of the work
     per_box = [(hi + lo) / 2, (hi - lo) / 2] + ([torch.maximum(lo.abs(), hi.abs())] if attrs.get("fp") else [])
-    c, r, *m = windows(torch.stack(per_box), selected_neurons(ins, 3, attrs, a), attrs,
-                       a.shape[-2], a.shape[-1]).flatten(3)                  # [B, k, C ph pw] each
-    a = a.unflatten(1, (2, k)).flatten(3)                                  # [B, 2, k, C ph pw]
+    c, r, *m = windows(torch.stack(per_box), None if groups > 1 else idx, attrs,
+                       a.shape[-2], a.shape[-1]).flatten(3)                  # [B, k / groups, C ph pw] each
+    a = a.unflatten(1, (2 * groups, k // groups)).flatten(3)                # [B, 2 groups, k / groups, C ph pw]
     a_abs = a.abs()
-    mid = _row_dots(a, c) + bias.unflatten(1, (2, k))                       # [B, 2, k]
-    rad = _row_dots(a_abs, r)
+    shape = (a.shape[0], 2, k)
+    mid = _row_dots(a, c).reshape(shape) + bias.unflatten(1, (2, k))           # [B, 2, k]
+    rad = _row_dots(a_abs, r).reshape(shape)
     lower, upper = mid[:, 0] - rad[:, 0], mid[:, 1] + rad[:, 1]
     if attrs.get("fp"):
         n = a.shape[-1] + 4
-        err = _row_dots(a_abs, m[0]) + bias.unflatten(1, (2, k)).abs()
+        err = _row_dots(a_abs, m[0]).reshape(shape) + bias.unflatten(1, (2, k)).abs()
         err = 2 * gamma(n, a.dtype) * err + slack(n, a.dtype)
         lower, upper = down(lower - err[:, 0]), up(upper + err[:, 1])
     return (torch.stack((lower, upper)),)

@@ -20,7 +20,7 @@ import torch
 from boundflow.domains import shaped, writes_into
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.patches import fp_widen as patch_fp_widen
-from boundflow.domains.patches import selected_neurons, unit_lead, windows
+from boundflow.domains.patches import selected_neurons, shared_windows, unit_lead, windows
 from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
 from boundflow.ops import select
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
@@ -160,31 +160,34 @@ def fp_error(ins, ps, attrs):
 
 # -- patches ------------------------------------------------------------------------------------
 
-def _window_lines(lines: torch.Tensor, idx: torch.Tensor, attrs, a: torch.Tensor) -> torch.Tensor:
-    """The relaxation at each neuron's window: [3, B, 1, k, C, ph, pw] (broadcasts over halves)."""
+def _window_lines(lines: torch.Tensor, idx: torch.Tensor | None, attrs, a: torch.Tensor) -> torch.Tensor:
+    """The relaxation at each neuron's window: [3, B, 1, k, C, ph, pw] (broadcasts over halves);
+    idx None: at each position's window, shared by the target's channels (shared_windows)."""
     return windows(unit_lead(lines, 2), idx, attrs, a.shape[-2], a.shape[-1]).unsqueeze(2)
 
 
-def _patch_back(a, bias, win, alpha=None, out=(None, None)):
+def _patch_back(a, bias, win, alpha=None, out=(None, None), groups=1):
     """_back on windows; alpha [B, 2k, C, ph, pw] replaces the lower slope of unstable neurons,
-    one per row as in backward_alpha. out: where A and the bias go (writes_into)."""
+    one per row as in backward_alpha. win: the relaxation at k / groups windows, each shared by
+    `groups` blocks of rows (patches.shared_windows). out: where A and the bias go (writes_into)."""
     k = a.shape[1] // 2
-    up_slope, up_bias, lo_slope = win                    # each [B, 1, k, C, ph, pw]
+    rows = (2, groups, k // groups)
+    up_slope, up_bias, lo_slope = (w.unsqueeze(2) for w in win)     # each [B, 1, 1, k / groups, C, ph, pw]
     dest = shaped(out[0], a.shape)
     if dest is None and not torch.is_grad_enabled():     # (out= writes have no autograd)
         dest = torch.empty_like(a)
-    a = a.unflatten(1, (2, k))
+    a = a.unflatten(1, rows)
     lo_l = lo_u = lo_slope[:, 0]
     if alpha is not None:
-        lo_slope = _unstable_slopes(lo_slope, up_bias, alpha.unflatten(1, (2, k)))
+        lo_slope = _unstable_slopes(lo_slope, up_bias, alpha.unflatten(1, rows))
         lo_l, lo_u = lo_slope[:, 0], lo_slope[:, 1]
-    halves = (None, None) if dest is None else dest.unflatten(1, (2, k)).unbind(1)
+    halves = (None, None) if dest is None else dest.unflatten(1, rows).unbind(1)
     out_lo, _, neg_lo = _lines(a[:, 0], lo_l, up_slope[:, 0], halves[0])
     out_up, pos_up, _ = _lines(a[:, 1], up_slope[:, 0], lo_u, halves[1])
-    ub = up_bias[:, 0].flatten(2)
-    extra = torch.stack((torch.einsum("bkx,bkx->bk", neg_lo.flatten(2), ub),
-                         torch.einsum("bkx,bkx->bk", pos_up.flatten(2), ub)), 1)
-    new_a = torch.stack((out_lo, out_up), 1).flatten(1, 2) if dest is None else dest
+    ub = up_bias[:, 0, 0].flatten(2)
+    extra = torch.stack((torch.einsum("bgkx,bkx->bgk", neg_lo.flatten(3), ub),
+                         torch.einsum("bgkx,bkx->bgk", pos_up.flatten(3), ub)), 1)
+    new_a = torch.stack((out_lo, out_up), 1).flatten(1, 3) if dest is None else dest
     return new_a, torch.add(bias, extra.flatten(1), out=out[1])
 
 
@@ -195,8 +198,10 @@ def patch_backward(ins, ps, attrs, out=(None, None)):
     ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, lines = ins[:3]
     idx = selected_neurons(ins, 3, attrs, a)
+    groups = shared_windows(idx, attrs)
     into = out if e is None else (out[0], None)          # (a sound_fp bias is widened after)
-    new_a, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a), out=into)
+    win = _window_lines(lines, None if groups > 1 else idx, attrs, a)
+    new_a, new_bias = _patch_back(a, bias, win, out=into, groups=groups)
     return new_a, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
 
 
@@ -205,7 +210,9 @@ def patch_backward_alpha(ins, ps, attrs):
     ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
     a, bias, lines, alpha = ins[:4]
     idx = selected_neurons(ins, 4, attrs, a)
-    out, new_bias = _patch_back(a, bias, _window_lines(lines, idx, attrs, a), alpha)
+    groups = shared_windows(idx, attrs)
+    win = _window_lines(lines, None if groups > 1 else idx, attrs, a)
+    out, new_bias = _patch_back(a, bias, win, alpha, groups=groups)
     return out, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
 
 
