@@ -61,8 +61,8 @@ def windows(x: torch.Tensor, idx: torch.Tensor | None, attrs, ph: int, pw: int) 
     s, t, p, q = attrs["grid"]
     xp = _pad_or_crop(x.reshape((-1, c, h, w)), q, (wt - 1) * t - q + pw - w, p, (ht - 1) * s - p + ph - h)
     every = F.unfold(xp, (ph, pw), stride=(s, t)).transpose(1, 2)          # [N, ht wt, C ph pw]
-    if idx is None:
-        return every.reshape(lead + (ht * wt, c, ph, pw))
+    if idx is None:                       # (contiguous: the rules read it once per channel block)
+        return every.contiguous().reshape(lead + (ht * wt, c, ph, pw))
     return every.index_select(1, idx % (ht * wt)).reshape(lead + (idx.numel(), c, ph, pw))
 
 
