@@ -330,11 +330,11 @@ def patch_backward(ins, ps, attrs, out=(None, None)):
     shape = tuple(a.shape[:2]) + (w.shape[1], (a.shape[-2] - 1) * sh + kh, (a.shape[-1] - 1) * sw + kw)
     dest = shaped(out[0], shape)
     x = transposed(a.flatten(0, 1), w, (sh, sw), out=None if dest is None else dest.flatten(0, 1))
-    if attrs.get("fp"):
-        new_bias = bias.clone() if b is None else bias + a.sum((-1, -2)) @ b
-        new_bias = patch_fp_widen(a, new_bias, ins[2], selected_neurons(ins, 3, attrs, a), attrs)
+    term = None if b is None else a.sum((-1, -2)) @ b
+    if attrs.get("fp"):                      # (widened after: not into the planned view)
+        new_bias = patch_fp_widen(a, _bias(bias, term, None), ins[2], selected_neurons(ins, 3, attrs, a), attrs)
     else:
-        new_bias = _bias(bias, None if b is None else a.sum((-1, -2)) @ b, out[1])
+        new_bias = _bias(bias, term, out[1])
     return (x.view(shape) if dest is None else dest), new_bias
 
 
