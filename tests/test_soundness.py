@@ -564,3 +564,39 @@ def test_pure_crown_keeps_a_divisor_in_its_domain(tmp_path):
     lo, hi = torch.tensor([[[-10.0, -1.0]]]), torch.tensor([[[10.0, 3.0]]])
     for method in ("crown", "alpha-crown"):
         _fuzz_case_sound(path, lo, hi, method, boundflow.PlannerConfig(crown_interm="pure"))
+
+
+def test_sign_of_a_rounded_zero_is_not_a_step_up(tmp_path):
+    """A nightly fuzz find: Clip(max 0.5) of ReLU outputs that reach 0, then Sign. CROWN's bound
+    on the clip's input is 0.5 - relu(0.5 - x), whose lower end comes out +3e-8 in float32 where
+    the exact one is 0: Sign read that as "always 1" and the output's lower bound was 0.169 above
+    a value the net takes (-0.077). Sign now treats non-zero ends that close to 0 as crossing it."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+    import onnxruntime as ort
+    head = [0.009740626, -0.548015, -0.05156969, -0.29366404, -0.17259707, -0.12828307, -0.07455266, 0.09702225,
+            0.24572276, -0.030295910, 0.32207853, -0.15678789, 0.08285172, 0.21294996, 0.022158911, -0.17524445,
+            -0.21725276, -0.107887015]
+    w = [[0.088904694, -0.093412243], [0.45284721, 0.074175581], [-0.37877545, 0.25568631], [0.92206728, 0.66968739]]
+    inits = [numpy_helper.from_array(np.array(w, np.float32), "w"),
+             numpy_helper.from_array(np.array([-0.35186762, -0.63271075, -0.31163722], np.float32), "b"),
+             numpy_helper.from_array(np.array([head], np.float32), "hw"),
+             numpy_helper.from_array(np.array([0.066058539], np.float32), "hb")]
+    nodes = [helper.make_node("Add", ["x", "x"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Gemm", ["w", "r", "b"], ["g"]), helper.make_node("Relu", ["g"], ["r2"]),
+             helper.make_node("Concat", ["r2", "r"], ["c"], axis=0), helper.make_node("Clip", ["c"], ["k"], max=0.5),
+             helper.make_node("Sign", ["k"], ["s"]), helper.make_node("Flatten", ["s"], ["f"], axis=0),
+             helper.make_node("Gemm", ["f", "hw", "hb"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    path = tmp_path / "net.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)]).SerializeToString())
+    lo = torch.tensor([[0.1136071607, 2.0019376278, 0.3010737896], [-1.3447642326, 0.3035575151, 0.1856819987]])
+    hi = torch.tensor([[0.1136071607, 2.4172656536, 0.9129873514], [-0.0936397314, 0.9853509665, 2.0696105957]])
+    points = sample_box(lo, hi, 400, 64, torch.Generator().manual_seed(0))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = torch.tensor([float(sess.run(None, {"x": p.numpy()})[0].item()) for p in points])
+    assert y.min() < -0.07                              # the value the wrong bound excluded
+    for method in ("ibp", "crown-ibp", "crown"):
+        res = boundflow.bound(str(path), lo, hi, method)
+        assert res.lb.item() <= y.min().item() + 1e-6 and y.max().item() <= res.ub.item() + 1e-6, method   # (float32)

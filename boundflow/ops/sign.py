@@ -41,8 +41,21 @@ def forward(x, attrs=None):
     return _Step.apply(x) if x.requires_grad else torch.sign(x)
 
 
+# The step jumps by 1 at 0, so an end of its input's bounds that rounding put on the wrong side
+# of 0 is a wrong bound, not a rounding error (0.5 - relu(0.5 - x) of a ReLU's exact zero comes
+# out +3e-8 from a CROWN pass in float32). Non-zero ends move out by ROUNDING_ULPS units in the
+# last place of the larger end before the step reads their signs: bounds that close to 0 are
+# treated as crossing it (looser there only). Exact zeros (a ReLU's, a clamp's) stay.
+ROUNDING_ULPS = 64
+
+
+def widened(l: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    slack = ROUNDING_ULPS * unit_roundoff(l.dtype) * torch.maximum(l.abs(), u.abs())
+    return torch.where(l == 0, l, l - slack), torch.where(u == 0, u, u + slack)
+
+
 def interval(ins, ps, attrs):
-    return (torch.sign(ins[0]),)
+    return (torch.sign(torch.stack(widened(*ins[0]))),)
 
 
 def _ranges(l, u):
@@ -63,7 +76,7 @@ def lines(l, u, alpha_lo, alpha_up):
 
 def relax(ins, ps, attrs):
     """stack(l, u) -> rows (lower slope, lower intercept, upper slope, upper intercept, l, u)."""
-    l, u = ins[0]
+    l, u = widened(*ins[0])
     return (torch.stack((*lines(l, u, *crown_alphas(l, u)), l, u)),)
 
 
