@@ -1,5 +1,6 @@
 """sign: y = -1, 0 or 1 by the sign of x (ONNX Sign, aten sign). A step: monotone, so interval
-bounds are exact; its lines over [l, u] pass through the step's values at the interval's ends:
+bounds are exact (but for ends a rounding error from 0: see widened); its lines over [l, u] pass
+through the step's values at the interval's ends:
 
   upper: y = sign(u) + s x, s in [0, (sign(u) + 1) / -l] (l < 0; else s = 0): through (l, -1)
          at the steepest, never below the step (it is sign(u) >= 0 at 0, above 1 right of it)
