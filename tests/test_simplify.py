@@ -343,9 +343,9 @@ def test_fold_constants():
     assert out.values[s].kind == "const" and out.values[s].type.shape == (3,)
     assert out.values[lin].kind == "const" and out.values[lin].type.shape == (2, 3)
     validate(out)
-    x = torch.randn(4, 1, 3)
-    for u, v in zip(evaluate(g, x), evaluate(out, x)):
-        assert torch.allclose(u, v)
+    x = torch.randn(4, 1, 3, generator=torch.Generator().manual_seed(0))
+    for u, v in zip(evaluate(g, x), evaluate(out, x)):      # (float32: folding reorders the sums)
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-6 * u.abs().max().item())
     assert ops(simplify(g)) == ["affine", "affine", "add", "affine"]
 
 
