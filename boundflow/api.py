@@ -23,7 +23,7 @@ import torch
 from boundflow.domains.rounding import down, round_outward, up
 from boundflow.errors import DeviceError, ModelLoadError, ShapeError
 from boundflow.ir.primal import Graph
-from boundflow.ir.task import TORCH_DTYPES, BFTaskModule
+from boundflow.ir.task import TORCH_DTYPES, BFTaskModule, of_kind
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import METHODS
 from boundflow.planner.pipeline import plan
@@ -281,7 +281,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     if c_err is not None:
         lb, ub = _correct(lb, ub, c_err)
     lb, ub = lb.to(home), ub.to(home)
-    intermediate = {role.split(":", 1)[1]: t.to(home) for role, t in outputs.items() if role.startswith("interm:")}
+    intermediate = {role.value: outputs[role].to(home) for role in of_kind(outputs, "interm")}
     if device.startswith("cuda"):                    # run_ms: the kernels' time, not their launch
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()

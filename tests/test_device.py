@@ -20,6 +20,7 @@ import torch.fx.experimental._config as fx_config
 import boundflow
 from boundflow.cli import main
 from boundflow.errors import DeviceError
+from boundflow.ir.task import of_kind
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import fp32_refusal
 from boundflow.runtime.device import constant, ieee_float32, resolve_device
@@ -134,7 +135,7 @@ def _run_on_meta(graph, method: str, sound_fp: bool, spec_rows: int | None = Non
         inputs["C"] = torch.zeros((2, spec_rows, out), dtype=dtype, device="meta")
     ex = PythonTaskExecutor(checked=True)
     if method == "alpha-crown":
-        roles = {role: None for role in module.inputs if role.startswith("alpha:")}
+        roles = {role: None for role in of_kind(module.inputs, "alpha")}
         env = ex.run_functional(module, {**inputs, **roles})
         assert all(t.device.type == "meta" for t in env.values() if isinstance(t, torch.Tensor))
         assert all(t.device.type == "meta" for t in starting_slopes(module, env).values())

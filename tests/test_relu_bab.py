@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from boundflow import api
 from boundflow.domains import bound, concrete, linear
 from boundflow.frontends.vnnlib import parse_vnnlib
+from boundflow.ir.task import Role, of_kind
 from boundflow.passes.layout import fold_layout
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import SPLIT_METHOD
@@ -102,15 +103,15 @@ def split_at_random(search, root, z: dict, splits: int, gen) -> torch.Tensor:
     inside = torch.ones(len(next(iter(z.values()))), dtype=torch.bool)
     for _ in range(splits):
         v = search.relus[int(torch.randint(len(search.relus), (1,), generator=gen))]
-        l, u = t[f"lo:{v}"][0].flatten(), t[f"hi:{v}"][0].flatten()
-        free = ((l < 0) & (u > 0) & (t[f"sign:{v}"][0].flatten() == 0)).nonzero().flatten()
+        l, u = t[("lo", v)][0].flatten(), t[("hi", v)][0].flatten()
+        free = ((l < 0) & (u > 0) & (t[("sign", v)][0].flatten() == 0)).nonzero().flatten()
         if not len(free):
             continue
         j = int(free[torch.randint(len(free), (1,), generator=gen)])
         zj = z[v].flatten(1)[:, j]
         side = 1 if zj[anchor] >= 0 else -1
-        t[f"sign:{v}"].view(1, -1)[0, j] = side
-        (t[f"lo:{v}"] if side > 0 else t[f"hi:{v}"]).view(1, -1)[0, j] = 0.0
+        t[("sign", v)].view(1, -1)[0, j] = side
+        (t[("lo", v)] if side > 0 else t[("hi", v)]).view(1, -1)[0, j] = 0.0
         inside &= side * zj >= 0
     assert inside[anchor]
     return inside
@@ -139,9 +140,9 @@ def test_beta_crown_bounds_hold_on_their_domain(setup, splits, iterations):
         # random warm starts: any alpha in [0, 1] and beta >= 0 must give a sound bound
         bounded = search.bound(root, 1)
         for o in search.slopes:
-            bounded.t[f"alpha:{o}"] = torch.rand(bounded.t[f"alpha:{o}"].shape, generator=gen)
+            bounded.t[("alpha", o)] = torch.rand(bounded.t[("alpha", o)].shape, generator=gen)
         for v in search.relus:
-            bounded.t[f"beta:{v}"] = torch.rand(bounded.t[f"beta:{v}"].shape, generator=gen) * 2
+            bounded.t[("beta", v)] = torch.rand(bounded.t[("beta", v)].shape, generator=gen) * 2
         bounded.t["margin"] = torch.full((1,), -math.inf, dtype=torch.float64)
         margin = float(search.bound(bounded, iterations).t["margin"][0])
 
@@ -176,18 +177,17 @@ def test_refined_intermediate_bounds_hold_on_their_domain(setup, splits, k, soun
         dtype = torch.float64 if sound_fp else torch.float32
         inputs = {"box": torch.stack((lo, hi)).reshape((2, 1) + shape).to(dtype), "C": search.C.to(dtype)}
         for v in search.relaxed:
-            inputs[f"interm:{v}"] = torch.stack((root.t[f"lo:{v}"], root.t[f"hi:{v}"])).to(dtype)
-            if f"refine:{v}" in module.inputs:        # the k widest neurons (any selection is sound)
-                width = (root.t[f"hi:{v}"] - root.t[f"lo:{v}"]).flatten(1)
-                inputs[f"refine:{v}"] = width.topk(min(k, width.shape[1]), dim=1).indices
-        for role in module.inputs:
-            if role.startswith(("alpha:", "beta:")):
-                inputs[role] = None
+            inputs[Role("interm", v)] = torch.stack((root.t[("lo", v)], root.t[("hi", v)])).to(dtype)
+            if Role("refine", v) in module.inputs:        # the k widest neurons (any selection is sound)
+                width = (root.t[("hi", v)] - root.t[("lo", v)]).flatten(1)
+                inputs[Role("refine", v)] = width.topk(min(k, width.shape[1]), dim=1).indices
+        for role in of_kind(module.inputs, "alpha", "beta"):
+            inputs[role] = None
         env = api._executor.run_functional(module, inputs)
-        refined = {role[len("interm:"):]: env[bid] for role, bid in module.outputs.items() if role.startswith("interm:")}
-        assert refined or not any(r.startswith("refine:") for r in module.inputs)
+        refined = {role.value: env[module.outputs[role]] for role in of_kind(module.outputs, "interm")}
+        assert refined or not of_kind(module.inputs, "refine")
         for v, bounds in refined.items():
-            given = inputs[f"interm:{v}"]
+            given = inputs[Role("interm", v)]
             assert (bounds[0] >= given[0]).all() and (bounds[1] <= given[1]).all()
             zin = z[v][inside].double()
             tol = 1e-5 * max(1.0, float(zin.abs().max()))      # (the samples are float32)
@@ -451,14 +451,14 @@ def test_split_children_clamp_and_sign_one_neuron(tmp_path):
     search = ReluBranchAndBound(str(path), problem, [(0, 0)], None, ReluBabConfig(), EXPORT)
     (v,) = search.relus
     parent = DomainSet({"pair": torch.tensor([0]), "margin": torch.tensor([-1.0], dtype=torch.float64),
-                        f"lo:{v}": -torch.ones(1, 1, 4), f"hi:{v}": torch.ones(1, 1, 4),
-                        f"sign:{v}": torch.zeros(1, 1, 4, dtype=torch.int8)})
+                        ("lo", v): -torch.ones(1, 1, 4), ("hi", v): torch.ones(1, 1, 4),
+                        ("sign", v): torch.zeros(1, 1, 4, dtype=torch.int8)})
     children = search.split(parent, torch.tensor([2]))
     t = children.t
-    assert t[f"lo:{v}"][0, 0].tolist() == [-1, -1, 0, -1] and t[f"hi:{v}"][0, 0].tolist() == [1, 1, 1, 1]
-    assert t[f"lo:{v}"][1, 0].tolist() == [-1, -1, -1, -1] and t[f"hi:{v}"][1, 0].tolist() == [1, 1, 0, 1]
-    assert t[f"sign:{v}"][:, 0, 2].tolist() == [1, -1] and int(t[f"sign:{v}"].abs().sum()) == 2
-    assert parent.t[f"lo:{v}"].min() == -1 and parent.t[f"sign:{v}"].abs().sum() == 0   # parent untouched
+    assert t[("lo", v)][0, 0].tolist() == [-1, -1, 0, -1] and t[("hi", v)][0, 0].tolist() == [1, 1, 1, 1]
+    assert t[("lo", v)][1, 0].tolist() == [-1, -1, -1, -1] and t[("hi", v)][1, 0].tolist() == [1, 1, 0, 1]
+    assert t[("sign", v)][:, 0, 2].tolist() == [1, -1] and int(t[("sign", v)].abs().sum()) == 2
+    assert parent.t[("lo", v)].min() == -1 and parent.t[("sign", v)].abs().sum() == 0   # parent untouched
 
 
 @pytest.mark.parametrize("refine", [0, 4], ids=["parent's bounds", "re-tightened"])
@@ -528,16 +528,16 @@ def test_curved_splits_hold_on_their_halves(seed, splits, radius):
             env = concrete.values(graph, pts)
         anchor = int(torch.randint(len(pts), (1,), generator=gen))
         inside = torch.ones(len(pts), dtype=torch.bool)
-        sizes = [domain.t[f"lo:{v}"][0].numel() for v in search.curved]
+        sizes = [domain.t[("lo", v)][0].numel() for v in search.curved]
         for _ in range(splits):
             k = int(torch.randint(len(search.curved), (1,), generator=gen))
             v, j = search.curved[k], int(torch.randint(sizes[k], (1,), generator=gen))
-            l, u = float(domain.t[f"lo:{v}"].flatten()[j]), float(domain.t[f"hi:{v}"].flatten()[j])
+            l, u = float(domain.t[("lo", v)].flatten()[j]), float(domain.t[("hi", v)].flatten()[j])
             mid = (l + u) / 2
             z = env[v].flatten(1)[:, j]
             upper = bool(z[anchor] >= mid)
             children = search.split(domain, torch.tensor([sum(sizes[:k]) + j]))
-            assert children.t[f"lo:{v}"].flatten(1)[0, j] == mid and children.t[f"hi:{v}"].flatten(1)[1, j] == mid
+            assert children.t[("lo", v)].flatten(1)[0, j] == mid and children.t[("hi", v)].flatten(1)[1, j] == mid
             domain = children.select(torch.tensor([0 if upper else 1]))
             inside &= (z >= mid) if upper else (z <= mid)
         domain.t["margin"] = torch.full((1,), -math.inf, dtype=torch.float64)

@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "int64": 8}
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
+
+
+class Role(NamedTuple):
+    """A module input or output that belongs to a value of the plan (the others are plain
+    strings: "box", "C", "bounds"). kind: "interm" (intermediate bounds of a relaxed op's input
+    value, given to a beta-crown plan or exported), "refine" (flat indices of the value's
+    neurons to re-tighten), "alpha" (a relaxed op's parameters; value: the op's output) or
+    "beta" (split multipliers; value: a ReLU's input); target: the value whose bound pass reads
+    them (alpha, beta)."""
+    kind: str
+    value: str
+    target: str | None = None
+
+    def __str__(self) -> str:          # buffer names, error messages
+        return f"{self.kind}({self.value})" if self.target is None else f"{self.kind}({self.value} -> {self.target})"
+
+
+def of_kind(roles, *kinds: str) -> list[Role]:
+    """The Roles among `roles` (a module's inputs or outputs) whose kind is one of `kinds`."""
+    return [r for r in roles if isinstance(r, Role) and r.kind in kinds]
 
 
 @dataclass(frozen=True)
@@ -76,8 +96,8 @@ class BFTaskModule:
     edges: list[tuple[int, int]]
     buffers: dict[int, BufferSpec]
     params: dict[str, torch.Tensor]
-    inputs: dict[str, int]          # role -> buffer id: "box" = stack(x_lower, x_upper), optionally "C"
-    outputs: dict[str, int]         # "bounds" = stack(lb, ub), [2, B, S]
+    inputs: dict[str | Role, int]   # role -> buffer id: "box" = stack(x_lower, x_upper), optionally "C"
+    outputs: dict[str | Role, int]  # "bounds" = stack(lb, ub), [2, B, S]
     memory_plan: MemoryPlan
     config_dump: dict[str, Any]
     stats: dict[str, Any] = field(default_factory=dict)

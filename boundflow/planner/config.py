@@ -46,14 +46,14 @@ class PlannerConfig:
     alignment: int = 64
     # order ops to lower the planned peak where the dependences leave a choice
     memory_aware_order: bool = True
-    # also output the final interval of every ReLU input, as "interm:<value>" (ReLU branch and bound
-    # starts from them)
+    # also output the final interval of every ReLU input, as Role("interm", <value>) (ReLU branch
+    # and bound starts from them)
     export_intermediate: bool = False
     # beta-crown (ReLU branch and bound) re-tightens the given intermediate bounds of this
     # many neurons per relaxed op's input (after the first) and domain, which it selects
-    # (inputs "refine:<value>", [B, k] flat indices): a CROWN pass each, from the bounds
+    # (inputs Role("refine", <value>), [B, k] flat indices): a CROWN pass each, from the bounds
     # before it, intersected with the given ones (the domain's split constraints reach the
-    # later layers); the re-tightened bounds are also outputs "interm:<value>". 0: none
+    # later layers); the re-tightened bounds are also outputs Role("interm", <value>). 0: none
     split_refine: int = 0
     # prove the storage plan safe (no live buffers sharing bytes) before returning it
     verify: bool = True

@@ -10,18 +10,18 @@ ops.Relaxation) is bounded by lines computed from its input's interval.
              how), so later intervals start from refined bounds
   alpha-crown  as crown, but every backward pass reads the relaxations' parameters (the ReLU's
              lower slopes, sigmoid's tangent points) from module inputs
-             "alpha:<target>:<relaxed op's output>" ([B, params?, rows of A, *shape]), which an
-             optimiser tunes (boundflow.verify.alpha), as auto_LiRPA does: one set per (relaxed
-             op, bounded value) pair, intermediate bounds recomputed with theirs
+             Role("alpha", <relaxed op's output>, <target>) ([B, params?, rows of A, *shape]),
+             which an optimiser tunes (boundflow.verify.alpha), as auto_LiRPA does: one set per
+             (relaxed op, bounded value) pair, intermediate bounds recomputed with theirs
   beta-crown (for branch and bound on ReLU splits; not a user method) one CROWN backward pass
-             for the output from intermediate bounds given as inputs "interm:<relaxed input>"
-             ([2, B, *shape], already clamped by the domain's splits), with slopes
-             "alpha:<output>:<relaxed op's output>" and signed split multipliers
-             "beta:<output>:<relu input>" (boundflow.verify.relu_bab); lower bounds only
-             (the upper bounds come out as +inf)
+             for the output from intermediate bounds given as inputs
+             Role("interm", <relaxed input>) ([2, B, *shape], already clamped by the domain's
+             splits), with slopes Role("alpha", <relaxed op's output>, <output>) and signed
+             split multipliers Role("beta", <relu input>, <output>) (boundflow.verify.relu_bab);
+             lower bounds only (the upper bounds come out as +inf)
 
 With config.export_intermediate, the final interval of every relaxed op's input is also an
-output, "interm:<input>" (the starting point of ReLU branch and bound).
+output, Role("interm", <input>) (the starting point of ReLU branch and bound).
 
 With config.sound_fp the plan computes in config.fp_dtype (float64, or float32 where every op's
 error rules are written for it: Op.fp32) and is sound in floating point: after each
@@ -41,7 +41,7 @@ from boundflow import ops
 from boundflow.domains import fp
 from boundflow.errors import ShapeError, UnsupportedOpError
 from boundflow.ir.primal import Graph, Node
-from boundflow.ir.task import TORCH_DTYPES, BufferSpec, TaskOp
+from boundflow.ir.task import TORCH_DTYPES, BufferSpec, Role, TaskOp
 from boundflow.planner.config import PlannerConfig
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
@@ -106,8 +106,8 @@ def relaxed_nodes(graph: Graph, splitting: bool = False) -> list[Node]:
 def relaxed_inputs(graph: Graph, splitting: bool = False) -> list[str]:
     """The inputs whose intervals the relaxed ops read (both of a product's:
     Relaxation.relaxed), once each, in node order: what beta-crown plans read intermediate
-    bounds of (their slopes are per op: "alpha:<target>:<op output>"), and with `splitting`
-    the neurons ReLU branch and bound splits."""
+    bounds of (their slopes are per op: Role("alpha", <op output>, <target>)), and with
+    `splitting` the neurons ReLU branch and bound splits."""
     return list(dict.fromkeys(v for n in relaxed_nodes(graph, splitting) for v in ops.get(n.op).relaxation.relaxed(n)))
 
 
@@ -289,7 +289,7 @@ class _Lowering:
         self.set_output("bounds", self.output_bounds(folded_output))
         if self.cfg.export_intermediate:
             for v in sorted(relaxed):
-                self.set_output(f"interm:{v}", self.computed(v))
+                self.set_output(Role("interm", v), self.computed(v))
         return em.out
 
     def run_split(self, relaxed: set[str]) -> Lowered:
@@ -299,9 +299,9 @@ class _Lowering:
         em = self.em
         given = {}
         for v in sorted(relaxed):
-            role = f"interm:{v}"
+            role = Role("interm", v)
             em.out.inputs[role] = given[v] = em.buffer(
-                role, (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
+                str(role), (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
         refined = {}
         for node in self.g.nodes:
             relaxation = ops.get(node.op).relaxation
@@ -319,19 +319,19 @@ class _Lowering:
         self.set_output("bounds", self.backward(self.g.outputs[0], spec=em.out.inputs.get("C"), alpha=True,
                                                 lower_only=True))
         for v, bid in refined.items():
-            self.set_output(f"interm:{v}", bid)
+            self.set_output(Role("interm", v), bid)
         return em.out
 
     def refine_given(self, v: str, given: int) -> int:
         """config.split_refine: a CROWN pass for the k neurons of v each region selects (module
-        input "refine:<v>", [B, k] flat indices), from the relaxations of the bounds before v
+        input Role("refine", v), [B, k] flat indices), from the relaxations of the bounds before v
         (themselves refined), intersected with the given bounds. Both hold on the domain (the
         relaxations hold there), so does their intersection; the given bounds carry the
         domain's split constraints."""
         em, k = self.em, min(self.cfg.split_refine, self.g.values[v].type.numel)
         em.phase = f"refine({v})"
-        role = f"refine:{v}"
-        em.out.inputs[role] = idx = em.buffer(role, (self.B, k), dtype="int64", role="input")
+        role = Role("refine", v)
+        em.out.inputs[role] = idx = em.buffer(str(role), (self.B, k), dtype="int64", role="input")
         crown = self.backward(v, onehot_index=idx, per_region=k)
         new = self.interval_buffer(v, "refined")
         em.emit("bound.merge_sparse", [given, idx, crown], [new], attrs={"intersect": True}, source=v)
@@ -348,7 +348,7 @@ class _Lowering:
         self.em.emit("interval.reshape", [bid], [copy], attrs={"shape": list(self.shape(v))}, source=v)
         return copy
 
-    def set_output(self, role: str, bid: int):
+    def set_output(self, role: str | Role, bid: int):
         spec = self.em.out.buffers[bid]
         self.em.out.outputs[role] = bid
         self.em.out.buffers[bid] = BufferSpec(spec.id, spec.name, spec.shape, spec.dtype, spec.layout, "output")
@@ -597,8 +597,8 @@ class _Lowering:
             if node.op == "relu":
                 ins = [A[out], bias, self.relax[out]]
                 if alpha:                     # one slope per row and window position, as A
-                    role = f"alpha:{target}:{out}"
-                    em.out.inputs[role] = em.buffer(role, (B, rows2) + tuple(geo.window), role="input",
+                    role = Role("alpha", out, target)
+                    em.out.inputs[role] = em.buffer(str(role), (B, rows2) + tuple(geo.window), role="input",
                                                     dynamic_axis=dynamic)
                     ins.append(em.out.inputs[role])
                 kernel = "linear.patch_relu_alpha" if alpha else "linear.patch_relu"
@@ -715,12 +715,12 @@ class _Lowering:
                         # alpha: the relaxation's parameters per row and neuron of its lines
                         # (per op); beta: a split multiplier per row and input neuron (per
                         # input: two ReLUs of one value share its splits)
-                        role = f"alpha:{target}:{out}" if kind == "alpha" else f"beta:{target}:{node.inputs[0]}"
+                        role = Role(kind, out if kind == "alpha" else node.inputs[0], target)
                         lead = relaxation.param_lead(g, node) if kind == "alpha" else ()
                         shape = relaxation.shape(g, node)[1:] if kind == "alpha" else self.shape(node.inputs[0])
                         if role not in em.out.inputs:     # the region axis first (optimisers batch on it)
                             em.out.inputs[role] = em.buffer(
-                                role, (B,) + lead + (rows2,) + tuple(shape), role="input",
+                                str(role), (B,) + lead + (rows2,) + tuple(shape), role="input",
                                 dynamic_axis=None if dynamic is None else dynamic + len(lead))
                         ins.append(em.out.inputs[role])
                     kernel = f"linear.{node.op}_alpha"

@@ -77,8 +77,8 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
 
 def planned_graph(graph: Graph, config: PlannerConfig) -> tuple[Graph, LayoutReport]:
     """The graph plan() lowers (layout folded when config.fold_layout) and what folding did. Its
-    value names are the plan's ("interm:<relu input>", ...), which folding may rename: whoever
-    names a plan's values reads them from here."""
+    value names are the plan's (Role("interm", <relu input>), ...), which folding may rename:
+    whoever names a plan's values reads them from here."""
     if config.fold_layout:
         return fold_layout(graph)
     return graph, LayoutReport(count_transposes(graph), count_transposes(graph))

@@ -1,7 +1,7 @@
 """alpha-CROWN: optimise the lower ReLU slopes with projected Adam.
 
 The plan (method "alpha-crown") gives every backward pass, intermediate ones included, its own
-slopes, read from module inputs "alpha:<target>:<relu input>" (one per row of A), as auto_LiRPA
+slopes, read from module inputs Role("alpha", <relaxed op output>, <target>) (one per row of A), as auto_LiRPA
 does. A first run without slopes is plain CROWN: it fixes which neurons each intermediate pass
 refines (pinned from then on, so the slope shapes stay put) and gives the starting slopes. Each
 step then re-runs every op downstream of the slopes with autograd, intermediate bounds
@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from boundflow.ops import OPS
-from boundflow.ir.task import BFTaskModule
+from boundflow.ir.task import BFTaskModule, of_kind
 from boundflow.runtime.python_executor import PythonTaskExecutor
 from boundflow.verify.deadline import fits
 
@@ -176,7 +176,7 @@ def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: Py
     """The best bounds of every module output (role -> stack(lower, upper); "bounds" is
     [2, B, S]) and stats (iterations run, CROWN and final mean widths). No step starts that
     would end past ``deadline`` (see :func:`descend`); the CROWN run before them always runs."""
-    roles = {role: bid for role, bid in module.inputs.items() if role.startswith("alpha:")}
+    roles = of_kind(module.inputs, "alpha")
     t0 = time.perf_counter()
     with torch.no_grad():
         env = executor.run_functional(module, {**inputs, **{r: None for r in roles}})

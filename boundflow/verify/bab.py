@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from boundflow import api
+from boundflow.ir.task import of_kind
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import SPLIT_METHOD
 from boundflow.verify.attack import Attacker, Counterexample
@@ -182,11 +183,10 @@ class MixedBounder(Bounder):
         shape = (B,) + self.problem.input_shape
         inputs = {"box": torch.stack((lo.reshape(shape), hi.reshape(shape))).double(),
                   "C": spec.unsqueeze(0).expand(B, -1, -1)}
-        for role in module.inputs:
-            if role.startswith("interm:"):
-                inputs[role] = res.intermediate[role.removeprefix("interm:")].double()
-            elif role.startswith(("alpha:", "beta:")):        # CROWN's slopes, no split multipliers
-                inputs[role] = None
+        for role in of_kind(module.inputs, "interm"):
+            inputs[role] = res.intermediate[role.value].double()
+        for role in of_kind(module.inputs, "alpha", "beta"):    # CROWN's slopes, no split multipliers
+            inputs[role] = None
         with torch.no_grad():
             env = api._executor.run_functional(module, inputs)
         bounds = module.outputs["bounds"]

@@ -59,6 +59,7 @@ import dataclasses
 
 from boundflow import api
 from boundflow.domains.rounding import round_outward
+from boundflow.ir.task import Role
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.lower import SPLIT_METHOD, relaxed_inputs, relaxed_nodes
 from boundflow.planner.pipeline import planned_graph
@@ -102,13 +103,13 @@ class ReluBabConfig:
 
 
 class DomainSet:
-    """Domains as named tensors with the domain axis first: per relaxed op's input ``v``,
-    ``lo:v``/``hi:v`` [N, *shape] (clamped intermediate bounds) and ``score:v`` [N, *shape]
-    (branching); per ReLU input ``v`` ``sign:v`` [N, *shape] (+1, -1, 0) and ``beta:v``
-    [N, 2S, *shape] (warm starts); per relaxed op's output ``o`` its slopes ``alpha:o`` (warm
-    starts); and
-    ``pair`` [N] (which (box, disjunct) pair the domain belongs to) and ``margin`` [N] (float64,
-    the certified margin of its disjunct)."""
+    """Domains as named tensors with the domain axis first, keyed by (what, value): per relaxed
+    op's input ``v``, ``("lo", v)``/``("hi", v)`` [N, *shape] (clamped intermediate bounds) and
+    ``("score", v)`` [N, *shape] (branching); per ReLU input ``v`` ``("sign", v)`` [N, *shape]
+    (+1, -1, 0) and ``("beta", v)`` [N, 2S, *shape] (warm starts); per relaxed op's output ``o``
+    its slopes ``("alpha", o)`` (warm starts); and ``"pair"`` [N] (which (box, disjunct) pair
+    the domain belongs to) and ``"margin"`` [N] (float64, the certified margin of its
+    disjunct)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.t = tensors
@@ -270,24 +271,24 @@ class ReluBranchAndBound:
         box = self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(dtype)
         inputs = {"box": box, "C": (self.C_exact if sound else self.C)[pair]}
         for v in self.relaxed:
-            inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(dtype)
-            if f"refine:{v}" in module.inputs:
-                t[f"refine:{v}"] = inputs[f"refine:{v}"] = self._refine_selection(t, v)
+            inputs[Role("interm", v)] = torch.stack((t[("lo", v)], t[("hi", v)])).to(dtype)
+            if Role("refine", v) in module.inputs:
+                t[("refine", v)] = inputs[Role("refine", v)] = self._refine_selection(t, v)
         executor = api._executor
-        alpha_roles = {o: f"alpha:{self.output}:{o}" for o in self.slopes}
-        beta_roles = {v: f"beta:{self.output}:{v}" for v in self.relus}
-        signs = {v: t[f"sign:{v}"].to(dtype).unsqueeze(1) for v in self.relus}
-        warm = f"alpha:{self.slopes[0]}" in t
+        alpha_roles = {o: Role("alpha", o, self.output) for o in self.slopes}
+        beta_roles = {v: Role("beta", v, self.output) for v in self.relus}
+        signs = {v: t[("sign", v)].to(dtype).unsqueeze(1) for v in self.relus}
+        warm = ("alpha", self.slopes[0]) in t
         if warm:
             for o in self.slopes:
-                t[f"alpha:{o}"] = t[f"alpha:{o}"].to(dtype)
+                t[("alpha", o)] = t[("alpha", o)].to(dtype)
             for v in self.relus:
-                t[f"beta:{v}"] = t[f"beta:{v}"].to(dtype)
+                t[("beta", v)] = t[("beta", v)].to(dtype)
         t_run = time.perf_counter()
         with torch.no_grad():
             if warm:
-                given = {alpha_roles[o]: t[f"alpha:{o}"] for o in self.slopes}
-                given.update({beta_roles[v]: t[f"beta:{v}"] * signs[v] for v in self.relus})
+                given = {alpha_roles[o]: t[("alpha", o)] for o in self.slopes}
+                given.update({beta_roles[v]: t[("beta", v)] * signs[v] for v in self.relus})
             else:                                     # the root: CROWN's slopes, no multipliers
                 given = {role: None for role in list(alpha_roles.values()) + list(beta_roles.values())}
             env = executor.run_functional(module, {**inputs, **given})
@@ -295,9 +296,9 @@ class ReluBranchAndBound:
         if not warm:
             slopes = starting_slopes(module, env)
             for o in self.slopes:
-                t[f"alpha:{o}"] = slopes[module.inputs[alpha_roles[o]]]
+                t[("alpha", o)] = slopes[module.inputs[alpha_roles[o]]]
             for v in self.relus:
-                t[f"beta:{v}"] = torch.zeros_like(t[f"alpha:{self.relu_slope[v]}"])
+                t[("beta", v)] = torch.zeros_like(t[("alpha", self.relu_slope[v])])
         start = env[module.outputs["bounds"]]
         last_env = env
         self.cut = False
@@ -308,9 +309,9 @@ class ReluBranchAndBound:
             start, last_env = found.best["bounds"], found.last_env
             self.cut = found.cut
             for k, o in enumerate(self.slopes):
-                t[f"alpha:{o}"] = found.best_variables[k]
+                t[("alpha", o)] = found.best_variables[k]
             for k, v in enumerate(self.relus):
-                t[f"beta:{v}"] = found.best_variables[len(self.slopes) + k]
+                t[("beta", v)] = found.best_variables[len(self.slopes) + k]
         t["margin"] = torch.maximum(t["margin"], self.margins(pair, start[0], start[1], exact=sound))
         if not trial:
             self._scores(module, env, last_env, t)
@@ -344,13 +345,13 @@ class ReluBranchAndBound:
         inputs = {"box": self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(f64),
                   "C": self.C_exact[pair]}
         for v in self.relaxed:
-            inputs[f"interm:{v}"] = torch.stack((t[f"lo:{v}"], t[f"hi:{v}"])).to(f64)
-            if f"refine:{v}" in module.inputs:          # the neurons the search re-tightened
-                inputs[f"refine:{v}"] = t[f"refine:{v}"]
+            inputs[Role("interm", v)] = torch.stack((t[("lo", v)], t[("hi", v)])).to(f64)
+            if Role("refine", v) in module.inputs:          # the neurons the search re-tightened
+                inputs[Role("refine", v)] = t[("refine", v)]
         for o in self.slopes:
-            inputs[f"alpha:{self.output}:{o}"] = t[f"alpha:{o}"].to(f64)
+            inputs[Role("alpha", o, self.output)] = t[("alpha", o)].to(f64)
         for v in self.relus:
-            inputs[f"beta:{self.output}:{v}"] = (t[f"beta:{v}"] * t[f"sign:{v}"].unsqueeze(1)).to(f64)
+            inputs[Role("beta", v, self.output)] = (t[("beta", v)] * t[("sign", v)].unsqueeze(1)).to(f64)
         lb, ub = api._executor.run(module, inputs)["bounds"]
         sound = self.margins(pair, lb, ub, exact=True)[:n]
         margin = domains.t["margin"].clone()
@@ -364,10 +365,10 @@ class ReluBranchAndBound:
         On ``exhausted`` domains (the network linear there) the bound is a Lagrangian dual of
         a linear program, which may need large multipliers (an empty domain's dual is
         unbounded): beta's steps are ten times larger and do not decay."""
-        alpha_ids = {o: module.inputs[f"alpha:{self.output}:{o}"] for o in self.slopes}
-        beta_ids = {v: module.inputs[f"beta:{self.output}:{v}"] for v in self.relus}
-        alphas = {o: t[f"alpha:{o}"].clone().requires_grad_(True) for o in self.slopes}
-        betas = {v: t[f"beta:{v}"].clone().requires_grad_(True) for v in self.relus}
+        alpha_ids = {o: module.inputs[Role("alpha", o, self.output)] for o in self.slopes}
+        beta_ids = {v: module.inputs[Role("beta", v, self.output)] for v in self.relus}
+        alphas = {o: t[("alpha", o)].clone().requires_grad_(True) for o in self.slopes}
+        betas = {v: t[("beta", v)].clone().requires_grad_(True) for v in self.relus}
 
         def feed():
             out = {alpha_ids[o]: alphas[o] for o in self.slopes}
@@ -392,10 +393,10 @@ class ReluBranchAndBound:
         """[N, k] the neurons of v whose bounds each domain re-tightens: those of best branching
         score (the widest before the first scores; of a ReLU's input only the unsplit unstable
         ones), padded by repeating the best (a neuron bounded twice changes nothing)."""
-        lo, hi = t[f"lo:{v}"].flatten(1), t[f"hi:{v}"].flatten(1)
-        score = t[f"score:{v}"].flatten(1) if f"score:{v}" in t else hi - lo
+        lo, hi = t[("lo", v)].flatten(1), t[("hi", v)].flatten(1)
+        score = t[("score", v)].flatten(1) if ("score", v) in t else hi - lo
         if v in self.relu_slope:
-            score = score.masked_fill(~((lo < 0) & (hi > 0) & (t[f"sign:{v}"].flatten(1) == 0)), -math.inf)
+            score = score.masked_fill(~((lo < 0) & (hi > 0) & (t[("sign", v)].flatten(1) == 0)), -math.inf)
         k = min(self.config.refine_neurons, score.shape[1])
         best, idx = score.topk(k, dim=1)
         return torch.where(best > -math.inf, idx, idx[:, :1])
@@ -403,20 +404,20 @@ class ReluBranchAndBound:
     def _scores(self, module, first_env, env, out: dict) -> None:
         """BaBSR's intercept score per neuron (-inf where no split is possible), from the
         re-tightened intermediate bounds of the first run (``first_env``) where the plan has them."""
-        relu_of = {module.inputs[f"alpha:{self.output}:{o}"]: v for v, o in self.relu_slope.items()}
+        relu_of = {module.inputs[Role("alpha", o, self.output)]: v for v, o in self.relu_slope.items()}
         coeff = {relu_of[op.inputs[3]]: env[op.inputs[0]].detach()
                  for op in module.ops() if len(op.inputs) > 3 and op.inputs[3] in relu_of}
         for v in self.relus:
-            lo, hi, sign = out[f"lo:{v}"], out[f"hi:{v}"], out[f"sign:{v}"]
-            if f"interm:{v}" in module.outputs:
-                lo, hi = first_env[module.outputs[f"interm:{v}"]].to(lo.dtype)
+            lo, hi, sign = out[("lo", v)], out[("hi", v)], out[("sign", v)]
+            if Role("interm", v) in module.outputs:
+                lo, hi = first_env[module.outputs[Role("interm", v)]].to(lo.dtype)
             free = (lo < 0) & (hi > 0) & (sign == 0)
             intercept = (-lo * hi / (hi - lo).clamp(min=1e-12)).clamp(min=0)
             a_neg = coeff[v].clamp(max=0).abs().sum(1)
             a_pos = coeff[v].clamp(min=0).sum(1)
             # the tie-break term keeps neurons with only positive coefficients splittable
             score = a_neg * intercept + 1e-3 * a_pos * torch.minimum(hi, -lo).clamp(min=0)
-            out[f"score:{v}"] = score.masked_fill(~free, -math.inf)
+            out[("score", v)] = score.masked_fill(~free, -math.inf)
 
     def _curved_scores(self, module, inputs: dict, out: dict, signs: dict) -> None:
         """A curved neuron's score: the first-order gain of the domains' lower bounds when its
@@ -425,28 +426,28 @@ class ReluBranchAndBound:
         intervals, at the domains' current slopes and multipliers."""
         if not self.curved:
             return
-        relu_left = [(out[f"score:{v}"] > -math.inf).flatten(1).any(1) for v in self.relus]
+        relu_left = [(out[("score", v)] > -math.inf).flatten(1).any(1) for v in self.relus]
         if relu_left and torch.stack(relu_left).any(0).all():    # no curved split chosen yet
             for v in self.curved:
-                out[f"score:{v}"] = torch.full_like(out[f"lo:{v}"], -math.inf)
+                out[("score", v)] = torch.full_like(out[("lo", v)], -math.inf)
             return
-        interm = {v: inputs[f"interm:{v}"].detach().clone().requires_grad_(True) for v in self.curved}
-        given = {f"alpha:{self.output}:{o}": out[f"alpha:{o}"].to(interm[self.curved[0]].dtype) for o in self.slopes}
-        given.update({f"beta:{self.output}:{v}": out[f"beta:{v}"].to(signs[v].dtype) * signs[v] for v in self.relus})
-        feed = {**inputs, **given, **{f"interm:{v}": interm[v] for v in self.curved}}
+        interm = {v: inputs[Role("interm", v)].detach().clone().requires_grad_(True) for v in self.curved}
+        given = {Role("alpha", o, self.output): out[("alpha", o)].to(interm[self.curved[0]].dtype) for o in self.slopes}
+        given.update({Role("beta", v, self.output): out[("beta", v)].to(signs[v].dtype) * signs[v] for v in self.relus})
+        feed = {**inputs, **given, **{Role("interm", v): interm[v] for v in self.curved}}
         with torch.enable_grad():
             env = api._executor.run_functional(module, feed)
             lower = env[module.outputs["bounds"]][0]
             grads = torch.autograd.grad(lower.sum(), [interm[v] for v in self.curved], allow_unused=True)
         for v, g in zip(self.curved, grads):
-            lo, hi = out[f"lo:{v}"], out[f"hi:{v}"]
+            lo, hi = out[("lo", v)], out[("hi", v)]
             half = (hi - lo) / 2
             if g is None:                       # the bound does not depend on this interval
                 gain = torch.zeros_like(lo)
             else:
                 g = g.detach().to(lo.dtype)
                 gain = half * (g[0].clamp(min=0) + (-g[1]).clamp(min=0)) / 2
-            out[f"score:{v}"] = gain.masked_fill(~(hi - lo > self.config.min_split_width), -math.inf)
+            out[("score", v)] = gain.masked_fill(~(hi - lo > self.config.min_split_width), -math.inf)
 
     def _resize(self, size: int, seconds: float, plan_bytes: int) -> None:
         """The next batch: double while within the time target of a call and the memory
@@ -469,19 +470,19 @@ class ReluBranchAndBound:
         offset = 0
         rows = torch.arange(P, device=self.device)
         for v in self.relus + self.curved:
-            size = math.prod(t[f"lo:{v}"].shape[1:])
+            size = math.prod(t[("lo", v)].shape[1:])
             mine = (index >= offset) & (index < offset + size)
             if mine.any():
                 r, j = rows[mine], index[mine] - offset
-                shape = t[f"lo:{v}"].shape
-                lo, hi = t[f"lo:{v}"].flatten(1).clone(), t[f"hi:{v}"].flatten(1).clone()
+                shape = t[("lo", v)].shape
+                lo, hi = t[("lo", v)].flatten(1).clone(), t[("hi", v)].flatten(1).clone()
                 cut = 0.0 if v in self.relu_slope else (lo[r, j] + hi[r, j]) / 2
                 lo[r, j], hi[P + r, j] = cut, cut              # [cut, u] (a ReLU active), [l, cut]
-                t[f"lo:{v}"], t[f"hi:{v}"] = lo.view(shape), hi.view(shape)
+                t[("lo", v)], t[("hi", v)] = lo.view(shape), hi.view(shape)
                 if v in self.relu_slope:
-                    sign = t[f"sign:{v}"].flatten(1).clone()
+                    sign = t[("sign", v)].flatten(1).clone()
                     sign[r, j], sign[P + r, j] = 1, -1         # active: z >= 0; inactive: z <= 0
-                    t[f"sign:{v}"] = sign.view(shape)
+                    t[("sign", v)] = sign.view(shape)
             offset += size
         return children
 
@@ -490,8 +491,8 @@ class ReluBranchAndBound:
         few by score are tried (filtered smart branching): both children of each candidate
         are bounded once with the parent's alpha and beta, and the candidate whose worse child
         has the best margin wins; ties go to the score."""
-        relu = [parents.t[f"score:{v}"].flatten(1) for v in self.relus]
-        curved = [parents.t[f"score:{v}"].flatten(1) for v in self.curved]
+        relu = [parents.t[("score", v)].flatten(1) for v in self.relus]
+        curved = [parents.t[("score", v)].flatten(1) for v in self.curved]
         if relu and curved:                 # curved neurons only once no ReLU is left to split
             relu_left = (torch.cat(relu, 1) > -math.inf).any(1, keepdim=True)
             curved = [c.masked_fill(relu_left, -math.inf) for c in curved]
@@ -520,9 +521,9 @@ class ReluBranchAndBound:
              "margin": torch.stack([margins[b, k] for b, k in self.pairs]).double().nan_to_num(nan=-math.inf)}
         for v in self.relaxed:
             lo, hi = round_outward(intermediate[v][:, boxes], torch.float32)   # still contains the sound bounds
-            t[f"lo:{v}"], t[f"hi:{v}"] = lo.clone(), hi.clone()
+            t[("lo", v)], t[("hi", v)] = lo.clone(), hi.clone()
         for v in self.relus:
-            t[f"sign:{v}"] = torch.zeros(t[f"lo:{v}"].shape, dtype=torch.int8, device=self.device)
+            t[("sign", v)] = torch.zeros(t[("lo", v)].shape, dtype=torch.int8, device=self.device)
         return DomainSet(t)
 
     def run(self, root: DomainSet, deadline: float) -> ReluBabOutcome:
