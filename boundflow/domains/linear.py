@@ -40,6 +40,14 @@ def halves(a: torch.Tensor, attrs) -> int:
     return a.shape[1] if attrs.get("lower_only") else a.shape[1] // 2
 
 
+def with_splits(a: torch.Tensor, m: torch.Tensor, s: int) -> torch.Tensor:
+    """A with split multipliers m (beta-CROWN, see relu.backward_alpha): the lower rows (the
+    first s) minus m, the upper rows plus m."""
+    if s == a.shape[1]:                      # a lower-only pass: no copy into a new A
+        return a - m
+    return torch.cat([a[:, :s] - m[:, :s], a[:, s:] + m[:, s:]], 1)
+
+
 def _dtype(attrs) -> torch.dtype:
     return torch.float64 if attrs.get("dtype") == "float64" else torch.float32
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from boundflow.domains import fp
-from boundflow.domains.linear import halves, sound
+from boundflow.domains.linear import halves, sound, with_splits
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 from boundflow.ops.relu import _alpha_magnitude
@@ -106,7 +106,7 @@ def backward_alpha(ins, ps, attrs):
     s = halves(a, attrs)
     out, bias = _back(a, bias, *lines(l, u, slope, alpha), s)
     if beta is not None:
-        out = torch.cat([out[:, :s] - beta[:, :s], out[:, s:] + beta[:, s:]], 1)
+        out = with_splits(out, beta, s)
     return out, bias
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from boundflow.domains import shaped, writes_into
-from boundflow.domains.linear import halves, sound
+from boundflow.domains.linear import halves, sound, with_splits
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons, shared_windows, unit_lead, windows
 from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
@@ -124,8 +124,7 @@ def backward_alpha(ins, ps, attrs):
         out, bias = _back(a, bias, up_slope, up_bias, lo_slope[:, :s], lo_slope[:, s:],
                           attrs.get("lower_only", False))
     if beta is not None:
-        s = halves(a, attrs)
-        out = torch.cat([out[:, :s] - beta[:, :s], out[:, s:] + beta[:, s:]], 1)
+        out = with_splits(out, beta, halves(a, attrs))
     return out, bias
 
 
