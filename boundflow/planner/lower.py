@@ -301,7 +301,8 @@ class _Lowering:
         for v in sorted(relaxed):
             role = Role("interm", v)
             em.out.inputs[role] = given[v] = em.buffer(
-                str(role), (2, self.B) + tuple(self.shape(v)), role="input", layout=self.g.values[v].type.layout)
+                str(role), (2, self.B) + tuple(self.shape(v)), role="input",
+                layout=self.g.values[v].type.layout)
         refined = {}
         for node in self.g.nodes:
             relaxation = ops.get(node.op).relaxation
@@ -598,8 +599,8 @@ class _Lowering:
                 ins = [A[out], bias, self.relax[out]]
                 if alpha:                     # one slope per row and window position, as A
                     role = Role("alpha", out, target)
-                    em.out.inputs[role] = em.buffer(str(role), (B, rows2) + tuple(geo.window), role="input",
-                                                    dynamic_axis=dynamic)
+                    em.out.inputs[role] = em.buffer(str(role), (B, rows2) + tuple(geo.window),
+                                                    role="input", dynamic_axis=dynamic)
                     ins.append(em.out.inputs[role])
                 kernel = "linear.patch_relu_alpha" if alpha else "linear.patch_relu"
                 em.emit(kernel, ins + sel + err(node), [new_a, new_bias], attrs=grid, source=target)

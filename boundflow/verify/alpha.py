@@ -1,13 +1,13 @@
 """alpha-CROWN: optimise the lower ReLU slopes with projected Adam.
 
 The plan (method "alpha-crown") gives every backward pass, intermediate ones included, its own
-slopes, read from module inputs Role("alpha", <relaxed op output>, <target>) (one per row of A), as auto_LiRPA
-does. A first run without slopes is plain CROWN: it fixes which neurons each intermediate pass
-refines (pinned from then on, so the slope shapes stay put) and gives the starting slopes. Each
-step then re-runs every op downstream of the slopes with autograd, intermediate bounds
-included. Any slope in [0, 1] gives sound bounds, so the best bound seen per output row over
-all steps is sound too; likewise every output the plan exports (intermediate bounds) keeps its
-best value per element.
+slopes, read from module inputs Role("alpha", <relaxed op output>, <target>) (one per row of
+A), as auto_LiRPA does. A first run without slopes is plain CROWN: it fixes which neurons each
+intermediate pass refines (pinned from then on, so the slope shapes stay put) and gives the
+starting slopes. Each step then re-runs every op downstream of the slopes with autograd,
+intermediate bounds included. Any slope in [0, 1] gives sound bounds, so the best bound seen per
+output row over all steps is sound too; likewise every output the plan exports (intermediate
+bounds) keeps its best value per element.
 
 :func:`descend` is the loop itself, shared with the beta-CROWN optimisation of ReLU branch and
 bound (boundflow.verify.relu_bab), which feeds the plan from other variables.

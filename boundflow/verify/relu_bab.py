@@ -432,8 +432,9 @@ class ReluBranchAndBound:
                 out[("score", v)] = torch.full_like(out[("lo", v)], -math.inf)
             return
         interm = {v: inputs[Role("interm", v)].detach().clone().requires_grad_(True) for v in self.curved}
-        given = {Role("alpha", o, self.output): out[("alpha", o)].to(interm[self.curved[0]].dtype) for o in self.slopes}
-        given.update({Role("beta", v, self.output): out[("beta", v)].to(signs[v].dtype) * signs[v] for v in self.relus})
+        dtype = interm[self.curved[0]].dtype
+        given = {Role("alpha", o, self.output): out[("alpha", o)].to(dtype) for o in self.slopes}
+        given.update({Role("beta", v, self.output): out[("beta", v)].to(dtype) * signs[v] for v in self.relus})
         feed = {**inputs, **given, **{Role("interm", v): interm[v] for v in self.curved}}
         with torch.enable_grad():
             env = api._executor.run_functional(module, feed)
