@@ -51,8 +51,8 @@ ROUNDING_ULPS = 64
 
 
 def widened(l: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    slack = ROUNDING_ULPS * unit_roundoff(l.dtype) * torch.maximum(l.abs(), u.abs())
-    return torch.where(l == 0, l, l - slack), torch.where(u == 0, u, u + slack)
+    margin = ROUNDING_ULPS * unit_roundoff(l.dtype) * torch.maximum(l.abs(), u.abs())   # (not rounding.slack)
+    return torch.where(l == 0, l, l - margin), torch.where(u == 0, u, u + margin)
 
 
 def interval(ins, ps, attrs):

@@ -111,7 +111,7 @@ class DomainSet:
     the domain belongs to) and ``"margin"`` [N] (float64, the certified margin of its
     disjunct)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str | tuple[str, str], torch.Tensor]):
         self.t = tensors
 
     def __len__(self) -> int:
