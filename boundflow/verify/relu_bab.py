@@ -187,17 +187,20 @@ class ReluBranchAndBound:
     rows (see :meth:`Problem.restrict`), padded to a common count by repeating a row (a
     disjunct's margin is a max over its rows, so a repeated row changes nothing)."""
 
-    def __init__(self, model: str, problem: Problem, pairs: list[tuple[int, int]], attack: Attack | None,
-                 config: ReluBabConfig, planner: PlannerConfig | None = None, sound_fp: bool = False):
+    def __init__(self, model: str | None, problem: Problem, pairs: list[tuple[int, int]], attack: Attack | None,
+                 config: ReluBabConfig, planner: PlannerConfig | None = None, sound_fp: bool = False,
+                 loaded: tuple | None = None):
         """``attack(deadline)`` searches the pairs for a counterexample (PGD); ``attack.seconds``
         is the time it spent so far. With ``sound_fp`` every proof is confirmed by a sound plan
-        (see the module docstring)."""
+        (see the module docstring). ``loaded``: the (simplified graph, plan cache key) to search
+        instead of loading ``model`` (stabilise.py's cut networks; their spec rows must be exact
+        in float32)."""
         self.model, self.problem, self.attack, self.config = model, problem, attack, config
         self.device = problem.device                  # of the plans, the domains and the queue
         self.planner = dataclasses.replace(planner or PlannerConfig(), device=str(self.device),
                                            split_refine=config.refine_neurons)
         self.sound = dataclasses.replace(self.planner, sound_fp=True, export_intermediate=False) if sound_fp else None
-        self.graph, self.key = api.load_model(model)
+        self.graph, self.key = loaded or api.load_model(model)
         self.output = self.graph.outputs[0]
         # the plan's names (layout folding may rename a ReLU's input): every relaxed op's input
         # has intermediate bounds, every relaxed op its slopes (named by its output), the

@@ -31,6 +31,7 @@ from boundflow.verify.bab import BabConfig, Bounder, BranchAndBound, Domains, Mi
 from boundflow.verify.deadline import fits
 from boundflow.verify.property import Problem, make_problem
 from boundflow.verify.relu_bab import ReluBabConfig, ReluBranchAndBound
+from boundflow.verify.stabilise import StabiliseConfig, stabilise
 
 VERDICTS = ("holds", "violated", "unknown", "timeout")
 # alpha-CROWN's first pass (plain CROWN, uninterruptible) costs about one first bound; it is
@@ -48,6 +49,7 @@ class VerifyConfig:
     on few inputs, tighter bounds on many (MNIST, CIFAR), hence the threshold."""
     bab: BabConfig = BabConfig()
     relu_bab: ReluBabConfig = ReluBabConfig()
+    stabilise: StabiliseConfig = StabiliseConfig()   # before ReLU branch and bound (stabilise.py)
     attack: AttackConfig = AttackConfig()
     first_method: str = "crown"
     refine_method: str | None = "alpha-crown"
@@ -229,6 +231,17 @@ def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacke
     if not fits(bounders["first"].seconds / (len(search.relaxed) + 1), deadline):
         stats["decided_by"] = "deadline"
         return "timeout", None
+    if config.stabilise.share > 0:
+        # the search as it is first, for a short while: what it decides quickly stays quick
+        outcome = search.run(search.root(start, margins), min(deadline, time.perf_counter() + config.stabilise.after))
+        if outcome.verdict in ("holds", "violated"):
+            stats["decided_by"] = "relu_bab"
+            stats["relu_bab"] = outcome.stats
+            return outcome.verdict, outcome.counterexample
+        until = time.perf_counter() + config.stabilise.share * (deadline - time.perf_counter())
+        start, stats["stabilise"] = stabilise(model, problem, start, search.relus, config.stabilise, config.relu_bab,
+                                              refine.options["config"], config.sound_fp, until,
+                                              torch.Generator(problem.device).manual_seed(config.seed))
     outcome = search.run(search.root(start, margins), deadline)
     stats["decided_by"] = "relu_bab"
     stats["relu_bab"] = outcome.stats
