@@ -241,6 +241,18 @@ def test_transposed_window_is_contiguous_and_differentiable(c_in, c_out, k, s, h
     assert torch.allclose(grad_got, grad_want)
 
 
+def test_a_phase_kernel_cached_in_inference_mode_serves_autograd_later():
+    """The executor runs plans in inference mode, alpha-CROWN and branch and bound the same
+    parameters under autograd: the cached phase kernel must be an ordinary tensor."""
+    weight = torch.randn(3, 2, 4, 4)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.inference_mode():
+        conv.transposed(x, weight, (2, 2))
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(conv.transposed(x, weight, (2, 2)).sum(), x)
+    assert torch.allclose(grad, torch.autograd.grad(F.conv_transpose2d(x, weight, stride=(2, 2)).sum(), x)[0])
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.integers(1, 3), st.integers(1, 40), st.integers(64, 300), st.floats(0, 1), st.integers(0, 2**16))
 def test_linear_backward_drops_dead_columns(batch, rows, n_out, dead, seed):

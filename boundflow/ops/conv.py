@@ -64,8 +64,9 @@ def _phase_kernel(w: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     if kernel is None:
         co, ci, kh, kw = w.shape
         jh, jw = -(-kh // sh), -(-kw // sw)
-        taps = F.pad(w.detach(), (0, jw * sw - kw, 0, jh * sh - kh)).reshape(co, ci, jh, sh, jw, sw).flip(2, 4)
-        kernel = hit[1][sh, sw] = taps.permute(1, 3, 5, 0, 2, 4).reshape(ci * sh * sw, co, jh, jw).contiguous()
+        with torch.inference_mode(False):    # (cached, maybe first in an executor's run: autograd may save it later)
+            taps = F.pad(w.detach(), (0, jw * sw - kw, 0, jh * sh - kh)).reshape(co, ci, jh, sh, jw, sw).flip(2, 4)
+            kernel = hit[1][sh, sw] = taps.permute(1, 3, 5, 0, 2, 4).reshape(ci * sh * sw, co, jh, jw).contiguous()
     return kernel
 
 
