@@ -177,18 +177,10 @@ class MixedBounder(Bounder):
     def _output_pass(self, lo, hi, res, rows):
         """The float64 pass; its linear lower bounds of the spec rows over each box (A x + b
         <= row, sound) are kept in last_linear for clipping."""
-        graph, key = api.load_model(self.model)
         B, spec = lo.shape[0], self.problem.spec
-        module, _ = api.get_plan(graph, key, SPLIT_METHOD, B, spec.shape[0], self.output_plan)
         shape = (B,) + self.problem.input_shape
-        inputs = {"box": torch.stack((lo.reshape(shape), hi.reshape(shape))).double(),
-                  "C": spec.unsqueeze(0).expand(B, -1, -1)}
-        for role in of_kind(module.inputs, "interm"):
-            inputs[role] = res.intermediate[role.value].double()
-        for role in of_kind(module.inputs, "alpha", "beta"):    # CROWN's slopes, no split multipliers
-            inputs[role] = None
-        with torch.no_grad():
-            env = api._executor.run_functional(module, inputs)
+        module, env = output_pass(api.load_model(self.model), torch.stack((lo.reshape(shape), hi.reshape(shape))),
+                                  spec.unsqueeze(0).expand(B, -1, -1), res.intermediate, self.output_plan)
         bounds = module.outputs["bounds"]
         end = next(op for op in module.ops() if op.outputs == [bounds])
         self.last_linear = None
@@ -197,6 +189,24 @@ class MixedBounder(Bounder):
             rows_n = spec.shape[0]
             self.last_linear = a.flatten(2)[:, :rows_n], b[:, :rows_n]
         return torch.fmax(rows, env[bounds][0])
+
+
+def output_pass(loaded: tuple, box: torch.Tensor, C: torch.Tensor, intermediate: dict[str, torch.Tensor],
+                planner: PlannerConfig) -> tuple:
+    """The output's backward pass alone over the boxes ([2, B, *input shape]) for the rows C
+    ([B, S, O]), from given intermediate bounds (relaxed op input -> [2, B, ...]): the
+    beta-crown plan without splits (CROWN's slopes), in float64 (``planner``: a float64
+    sound_fp one, then sound as its inputs are). ``loaded``: (graph, plan cache key). The
+    module and its environment (``env[module.outputs["bounds"]][0]``: the rows' lower bounds)."""
+    graph, key = loaded
+    module, _ = api.get_plan(graph, key, SPLIT_METHOD, box.shape[1], C.shape[1], planner)
+    inputs = {"box": box.double(), "C": C.double()}
+    for role in of_kind(module.inputs, "interm"):
+        inputs[role] = intermediate[role.value].double()
+    for role in of_kind(module.inputs, "alpha", "beta"):    # CROWN's slopes, no split multipliers
+        inputs[role] = None
+    with torch.no_grad():
+        return module, api._executor.run_functional(module, inputs)
 
 
 def _ceil_pow2(n: int) -> int:

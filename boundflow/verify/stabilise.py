@@ -27,9 +27,9 @@ from boundflow import api
 from boundflow.domains import concrete
 from boundflow.ir.primal import Graph
 from boundflow.passes.simplify import remove_dead_nodes
-from boundflow.ir.task import of_kind
 from boundflow.planner.config import PlannerConfig
-from boundflow.planner.lower import SPLIT_METHOD, relaxed_nodes
+from boundflow.planner.lower import relaxed_nodes
+from boundflow.verify.bab import output_pass
 from boundflow.verify.deadline import fits
 from boundflow.verify.progress import Progress
 from boundflow.verify.property import Problem
@@ -96,8 +96,7 @@ def _tighten(cut: tuple[Graph, object], problem: Problem, b: int, intermediate: 
     """Intersect the cut's output bounds on box b with a sound CROWN pass (float64 sound_fp, as
     MixedBounder's output pass) from the earlier layers' bounds, clamped ones included: the
     bounds the search started with were computed before any clamp. The neurons it makes stable."""
-    graph, key = cut
-    v = graph.outputs[0]
+    v = cut[0].outputs[0]
     bounds = intermediate[v][:, b].view(2, -1)
     rows = ((bounds[0] < 0) & (bounds[1] > 0)).nonzero().flatten()
     if not len(rows):
@@ -105,16 +104,11 @@ def _tighten(cut: tuple[Graph, object], problem: Problem, b: int, intermediate: 
     sound = dataclasses.replace(planner or PlannerConfig(), sound_fp=True, fp_dtype="float64",
                                 export_intermediate=False, device=str(problem.device))
     eye = torch.eye(bounds.shape[1], dtype=torch.float64, device=problem.device)[rows]
-    module, _ = api.get_plan(graph, key, SPLIT_METHOD, 1, 2 * len(rows), sound)
     shape = (1,) + problem.input_shape
-    inputs = {"box": torch.stack((problem.outer_lo[b].reshape(shape), problem.outer_hi[b].reshape(shape))).double(),
-              "C": torch.cat([eye, -eye])[None]}
-    for role in of_kind(module.inputs, "interm"):
-        inputs[role] = intermediate[role.value][:, b:b + 1].double()
-    for role in of_kind(module.inputs, "alpha", "beta"):      # CROWN's slopes, no split multipliers
-        inputs[role] = None
-    with torch.no_grad():
-        lb = api._executor.run_functional(module, inputs)[module.outputs["bounds"]][0, 0]
+    box = torch.stack((problem.outer_lo[b].reshape(shape), problem.outer_hi[b].reshape(shape)))
+    module, env = output_pass(cut, box, torch.cat([eye, -eye])[None],
+                              {u: t[:, b:b + 1] for u, t in intermediate.items()}, sound)
+    lb = env[module.outputs["bounds"]][0, 0]
     lo, hi = lb[: len(rows)], -lb[len(rows):]
     bounds[0, rows] = torch.fmax(bounds[0, rows], lo.to(bounds.dtype))
     bounds[1, rows] = torch.fmin(bounds[1, rows], hi.to(bounds.dtype))
