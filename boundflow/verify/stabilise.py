@@ -2,17 +2,19 @@
 
 The search's root takes its intermediate bounds from alpha-CROWN over the whole box. On deep nets
 many neurons it leaves unstable (``l < 0 < u``) never change sign on the box, and each one costs
-every domain of the search a relaxation, which loosens the layers after it too. So each such
-neuron ``z_j`` of a ReLU input ``v`` (layer by layer, in node order) gets a short ReLU branch and
-bound of its own on the network cut at ``v`` (:func:`prefix`): the unsafe set ``{z_j <= 0}``
-(or ``{z_j >= 0}``) as its property. A "holds" clamps the neuron's interval to ``[0, u]`` (or
-``[l, 0]``), and the later layers' searches start from the clamped earlier layers. Neurons that
-sampled points of the box show on both sides are not tried; the others are tried from the
-nearest to stable (the bound near 0, relative to the width) on, each within ``neuron_seconds``,
-all within the deadline.
+every domain of the search a relaxation, which loosens the layers after it too. So, layer by
+layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`prefix`): the
+layer's bounds are intersected with a sound CROWN pass from the earlier layers' clamped bounds,
+then each neuron ``z_j`` still unstable gets a short ReLU branch and bound of its own, the
+unsafe set ``{z_j <= 0}`` (or ``{z_j >= 0}``) as its property. A "holds" clamps the neuron's
+interval to ``[0, u]`` (or ``[l, 0]``), and the later layers start from the clamped earlier
+ones. Neurons that probed points of the box show on both sides are not tried; the others are
+tried from the nearest to stable (the bound near 0, relative to the width) on, each within
+``neuron_seconds``, all within the deadline.
 
-Soundness: a neuron is clamped only on a "holds" of its search, which with sound_fp counts sound
-proofs only (see relu_bab's module docstring); bounds valid on the box stay valid on it.
+Soundness: the tightening is a sound plan's bound from sound bounds; a neuron is clamped only on
+a "holds" of its search, which with sound_fp counts sound proofs only (see relu_bab's module
+docstring); bounds valid on the box stay valid on it.
 """
 from __future__ import annotations
 
@@ -93,8 +95,8 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
 
 def _tighten(cut: tuple[Graph, object], problem: Problem, b: int, intermediate: dict[str, torch.Tensor],
              planner: PlannerConfig | None) -> int:
-    """Intersect the cut's output bounds on box b with a sound CROWN pass (float64 sound_fp, as
-    MixedBounder's output pass) from the earlier layers' bounds, clamped ones included: the
+    """Intersect the cut's output bounds on box b with a sound CROWN pass (bab.output_pass,
+    float64 sound_fp) from the earlier layers' bounds, clamped ones included: the
     bounds the search started with were computed before any clamp. The neurons it makes stable."""
     v = cut[0].outputs[0]
     bounds = intermediate[v][:, b].view(2, -1)
