@@ -231,18 +231,18 @@ def _relu_search(model: str, problem: Problem, bounders: dict, attacker: Attacke
     if not fits(bounders["first"].seconds / (len(search.relaxed) + 1), deadline):
         stats["decided_by"] = "deadline"
         return "timeout", None
+    outcome = None
     if config.stabilise.share > 0:
         # the search as it is first, for a short while: what it decides quickly stays quick
         outcome = search.run(search.root(start, margins), min(deadline, time.perf_counter() + config.stabilise.after))
-        if outcome.verdict in ("holds", "violated"):
-            stats["decided_by"] = "relu_bab"
-            stats["relu_bab"] = outcome.stats
-            return outcome.verdict, outcome.counterexample
-        until = time.perf_counter() + config.stabilise.share * (deadline - time.perf_counter())
-        start, stats["stabilise"] = stabilise(model, problem, start, search.relus, config.stabilise, config.relu_bab,
-                                              refine.options["config"], config.sound_fp, until,
-                                              torch.Generator(problem.device).manual_seed(config.seed))
-    outcome = search.run(search.root(start, margins), deadline)
+        if outcome.verdict not in ("holds", "violated"):
+            until = time.perf_counter() + config.stabilise.share * (deadline - time.perf_counter())
+            start, stats["stabilise"] = stabilise(model, problem, start, search.relus, config.stabilise,
+                                                  config.relu_bab, refine.options["config"], config.sound_fp, until,
+                                                  torch.Generator(problem.device).manual_seed(config.seed))
+            outcome = None
+    if outcome is None:
+        outcome = search.run(search.root(start, margins), deadline)
     stats["decided_by"] = "relu_bab"
     stats["relu_bab"] = outcome.stats
     return outcome.verdict, outcome.counterexample
