@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -440,6 +441,70 @@ def test_queue_pops_the_worst_domains_and_keeps_the_rest():
     worst = queue.pop(3)
     assert sorted(worst.t["id"].tolist()) == [1, 2, 3] and len(queue) == 2
     assert sorted(queue.pop(5).t["id"].tolist()) == [0, 4] and len(queue) == 0
+
+
+def test_queue_drops_every_domain_of_the_pairs_given_up():
+    queue = DomainQueue()
+    queue.push(DomainSet({"margin": torch.tensor([-1.0, -5.0, -2.0], dtype=torch.float64), "pair": torch.tensor([0, 1, 2])}))
+    queue.push(DomainSet({"margin": torch.tensor([-4.0, -0.5], dtype=torch.float64), "pair": torch.tensor([1, 1])}))
+    queue.drop(torch.tensor([False, True, False]))
+    assert len(queue) == 2 and queue.pairs(3, "cpu").tolist() == [True, False, True] and len(queue.chunks) == 1
+    assert sorted(queue.pop(5).t["pair"].tolist()) == [0, 2]
+
+
+def disjuncts_text(n_in: int, lo, hi, thresholds: list[tuple[int, float]]) -> str:
+    """Unsafe set: the union of {Y_i <= t} over (i, t) in ``thresholds``, one row each."""
+    decl = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_in))
+    decl += "".join(f"(declare-const Y_{j} Real)\n" for j in range(1 + max(i for i, _ in thresholds)))
+    box = "".join(f"(assert (>= X_{i} {float(a)!r}))\n(assert (<= X_{i} {float(b)!r}))\n"
+                  for i, (a, b) in enumerate(zip(lo, hi)))
+    return decl + box + "(assert (or " + " ".join(f"(and (<= Y_{i} {t!r}))" for i, t in thresholds) + "))\n"
+
+
+@settings(SETTINGS, max_examples=8)
+@given(net=networks(["mlp"]), seed=st.integers(0, 1000), budget=st.sampled_from([0, 1, 100_000]))
+def test_a_search_over_many_pairs_proves_only_pairs_that_hold(net, seed, budget):
+    """Per output y_i two disjuncts: {y_i <= t} with t just above y_i's sampled minimum (a
+    sampled point meets it) and well below it. The pairs a search reports proven are never the
+    first kind, whatever its per-pair domain budget (``pair_domains``, 0: none) and however
+    it ends; given a budget, the hopeless pairs are given up and the others all proven."""
+    gen = torch.Generator().manual_seed(seed)
+    n_in = math.prod(net.input_shape)
+    lo = torch.rand(n_in, generator=gen, dtype=torch.float64) - 1
+    hi = lo + 0.5 + torch.rand(n_in, generator=gen, dtype=torch.float64)
+    pts = sample_box(lo.float(), hi.float(), 4000, 500, gen)
+    y = net(pts.reshape((-1,) + tuple(net.input_shape[1:]))).double()
+    low, spread = y.min(0).values, y.max(0).values - y.min(0).values
+    thresholds = [(i, float(low[i] + 0.02 * spread[i] + 1e-4)) for i in range(net.num_outputs)]
+    thresholds += [(i, float(low[i] - 0.2 * spread[i] - 1e-3)) for i in range(net.num_outputs)]
+    met = [bool((y[:, i] <= t).any()) for i, t in thresholds]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net.module, torch.zeros(net.input_shape), os.path.join(tmp, "net.onnx"))
+        shape = tuple(net.input_shape)
+        problem = make_problem(parse_vnnlib(disjuncts_text(n_in, lo, hi, thresholds)), shape)
+        root = api.bound(path, problem.outer_lo.reshape((1,) + shape), problem.outer_hi.reshape((1,) + shape),
+                         "alpha-crown", config=EXPORT, sound_fp=True)
+        pairs = [(0, k) for k in range(len(thresholds))]
+        search = ReluBranchAndBound(path, problem, pairs, None, ReluBabConfig(pair_domains=budget), EXPORT,
+                                    sound_fp=True)
+        outcome = search.run(search.root(root.intermediate, torch.full((1, len(pairs)), -math.inf)),
+                             time.perf_counter() + 20)
+    assert all(not met[k] for k in outcome.proven), (repr(net), outcome.proven, met)
+    assert outcome.verdict != "holds" and sorted(set(outcome.proven)) == outcome.proven
+    if budget:
+        assert outcome.verdict == "unknown" and outcome.stats["pairs_given_up"] >= sum(met), outcome.stats
+    if budget == 100_000:
+        assert outcome.proven == [k for k in range(len(pairs)) if not met[k]], (repr(net), outcome.stats)
+
+
+def test_a_search_that_holds_proves_every_pair(tmp_path):
+    path, prop, _ = branching_gap(two_layer_net(), tmp_path)
+    problem = make_problem(parse_vnnlib(prop.read_text()), (1, 4))
+    root = api.bound(path, problem.outer_lo, problem.outer_hi, "alpha-crown", config=EXPORT, sound_fp=True)
+    search = ReluBranchAndBound(path, problem, [(0, 0)], None, ReluBabConfig(pair_domains=100_000), EXPORT,
+                                sound_fp=True)
+    outcome = search.run(search.root(root.intermediate, torch.full((1, 1), -math.inf)), time.perf_counter() + 30)
+    assert outcome.verdict == "holds" and outcome.proven == [0] and outcome.stats["rounds"] > 5, outcome.stats
 
 
 def test_split_children_clamp_and_sign_one_neuron(tmp_path):

@@ -58,7 +58,7 @@ def check_stabilised(module, input_shape, num_outputs, lo, hi, folder, gen) -> d
                      sound_fp=True)                                     # as the verifier's search root
     relus = relaxed_inputs(planned_graph(graph, EXPORT)[0], splitting=True)
     start = dict(root.intermediate)
-    out, stats = stabilise(path, problem, start, relus, StabiliseConfig(neuron_seconds=1.0), ReluBabConfig(),
+    out, stats = stabilise(path, problem, start, relus, StabiliseConfig(), ReluBabConfig(),
                            EXPORT, True, time.perf_counter() + 30, torch.Generator().manual_seed(0))
     assert stats["stabilised"] <= stats["tried"]
     z = pre_activations(graph, sample_box(lo.float(), hi.float(), 3000, 500, gen).reshape((-1,) + shape))

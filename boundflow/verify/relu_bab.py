@@ -100,6 +100,9 @@ class ReluBabConfig:
     # their intermediate bounds re-tightened by CROWN from the domain's split constraints each
     # time it is bounded (PlannerConfig.split_refine; 0: the parent's bounds as they are)
     refine_neurons: int = 0
+    # a pair whose domains bounded pass this many is given up: its domains leave the queue and
+    # the search goes on with the other pairs (0: no limit; stabilise.py's many small proofs)
+    pair_domains: int = 0
 
 
 class DomainSet:
@@ -147,6 +150,18 @@ class DomainQueue:
         if len(domains):
             self.chunks.append((domains, torch.ones(len(domains), dtype=torch.bool, device=domains.t["margin"].device)))
 
+    def drop(self, pairs: torch.Tensor) -> None:
+        """Unqueue every domain of the pairs marked in ``pairs`` [pairs] bool."""
+        kept = [(c, queued & ~pairs[c.t["pair"]]) for c, queued in self.chunks]
+        self.chunks = [(c, queued) for c, queued in kept if queued.any()]
+
+    def pairs(self, count: int, device) -> torch.Tensor:
+        """[count] bool: the pairs with a domain queued."""
+        out = torch.zeros(count, dtype=torch.bool, device=device)
+        for c, queued in self.chunks:
+            out[c.t["pair"][queued]] = True
+        return out
+
     def worst(self) -> float:
         """The lowest margin queued (+inf when empty)."""
         return min((float(c.t["margin"][queued].min()) for c, queued in self.chunks), default=math.inf)
@@ -179,6 +194,7 @@ class ReluBabOutcome:
     verdict: str                         # "holds", "violated", "unknown" or "timeout"
     counterexample: Counterexample | None
     stats: dict = field(default_factory=dict)
+    proven: list[int] = field(default_factory=list)   # the pairs (indices) proven, all on "holds"
 
 
 class ReluBranchAndBound:
@@ -237,6 +253,8 @@ class ReluBranchAndBound:
         self.steps_s = 0.0      # seconds spent in optimisation steps (they stop at a deadline)
         self.fixed_s = 0.0      # seconds per child of the rest of the last round (it cannot stop)
         self.cut = False        # whether the deadline stopped the last bound's steps
+        self.bounded = torch.zeros(len(pairs), dtype=torch.long, device=self.device)   # domains per pair
+        self.given_up = torch.zeros(len(pairs), dtype=torch.bool, device=self.device)  # past pair_domains
 
     def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """[N] certified margin of each domain's disjunct from the bounds of its rows (of the
@@ -539,11 +557,11 @@ class ReluBranchAndBound:
         queue.push(bounded.select(~(bounded.t["margin"] > 0)))
         while len(queue):
             if not fits(self.fixed_s * self.batch, deadline):   # a round but for its steps
-                return self._outcome("timeout", None, t0)
+                return self._outcome("timeout", None, t0, queue)
             held = queue.nbytes()
             if held > self.config.queue_limit:
                 self.stats["stopped"] = f"queue over {self.config.queue_limit} bytes"
-                return self._outcome("unknown", None, t0)
+                return self._outcome("unknown", None, t0, queue)
             start, steps_s = time.perf_counter(), self.steps_s
             # the worst domains first, while the queue is within its budget
             over = held > self.config.queue_budget
@@ -559,11 +577,17 @@ class ReluBranchAndBound:
                 exhausted = self.bound(parents.select(index < 0), self.config.exhausted_iterations, deadline,
                                        exhausted=True, sound=self.sound is not None)
                 self.stats["exhausted"] = self.stats.get("exhausted", 0) + len(exhausted)
-                if not (exhausted.t["margin"] > 0).all():
-                    self.stats["unsplittable"] += int((~(exhausted.t["margin"] > 0)).sum())
-                    # (steps the deadline cut short decide nothing)
-                    return self._outcome("timeout" if self.cut else "unknown", None, t0)
+                failed = ~(exhausted.t["margin"] > 0)
+                if failed.any():
+                    self.stats["unsplittable"] += int(failed.sum())
+                    if not self.config.pair_domains:
+                        # (steps the deadline cut short decide nothing)
+                        return self._outcome("timeout" if self.cut else "unknown", None, t0, queue, parents)
+                    self._give_up(exhausted.t["pair"][failed], queue)
                 parents, index = parents.select(index >= 0), index[index >= 0]
+                if self.config.pair_domains:
+                    keep = ~self.given_up[parents.t["pair"]]
+                    parents, index = parents.select(keep), index[keep]
                 if not len(parents):
                     continue
             children = self.confirm(self.bound(self.split(parents, index), self.config.optimiser.iterations,
@@ -571,6 +595,9 @@ class ReluBranchAndBound:
             proven = children.t["margin"] > 0
             self.stats["leaves_proven"] += int(proven.sum())
             queue.push(children.select(~proven))
+            if self.config.pair_domains:
+                self.bounded += torch.bincount(children.t["pair"], minlength=len(self.pairs))
+                self._give_up((self.bounded > self.config.pair_domains).nonzero().flatten(), queue)
             self.fixed_s = (time.perf_counter() - start - (self.steps_s - steps_s)) / len(children)
             progress.tick(len(queue), deadline, domains=self.stats["domains_bounded"],
                           worst_margin=f"{queue.worst():.4g}")
@@ -579,9 +606,19 @@ class ReluBranchAndBound:
                     self.attack.seconds - attack_before <= self.config.attack_share * (time.perf_counter() - t0):
                 cex = self.attack(deadline)
                 if cex is not None:
-                    return self._outcome("violated", cex, t0)
-        return self._outcome("holds", None, t0)
+                    return self._outcome("violated", cex, t0, queue)
+        return self._outcome("unknown" if self.given_up.any() else "holds", None, t0, queue)
 
-    def _outcome(self, verdict: str, cex, t0: float) -> ReluBabOutcome:
+    def _give_up(self, pairs: torch.Tensor, queue: DomainQueue) -> None:
+        """Stop searching the pairs listed (past their domain budget, or unprovable)."""
+        self.given_up[pairs] = True
+        queue.drop(self.given_up)
+        self.stats["pairs_given_up"] = int(self.given_up.sum())
+
+    def _outcome(self, verdict: str, cex, t0: float, queue: DomainQueue,
+                 in_flight: DomainSet | None = None) -> ReluBabOutcome:
         self.stats["seconds"] = time.perf_counter() - t0
-        return ReluBabOutcome(verdict, cex, dict(self.stats))
+        unproven = self.given_up | queue.pairs(len(self.pairs), self.device)
+        if in_flight is not None:
+            unproven[in_flight.t["pair"]] = True
+        return ReluBabOutcome(verdict, cex, dict(self.stats), (~unproven).nonzero().flatten().tolist())

@@ -5,12 +5,12 @@ many neurons it leaves unstable (``l < 0 < u``) never change sign on the box, an
 every domain of the search a relaxation, which loosens the layers after it too. So, layer by
 layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`prefix`): the
 layer's bounds are intersected with a sound CROWN pass from the earlier layers' clamped bounds,
-then each neuron ``z_j`` still unstable gets a short ReLU branch and bound of its own, the
-unsafe set ``{z_j <= 0}`` (or ``{z_j >= 0}``) as its property. A "holds" clamps the neuron's
-interval to ``[0, u]`` (or ``[l, 0]``), and the later layers start from the clamped earlier
-ones. Neurons that probed points of the box show on both sides are not tried; the others are
-tried from the nearest to stable (the bound near 0, relative to the width) on, each within
-``neuron_seconds``, all within the deadline.
+then the neurons ``z_j`` still unstable get one ReLU branch and bound together, each a disjunct
+of its own with the unsafe set ``{z_j <= 0}`` (or ``{z_j >= 0}``): the domains of all of them
+share the batched bound calls. A neuron whose every domain is proven has its interval clamped
+to ``[0, u]`` (or ``[l, 0]``), and the later layers start from the clamped earlier ones; one
+past ``pair_domains`` domains is given up. Neurons that probed points of the box show on both
+sides are not tried. Each (layer, box) gets an equal share of the time left.
 
 Soundness: the tightening is a sound plan's bound from sound bounds; a neuron is clamped only on
 a "holds" of its search, which with sound_fp counts sound proofs only (see relu_bab's module
@@ -44,11 +44,12 @@ class StabiliseConfig:
     stabilises only when that did not decide."""
     after: float = 5.0             # seconds of the plain search first
     share: float = 0.4             # then at most this share of the time left (0: no stabilisation)
-    neuron_seconds: float = 1.0    # per neuron's search
+    pair_domains: int = 1000       # a neuron's proof is given up after this many domains of its own
     samples: int = 256             # random points per box that rule out neurons seen on both sides,
     corner_steps: int = 2          # and per neuron the corners its gradient points to, this many times
 
 
+MIN_SEARCH_SECONDS = 0.1
 CHUNK = 512    # neurons whose gradients are taken in one pass (a copy of the input each)
 
 
@@ -69,26 +70,27 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
     stats = {"tightened": 0, "tried": 0, "stabilised": 0, "seen_both_signs": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     progress = Progress("stabilisation")
-    for v in values:
-        if v not in graph.values or v not in out:     # (renamed by layout folding: left as it is)
-            continue
+    search = dataclasses.replace(search_config, pair_domains=config.pair_domains)
+    layers = [v for v in values if v in graph.values and v in out]   # (renamed by layout folding: left)
+    for i, v in enumerate(layers):
         cut = (prefix(graph, v), (key, "prefix", v))
         if not relaxed_nodes(cut[0]):                 # affine in the input: its bounds are exact
             continue
         out[v] = out[v].double().clone()                # float64: the search root rounds it outward
         for b in range(problem.num_boxes):
             stats["tightened"] += _tighten(cut, problem, b, out, planner)
-            for j, sign in _candidates(cut[0], problem, b, out[v][:, b].flatten(1), config, generator, stats):
-                if not fits(config.neuron_seconds / 4, deadline):
-                    stats["seconds"] = time.perf_counter() - t0
-                    return out, stats
-                stats["tried"] += 1
-                if _proves(cut, problem, b, j, sign, out, search_config, planner, sound_fp,
-                           min(deadline, time.perf_counter() + config.neuron_seconds)):
-                    stats["stabilised"] += 1
-                    bounds = out[v][:, b].view(2, -1)
-                    bounds[0 if sign > 0 else 1, j] = 0.0
-                progress.tick(layer=v, tried=stats["tried"], stabilised=stats["stabilised"])
+            picks = _candidates(cut[0], problem, b, out[v][:, b].flatten(1), config, generator, stats)
+            # each (layer, box) to come gets an equal share of the time left, and passes on what it leaves
+            until = time.perf_counter() + (deadline - time.perf_counter()) / ((len(layers) - i) * problem.num_boxes - b)
+            if not picks or not fits(MIN_SEARCH_SECONDS, until):
+                continue
+            stats["tried"] += len(picks)
+            proven = _proves(cut, problem, b, picks, out, search, planner, sound_fp, until)
+            bounds = out[v][:, b].view(2, -1)
+            for j, sign in (picks[i] for i in proven):
+                bounds[0 if sign > 0 else 1, j] = 0.0
+            stats["stabilised"] += len(proven)
+            progress.tick(layer=v, tried=stats["tried"], stabilised=stats["stabilised"])
     stats["seconds"] = time.perf_counter() - t0
     return out, stats
 
@@ -120,7 +122,7 @@ def _tighten(cut: tuple[Graph, object], problem: Problem, b: int, intermediate: 
 def _candidates(graph: Graph, problem: Problem, b: int, bounds: torch.Tensor, config: StabiliseConfig,
                 generator: torch.Generator, stats: dict) -> list[tuple[int, float]]:
     """(neuron, sign to prove) of the unstable neurons of the cut's output on box b that no
-    probed point shows on the other side, nearest to stable first. Probes: random points of the
+    probed point shows on the other side. Probes: random points of the
     box, and per neuron the box corners its gradient points to (from the centre, then again
     from the corners reached: a ReLU net is linear around each point), both ways."""
     lo, hi = bounds.double()
@@ -144,10 +146,8 @@ def _candidates(graph: Graph, problem: Problem, b: int, bounds: torch.Tensor, co
                 pos[chunk] |= z > 0
                 neg[chunk] |= z < 0
     stats["seen_both_signs"] += int((unstable & pos & neg).sum())
-    width = hi - lo
-    picks = [(j, 1.0, float(-lo[j] / width[j])) for j in (unstable & pos & ~neg).nonzero().flatten().tolist()]
-    picks += [(j, -1.0, float(hi[j] / width[j])) for j in (unstable & neg & ~pos).nonzero().flatten().tolist()]
-    return [(j, sign) for j, sign, _ in sorted(picks, key=lambda p: p[2])]
+    return [(j, 1.0) for j in (unstable & pos & ~neg).nonzero().flatten().tolist()] + \
+        [(j, -1.0) for j in (unstable & neg & ~pos).nonzero().flatten().tolist()]
 
 
 def _cut_values(graph: Graph, problem: Problem, x: torch.Tensor) -> torch.Tensor:
@@ -157,21 +157,25 @@ def _cut_values(graph: Graph, problem: Problem, x: torch.Tensor) -> torch.Tensor
     return env[v].reshape(x.shape[0], -1).double()
 
 
-def _proves(cut: tuple[Graph, object], problem: Problem, b: int, j: int, sign: float,
+def _proves(cut: tuple[Graph, object], problem: Problem, b: int, picks: list[tuple[int, float]],
             intermediate: dict[str, torch.Tensor], search_config: ReluBabConfig, planner: PlannerConfig | None,
-            sound_fp: bool, deadline: float) -> bool:
-    """Whether a ReLU branch and bound proves ``sign * z_j > 0`` on box b (z: the cut's output)."""
+            sound_fp: bool, deadline: float) -> list[int]:
+    """Which of the picks ``(j, sign)`` one ReLU branch and bound proves ``sign * z_j > 0`` for on
+    box b (z: the cut's output), each pick a disjunct of its own (one row), searched together."""
     device = problem.device
     numel = cut[0].values[cut[0].outputs[0]].type.numel
-    row = torch.zeros(1, numel, dtype=torch.float64)
-    row[0, j] = sign
+    k = len(picks)
+    rows = torch.zeros(k, numel, dtype=torch.float64)
+    rows[torch.arange(k), [j for j, _ in picks]] = torch.tensor([sign for _, sign in picks], dtype=torch.float64)
     pick = slice(b, b + 1)
     sub = Problem(problem.input_shape, problem.outer_lo[pick], problem.outer_hi[pick], problem.inner_lo[pick],
-                  problem.inner_hi[pick], problem.box_lo[pick], problem.box_hi[pick], row.numpy(), np.zeros(1),
-                  torch.ones(1, 1, dtype=torch.bool, device=device), row.float().to(device), row.to(device),
-                  torch.zeros(1, dtype=torch.float64, device=device))
-    search = ReluBranchAndBound(None, sub, [(0, 0)], None, search_config, planner, sound_fp=sound_fp, loaded=cut)
-    lo, hi = intermediate[cut[0].outputs[0]][:, b].reshape(2, -1)[:, j].double()
-    margins = sub.disjunct_margins((lo if sign > 0 else -hi).reshape(1, 1))
+                  problem.inner_hi[pick], problem.box_lo[pick], problem.box_hi[pick], rows.numpy(), np.zeros(k),
+                  torch.eye(k, dtype=torch.bool, device=device), rows.float().to(device), rows.to(device),
+                  torch.zeros(k, dtype=torch.float64, device=device))
+    search = ReluBranchAndBound(None, sub, [(0, i) for i in range(k)], None, search_config, planner,
+                                sound_fp=sound_fp, loaded=cut)
+    lo, hi = intermediate[cut[0].outputs[0]][:, b].reshape(2, -1).double()
+    row_lb = torch.stack([lo[j] if sign > 0 else -hi[j] for j, sign in picks])
+    margins = sub.disjunct_margins(row_lb.expand(1, k))          # the root's: row i is disjunct i
     root = search.root({u: intermediate[u][:, pick] for u in search.relaxed}, margins)
-    return search.run(root, deadline).verdict == "holds"
+    return search.run(root, deadline).proven
