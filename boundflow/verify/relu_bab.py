@@ -349,11 +349,11 @@ class ReluBranchAndBound:
             self._resize(size, seconds, module.stats["logical_bytes"])
         return result
 
-    def confirm(self, domains: DomainSet) -> DomainSet:
-        """The domains with every positive margin recomputed by the sound beta-crown plan at
-        their own slopes and multipliers (one run, no optimisation); without sound_fp, as
-        they are."""
-        proven = (domains.t["margin"] > 0).nonzero().flatten()
+    def confirm(self, domains: DomainSet, every: bool = False) -> DomainSet:
+        """The domains with every positive margin (``every``: every margin) recomputed by the
+        sound beta-crown plan at their own slopes and multipliers (one run, no optimisation);
+        without sound_fp, as they are."""
+        proven = (domains.t["margin"] > (-math.inf if every else 0)).nonzero().flatten()
         if self.sound is None or not len(proven):
             return domains
         t0 = time.perf_counter()
@@ -378,7 +378,8 @@ class ReluBranchAndBound:
         margin = domains.t["margin"].clone()
         margin[proven] = sound
         self.stats["confirm_s"] = self.stats.get("confirm_s", 0.0) + time.perf_counter() - t0
-        self.stats["unconfirmed"] = self.stats.get("unconfirmed", 0) + int((~(sound > 0)).sum())
+        if not every:
+            self.stats["unconfirmed"] = self.stats.get("unconfirmed", 0) + int((~(sound > 0)).sum())
         return DomainSet({**domains.t, "margin": margin})
 
     def _optimise(self, module, env, t, signs, iterations, start, deadline, exhausted, forward_s):
@@ -548,11 +549,12 @@ class ReluBranchAndBound:
             t[("sign", v)] = torch.zeros(t[("lo", v)].shape, dtype=torch.int8, device=self.device)
         return DomainSet(t)
 
-    def run(self, root: DomainSet, deadline: float) -> ReluBabOutcome:
+    def run(self, root: DomainSet, deadline: float, bounded: bool = False) -> ReluBabOutcome:
+        """The search from ``root`` (``bounded``: already bounded and confirmed)."""
         t0 = time.perf_counter()
         attack_before = self.attack.seconds if self.attack else 0.0
         progress = Progress("ReLU branch and bound")
-        bounded = self.confirm(self.bound(root, self.config.root_iterations, deadline))
+        bounded = root if bounded else self.confirm(self.bound(root, self.config.root_iterations, deadline))
         queue = DomainQueue()
         queue.push(bounded.select(~(bounded.t["margin"] > 0)))
         while len(queue):

@@ -44,12 +44,14 @@ class StabiliseConfig:
     stabilises only when that did not decide."""
     after: float = 5.0             # seconds of the plain search first
     share: float = 0.4             # then at most this share of the time left (0: no stabilisation)
-    pair_domains: int = 1000       # a neuron's proof is given up after this many domains of its own
+    pair_domains: int = 1000       # a claim's proof is given up after this many domains of its own
+    reach: float = 0.75            # an unstable neuron's bounds are pushed this far to the extremes probed
     samples: int = 256             # random points per box that rule out neurons seen on both sides,
     corner_steps: int = 2          # and per neuron the corners its gradient points to, this many times
 
 
 MIN_SEARCH_SECONDS = 0.1
+GROUP = 256    # rows (neuron sides) bounded and searched together: one root call of this many domains
 CHUNK = 512    # neurons whose gradients are taken in one pass (a copy of the input each)
 
 
@@ -67,7 +69,7 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
     neurons of ``values`` whose sign a search proves clamped at 0; and stats."""
     graph, key = api.load_model(model)
     out = dict(intermediate)
-    stats = {"tightened": 0, "tried": 0, "stabilised": 0, "seen_both_signs": 0, "seconds": 0.0}
+    stats = {"tightened": 0, "seen_both_signs": 0, "tried": 0, "proven": 0, "stabilised": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     progress = Progress("stabilisation")
     search = dataclasses.replace(search_config, pair_domains=config.pair_domains)
@@ -79,17 +81,24 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
         out[v] = out[v].double().clone()                # float64: the search root rounds it outward
         for b in range(problem.num_boxes):
             stats["tightened"] += _tighten(cut, problem, b, out, planner)
-            picks = _candidates(cut[0], problem, b, out[v][:, b].flatten(1), config, generator, stats)
+            bounds = out[v][:, b].view(2, -1)
+            rows = _rows(bounds, *_probe(cut[0], problem, b, bounds, config, generator), config.reach)
             # each (layer, box) to come gets an equal share of the time left, and passes on what it leaves
             until = time.perf_counter() + (deadline - time.perf_counter()) / ((len(layers) - i) * problem.num_boxes - b)
-            if not picks or not fits(MIN_SEARCH_SECONDS, until):
+            if not len(rows) or not fits(MIN_SEARCH_SECONDS, until):
                 continue
-            stats["tried"] += len(picks)
-            proven = _proves(cut, problem, b, picks, out, search, planner, sound_fp, until)
-            bounds = out[v][:, b].view(2, -1)
-            for j, sign in (picks[i] for i in proven):
-                bounds[0 if sign > 0 else 1, j] = 0.0
-            stats["stabilised"] += len(proven)
+            unstable = rows[:, 0].long().unique()
+            stats["seen_both_signs"] += len(rows) - len(unstable)
+            stats["tried"] += len(rows)
+            groups = rows.split(GROUP)
+            for k, group in enumerate(groups):
+                share = time.perf_counter() + (until - time.perf_counter()) / (len(groups) - k)
+                lower, proven = _search(cut, problem, b, group, out, search, planner, sound_fp, share)
+                j, up = group[:, 0].long(), group[:, 1] > 0                  # sign * z_j >= lower on the box
+                bounds[0, j[up]] = torch.fmax(bounds[0, j[up]], lower[up].to(bounds.dtype))
+                bounds[1, j[~up]] = torch.fmin(bounds[1, j[~up]], -lower[~up].to(bounds.dtype))
+                stats["proven"] += len(proven)
+            stats["stabilised"] += int(((bounds[0, unstable] >= 0) | (bounds[1, unstable] <= 0)).sum())
             progress.tick(layer=v, tried=stats["tried"], stabilised=stats["stabilised"])
     stats["seconds"] = time.perf_counter() - t0
     return out, stats
@@ -119,19 +128,18 @@ def _tighten(cut: tuple[Graph, object], problem: Problem, b: int, intermediate: 
     return int(((bounds[0, rows] >= 0) | (bounds[1, rows] <= 0)).sum())
 
 
-def _candidates(graph: Graph, problem: Problem, b: int, bounds: torch.Tensor, config: StabiliseConfig,
-                generator: torch.Generator, stats: dict) -> list[tuple[int, float]]:
-    """(neuron, sign to prove) of the unstable neurons of the cut's output on box b that no
-    probed point shows on the other side. Probes: random points of the
-    box, and per neuron the box corners its gradient points to (from the centre, then again
-    from the corners reached: a ReLU net is linear around each point), both ways."""
+def _probe(graph: Graph, problem: Problem, b: int, bounds: torch.Tensor, config: StabiliseConfig,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least and greatest values [numel] float64 of the cut's output seen at probed points
+    of box b: random points, and per unstable neuron the box corners its gradient points to
+    (from the centre, then again from the corners reached: a ReLU net is linear around each
+    point), both ways."""
     lo, hi = bounds.double()
-    unstable = (lo < 0) & (hi > 0)
     box_lo, box_hi = problem.inner_lo[b], problem.inner_hi[b]
     u = torch.rand((config.samples,) + box_lo.shape, generator=generator, device=box_lo.device)
     z = _cut_values(graph, problem, box_lo + u * (box_hi - box_lo))
-    pos, neg = (z > 0).any(0), (z < 0).any(0)
-    index = unstable.nonzero().flatten()
+    least, greatest = z.min(0).values, z.max(0).values
+    index = ((lo < 0) & (hi > 0)).nonzero().flatten()
     for chunk in index.split(CHUNK) if len(index) else ():
         centre = ((box_lo + box_hi) / 2).expand(len(chunk), -1)
         for way in (1.0, -1.0):
@@ -143,11 +151,23 @@ def _candidates(graph: Graph, problem: Problem, b: int, bounds: torch.Tensor, co
                     (grad,) = torch.autograd.grad(picked.sum(), x)
                 x = torch.where(way * grad >= 0, box_hi, box_lo)
                 z = _cut_values(graph, problem, x).gather(1, chunk[:, None]).squeeze(1)
-                pos[chunk] |= z > 0
-                neg[chunk] |= z < 0
-    stats["seen_both_signs"] += int((unstable & pos & neg).sum())
-    return [(j, 1.0) for j in (unstable & pos & ~neg).nonzero().flatten().tolist()] + \
-        [(j, -1.0) for j in (unstable & neg & ~pos).nonzero().flatten().tolist()]
+                least[chunk] = torch.minimum(least[chunk], z)
+                greatest[chunk] = torch.maximum(greatest[chunk], z)
+    return least, greatest
+
+
+def _rows(bounds: torch.Tensor, least: torch.Tensor, greatest: torch.Tensor, reach: float) -> torch.Tensor:
+    """[R, 3] rows (neuron j, sign, d), each the claim ``sign * z_j > d`` to prove, for the
+    unstable neurons: the sign for one never seen on the other side of 0, else each bound moved
+    ``reach`` of the way to the extreme seen (the bounds' gap to it is the relaxation's slack)."""
+    lo, hi = bounds.double()
+    unstable = (lo < 0) & (hi > 0)
+    up, down = unstable & (least >= 0), unstable & (greatest <= 0) & (least < 0)
+    both = unstable & ~up & ~down
+    parts = [(up, 1.0, torch.zeros_like(lo)), (down, -1.0, torch.zeros_like(lo)),
+             (both, 1.0, lo + reach * (least - lo)), (both, -1.0, -(hi + reach * (greatest - hi)))]
+    return torch.cat([torch.stack((mask.nonzero().flatten().double(), torch.full((int(mask.sum()),), sign,
+                                   dtype=torch.float64), d[mask]), 1) for mask, sign, d in parts])
 
 
 def _cut_values(graph: Graph, problem: Problem, x: torch.Tensor) -> torch.Tensor:
@@ -157,25 +177,32 @@ def _cut_values(graph: Graph, problem: Problem, x: torch.Tensor) -> torch.Tensor
     return env[v].reshape(x.shape[0], -1).double()
 
 
-def _proves(cut: tuple[Graph, object], problem: Problem, b: int, picks: list[tuple[int, float]],
+def _search(cut: tuple[Graph, object], problem: Problem, b: int, rows: torch.Tensor,
             intermediate: dict[str, torch.Tensor], search_config: ReluBabConfig, planner: PlannerConfig | None,
-            sound_fp: bool, deadline: float) -> list[int]:
-    """Which of the picks ``(j, sign)`` one ReLU branch and bound proves ``sign * z_j > 0`` for on
-    box b (z: the cut's output), each pick a disjunct of its own (one row), searched together."""
+            sound_fp: bool, deadline: float) -> tuple[torch.Tensor, list[int]]:
+    """One ReLU branch and bound on box b over the claims ``rows`` [R, 3] ((j, sign, d): ``sign *
+    z_j > d``, z the cut's output), each a disjunct of its own: lower bounds [R] float64 of
+    ``sign * z_j`` on the box (the root's, sound with sound_fp; at least d where proven), and
+    the rows proven."""
     device = problem.device
     numel = cut[0].values[cut[0].outputs[0]].type.numel
-    k = len(picks)
-    rows = torch.zeros(k, numel, dtype=torch.float64)
-    rows[torch.arange(k), [j for j, _ in picks]] = torch.tensor([sign for _, sign in picks], dtype=torch.float64)
+    k = len(rows)
+    j, sign, d = rows[:, 0].long(), rows[:, 1], rows[:, 2]
+    C = torch.zeros(k, numel, dtype=torch.float64)
+    C[torch.arange(k), j] = sign
     pick = slice(b, b + 1)
     sub = Problem(problem.input_shape, problem.outer_lo[pick], problem.outer_hi[pick], problem.inner_lo[pick],
-                  problem.inner_hi[pick], problem.box_lo[pick], problem.box_hi[pick], rows.numpy(), np.zeros(k),
-                  torch.eye(k, dtype=torch.bool, device=device), rows.float().to(device), rows.to(device),
-                  torch.zeros(k, dtype=torch.float64, device=device))
+                  problem.inner_hi[pick], problem.box_lo[pick], problem.box_hi[pick], C.numpy(), d.numpy(),
+                  torch.eye(k, dtype=torch.bool, device=device), C.float().to(device), C.to(device), d.to(device))
     search = ReluBranchAndBound(None, sub, [(0, i) for i in range(k)], None, search_config, planner,
                                 sound_fp=sound_fp, loaded=cut)
     lo, hi = intermediate[cut[0].outputs[0]][:, b].reshape(2, -1).double()
-    row_lb = torch.stack([lo[j] if sign > 0 else -hi[j] for j, sign in picks])
-    margins = sub.disjunct_margins(row_lb.expand(1, k))          # the root's: row i is disjunct i
-    root = search.root({u: intermediate[u][:, pick] for u in search.relaxed}, margins)
-    return search.run(root, deadline).proven
+    row_lb = torch.where(sign > 0, lo[j], -hi[j])
+    root = search.root({u: intermediate[u][:, pick] for u in search.relaxed},
+                       sub.disjunct_margins(row_lb[None]))            # the interval bounds' margins
+    bounded = search.confirm(search.bound(root, search_config.root_iterations, deadline), every=True)
+    outcome = search.run(bounded, deadline, bounded=True)
+    # a margin is its row's lower bound less d and a round-off allowance
+    lower = bounded.t["margin"].cpu() + d
+    lower[outcome.proven] = torch.fmax(lower[outcome.proven], d[outcome.proven])
+    return lower, outcome.proven
