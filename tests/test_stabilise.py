@@ -19,7 +19,7 @@ from boundflow.planner.lower import relaxed_inputs
 from boundflow.planner.pipeline import planned_graph
 from boundflow.verify.property import make_problem
 from boundflow.verify.relu_bab import ReluBabConfig
-from boundflow.verify.stabilise import StabiliseConfig, prefix, stabilise
+from boundflow.verify.stabilise import StabiliseConfig, _rows, prefix, stabilise
 from boundflow.verify.verifier import VerifyConfig, verify
 
 from nets import build, export_onnx, networks, sample_box
@@ -44,6 +44,14 @@ def test_a_cut_network_computes_the_value_it_is_cut_at(tmp_path_factory, net, se
             assert cut.outputs == [v] and cut.inputs == graph.inputs
             assert len(cut.nodes) <= graph.nodes.index(node) + 1          # only what v needs
             assert torch.equal(concrete.values(cut, x)[v], full[v]), v
+
+
+def test_claims_prove_a_sign_or_move_both_bounds_toward_the_extremes_seen():
+    bounds = torch.tensor([[-1.0, -2.0, -4.0, 1.0, -1.0], [3.0, 1.0, 2.0, 2.0, 1.0]], dtype=torch.float64)
+    least = torch.tensor([0.5, -1.5, -2.0, 1.2, 0.0], dtype=torch.float64)      # the values probed
+    greatest = torch.tensor([2.0, -0.5, 1.0, 1.8, 0.0], dtype=torch.float64)
+    rows = _rows(bounds, least, greatest, 0.5)
+    assert rows.tolist() == [[0, 1, 0], [4, 1, 0], [1, -1, 0], [2, 1, -3.0], [2, -1, -1.5]]   # 3 is stable
 
 
 def check_stabilised(module, input_shape, num_outputs, lo, hi, folder, gen) -> dict:

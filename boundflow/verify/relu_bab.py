@@ -100,9 +100,10 @@ class ReluBabConfig:
     # their intermediate bounds re-tightened by CROWN from the domain's split constraints each
     # time it is bounded (PlannerConfig.split_refine; 0: the parent's bounds as they are)
     refine_neurons: int = 0
-    # a pair whose domains bounded pass this many is given up: its domains leave the queue and
-    # the search goes on with the other pairs (0: no limit; stabilise.py's many small proofs)
-    pair_domains: int = 0
+    # a pair whose domains' share of the search's rounds passes this many seconds is given up:
+    # its domains leave the queue, the search goes on with the others (0: no limit; for
+    # stabilise.py's many small proofs)
+    pair_seconds: float = 0.0
 
 
 class DomainSet:
@@ -253,8 +254,8 @@ class ReluBranchAndBound:
         self.steps_s = 0.0      # seconds spent in optimisation steps (they stop at a deadline)
         self.fixed_s = 0.0      # seconds per child of the rest of the last round (it cannot stop)
         self.cut = False        # whether the deadline stopped the last bound's steps
-        self.bounded = torch.zeros(len(pairs), dtype=torch.long, device=self.device)   # domains per pair
-        self.given_up = torch.zeros(len(pairs), dtype=torch.bool, device=self.device)  # past pair_domains
+        self.spent = torch.zeros(len(pairs), dtype=torch.float64, device=self.device)  # seconds per pair
+        self.given_up = torch.zeros(len(pairs), dtype=torch.bool, device=self.device)  # past pair_seconds
 
     def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """[N] certified margin of each domain's disjunct from the bounds of its rows (of the
@@ -582,12 +583,12 @@ class ReluBranchAndBound:
                 failed = ~(exhausted.t["margin"] > 0)
                 if failed.any():
                     self.stats["unsplittable"] += int(failed.sum())
-                    if not self.config.pair_domains:
+                    if not self.config.pair_seconds:
                         # (steps the deadline cut short decide nothing)
                         return self._outcome("timeout" if self.cut else "unknown", None, t0, queue, parents)
                     self._give_up(exhausted.t["pair"][failed], queue)
                 parents, index = parents.select(index >= 0), index[index >= 0]
-                if self.config.pair_domains:
+                if self.config.pair_seconds:
                     keep = ~self.given_up[parents.t["pair"]]
                     parents, index = parents.select(keep), index[keep]
                 if not len(parents):
@@ -597,9 +598,10 @@ class ReluBranchAndBound:
             proven = children.t["margin"] > 0
             self.stats["leaves_proven"] += int(proven.sum())
             queue.push(children.select(~proven))
-            if self.config.pair_domains:
-                self.bounded += torch.bincount(children.t["pair"], minlength=len(self.pairs))
-                self._give_up((self.bounded > self.config.pair_domains).nonzero().flatten(), queue)
+            if self.config.pair_seconds:     # the round's time, shared by its children
+                share = (time.perf_counter() - start) / len(children)
+                self.spent += share * torch.bincount(children.t["pair"], minlength=len(self.pairs))
+                self._give_up((self.spent > self.config.pair_seconds).nonzero().flatten(), queue)
             self.fixed_s = (time.perf_counter() - start - (self.steps_s - steps_s)) / len(children)
             progress.tick(len(queue), deadline, domains=self.stats["domains_bounded"],
                           worst_margin=f"{queue.worst():.4g}")
@@ -612,7 +614,7 @@ class ReluBranchAndBound:
         return self._outcome("unknown" if self.given_up.any() else "holds", None, t0, queue)
 
     def _give_up(self, pairs: torch.Tensor, queue: DomainQueue) -> None:
-        """Stop searching the pairs listed (past their domain budget, or unprovable)."""
+        """Stop searching the pairs listed (past their time budget, or unprovable)."""
         self.given_up[pairs] = True
         queue.drop(self.given_up)
         self.stats["pairs_given_up"] = int(self.given_up.sum())

@@ -1,20 +1,29 @@
-"""Root stabilisation: prove the signs of "unstable" ReLU inputs before ReLU branch and bound.
+"""Root stabilisation: tighten the intermediate bounds of ReLU inputs before ReLU branch and bound.
 
 The search's root takes its intermediate bounds from alpha-CROWN over the whole box. On deep nets
-many neurons it leaves unstable (``l < 0 < u``) never change sign on the box, and each one costs
-every domain of the search a relaxation, which loosens the layers after it too. So, layer by
-layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`prefix`): the
-layer's bounds are intersected with a sound CROWN pass from the earlier layers' clamped bounds,
-then the neurons ``z_j`` still unstable get one ReLU branch and bound together, each a disjunct
-of its own with the unsafe set ``{z_j <= 0}`` (or ``{z_j >= 0}``): the domains of all of them
-share the batched bound calls. A neuron whose every domain is proven has its interval clamped
-to ``[0, u]`` (or ``[l, 0]``), and the later layers start from the clamped earlier ones; one
-past ``pair_domains`` domains is given up. Neurons that probed points of the box show on both
-sides are not tried. Each (layer, box) gets an equal share of the time left.
+they are loose: many neurons it leaves unstable (``l < 0 < u``) never change sign on the box,
+and the truly unstable ones have intervals far wider than their real range. Each costs every
+domain of the search a loose relaxation, which loosens the layers after it too. So, layer by
+layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`prefix`):
 
-Soundness: the tightening is a sound plan's bound from sound bounds; a neuron is clamped only on
-a "holds" of its search, which with sound_fp counts sound proofs only (see relu_bab's module
-docstring); bounds valid on the box stay valid on it.
+1. the layer's bounds are intersected with a sound CROWN pass from the earlier layers' tightened
+   bounds;
+2. its unstable neurons are probed (random points of the box and gradient corners, :func:`_probe`)
+   and each gets claims to prove (:func:`_rows`): a neuron never seen below 0 the claim
+   ``z_j > 0`` (above 0: ``-z_j > 0``); one seen on both sides ``z_j > l + reach (m - l)`` and
+   ``-z_j > -(u + reach (M - u))``, its bounds moved toward the least and greatest values seen,
+   ``m`` and ``M``;
+3. one ReLU branch and bound proves the claims together, each a disjunct of its own, so their
+   domains share the batched bound calls (GROUP claims per search); a claim past
+   ``claim_seconds`` of the search's time is given up. Its alpha-optimised root bound tightens every claim's
+   side, a proof moves the side to the claim.
+
+The later layers start from the tightened earlier ones. Each (layer, box) gets an equal share
+of the time left. Probes only choose the claims; nothing is concluded from them.
+
+Soundness: the tightening is a sound plan's bound from sound bounds; with sound_fp the root's
+margins are recomputed by the sound plan and a claim counts as proven only on sound proofs of
+all its domains (see relu_bab's module docstring); bounds valid on the box stay valid on it.
 """
 from __future__ import annotations
 
@@ -44,14 +53,14 @@ class StabiliseConfig:
     stabilises only when that did not decide."""
     after: float = 5.0             # seconds of the plain search first
     share: float = 0.4             # then at most this share of the time left (0: no stabilisation)
-    pair_domains: int = 1000       # a claim's proof is given up after this many domains of its own
+    claim_seconds: float = 0.2     # a claim's proof is given up after its domains took this long
     reach: float = 0.75            # an unstable neuron's bounds are pushed this far to the extremes probed
-    samples: int = 256             # random points per box that rule out neurons seen on both sides,
+    samples: int = 256             # random points probed per box,
     corner_steps: int = 2          # and per neuron the corners its gradient points to, this many times
 
 
 MIN_SEARCH_SECONDS = 0.1
-GROUP = 256    # rows (neuron sides) bounded and searched together: one root call of this many domains
+GROUP = 256    # claims bounded and searched together: one root call of this many domains
 CHUNK = 512    # neurons whose gradients are taken in one pass (a copy of the input each)
 
 
@@ -66,13 +75,13 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
               config: StabiliseConfig, search_config: ReluBabConfig, planner: PlannerConfig | None,
               sound_fp: bool, deadline: float, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
     """``intermediate`` (ReLU input -> [2, boxes, *shape] bounds over the problem's boxes) with the
-    neurons of ``values`` whose sign a search proves clamped at 0; and stats."""
+    bounds of ``values`` tightened as the module docstring says; and stats."""
     graph, key = api.load_model(model)
     out = dict(intermediate)
     stats = {"tightened": 0, "seen_both_signs": 0, "tried": 0, "proven": 0, "stabilised": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     progress = Progress("stabilisation")
-    search = dataclasses.replace(search_config, pair_domains=config.pair_domains)
+    search = dataclasses.replace(search_config, pair_seconds=config.claim_seconds)
     layers = [v for v in values if v in graph.values and v in out]   # (renamed by layout folding: left)
     for i, v in enumerate(layers):
         cut = (prefix(graph, v), (key, "prefix", v))
