@@ -15,8 +15,8 @@ layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`pre
    ``m`` and ``M``;
 3. one ReLU branch and bound proves the claims together, each a disjunct of its own, so their
    domains share the batched bound calls (GROUP claims per search); a claim past
-   ``claim_seconds`` of the search's time is given up. Its alpha-optimised root bound tightens every claim's
-   side, a proof moves the side to the claim.
+   ``claim_seconds`` of the search's time is given up. Its alpha-optimised root bound tightens
+   every claim's side, a proof moves the side to the claim.
 
 The later layers start from the tightened earlier ones. Each (layer, box) gets an equal share
 of the time left. Probes only choose the claims; nothing is concluded from them.
@@ -91,7 +91,7 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
         for b in range(problem.num_boxes):
             stats["tightened"] += _tighten(cut, problem, b, out, planner)
             bounds = out[v][:, b].view(2, -1)
-            rows = _rows(bounds, *_probe(cut[0], problem, b, bounds, config, generator), config.reach)
+            rows = _rows(bounds, *_probe(cut[0], problem, b, bounds, config, generator), config.reach).cpu()
             # each (layer, box) to come gets an equal share of the time left, and passes on what it leaves
             until = time.perf_counter() + (deadline - time.perf_counter()) / ((len(layers) - i) * problem.num_boxes - b)
             if not len(rows) or not fits(MIN_SEARCH_SECONDS, until):
@@ -103,9 +103,9 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
             for k, group in enumerate(groups):
                 share = time.perf_counter() + (until - time.perf_counter()) / (len(groups) - k)
                 lower, proven = _search(cut, problem, b, group, out, search, planner, sound_fp, share)
-                j, up = group[:, 0].long(), group[:, 1] > 0                  # sign * z_j >= lower on the box
-                bounds[0, j[up]] = torch.fmax(bounds[0, j[up]], lower[up].to(bounds.dtype))
-                bounds[1, j[~up]] = torch.fmin(bounds[1, j[~up]], -lower[~up].to(bounds.dtype))
+                j, up, lower = group[:, 0].long(), group[:, 1] > 0, lower.to(bounds)   # sign * z_j >= lower
+                bounds[0, j[up]] = torch.fmax(bounds[0, j[up]], lower[up])
+                bounds[1, j[~up]] = torch.fmin(bounds[1, j[~up]], -lower[~up])
                 stats["proven"] += len(proven)
             stats["stabilised"] += int(((bounds[0, unstable] >= 0) | (bounds[1, unstable] <= 0)).sum())
             progress.tick(layer=v, tried=stats["tried"], stabilised=stats["stabilised"])
@@ -189,10 +189,10 @@ def _cut_values(graph: Graph, problem: Problem, x: torch.Tensor) -> torch.Tensor
 def _search(cut: tuple[Graph, object], problem: Problem, b: int, rows: torch.Tensor,
             intermediate: dict[str, torch.Tensor], search_config: ReluBabConfig, planner: PlannerConfig | None,
             sound_fp: bool, deadline: float) -> tuple[torch.Tensor, list[int]]:
-    """One ReLU branch and bound on box b over the claims ``rows`` [R, 3] ((j, sign, d): ``sign *
-    z_j > d``, z the cut's output), each a disjunct of its own: lower bounds [R] float64 of
-    ``sign * z_j`` on the box (the root's, sound with sound_fp; at least d where proven), and
-    the rows proven."""
+    """One ReLU branch and bound on box b over the claims ``rows`` [R, 3] (CPU; (j, sign, d):
+    ``sign * z_j > d``, z the cut's output), each a disjunct of its own: lower bounds [R]
+    float64 (CPU) of ``sign * z_j`` on the box (the root's, sound with sound_fp; at least d
+    where proven), and the rows proven."""
     device = problem.device
     numel = cut[0].values[cut[0].outputs[0]].type.numel
     k = len(rows)
@@ -205,8 +205,8 @@ def _search(cut: tuple[Graph, object], problem: Problem, b: int, rows: torch.Ten
                   torch.eye(k, dtype=torch.bool, device=device), C.float().to(device), C.to(device), d.to(device))
     search = ReluBranchAndBound(None, sub, [(0, i) for i in range(k)], None, search_config, planner,
                                 sound_fp=sound_fp, loaded=cut)
-    lo, hi = intermediate[cut[0].outputs[0]][:, b].reshape(2, -1).double()
-    row_lb = torch.where(sign > 0, lo[j], -hi[j])
+    lo, hi = intermediate[cut[0].outputs[0]][:, b].reshape(2, -1).double().cpu()
+    row_lb = torch.where(sign > 0, lo[j], -hi[j]).to(device)
     root = search.root({u: intermediate[u][:, pick] for u in search.relaxed},
                        sub.disjunct_margins(row_lb[None]))            # the interval bounds' margins
     bounded = search.confirm(search.bound(root, search_config.root_iterations, deadline), every=True)
