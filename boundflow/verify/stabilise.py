@@ -116,8 +116,8 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
 def _tighten(cut: tuple[Graph, object], problem: Problem, b: int, intermediate: dict[str, torch.Tensor],
              planner: PlannerConfig | None) -> int:
     """Intersect the cut's output bounds on box b with a sound CROWN pass (bab.output_pass,
-    float64 sound_fp) from the earlier layers' bounds, clamped ones included: the
-    bounds the search started with were computed before any clamp. The neurons it makes stable."""
+    float64 sound_fp) from the earlier layers' bounds as tightened: the bounds the search
+    started with were computed before any tightening. The neurons it makes stable."""
     v = cut[0].outputs[0]
     bounds = intermediate[v][:, b].view(2, -1)
     rows = ((bounds[0] < 0) & (bounds[1] > 0)).nonzero().flatten()
