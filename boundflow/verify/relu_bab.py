@@ -587,10 +587,9 @@ class ReluBranchAndBound:
                         # (steps the deadline cut short decide nothing)
                         return self._outcome("timeout" if self.cut else "unknown", None, t0, queue, parents)
                     self._give_up(exhausted.t["pair"][failed], queue)
-                parents, index = parents.select(index >= 0), index[index >= 0]
-                if self.config.pair_seconds:
-                    keep = ~self.given_up[parents.t["pair"]]
-                    parents, index = parents.select(keep), index[keep]
+                # the others, but for those of the pairs just given up
+                keep = (index >= 0) & ~self.given_up[parents.t["pair"]]
+                parents, index = parents.select(keep), index[keep]
                 if not len(parents):
                     continue
             children = self.confirm(self.bound(self.split(parents, index), self.config.optimiser.iterations,
