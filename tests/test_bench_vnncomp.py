@@ -31,6 +31,17 @@ def test_presets_run_the_target_subsets():
                     "oval21": Run("oval21"), "acasxu": Run("acasxu")}
 
 
+def test_threads_per_instance(monkeypatch):
+    """One torch thread per instance, as the reference numbers were measured, but for the deep
+    preset, whose targets are per instance on the whole machine: the cores shared by the jobs."""
+    monkeypatch.setattr(vnncomp.os, "cpu_count", lambda: 8)
+    threads = lambda *argv: vnncomp.threads_per_instance(vnncomp.parse_args(list(argv)))
+    assert threads("--preset", "issue") == 1 and threads("--benchmarks", "mnistfc") == 1
+    assert threads("--preset", "deep") == 8 and threads("--preset", "deep", "--jobs", "3") == 2
+    assert threads("--preset", "deep", "--jobs", "16") == 1
+    assert threads("--preset", "deep", "--threads", "3") == 3 and threads("--threads", "2") == 2
+
+
 def test_deep_preset_selects_whole_benchmarks_at_their_own_timeouts(shared):
     deep = vnncomp.plan_runs(vnncomp.parse_args(["--preset", "deep"]))
     mnist = vnncomp.select(str(shared), deep["mnistfc 256x4"])

@@ -16,12 +16,15 @@ reference covers the first 10). ``--preset ops`` runs the operators issue's subs
 the first 10 instances each, at 60 s) beside alpha-beta-CROWN's 2021 answers (on a GPU).
 ``--preset deep`` runs the deeper-networks issue's targets: every mnist-net_256x4 and
 mnist-net_256x6 instance, every oval21 and every ACAS Xu instance, each at its own timeout
-(hours in all).
+(hours in all), one instance at a time with all the machine's cores (the targets are per
+instance, on this machine).
 
 Every run also puts alpha-beta-CROWN's VNN-COMP 2021 answers (expected.csv, on the
 competition's GPU machine) on the same instances beside ours: its solved count and median time.
 
-Each instance runs as a fresh ``boundflow verify`` process with one torch thread, timed from
+Each instance runs as a fresh ``boundflow verify`` process with ``--threads`` torch threads
+(default: one, as the reference numbers were measured; ``--preset deep``: the cores divided by
+``--jobs``), timed from
 launch to exit, as VNN-COMP measures it (Python and torch start-up included). Instances are the
 first ``--limit`` lines of ``<benchmark>/<benchmark>_instances.csv`` (after ``--filter``), with
 timeouts capped at ``--timeout-cap``. Medians are over all instances run (unsolved ones count
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -88,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep only instances of BENCH whose onnx name contains TEXT (repeatable)")
     p.add_argument("--method", default="crown", help="bound method of the search (default: %(default)s)")
     p.add_argument("--jobs", type=int, help="instances in parallel (default: 1; with --ray: the Ray's CPUs)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads per instance (default: 1; --preset deep: the cores / --jobs)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS", help="run the instances as Ray tasks (as run-suite --ray)")
     p.add_argument("--data-root", metavar="DIR", help="with --ray: as run-suite --data-root")
     p.add_argument("--shared", help="the shared data folder (default: $BOUNDFLOW_SHARED or ../shared)")
@@ -95,6 +101,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fixed subsets with their caps and the reference numbers (overrides "
                         "--benchmarks, --limit, --timeout-cap, --filter)")
     return p.parse_args(argv)
+
+
+def threads_per_instance(args) -> int:
+    """``--threads``, else 1, but for ``--preset deep`` (its targets are per instance on the whole
+    machine) the cores shared by the local jobs."""
+    if args.threads:
+        return args.threads
+    if args.preset == "deep" and not args.ray:
+        return max(1, (os.cpu_count() or 1) // (args.jobs or 1))
+    return 1
 
 
 def plan_runs(args) -> dict[str, Run]:
@@ -196,8 +212,9 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     runs = plan_runs(args)
+    threads = threads_per_instance(args)
     t0 = time.perf_counter()
-    with suite_runner(args.ray, args.jobs, args.method, 1, args.data_root) as runner:
+    with suite_runner(args.ray, args.jobs, args.method, threads, args.data_root) as runner:
         start_s = time.perf_counter() - t0     # a Ray's start (--ray local) or joining a cluster
         results = {name: run_benchmark(name, run, args, runner) for name, run in runs.items()}
         slots = runner.describe()
@@ -227,7 +244,7 @@ def main(argv=None) -> int:
                                       "timeout_cap_s": r.cap} for name, r in runs.items()},
                       "preset": args.preset, "method": args.method, "jobs": args.jobs,
                       "ray": args.ray, "runner": slots, "runner_start_s": start_s,
-                      "torch_threads_per_instance": 1, "timing": "whole process, launch to exit"},
+                      "torch_threads_per_instance": threads, "timing": "whole process, launch to exit"},
            "results": results}
     if args.json:
         write_json(out, args.json)

@@ -12,7 +12,12 @@ layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`pre
    and each gets claims to prove (:func:`_rows`): a neuron never seen below 0 the claim
    ``z_j > 0`` (above 0: ``-z_j > 0``); one seen on both sides ``z_j > l + reach (m - l)`` and
    ``-z_j > -(u + reach (M - u))``, its bounds moved toward the least and greatest values seen,
-   ``m`` and ``M``;
+   ``m`` and ``M``. A threshold that would narrow its neuron's interval by less than
+   ``min_gain`` of its width is not tried: on the oval21 CNNs the bounds lie within 1-10% of the
+   values probed (the relaxation is tight there already) and such claims cost the search seconds
+   for nothing. Sign claims are always tried: however little of the width they cut, the neurons
+   they stabilise count on deep MLPs (mnist-net_256x6 prop_0_0.03 holds in 30 s with them, not
+   in 300 s without);
 3. one ReLU branch and bound proves the claims together, each a disjunct of its own, so their
    domains share the batched bound calls (GROUP claims per search); a claim past
    ``claim_seconds`` of the search's time is given up. Its alpha-optimised root bound tightens
@@ -55,6 +60,7 @@ class StabiliseConfig:
     share: float = 0.4             # then at most this share of the time left (0: no stabilisation)
     claim_seconds: float = 0.2     # a claim's proof is given up after its domains took this long
     reach: float = 0.75            # an unstable neuron's bounds are pushed this far to the extremes probed
+    min_gain: float = 0.1          # thresholds narrowing their neuron by less than this share of its width are left
     samples: int = 256             # random points probed per box,
     corner_steps: int = 2          # and per neuron the corners its gradient points to, this many times
 
@@ -91,7 +97,8 @@ def stabilise(model: str, problem: Problem, intermediate: dict[str, torch.Tensor
         for b in range(problem.num_boxes):
             stats["tightened"] += _tighten(cut, problem, b, out, planner)
             bounds = out[v][:, b].view(2, -1)
-            rows = _rows(bounds, *_probe(cut[0], problem, b, bounds, config, generator), config.reach).cpu()
+            rows = _rows(bounds, *_probe(cut[0], problem, b, bounds, config, generator), config.reach,
+                         config.min_gain).cpu()
             # each (layer, box) to come gets an equal share of the time left, and passes on what it leaves
             until = time.perf_counter() + (deadline - time.perf_counter()) / ((len(layers) - i) * problem.num_boxes - b)
             if not len(rows) or not fits(MIN_SEARCH_SECONDS, until):
@@ -165,16 +172,20 @@ def _probe(graph: Graph, problem: Problem, b: int, bounds: torch.Tensor, config:
     return least, greatest
 
 
-def _rows(bounds: torch.Tensor, least: torch.Tensor, greatest: torch.Tensor, reach: float) -> torch.Tensor:
+def _rows(bounds: torch.Tensor, least: torch.Tensor, greatest: torch.Tensor, reach: float,
+          min_gain: float = 0.0) -> torch.Tensor:
     """[R, 3] rows (neuron j, sign, d), each the claim ``sign * z_j > d`` to prove, for the
     unstable neurons: the sign for one never seen on the other side of 0, else each bound moved
-    ``reach`` of the way to the extreme seen (the bounds' gap to it is the relaxation's slack)."""
+    ``reach`` of the way to the extreme seen (the bounds' gap to it is the relaxation's slack)
+    where that cuts at least ``min_gain`` of the neuron's width."""
     lo, hi = bounds.double()
     unstable = (lo < 0) & (hi > 0)
     up, down = unstable & (least >= 0), unstable & (greatest <= 0) & (least < 0)
     both = unstable & ~up & ~down
+    raise_lo, lower_hi = reach * (least - lo), reach * (hi - greatest)
     parts = [(up, 1.0, torch.zeros_like(lo)), (down, -1.0, torch.zeros_like(lo)),
-             (both, 1.0, lo + reach * (least - lo)), (both, -1.0, -(hi + reach * (greatest - hi)))]
+             (both & (raise_lo >= min_gain * (hi - lo)), 1.0, lo + raise_lo),
+             (both & (lower_hi >= min_gain * (hi - lo)), -1.0, -(hi - lower_hi))]
     return torch.cat([torch.stack((mask.nonzero().flatten().double(), torch.full((int(mask.sum()),), sign,
                                    dtype=torch.float64), d[mask]), 1) for mask, sign, d in parts])
 
