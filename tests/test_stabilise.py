@@ -52,6 +52,10 @@ def test_claims_prove_a_sign_or_move_both_bounds_toward_the_extremes_seen():
     greatest = torch.tensor([2.0, -0.5, 1.0, 1.8, 0.0], dtype=torch.float64)
     rows = _rows(bounds, least, greatest, 0.5)
     assert rows.tolist() == [[0, 1, 0], [4, 1, 0], [1, -1, 0], [2, 1, -3.0], [2, -1, -1.5]]   # 3 is stable
+    # neuron 2's thresholds cut 1/6 and 1/12 of its width [-4, 2]: under min_gain 0.1 only the
+    # second is dropped, under 0.3 both; sign claims stay whatever they cut (neuron 0: 1/4)
+    assert _rows(bounds, least, greatest, 0.5, 0.1).tolist() == [[0, 1, 0], [4, 1, 0], [1, -1, 0], [2, 1, -3.0]]
+    assert _rows(bounds, least, greatest, 0.5, 0.3).tolist() == [[0, 1, 0], [4, 1, 0], [1, -1, 0]]
 
 
 def check_stabilised(module, input_shape, num_outputs, lo, hi, folder, gen) -> dict:
