@@ -443,6 +443,34 @@ def test_queue_pops_the_worst_domains_and_keeps_the_rest():
     assert sorted(queue.pop(5).t["id"].tolist()) == [0, 4] and len(queue) == 0
 
 
+def test_the_queue_keeps_the_signs_and_gives_back_the_clamped_bounds(tmp_path):
+    """Queued without their intermediate bounds, split domains of two pairs come back with them
+    exactly (their pair's root bounds, clamped at each split neuron)."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                 torch.nn.Linear(16, 2))
+    path = export_onnx(module, torch.zeros(1, 3), tmp_path / "net.onnx")
+    lo, hi = -torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    problem = make_problem(parse_vnnlib(disjuncts_text(3, lo, hi, [(0, 0.0), (1, 0.0)])), (1, 3))
+    search = ReluBranchAndBound(str(path), problem, [(0, 1), (0, 0)], None, ReluBabConfig(), EXPORT)
+    crown = api.bound(path, lo.float().reshape(1, 1, 3), hi.float().reshape(1, 1, 3), "crown", config=EXPORT)
+    root = search.root(crown.intermediate, torch.full((1, 2), -math.inf))
+    for v in search.relus:                   # the pairs' roots differ (as on two boxes)
+        root.t[("lo", v)][1] *= 0.5
+        root.t[("hi", v)][1] *= 0.5
+    pack, unpack = search._lean(root)
+    domains = search.bound(root, 1)
+    for _ in range(4):
+        domains = search.bound(search.split(domains, search.choose(domains, time.perf_counter() + 60)), 1)
+    assert len(domains) == 32 and all(domains.t[("sign", v)].abs().sum() > 0 for v in search.relus)
+    packed = pack(domains)
+    assert packed.nbytes() < domains.nbytes() and ("lo", search.relus[0]) not in packed.t
+    back = unpack(packed)
+    assert set(back.t) == set(domains.t) and all(torch.equal(back.t[k], domains.t[k]) for k in domains.t)
+    # a split root, re-tightened bounds or curved neurons: domains are queued as they are
+    assert search._lean(domains.select(torch.tensor([0, 1]))) == (None, None)
+
+
 def test_queue_drops_every_domain_of_the_pairs_given_up():
     queue = DomainQueue()
     queue.push(DomainSet({"margin": torch.tensor([-1.0, -5.0, -2.0], dtype=torch.float64), "pair": torch.tensor([0, 1, 2])}))

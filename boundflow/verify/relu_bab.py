@@ -135,10 +135,12 @@ class DomainSet:
 class DomainQueue:
     """Unproven domains in chunks (as pushed), each with a mask of the domains still queued:
     popping the worst few copies just those; a chunk is compacted once half of it is gone, so
-    the copies stay proportional to what is popped, not to the queue."""
+    the copies stay proportional to what is popped, not to the queue. ``pack`` and ``unpack``
+    (default: as they are) hold queued domains in less memory and give them back whole."""
 
-    def __init__(self):
+    def __init__(self, pack=None, unpack=None):
         self.chunks: list[tuple[DomainSet, torch.Tensor]] = []     # (domains, which are queued)
+        self.pack, self.unpack = pack or (lambda d: d), unpack or (lambda d: d)
 
     def __len__(self) -> int:
         return sum(int(queued.sum()) for _, queued in self.chunks)
@@ -149,6 +151,7 @@ class DomainQueue:
 
     def push(self, domains: DomainSet) -> None:
         if len(domains):
+            domains = self.pack(domains)
             self.chunks.append((domains, torch.ones(len(domains), dtype=torch.bool, device=domains.t["margin"].device)))
 
     def drop(self, pairs: torch.Tensor) -> None:
@@ -187,7 +190,7 @@ class DomainQueue:
                     c, queued = c.select(queued), queued.new_ones(left)
             keep.append((c, queued))
         self.chunks = keep
-        return DomainSet.cat(out)
+        return self.unpack(DomainSet.cat(out))
 
 
 @dataclass
@@ -556,7 +559,7 @@ class ReluBranchAndBound:
         attack_before = self.attack.seconds if self.attack else 0.0
         progress = Progress("ReLU branch and bound")
         bounded = root if bounded else self.confirm(self.bound(root, self.config.root_iterations, deadline))
-        queue = DomainQueue()
+        queue = DomainQueue(*self._lean(bounded))
         queue.push(bounded.select(~(bounded.t["margin"] > 0)))
         while len(queue):
             if not fits(self.fixed_s * self.batch, deadline):   # a round but for its steps
@@ -611,6 +614,32 @@ class ReluBranchAndBound:
                 if cex is not None:
                     return self._outcome("violated", cex, t0, queue)
         return self._outcome("unknown" if self.given_up.any() else "holds", None, t0, queue)
+
+    def _lean(self, root: DomainSet) -> tuple:
+        """(pack, unpack) for the queue of a search from ``root`` (one unsplit domain per pair).
+        Where domains keep their parent's bounds (no re-tightening, no curved neuron cut at a
+        midpoint), a domain's intermediate bounds are its pair's root bounds with each split
+        neuron clamped to its side: the queue keeps the signs only (lo and hi are 8 of the 21
+        bytes a ReLU neuron takes per domain). Else (None, None): domains as they are."""
+        if self.config.refine_neurons or self.curved or len(root) != len(self.pairs) or \
+                any(bool(root.t[("sign", v)].any()) for v in self.relus):
+            return None, None
+        order = torch.argsort(root.t["pair"])
+        base = {v: (root.t[("lo", v)][order], root.t[("hi", v)][order]) for v in self.relus}
+        bounds = [k for v in self.relus for k in (("lo", v), ("hi", v))]
+
+        def pack(domains: DomainSet) -> DomainSet:
+            return DomainSet({k: t for k, t in domains.t.items() if k not in bounds})
+
+        def unpack(domains: DomainSet) -> DomainSet:
+            t, pair = dict(domains.t), domains.t["pair"]
+            for v, (lo, hi) in base.items():
+                sign = t[("sign", v)]
+                t[("lo", v)] = torch.where(sign > 0, 0.0, lo[pair])
+                t[("hi", v)] = torch.where(sign < 0, 0.0, hi[pair])
+            return DomainSet(t)
+
+        return pack, unpack
 
     def _give_up(self, pairs: torch.Tensor, queue: DomainQueue) -> None:
         """Stop searching the pairs listed (past their time budget, or unprovable)."""
