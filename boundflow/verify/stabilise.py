@@ -14,8 +14,8 @@ layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`pre
    ``-z_j > -(u + reach (M - u))``, its bounds moved toward the least and greatest values seen,
    ``m`` and ``M``. A threshold that would narrow its neuron's interval by less than
    ``min_gain`` of its width is not tried: on most oval21 properties the CNN's bounds lie within a
-   tenth of their width of the values probed (the relaxation is tight there already) and such claims cost the search seconds
-   for nothing. Sign claims are always tried: however little of the width they cut, the neurons
+   tenth of their width of the values probed (the relaxation is tight there already) and such
+   claims cost the search seconds for nothing. Sign claims are always tried: however little of the width they cut, the neurons
    they stabilise count on deep MLPs (mnist-net_256x6 prop_0_0.03 holds in 30 s with them, not
    in 300 s without);
 3. one ReLU branch and bound proves the claims together, each a disjunct of its own, so their
