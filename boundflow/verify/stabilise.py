@@ -15,9 +15,9 @@ layer (ReLU inputs ``v`` in node order), on the network cut at ``v`` (:func:`pre
    ``m`` and ``M``. A threshold that would narrow its neuron's interval by less than
    ``min_gain`` of its width is not tried: on most oval21 properties the CNN's bounds lie within a
    tenth of their width of the values probed (the relaxation is tight there already) and such
-   claims cost the search seconds for nothing. Sign claims are always tried: however little of the width they cut, the neurons
-   they stabilise count on deep MLPs (mnist-net_256x6 prop_0_0.03 holds in 30 s with them, not
-   in 300 s without);
+   claims cost the search seconds for nothing. Sign claims are always tried: however little of
+   the width they cut, the neurons they stabilise count on deep MLPs (mnist-net_256x6
+   prop_0_0.03 holds in 30 s with them, not in 300 s without);
 3. one ReLU branch and bound proves the claims together, each a disjunct of its own, so their
    domains share the batched bound calls (GROUP claims per search); a claim past
    ``claim_seconds`` of the search's time is given up. Its alpha-optimised root bound tightens
