@@ -676,7 +676,7 @@ def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batc
     form, (fast, general), ys = _interval_forms(node("Conv", ["x", "w", "b"], **attrs), {"w": w, "b": b},
                                                 (c_in * groups, 7, 8), fn, batch, seed)
     n_in, n_out = c_in * groups * 7 * 8, math.prod(fn(torch.zeros(1, c_in * groups, 7, 8, dtype=torch.float64)).shape)
-    assert form == ("lu" if n_in * n_out <= linear.LU_FORM_MAX else "pair" if k >= conv.PAIR_MIN_KERNEL else None)
+    assert form == ("lu" if n_in * n_out <= conv.LU_FORM_MAX else "pair" if k >= conv.PAIR_MIN_KERNEL else None)
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
@@ -694,7 +694,7 @@ def test_conv_transpose_interval_forms_agree_and_hold(c_in, c_out, k, stride, ba
     form, (fast, general), ys = _interval_forms(node("ConvTranspose", ["x", "w", "b"], **attrs), {"w": w, "b": b},
                                                 (c_in, 5, 4), fn, batch, seed)
     n_out = math.prod(fn(torch.zeros(1, c_in, 5, 4, dtype=torch.float64)).shape)
-    assert form == ("lu" if c_in * 5 * 4 * n_out <= linear.LU_FORM_MAX else None)
+    assert form == ("lu" if c_in * 5 * 4 * n_out <= conv.LU_FORM_MAX else None)
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)

@@ -22,7 +22,7 @@ from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons
 from boundflow.domains.rounding import Enclosed, down, magnitude, up
 from boundflow.ops import select
-from boundflow.ops.linear import LU_FORM_MAX, lu_form, lu_interval
+from boundflow.ops.linear import lu_form, lu_interval
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -173,6 +173,9 @@ def forward(x, w, b=None, attrs=None):
 
 # kernels at least this large (either side) get the pair form at batch 1, see interval
 PAIR_MIN_KERNEL = 4
+# dense matrices of at most this many entries get the lu_form at batch 1 (a conv's matrix is
+# mostly zeros: it replaces convolutions, not a product of the same weights as linear's does)
+LU_FORM_MAX = 1 << 16
 
 
 def _interval_params(adjoint, pair: bool):

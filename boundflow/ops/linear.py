@@ -34,8 +34,11 @@ def _weight_and_bias(graph, node) -> tuple[torch.Tensor, torch.Tensor]:
 
 # up to this many weights (in x out), a float32 plan also gets the (l, u) form of the layer:
 # at batch 1 its one product beats the centre/radius form's three calls (this CPU: 7.6 vs 22 us
-# at 50 x 50, 33 vs 39 us at 256 x 256; slower at 784 x 256, 83 vs 67 us: 4x the weights to read)
-LU_FORM_MAX = 1 << 16
+# at 50 x 50) while its weights stay in cache; it reads 4x the weights (the centre/radius form
+# 2x), and a whole IBP call of mnist-net_256x2 (784-256-256-10) streams them from beyond the
+# 2 MB L2: 285 -> 251 us with its 256 x 256 layer in centre/radius form (784-128-128-10: the
+# same either way)
+LU_FORM_MAX = 1 << 14
 
 
 def interval_params(graph, node, dtype=torch.float32):

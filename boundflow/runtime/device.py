@@ -19,6 +19,8 @@ USER_DEVICES = ("auto", "cpu", "cuda")
 def resolve_device(name: str) -> str:
     """The torch device string for a user's choice: "auto" is "cuda" when torch sees a CUDA
     device and "cpu" otherwise; "cuda" / "cuda:N" must exist."""
+    if name == "cpu":                     # (the common case, without a torch.device: per call)
+        return name
     if not isinstance(name, str):
         raise DeviceError(f"device must be a string ({', '.join(USER_DEVICES)} or cuda:N), not {type(name).__name__}")
     if name == "auto":
