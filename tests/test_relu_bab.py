@@ -12,6 +12,8 @@ import math
 import os
 import tempfile
 import time
+from collections import OrderedDict
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,13 +21,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import boundflow
 from boundflow import api
 from boundflow.domains import bound, concrete, linear
 from boundflow.frontends.vnnlib import parse_vnnlib
 from boundflow.ir.task import Role, of_kind
 from boundflow.passes.layout import fold_layout
 from boundflow.planner.config import PlannerConfig
-from boundflow.planner.lower import SPLIT_METHOD
+from boundflow.planner.lower import SPLIT_METHOD, _Lowering
 from boundflow.verify.alpha import AlphaConfig
 from boundflow.verify.property import make_problem
 from boundflow.verify.relu_bab import DomainQueue, DomainSet, ReluBabConfig, ReluBranchAndBound
@@ -314,6 +317,41 @@ def test_unsplit_beta_crown_is_crown(setup):
         margin = float(search.bound(root, 0).t["margin"][0])
         want = float(problem.disjunct_margins(problem.row_lower_bounds(crown.lb, crown.ub))[0, 0])
         assert abs(margin - want) <= 1e-5 * max(1.0, abs(want)), (repr(net), margin, want)
+
+
+@settings(SETTINGS)
+@given(setup=setups(), splits=st.integers(0, 4))
+def test_sound_split_plans_give_the_same_margins_with_the_error_vectors_alone(setup, splits):
+    """A sound beta-crown plan computes an op's error vector alone (fp.<op>_error) where nothing
+    reads the op's interval (the ReLU after it gets the domain's bounds): the confirmed margins
+    are the same, bit for bit, as with every interval computed."""
+    net, lo, hi, gen = setup
+    shape = net.input_shape
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net.module, torch.zeros(shape), os.path.join(tmp, "net.onnx"))
+        problem = make_problem(parse_vnnlib(property_text(lo.numel(), net.num_outputs, lo, hi, 0.0)), shape)
+        crown = api.bound(path, problem.outer_lo.reshape(shape), problem.outer_hi.reshape(shape), "crown", config=EXPORT)
+        search = ReluBranchAndBound(path, problem, [(0, 0)], None, ReluBabConfig(), EXPORT, sound_fp=True)
+        root = search.root(crown.intermediate, torch.full((1, 1), -math.inf))
+        graph, _ = api.load_model(path)
+        split_at_random(search, root, pre_activations(graph, sample_box(lo.float(), hi.float(), 200, 50, gen)
+                                                      .reshape((-1,) + shape)), splits, gen)
+        domains = search.bound(root, 2)
+        for v in search.relus:
+            domains.t[("beta", v)] = torch.rand(domains.t[("beta", v)].shape, generator=gen)
+        alone = search.confirm(domains, every=True).t["margin"]
+        with mock.patch.object(_Lowering, "interval_unread", lambda self, y: False), \
+                mock.patch.object(api, "_plans", OrderedDict()):
+            every = search.confirm(domains, every=True).t["margin"]
+        assert torch.equal(alone, every), (repr(net), alone, every)
+
+
+def test_a_sound_split_plan_skips_the_intervals_nobody_reads():
+    """mnist-net-like: each linear layer's output is a ReLU's input (given) or the output."""
+    graph, _ = api.load_model(export_onnx(two_layer_net(), torch.zeros(1, 4), os.path.join(tempfile.mkdtemp(), "n.onnx")))
+    module = boundflow.plan(graph, SPLIT_METHOD, PlannerConfig(sound_fp=True), batch=2, spec_rows=1)
+    kernels = [op.op for op in module.ops()]
+    assert kernels.count("fp.linear_error") == 3 and "interval.linear" not in kernels and "fp.linear" not in kernels
 
 
 def renamed_relu_net(kind: str, path) -> str:

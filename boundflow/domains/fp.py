@@ -29,10 +29,11 @@ def widen(s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return torch.stack((down(s[0] - e), up(s[1] + e)))
 
 
-def finish(raw: torch.Tensor, e: torch.Tensor, n: int):
-    """(widened interval, e): e doubled for its own rounding, plus underflow slack."""
+def finish(raw: torch.Tensor | None, e: torch.Tensor, n: int):
+    """(widened interval, e): e doubled for its own rounding, plus underflow slack; (None, e)
+    without the raw interval (Op.error_of_inputs: the plan wants the error vector alone)."""
     e = 2 * e + slack(n, e.dtype)
-    return widen(raw, e), e
+    return (None if raw is None else widen(raw, e)), e
 
 
 def weights(graph: Graph, node: Node, dtype: torch.dtype, n: int | None = None) -> list[torch.Tensor]:

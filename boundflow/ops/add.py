@@ -18,7 +18,8 @@ def interval(ins, ps, attrs):
 def fp_error(ins, ps, attrs):
     """The rounding of l1 + l2 and u1 + u2 (the backward pass adds nothing)."""
     s1, s2, raw = ins
-    return fp.finish(raw, unit_roundoff(raw.dtype) * (magnitude(s1) + magnitude(s2)), attrs["n"])
+    return fp.finish(raw, unit_roundoff(s1.dtype) * (magnitude(s1) + magnitude(s2)), attrs["n"])
 
 
-ADD = register(Op("add", forward, interval, None, fp_error, fp_params=fp.weights, fp32=True))
+ADD = register(Op("add", forward, interval, None, fp_error, fp_params=fp.weights, fp32=True,
+                  error_of_inputs=True))

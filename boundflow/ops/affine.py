@@ -49,7 +49,7 @@ def fp_error(ins, ps, attrs):
 
 
 AFFINE = register(Op("affine", forward, interval, sound(backward), fp_error, coordinatewise=True,
-                     fp_params=fp.weights, fp32=True))
+                     fp_params=fp.weights, fp32=True, error_of_inputs=True))
 
 
 # -- frontends: elementwise arithmetic with constants, BatchNorm ----------------------------------

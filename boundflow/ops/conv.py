@@ -344,7 +344,7 @@ def patch_backward(ins, ps, attrs, out=(None, None)):
 
 CONV2D = register(Op("conv2d", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
                      interval_params=_interval_params(backward, pair=True), backward_params=backward_params, fp_params=fp_params,
-                     kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
+                     error_of_inputs=True, kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
 
 
 # -- conv_transpose2d: the adjoint of a conv2d ----------------------------------------------------
@@ -426,7 +426,7 @@ def transpose_fp_error(ins, ps, attrs):
 CONV_TRANSPOSE2D = register(Op("conv_transpose2d", transpose_forward, transpose_interval, sound(transpose_backward),
                                transpose_fp_error, mixing=True, matrix=transpose_matrix,
                                interval_params=_interval_params(transpose_backward, pair=False), backward_params=backward_params,
-                               fp_params=transpose_fp_params))
+                               fp_params=transpose_fp_params, error_of_inputs=True))
 
 
 # -- frontends: convolution, average pooling, zero padding ----------------------------------------

@@ -138,7 +138,8 @@ def fp_error(ins, ps, attrs):
 
 
 LINEAR = register(Op("linear", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix, fp32=True,
-                     interval_params=interval_params, backward_params=backward_params, fp_params=fp_params))
+                     interval_params=interval_params, backward_params=backward_params, fp_params=fp_params,
+                     error_of_inputs=True))
 
 
 # -- frontends: matrix products with a constant side -------------------------------------------

@@ -123,6 +123,10 @@ class Op:
     # its error rules (fp, the relaxation's fp, fp_params) hold in float32 sound_fp plans too,
     # not only in float64 ones (ops that round nothing need not say)
     fp32: bool = False
+    # its fp rule's error vector reads its inputs' intervals only, not its own output's (raw may
+    # be None): where nothing reads the op's interval (beta-crown plans give the ReLUs' inputs
+    # their bounds) a sound plan computes the vector alone, kernel "fp.<name>_error"
+    error_of_inputs: bool = False
     backward_attrs: Callable[..., dict] = lambda graph, node: {}
     kernels: dict[str, Kernel] = field(default_factory=dict)
     # kernels (full names) whose results may be views of their inputs (the storage plan must know)
@@ -134,6 +138,8 @@ class Op:
             out[f"linear.{self.name}"] = self.backward
         if self.fp is not None:
             out[f"fp.{self.name}"] = self.fp
+            if self.error_of_inputs:
+                out[f"fp.{self.name}_error"] = _error_alone(self.fp)
         r = self.relaxation
         if r is not None:
             out.update({f"{self.name}.relax": r.relax, f"fp.{self.name}_lines": r.fp,
@@ -151,6 +157,13 @@ class Op:
         if r.patch_start is not None:
             out[f"linear.patch_{self.name}_alpha"] = r.patch_start
         return out
+
+
+def _error_alone(fp: Kernel) -> Kernel:
+    """fp(inputs + [raw]) -> (widened, e) as inputs -> (e,): the rule run without its raw interval."""
+    def kernel(ins, ps, attrs):
+        return fp([*ins, None], ps, attrs)[1:]
+    return kernel
 
 
 OPS: dict[str, Op] = {}

@@ -382,6 +382,13 @@ class _Lowering:
 
     def forward(self, node: Node):
         em, op, y = self.em, ops.get(node.op), node.outputs[0]
+        if self.sound and op.error_of_inputs and self.interval_unread(y):
+            ins = [self.bounds[i] for i in node.inputs if self.g.is_variable(i)]
+            self.errors[y] = em.buffer(f"fp.error({y})", (self.B,) + tuple(self.shape(y)))
+            weights = em.params(f"{y}.fp", op.fp_params(self.g, node, TORCH_DTYPES[em.dtype]))
+            em.emit(f"fp.{node.op}_error", ins, [self.errors[y]], weights,
+                    dict(node.attrs, n=fp.dot_length(self.g, node)), source=node.name)
+            return
         if op.relaxation is not None and self.method in _LINEAR:
             self.relax_node(node)
         ins = [self.bounds[i] for i in node.inputs if self.g.is_variable(i)]
@@ -399,6 +406,18 @@ class _Lowering:
             # the interval rule's
             self.errors.setdefault(y, error)
         self.bounds[y] = out
+
+    def interval_unread(self, y: str) -> bool:
+        """In a beta-crown plan, whether nothing reads value y's interval: each op that reads y
+        is a relaxed op given y's bounds (run_split), and the output's bound is its backward
+        pass (y may be the output)."""
+        if self.method != SPLIT_METHOD:
+            return False
+        for reader in self.g.consumers()[y]:
+            relaxation = ops.get(reader.op).relaxation
+            if relaxation is None or y not in relaxation.relaxed(reader):
+                return False
+        return True
 
     def needs_refining(self, node: Node) -> bool:
         """Whether a relaxed op's input, node's output, gets CROWN bounds: not where interval
