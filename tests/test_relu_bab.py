@@ -354,6 +354,41 @@ def test_a_sound_split_plan_skips_the_intervals_nobody_reads():
     assert kernels.count("fp.linear_error") == 3 and "interval.linear" not in kernels and "fp.linear" not in kernels
 
 
+@pytest.mark.parametrize("fp", [False, True])
+def test_concretize_reads_a_broadcast_box_once_and_gets_the_same_bounds(fp):
+    """linear.concretize over one box broadcast to every region (a stride-0 view, as the ReLU
+    search passes it) gives the bounds of the same box copied per region."""
+    gen = torch.Generator().manual_seed(4)
+    dtype = torch.float64 if fp else torch.float32
+    a = torch.randn(6, 4, 3, 5, 5, generator=gen, dtype=dtype)
+    bias = torch.randn(6, 4, generator=gen, dtype=dtype)
+    lo = torch.randn(1, 1, 3, 5, 5, generator=gen, dtype=dtype)
+    box = torch.cat([lo, lo + torch.rand(lo.shape, generator=gen, dtype=dtype)])       # [2, 1, 3, 5, 5]
+    attrs = {"fp": fp}
+    shared = linear.concretize([a, bias, box.expand(2, 6, 3, 5, 5)], [], attrs)[0]
+    copied = linear.concretize([a, bias, box.expand(2, 6, 3, 5, 5).contiguous()], [], attrs)[0]
+    assert shared.shape == copied.shape == (2, 6, 2)
+    assert torch.allclose(shared, copied, rtol=1e-5, atol=1e-5)
+
+
+def test_a_search_of_one_box_passes_it_once(tmp_path):
+    """Pairs that share their box (disjuncts of one region) get it as one broadcast view; the
+    margins are those of the box copied per domain."""
+    path = export_onnx(two_layer_net(), torch.zeros(1, 4), tmp_path / "net.onnx")
+    lo, hi = -torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    text = property_text(4, 3, lo, hi, 0.0).replace("(assert (<= (- Y_0 (* 1.0 Y_2)) 0.0))\n", "")
+    text += "(assert (or (and (<= Y_0 Y_1)) (and (<= Y_0 Y_2))))\n"
+    problem = make_problem(parse_vnnlib(text), (1, 4))
+    crown = api.bound(path, problem.outer_lo.reshape(1, 4), problem.outer_hi.reshape(1, 4), "crown", config=EXPORT)
+    search = ReluBranchAndBound(path, problem, [(0, 0), (0, 1)], None, ReluBabConfig(), EXPORT)
+    assert search.one_box and search.boxes(torch.tensor([0, 1, 1]), torch.float32).stride(1) == 0
+    root = search.root(crown.intermediate, torch.full((1, 2), -math.inf))
+    shared = search.bound(root, 3).t["margin"]
+    search.one_box = False
+    copied = search.bound(root, 3).t["margin"]
+    assert torch.allclose(shared, copied, rtol=1e-5, atol=1e-6), (shared, copied)
+
+
 def renamed_relu_net(kind: str, path) -> str:
     """x [1, 2, 4, 4] -> conv -> (a layout op that folding removes) -> relu -> flatten -> dense [2]:
     after folding the ReLU reads the conv output directly, a value of another name."""

@@ -170,9 +170,11 @@ def concretize(ins, ps, attrs, out=(None,)):
     a, bias, box = ins
     s = halves(a, attrs)
     a = a.flatten(2)
+    if box.shape[1] > 1 and box.stride(1) == 0:   # one box broadcast to every region: read once
+        box = box[:, :1]
     c, r = to_cr(box.flatten(2)).unsqueeze(-1).unbind(0)
-    mid = torch.bmm(a, c).squeeze(-1) + bias
-    rad = torch.bmm(a.abs(), r).squeeze(-1)
+    mid = _dots(a, c) + bias
+    rad = _dots(a.abs(), r)
     if not attrs.get("fp") and s * 2 == a.shape[1] and not rad.requires_grad:   # both halves in one addition
         rad[:, :s].neg_()                                # (exact: mid + (-rad) is mid - rad)
         two, dest = (a.shape[0], 2, s), shaped(out[0], (2, a.shape[0], s))
@@ -183,10 +185,16 @@ def concretize(ins, ps, attrs, out=(None,)):
     lower, upper = mid[:, :s] - rad[:, :s], mid[:, s:] + rad[:, s:]
     if attrs.get("fp"):
         n = a.shape[-1] + 4
-        err = torch.bmm(a.abs(), magnitude(box).flatten(1).unsqueeze(-1)).squeeze(-1) + bias.abs()
+        err = _dots(a.abs(), magnitude(box).flatten(1).unsqueeze(-1)) + bias.abs()
         err = 2 * gamma(n, a.dtype) * err + slack(n, a.dtype)
         lower, upper = down(lower - err[:, :s]), up(upper + err[:, s:])
     return (sides(lower, upper, out[0]),)
+
+
+def _dots(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, S]: each row of a [B, S, n] times its region's v [B, n, 1], or times one v [1, n, 1]
+    shared by every region (one product over all rows)."""
+    return (torch.bmm(a, v) if v.shape[0] > 1 else torch.matmul(a, v[0])).squeeze(-1)
 
 
 def sides(lower: torch.Tensor, upper: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

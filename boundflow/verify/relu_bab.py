@@ -250,6 +250,7 @@ class ReluBranchAndBound:
                           config=self.planner, device=str(self.device))
             self.outputs = y.lb, y.ub                                           # [boxes, O]
         self.box = torch.stack([torch.cat([sub.outer_lo, sub.outer_hi]) for sub in self.subs])  # [pairs, 2, n]
+        self.one_box = bool((self.box == self.box[:1]).all())
         self.stats = {"pairs": len(pairs), "rounds": 0, "domains_bounded": 0, "trial_domains": 0, "leaves_proven": 0,
                       "max_queue": 0, "unsplittable": 0, "max_batch": 0, "bound_s": 0.0,
                       "rounds_over_budget": 0}
@@ -259,6 +260,15 @@ class ReluBranchAndBound:
         self.cut = False        # whether the deadline stopped the last bound's steps
         self.spent = torch.zeros(len(pairs), dtype=torch.float64, device=self.device)  # seconds per pair
         self.given_up = torch.zeros(len(pairs), dtype=torch.bool, device=self.device)  # past pair_seconds
+
+    def boxes(self, pair: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[2, N, *input shape]: the boxes of the domains' pairs; where every pair has the same
+        box (the usual property: one box, many disjuncts), one box broadcast (a view: the
+        concretization then reads it once, not N copies)."""
+        shape = self.problem.input_shape
+        if self.one_box:
+            return self.box[:1].transpose(0, 1).reshape((2, 1) + shape).to(dtype).expand((2, len(pair)) + shape)
+        return self.box[pair].transpose(0, 1).reshape((2, len(pair)) + shape).to(dtype)
 
     def margins(self, pair: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """[N] certified margin of each domain's disjunct from the bounds of its rows (of the
@@ -293,8 +303,7 @@ class ReluBranchAndBound:
         module, _ = api.get_plan(self.graph, self.key, SPLIT_METHOD, size, self.rows, planner)
         t = dict(padded.t)
         pair = t["pair"]
-        box = self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(dtype)
-        inputs = {"box": box, "C": (self.C_exact if sound else self.C)[pair]}
+        inputs = {"box": self.boxes(pair, dtype), "C": (self.C_exact if sound else self.C)[pair]}
         for v in self.relaxed:
             inputs[Role("interm", v)] = torch.stack((t[("lo", v)], t[("hi", v)])).to(dtype)
             if Role("refine", v) in module.inputs:
@@ -367,8 +376,7 @@ class ReluBranchAndBound:
         module, _ = api.get_plan(self.graph, self.key, SPLIT_METHOD, size, self.rows, self.sound)
         pair = t["pair"]
         f64 = torch.float64
-        inputs = {"box": self.box[pair].transpose(0, 1).reshape((2, size) + self.problem.input_shape).to(f64),
-                  "C": self.C_exact[pair]}
+        inputs = {"box": self.boxes(pair, f64), "C": self.C_exact[pair]}
         for v in self.relaxed:
             inputs[Role("interm", v)] = torch.stack((t[("lo", v)], t[("hi", v)])).to(f64)
             if Role("refine", v) in module.inputs:          # the neurons the search re-tightened
