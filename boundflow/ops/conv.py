@@ -344,7 +344,8 @@ def patch_backward(ins, ps, attrs, out=(None, None)):
 
 CONV2D = register(Op("conv2d", forward, interval, sound(backward), fp_error, mixing=True, matrix=matrix,
                      interval_params=_interval_params(backward, pair=True), backward_params=backward_params, fp_params=fp_params,
-                     error_of_inputs=True, kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
+                     error_of_inputs=True,
+                     kernels={"linear.patch_start": patch_start, "linear.patch_conv": patch_backward}))
 
 
 # -- conv_transpose2d: the adjoint of a conv2d ----------------------------------------------------
