@@ -251,7 +251,8 @@ def test_two_variables_with_broadcasting(op):
 @pytest.mark.parametrize("opset,bounds", [(9, dict(min=0.0)), (9, dict(min=-0.5, max=0.25)), (9, dict(max=0.5)),
                                           (13, dict(min=0.0)), (13, dict(min=-0.5, max=0.25)), (13, dict(max=0.5))])
 def test_clip(opset, bounds):
-    """Clip lowers to relu between affines (exact identities, as torch's clamp)."""
+    """Clip lowers to clamp_min, exact in floating point, a minimum between negations; to relu
+    where a bound is 0."""
     if opset < 11:
         node, inits = helper.make_node("Clip", ["h"], ["y"], name="clip", **bounds), []
     else:
@@ -260,7 +261,8 @@ def test_clip(opset, bounds):
         inits = [init(n, np.float32(v)) for n, v in bounds.items()]
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), node]
     graph, _ = check(make_model(nodes, (1, 4), inits=[init("W", rand(4, 3))] + inits, opset=opset))
-    assert ops(graph).count("relu") == len(bounds)
+    kinds = ["relu" if v == 0 else "clamp_min" for v in bounds.values()]
+    assert sorted(op for op in ops(graph) if op in ("relu", "clamp_min")) == sorted(kinds)
 
 
 def test_constant_node_and_identity_and_dropout():
@@ -621,6 +623,7 @@ def test_every_mapping_lives_in_an_op_module():
     assert modules == {"boundflow.ops.linear", "boundflow.ops.conv", "boundflow.ops.affine", "boundflow.ops.relu",
                        "boundflow.ops.shape", "boundflow.ops.s_shaped", "boundflow.ops.pool", "boundflow.ops.convex",
                        "boundflow.ops.leaky_relu", "boundflow.ops.sign", "boundflow.ops.periodic", "boundflow.ops.gelu",
+                       "boundflow.ops.clamp",
                        "boundflow.ops.select", "boundflow.ops.reduce", "boundflow.ops.normalise", "boundflow.ops.softmax",
                        "boundflow.frontends.torch"}
     assert [k for k, fn in TORCH_LOWERINGS.items() if fn.__module__ == "boundflow.frontends.torch"] == [

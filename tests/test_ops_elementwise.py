@@ -1,4 +1,4 @@
-"""Elementwise nonlinear ops (boundflow/ops/convex.py, leaky_relu.py, sign.py, relu.extreme_const):
+"""Elementwise nonlinear ops (boundflow/ops/convex.py, leaky_relu.py, sign.py, clamp.py):
 the relaxations' lines bound their function on dense grids (CROWN's tangent points, alpha at 0,
 1 and random); CROWN's lines are auto_LiRPA's where it has a relaxation; forward equals
 onnxruntime; every method contains sampled points and corners, float32 and sound_fp, on ONNX
@@ -15,6 +15,7 @@ from onnx import helper
 import boundflow
 from boundflow.domains.concrete import evaluate
 from boundflow.errors import DomainError, UnsupportedOpError
+from boundflow.ops import clamp as M
 from boundflow.ops import convex as C
 from boundflow.ops import leaky_relu as L
 from boundflow.ops import sign as S
@@ -97,6 +98,30 @@ def test_sign_lines_bound_the_step(which):
     _check_lines(torch.sign, *S.lines(l, u, *alphas), l, u)
 
 
+@pytest.mark.parametrize("which", ["crown", "zero", "one", "random"])
+def test_clamp_min_lines_bound_the_function(which):
+    g = torch.Generator().manual_seed(5)
+    m, w = torch.randn(4000, generator=g, dtype=F64), torch.rand(4000, generator=g, dtype=F64) * 2
+    l, u = m - w, m + w
+    c = torch.randn(4000, generator=g, dtype=F64)
+    c[:100], c[100:200], c[200:300] = l[:100], u[100:200], l[200:300]      # kink at an end
+    u[200:300] = l[200:300]                                                 # points
+    alpha = None if which == "crown" else {"zero": torch.zeros_like(l), "one": torch.ones_like(l),
+                                           "random": torch.rand(l.shape, generator=g, dtype=F64)}[which]
+    _check_lines(lambda x: torch.maximum(x, c[:, None]), *M.lines(l, u, c, alpha), l, u)
+
+
+def test_clamp_min_lines_are_exact_where_it_is_linear():
+    """Above c the lines are y = x, below y = c: slope 1 and intercept 0, or slope 0 and
+    intercept c, exactly (a step after the clamp reads their values)."""
+    l = torch.tensor([0.5, -3.0, 0.1], dtype=torch.float32)
+    u = torch.tensor([2.0, -2.0, 0.1], dtype=torch.float32)
+    c = torch.tensor([0.25, -1.5, 0.1], dtype=torch.float32)
+    k_lo, b_lo, k_up, b_up = M.lines(l, u, c)
+    assert torch.equal(k_lo, torch.tensor([1.0, 0.0, 1.0])) and torch.equal(k_up, k_lo)
+    assert torch.equal(b_lo, torch.tensor([0.0, -1.5, 0.0])) and torch.equal(b_up, b_lo)
+
+
 # -- auto_LiRPA's lines on one neuron (its CROWN relaxations, written out) ---------------------------
 
 def _tangent(f, df, t):
@@ -172,6 +197,10 @@ ONNX_OPS = {
     "Sign": ([helper.make_node("Sign", ["h"], ["z"])], {}, False),
     "Max": ([helper.make_node("Max", ["h", "c"], ["z"])], {"c": np.linspace(-0.5, 0.5, 6).astype(np.float32)}, False),
     "Min": ([helper.make_node("Min", ["c", "h"], ["z"])], {"c": np.array(0.25, np.float32)}, False),
+    "Clip": ([helper.make_node("Clip", ["h", "lo", "hi"], ["z"])],
+             {"lo": np.array(-0.3, np.float32), "hi": np.array(0.4, np.float32)}, False),
+    "Relu6": ([helper.make_node("Clip", ["h", "lo", "hi"], ["z"])],
+              {"lo": np.array(0.0, np.float32), "hi": np.array(0.6, np.float32)}, False),
 }
 
 
@@ -218,6 +247,43 @@ def test_onnx_nets_sound(tmp_path_factory, op, seed, eps):
             tol = 1e-5 * (1 + y.abs())         # onnxruntime rounds in float32
             assert (y >= lb.double() - tol).all(), (method, sound_fp, float((lb.double() - y).max()))
             assert (y <= ub.double() + tol).all(), (method, sound_fp, float((y - ub.double()).max()))
+
+
+@pytest.mark.parametrize("node", ["Clip", "Min", "Max"])
+def test_clamps_are_onnxruntimes_bit_for_bit(tmp_path, node):
+    """No rounding in a clamp: the values are onnxruntime's exactly, at the bounds too."""
+    c = np.array([-0.3, 0.1, 0.7], np.float32)
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["y"])] if node == "Clip" else \
+        [helper.make_node(node, ["x", "c"], ["y"])]
+    inits = {"lo": np.float32(-0.3), "hi": np.float32(0.7)} if node == "Clip" else {"c": c}
+    path = _direct(tmp_path, nodes, inits)
+    x = torch.cat([torch.randn(64, 3, generator=torch.Generator().manual_seed(3)), torch.tensor(c).expand(1, 3)])
+    graph, _ = boundflow.load_model(path)
+    assert "relu" not in {n.op for n in graph.nodes}
+    ours = evaluate(graph, x.unsqueeze(1))[0].reshape(len(x), -1)
+    assert torch.equal(ours.double(), onnx_runner(path)(x))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sign_after_clamps_that_meet_at_zero(tmp_path, seed):
+    """Sign(Relu(Max(b, Min(a, Relu(x))))) with a > 0 > b is 0 at x = 0: exactly 0 through
+    clamps that round nothing (a fuzzer's network; as relu(x - c) + c the shifts folded into one
+    rounded constant left 7e-9 there, and the step made that 1)."""
+    rng = np.random.default_rng(seed)
+    a, b = np.float32(rng.uniform(0.01, 1)), np.float32(-rng.uniform(0.01, 1))
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Min", ["a", "r"], ["m"]),
+             helper.make_node("Max", ["b", "m"], ["n"]), helper.make_node("Relu", ["n"], ["s"]),
+             helper.make_node("Sign", ["s"], ["y"])]
+    path = onnx_file(nodes, {"a": a.reshape(1), "b": b.reshape(1)}, [1], [1], tmp_path / "net.onnx")
+    for lo, hi in ((0.0, 0.0), (-1e-3, 0.0), (0.0, 1e-6)):
+        box = torch.tensor([lo]), torch.tensor([hi])
+        ys = onnx_runner(path)(torch.tensor([[lo], [hi], [(lo + hi) / 2]]))
+        for method in METHODS:
+            for sound_fp in (False, True):
+                lb, ub = boundflow.compute_bounds(path, *box, method=method, sound_fp=sound_fp)
+                assert (lb.double() <= ys.min()) and (ub.double() >= ys.max()), (lo, hi, method, sound_fp, lb, ub)
+        lb, ub = boundflow.compute_bounds(path, *box, method="ibp")
+        assert float(lb) == 0.0 and float(ub) == (0.0 if hi == 0 else 1.0)
 
 
 def test_alpha_crown_tighter_than_crown_on_the_square(tmp_path):

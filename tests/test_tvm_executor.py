@@ -127,8 +127,9 @@ def _nets():
     nets = [(name, net.module, net.input_shape, None) for name, net in built]
     torch.manual_seed(0)
     relu_last = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU())
+    clamps = nn.Sequential(nn.Linear(4, 6), nn.Hardtanh(-0.3, 0.4), nn.Linear(6, 5), nn.ReLU6(), nn.Linear(5, 3))
     nets += [("concat", _Concat().eval(), (1, 4), None), ("affine", _Affine().eval(), (1, 2, 4, 4), None),
-             ("relu_last_C", relu_last.eval(), (1, 4), 2)]
+             ("relu_last_C", relu_last.eval(), (1, 4), 2), ("clamps", clamps.eval(), (1, 4), None)]
     return nets
 
 
@@ -154,7 +155,7 @@ def test_no_unstable_neuron(shared, executors, python):
 
 
 # ops whose kernels have Relax rules; the TVM executor refuses the others by name
-TVM_OPS = {"linear", "conv2d", "affine", "add", "relu", "reshape", "transpose", "concat"}
+TVM_OPS = {"linear", "conv2d", "affine", "add", "relu", "clamp_min", "reshape", "transpose", "concat"}
 
 
 def test_every_ibp_and_crown_kernel_of_the_tvm_ops_has_a_rule():
@@ -165,7 +166,8 @@ def test_every_ibp_and_crown_kernel_of_the_tvm_ops_has_a_rule():
     theirs = {k for name, op in OPS.items() if name in TVM_OPS for k in op.all_kernels()}
     generic = {k for k in KERNELS if not any(k in op.all_kernels() for op in OPS.values())}
     missing = (theirs | generic) - set(RULES)
-    assert missing <= {"bound.unstable", "bound.intersect", "linear.relu_alpha", "linear.patch_relu_alpha"} | \
+    assert missing <= {"bound.unstable", "linear.relu_alpha", "linear.patch_relu_alpha",
+                       "linear.clamp_min_alpha"} | \
         {k for k in missing if k.startswith("fp.")}
 
 

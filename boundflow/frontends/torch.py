@@ -20,7 +20,7 @@ Lowering (same meaning as the ONNX frontend):
 * Every other node is lowered by the mapping of its target that an op module of boundflow.ops
   registered (``TORCH_LOWERINGS``: linear/matmul/mm/bmm/addmm in ops/linear.py, convolution,
   avg_pool2d and constant_pad_nd in ops/conv.py, arithmetic and eval batch norm in
-  ops/affine.py, relu/clamp/hardtanh in ops/relu.py, view-like ops, permute, cat and
+  ops/affine.py, relu in ops/relu.py, clamp/hardtanh in ops/clamp.py, view-like ops, permute, cat and
   pass-throughs in ops/shape.py), through a ``_Lowering``, its ``Builder``
   (frontends/builder.py). A zero ``constant_pad_nd`` stays pending (``ZeroPad``) so that a
   following convolution or average pool takes it into its own padding.

@@ -6,23 +6,20 @@ For pre-activation bounds [l, u]: upper line through (l, 0) and (u, u), i.e. slo
 d = u / (u - l) and intercept -l d (identity when l >= 0, zero when u <= 0); lower line y = x
 when u > -l, else y = 0 (the "adaptive" choice, y = 0 on a tie).
 
-Frontends lower ReLU to it, and clamps (ONNX Clip, aten clamp / hardtanh) to ReLUs between
-affine maps.
+Frontends lower ReLU to it (and clamps at 0: boundflow/ops/clamp.py).
 """
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from boundflow.domains import shaped, writes_into
 from boundflow.domains.linear import halves, sound, with_splits
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons, shared_windows, unit_lead, windows
-from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
-from boundflow.ops import select
+from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -233,31 +230,10 @@ RELU = register(Op(
     fp32=True))
 
 
-# -- frontends: relu and clamps ----------------------------------------------------------------------
+# -- frontends ----------------------------------------------------------------------------------------
 
 def relu(b: Builder, x: str) -> str:
     return b.emit("relu", [x], out=b.output)
-
-
-def clamp(b: Builder, x: str, lo: float | None, hi: float | None) -> str:
-    """min(max(x, lo), hi) through exact identities on relu (None: no bound):
-    max(x, a) = relu(x - a) + a;  min(x, b) = b - relu(b - x);  both: min(max(x, a), b)."""
-    if lo is None and hi is None:
-        return x
-    if lo is not None and hi is not None and lo > hi:
-        b.unsupported(f"clamp with min {lo} > max {hi}")
-    if lo is not None:
-        if lo == 0:
-            t = b.emit("relu", [x], out=b.output if hi is None else None)
-        else:
-            t = b.emit("relu", [b.affine(x, shift=b.literal(-lo))])
-        if hi is None:
-            return t if lo == 0 else b.affine(t, shift=b.literal(lo), out=b.output)
-        # t = max(x, a) - a;  min(t + a, b) = b - relu(b - a - t)
-        u = b.affine(t, b.literal(-1.0), b.literal(Enclosed.exact(torch.tensor(hi, dtype=torch.float64)) - lo))
-    else:
-        u = b.affine(x, b.literal(-1.0), b.literal(hi))
-    return b.affine(b.emit("relu", [u]), b.literal(-1.0), b.literal(hi), out=b.output)
 
 
 @onnx_lowering("Relu")
@@ -265,123 +241,6 @@ def _onnx_relu(b) -> str:
     return relu(b, b.var(b.input(0)))
 
 
-_FLOAT_MAX = float(np.finfo(np.float32).max)
-
-
-@onnx_lowering("Clip")
-def _onnx_clip(b) -> str:
-    """Clip(x, min, max): attributes before opset 11, optional constant inputs from 11 on. A
-    bound at or beyond the float32 range (ONNX's defaults) is no bound."""
-    x = b.var(b.input(0))
-    if b.opset < 11:
-        lo, hi = b.attr("min"), b.attr("max")
-    else:
-        lo, hi = (None if b.input(i) is None else _scalar(b, b.array(b.input(i), what))
-                  for i, what in ((1, "min"), (2, "max")))
-    lo = None if lo is None or lo <= -_FLOAT_MAX else float(lo)
-    hi = None if hi is None or hi >= _FLOAT_MAX else float(hi)
-    if not all(v is None or math.isfinite(v) for v in (lo, hi)):
-        b.unsupported(f"clip bounds {lo}, {hi} (only finite bounds are supported)")
-    return clamp(b, x, lo, hi)
-
-
-def _scalar(b, arr) -> float:
-    if np.size(arr) != 1:
-        b.unsupported(f"a clip bound of shape {list(np.shape(arr))} (only scalars are supported)")
-    return float(np.asarray(arr).reshape(-1)[0])
-
-
-def _torch_number(b, v, what: str) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    b.unsupported(f"clamp {what} must be a Python number")
-
-
 @torch_lowering(aten.relu.default)
 def _torch_relu(b) -> str:
     return relu(b, b.var(b.arg(0)))
-
-
-@torch_lowering(aten.clamp.default)
-def _torch_clamp(b) -> str:
-    lo, hi = _torch_number(b, b.arg(1, "min"), "min"), _torch_number(b, b.arg(2, "max"), "max")
-    return clamp(b, b.var(b.arg(0)), lo, hi)
-
-
-@torch_lowering(aten.clamp_min.default)
-def _torch_clamp_min(b) -> str:
-    return clamp(b, b.var(b.arg(0)), _torch_number(b, b.arg(1), "min"), None)
-
-
-@torch_lowering(aten.clamp_max.default)
-def _torch_clamp_max(b) -> str:
-    return clamp(b, b.var(b.arg(0)), None, _torch_number(b, b.arg(1), "max"))
-
-
-@torch_lowering(aten.hardtanh.default)
-def _torch_hardtanh(b) -> str:
-    lo, hi = _torch_number(b, b.arg(1, "min_val", -1.0), "min"), _torch_number(b, b.arg(2, "max_val", 1.0), "max")
-    return clamp(b, b.var(b.arg(0)), lo, hi)
-
-
-def extreme_const(b: Builder, x: str, c, upper: bool) -> str:
-    """min(x, c) (upper: c bounds x from above) or max(x, c) for a constant c: a scalar is a
-    clamp; a tensor (broadcast to x) goes through the same identities on relu with c as shifts,
-    max(x, c) = relu(x - c) + c and min(x, c) = c - relu(c - x). A constant of a larger shape
-    broadcasts x to it first."""
-    full = tuple(np.broadcast_shapes(tuple(b.shape(x)), tuple(c.shape)))
-    if full != tuple(b.shape(x)):
-        x = select.broadcast(b, x, full)
-    if math.prod(c.shape) == 1:
-        v = float(c.value.value.reshape(-1)[0])
-        if c.value.err.any():
-            b.unsupported("a bound computed at import with a rounding error (only exact bounds are supported)")
-        return clamp(b, x, None, v) if upper else clamp(b, x, v, None)
-    if upper:
-        t = b.emit("relu", [b.affine(x, b.literal(-1.0), c)])
-        return b.affine(t, b.literal(-1.0), c, out=b.output)
-    t = b.emit("relu", [b.affine(x, shift=c.scaled(-1.0))])
-    return b.affine(t, shift=c, out=b.output)
-
-
-def _onnx_extreme(b, upper: bool) -> str:
-    names = [n for n in b.inputs if n]
-    variables = [n for n in names if not b.is_const(n)]
-    consts = [n for n in names if b.is_const(n)]
-    if len(variables) != 1 or len(consts) > 1:
-        b.unsupported(f"{len(variables)} inputs that depend on the network input and {len(consts)} constants "
-                      "(one variable and at most one constant are supported)")
-    x = b.var(variables[0])
-    if not consts:
-        return b.affine(x, b.literal(1.0), out=b.output)
-    return extreme_const(b, x, b.const(consts[0], "bound"), upper)
-
-
-@onnx_lowering("Min")
-def _onnx_min(b) -> str:
-    return _onnx_extreme(b, upper=True)
-
-
-@onnx_lowering("Max")
-def _onnx_max(b) -> str:
-    return _onnx_extreme(b, upper=False)
-
-
-def _torch_extreme(b, upper: bool) -> str:
-    p, q = b.arg(0), b.arg(1)
-    if not b.is_const(p) and not b.is_const(q):
-        b.unsupported("both operands depend on the network input (only a constant bound is supported)")
-    x, c = (p, q) if b.is_const(q) else (q, p)
-    return extreme_const(b, b.var(x), b.const(c, "bound"), upper)
-
-
-@torch_lowering(aten.minimum.default)
-def _torch_minimum(b) -> str:
-    return _torch_extreme(b, upper=True)
-
-
-@torch_lowering(aten.maximum.default)
-def _torch_maximum(b) -> str:
-    return _torch_extreme(b, upper=False)

@@ -387,6 +387,10 @@ def _iv_relu(ctx, ins, ps, attrs):
     return (R.maximum(ins[0], _f32(0.0)),)
 
 
+def _iv_clamp_min(ctx, ins, ps, attrs):
+    return (R.maximum(ins[0], ps[0]),)
+
+
 def _iv_reshape(ctx, ins, ps, attrs):
     (s,) = ins
     return (R.reshape(s, ctx.shape(s)[:2] + list(attrs["shape"])),)
@@ -442,6 +446,24 @@ def _relu_relax(ctx, ins, ps, attrs):
     up_bias = ctx.emit(R.multiply(R.negative(lo_r), up_slope))
     lo_slope = ctx.emit(R.astype(R.greater(up_slope, _f32(0.5)), "float32"))
     return (R.stack([up_slope, up_bias, lo_slope], 0),)
+
+
+def _clamp_min_relax(ctx, ins, ps, attrs):
+    """Rows (l, u, c, lower slope, lower intercept, upper slope, upper intercept) as
+    boundflow.ops.clamp.relax computes them."""
+    lo, hi = _index(ctx, ins[0], 0), _index(ctx, ins[0], 1)
+    c = ctx.emit(R.broadcast_to(ps[0], ctx.shape(lo)))
+    one, zero = _f32(1.0), _f32(0.0)
+    crossing = ctx.emit(R.logical_and(R.less(lo, c), R.less(c, hi)))
+    above = ctx.emit(R.greater_equal(lo, c))
+    above_f = ctx.emit(R.astype(above, "float32"))
+    width = ctx.emit(R.where(crossing, R.subtract(hi, lo), one))
+    k = ctx.emit(R.where(crossing, R.divide(R.subtract(hi, c), width), above_f))
+    crown = ctx.emit(R.astype(R.greater(R.subtract(hi, c), R.subtract(c, lo)), "float32"))
+    s = ctx.emit(R.where(crossing, crown, k))
+    b_up = ctx.emit(R.where(crossing, R.subtract(c, R.multiply(k, lo)), R.where(above, zero, c)))
+    b_lo = ctx.emit(R.where(above, zero, R.subtract(c, R.multiply(s, c))))
+    return (R.stack([lo, hi, c, s, b_lo, k, b_up], 0),)
 
 
 # -- linear (CROWN backward) ---------------------------------------------------------------
@@ -631,6 +653,23 @@ def _ln_relu(ctx, ins, ps, attrs):
     return R.reshape(new_a, [batch, rows] + shape), R.add(bias, ctx.emit(R.reshape(extra, [batch, rows])))
 
 
+def _ln_clamp_min(ctx, ins, ps, attrs):
+    """_ln_relu with both lines' intercepts (boundflow.ops.s_shaped._back)."""
+    a, bias, relaxation = ins
+    batch, rows, *shape = ctx.shape(a)
+    s = _half(rows)
+    a4 = ctx.emit(R.reshape(a, [batch, 2, s] + shape))
+    k_lo, b_lo, k_up, b_up = (_index(ctx, relaxation, i) for i in range(3, 7))      # [B, *shape]
+
+    def pair(lower_rows, upper_rows):                      # [B, 2, 1, *shape]: per half, its line
+        return ctx.emit(R.expand_dims(ctx.emit(R.stack([lower_rows, upper_rows], 1)), [2]))
+    positive = ctx.emit(R.greater_equal(a4, _f32(0.0)))
+    new_a = ctx.emit(R.multiply(a4, ctx.emit(R.where(positive, pair(k_lo, k_up), pair(k_up, k_lo)))))
+    icpt = ctx.emit(R.multiply(a4, ctx.emit(R.where(positive, pair(b_lo, b_up), pair(b_up, b_lo)))))
+    extra = ctx.emit(R.sum(ctx.emit(R.reshape(icpt, [batch, 2, s, -1])), axis=[-1]))
+    return R.reshape(new_a, [batch, rows] + shape), R.add(bias, ctx.emit(R.reshape(extra, [batch, rows])))
+
+
 def _ln_reshape(ctx, ins, ps, attrs):
     a, bias = ins
     return R.reshape(a, ctx.shape(a)[:2] + list(attrs["in_shape"])), bias
@@ -817,6 +856,14 @@ def _merge_sparse(ctx, ins, ps, attrs):
     return (R.reshape(merged, ctx.shape(s)),)
 
 
+def _intersect(ctx, ins, ps, attrs):
+    """CROWN bounds of every neuron intersected with the interval ones."""
+    s, crown = ins
+    crown = ctx.emit(R.reshape(crown, ctx.shape(s)))
+    return (R.stack([R.maximum(_index(ctx, s, 0), _index(ctx, crown, 0)),
+                     R.minimum(_index(ctx, s, 1), _index(ctx, crown, 1))], 0),)
+
+
 def _replace(ctx, ins, ps, attrs):
     s, crown = ins
     return (R.reshape(crown, ctx.shape(s)),)
@@ -828,6 +875,7 @@ RULES: dict[str, Rule] = {
     "interval.affine": _iv_affine,
     "interval.add": _iv_add,
     "interval.relu": _iv_relu,
+    "interval.clamp_min": _iv_clamp_min,
     "interval.reshape": _iv_reshape,
     "interval.transpose": _iv_transpose,
     "interval.concat": _iv_concat,
@@ -835,10 +883,12 @@ RULES: dict[str, Rule] = {
     "interval.spec_box": _iv_spec_box,
     "interval.flatten": _iv_flatten,
     "relu.relax": _relu_relax,
+    "clamp_min.relax": _clamp_min_relax,
     "linear.linear": _ln_linear,
     "linear.conv2d": _ln_conv2d,
     "linear.affine": _ln_affine,
     "linear.relu": _ln_relu,
+    "linear.clamp_min": _ln_clamp_min,
     "linear.reshape": _ln_reshape,
     "linear.transpose": _ln_transpose,
     "linear.concat": _ln_concat,
@@ -855,5 +905,6 @@ RULES: dict[str, Rule] = {
     "linear.patch_conv": _ln_patch_conv,
     "linear.patch_concretize": _ln_patch_concretize,
     "bound.merge_sparse": _merge_sparse,
+    "bound.intersect": _intersect,
     "bound.replace": _replace,
 }
