@@ -13,7 +13,8 @@ is linear over the interval (slope 1 and intercept 0 above c, slope 0 and interc
 Relaxation over [l, u] with l < c < u: upper, the chord through (l, c) and (u, u); lower, a line
 through the kink (c, c) of slope s in [0, 1]; CROWN's s is ReLU's adaptive choice (1 when the
 chord's slope is above 1/2, else 0); alpha-CROWN optimises s per row of A and neuron. Branch and
-bound splits its input at the midpoint of its interval, as for the other non-ReLU ops.
+bound cuts its input at c (Relaxation.kink), where the op is linear on both sides; no split
+multiplier carries the cut back to the input (as for the other non-ReLU ops).
 
 The relaxation tensor holds rows (l, u, c, CROWN's four line coefficients: lower slope, lower
 intercept, upper slope, upper intercept).
@@ -114,7 +115,8 @@ def fp_lines(ins, ps, attrs):
 CLAMP_MIN = register(Op(
     "clamp_min", forward, interval, sound(backward), fp=fp_interval, fp_params=lambda graph, node, dtype: [],
     coordinatewise=True,                      # monotone: its interval rule is the exact range
-    relaxation=Relaxation(relax, 7, fp_lines, sound(backward_alpha), alpha_start)))
+    relaxation=Relaxation(relax, 7, fp_lines, sound(backward_alpha), alpha_start,
+                          kink=lambda graph, node: graph.data(node.inputs[1]).expand(graph.shape(node.inputs[0])))))
 
 
 # -- frontends: clamps, minimum and maximum against constants ---------------------------------------

@@ -78,6 +78,9 @@ class Relaxation:
     sparse_refine: bool = False
     # ReLU branch and bound may split its input at 0: `optimised` then takes split multipliers
     splits_at_zero: bool = False
+    # where branch and bound cuts the input of an op it does not split at 0, fn(graph, node) ->
+    # [*input shape]: a kink, where the op is linear on both sides (None: the interval's midpoint)
+    kink: Callable | None = None
     # how many leading inputs of the op the lines read ("<op>.relax" and "fp.<op>_lines" take
     # their intervals, in order): 2 for a product of two variables
     inputs: int = 1

@@ -24,13 +24,14 @@ Bounding a domain (the plan method "beta-crown", boundflow.planner.lower):
 
 Other relaxed ops' inputs (sigmoid, tanh, sin, exp, a product's operands, a max pool's
 inputs: "curved" neurons) are split too, as GenBaB does (Shi et al. 2024), once no ReLU of the
-domain is left unstable: the interval ``[l, u]`` of the neuron is cut at its midpoint ``m``,
-one child takes ``[l, m]``, the other ``[m, u]``. Each child's bounds hold on the inputs whose
-neuron lies in its half, and the halves cover the parent; the relaxations, built from the
-intervals, get tighter. No multiplier carries these cuts back to the input. They are ranked by
-the first-order gain of each half, the gradient of the domain's lower bounds with respect to
-the neuron's interval times the half width it removes; intervals narrower than
-``ReluBabConfig.min_split_width`` are not split.
+domain is left unstable: the interval ``[l, u]`` of the neuron is cut at its midpoint ``m``
+(at the op's kink where it has one, Relaxation.kink: a clamp's constant, where it is linear on
+both sides), one child takes ``[l, m]``, the other ``[m, u]``. Each child's bounds hold on the
+inputs whose neuron lies in its part, and the parts cover the parent; the relaxations, built
+from the intervals, get tighter. No multiplier carries these cuts back to the input. They are
+ranked by the first-order gain of each child, the gradient of the domain's lower bounds with
+respect to the neuron's interval times the width it removes; intervals narrower than
+``ReluBabConfig.min_split_width`` are not halved (nor cut where the kink is not inside).
 
 Soundness in floating point (``sound_fp``): the root's intermediate bounds come from a sound
 bound (the verifier's float64 alpha-CROWN), rounded outward to float32; the search bounds in
@@ -57,7 +58,7 @@ import torch
 
 import dataclasses
 
-from boundflow import api
+from boundflow import api, ops
 from boundflow.domains.rounding import round_outward
 from boundflow.ir.task import Role
 from boundflow.planner.config import PlannerConfig
@@ -233,6 +234,11 @@ class ReluBranchAndBound:
         for n in relaxed_nodes(planned, splitting=True):
             self.relu_slope.setdefault(n.inputs[0], n.outputs[0])
         self.curved = [v for v in self.relaxed if v not in self.relu_slope]   # split at midpoints
+        self.kinks = {}                               # or at a kink of an op they feed (flat)
+        for n in relaxed_nodes(planned):
+            kink = ops.get(n.op).relaxation.kink
+            if kink is not None and n.inputs[0] in self.curved:
+                self.kinks.setdefault(n.inputs[0], kink(planned, n).flatten().to(self.device, torch.float64))
         self.pairs = pairs
         self.subs = [problem.restrict(b, k) for b, k in pairs]
         self.rows = max(sub.num_rows for sub in self.subs)
@@ -456,7 +462,7 @@ class ReluBranchAndBound:
     def _curved_scores(self, module, inputs: dict, out: dict, signs: dict) -> None:
         """A curved neuron's score: the first-order gain of the domains' lower bounds when its
         interval is halved, averaged over both halves (-inf where narrower than
-        min_split_width). One more run of the plan, differentiated with respect to the
+        min_split_width), or cut at its kink (-inf where the kink is not inside). One more run of the plan, differentiated with respect to the
         intervals, at the domains' current slopes and multipliers."""
         if not self.curved:
             return
@@ -476,13 +482,18 @@ class ReluBranchAndBound:
             grads = torch.autograd.grad(lower.sum(), [interm[v] for v in self.curved], allow_unused=True)
         for v, g in zip(self.curved, grads):
             lo, hi = out[("lo", v)], out[("hi", v)]
-            half = (hi - lo) / 2
+            if v in self.kinks:                 # the children [c, u] and [l, c]
+                c = self.kinks[v].to(lo.dtype).view(lo.shape[1:])
+                raised, lowered, splits = c - lo, hi - c, (lo < c) & (c < hi)
+            else:
+                raised = lowered = (hi - lo) / 2
+                splits = hi - lo > self.config.min_split_width
             if g is None:                       # the bound does not depend on this interval
                 gain = torch.zeros_like(lo)
             else:
                 g = g.detach().to(lo.dtype)
-                gain = half * (g[0].clamp(min=0) + (-g[1]).clamp(min=0)) / 2
-            out[("score", v)] = gain.masked_fill(~(hi - lo > self.config.min_split_width), -math.inf)
+                gain = (raised * g[0].clamp(min=0) + lowered * (-g[1]).clamp(min=0)) / 2
+            out[("score", v)] = gain.masked_fill(~splits, -math.inf)
 
     def _resize(self, size: int, seconds: float, plan_bytes: int) -> None:
         """The next batch: double while within the time target of a call and the memory
@@ -511,7 +522,10 @@ class ReluBranchAndBound:
                 r, j = rows[mine], index[mine] - offset
                 shape = t[("lo", v)].shape
                 lo, hi = t[("lo", v)].flatten(1).clone(), t[("hi", v)].flatten(1).clone()
-                cut = 0.0 if v in self.relu_slope else (lo[r, j] + hi[r, j]) / 2
+                if v in self.relu_slope:
+                    cut = 0.0
+                else:
+                    cut = self.kinks[v][j].to(lo.dtype) if v in self.kinks else (lo[r, j] + hi[r, j]) / 2
                 lo[r, j], hi[P + r, j] = cut, cut              # [cut, u] (a ReLU active), [l, cut]
                 t[("lo", v)], t[("hi", v)] = lo.view(shape), hi.view(shape)
                 if v in self.relu_slope:
