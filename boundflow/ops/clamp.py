@@ -31,6 +31,7 @@ from boundflow.domains import fp
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops import select
+from boundflow.ops.leaky_relu import backward          # the same rows: (l, u, constant, four line coefficients)
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 from boundflow.ops.s_shaped import _back
 
@@ -72,11 +73,6 @@ def relax(ins, ps, attrs):
     l, u = ins[0]
     c = ps[0].expand_as(l)
     return (torch.stack((l, u, c, *lines(l, u, c))),)
-
-
-def backward(ins, ps, attrs):
-    a, bias, rows = ins
-    return _back(a, bias, *rows[3:].unsqueeze(2), halves(a, attrs))
 
 
 def backward_alpha(ins, ps, attrs):
