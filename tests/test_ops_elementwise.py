@@ -264,6 +264,26 @@ def test_clamps_are_onnxruntimes_bit_for_bit(tmp_path, node):
     assert torch.equal(ours.double(), onnx_runner(path)(x))
 
 
+def test_a_clamps_input_refines_the_neurons_whose_interval_holds_its_kink(tmp_path):
+    """CROWN refines a clamp's input only where l < c < u (elsewhere the clamp is linear on the
+    interval and its lines exact): bound.unstable reads the kinks of the value's readers."""
+    from boundflow import api
+    from boundflow.domains.bound import unstable
+    lo = torch.tensor([[-1.0, 0.2, -0.5, 0.6, -2.0]])
+    hi = torch.tensor([[-0.5, 0.4, 0.5, 0.9, -1.5]])
+    c = torch.tensor([-0.7, 0.5, 0.1, 0.0, -1.0])
+    assert unstable([torch.stack((lo, hi))], [c], {"dense_fraction": 1.0})[0].tolist() == [0, 2]
+    assert unstable([torch.stack((lo, hi))], [c, torch.zeros(())], {"dense_fraction": 1.0})[0].tolist() == [0, 2]
+    assert unstable([torch.stack((lo, hi))], [], {"dense_fraction": 1.0})[0].tolist() == [2]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Hardtanh(-0.5, 0.5), torch.nn.Linear(6, 6),
+                              torch.nn.Hardtanh(-0.25, 0.5), torch.nn.Linear(6, 2)).eval()
+    graph, key = boundflow.load_model(net, torch.zeros(1, 3))
+    module, _ = api.get_plan(graph, key, "crown", 1, None, api._default_config("sparse"))
+    kinks = [module.params[op.params[0]] for task in module.tasks for op in task.ops if op.op == "bound.unstable"]
+    assert kinks and all(float(k.unique()) in (-0.25, -0.5) for k in kinks)       # max(x, -0.25), max(-x, -0.5)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_sign_after_clamps_that_meet_at_zero(tmp_path, seed):
     """Sign(Relu(Max(b, Min(a, Relu(x))))) with a > 0 > b is 0 at x = 0: exactly 0 through

@@ -5,10 +5,14 @@ import torch
 
 
 def unstable(ins, ps, attrs):
-    """Flat indices of the neurons to refine: those with l < 0 < u in any region of the batch;
-    all of them when there is any and more than attrs["dense_fraction"] of the layer is."""
+    """Flat indices of the neurons to refine: those with l < 0 < u in any region of the batch
+    (l < k < u for any kink k in ps: the readers' kinks, Relaxation.kink); all of them when
+    there is any and more than attrs["dense_fraction"] of the layer is."""
     lo, hi = ins[0]
-    mask = ((lo < 0) & (hi > 0)).flatten(1).any(0)
+    if ps:
+        mask = torch.stack([(lo < k) & (hi > k) for k in ps]).any(0).flatten(1).any(0)
+    else:
+        mask = ((lo < 0) & (hi > 0)).flatten(1).any(0)
     idx = mask.nonzero().flatten()
     if idx.numel() and idx.numel() > attrs["dense_fraction"] * mask.numel():
         idx = torch.arange(mask.numel(), device=mask.device)

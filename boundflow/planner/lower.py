@@ -443,9 +443,12 @@ class _Lowering:
         box = self.bounds[v]
         new = self.interval_buffer(v, "crown")
         mode = self.cfg.crown_interm
-        # ReLU inputs skip the neurons whose interval is stable; other relaxed ops refine all
-        sparse = all(ops.get(n.op).relaxation is None or ops.get(n.op).relaxation.sparse_refine
-                     for n in self.g.consumers()[v])
+        # ReLU inputs skip the neurons whose interval is stable (a clamp's: that does not hold
+        # its kink, Relaxation.kink); other relaxed ops refine all
+        readers = [(n, ops.get(n.op).relaxation) for n in self.g.consumers()[v]]
+        sparse = all(r is None or r.sparse_refine or r.kink is not None for _, r in readers)
+        kinks = [r.kink(self.g, n) if r.kink is not None else torch.zeros(()) for n, r in readers
+                 if r is not None] if any(r is not None and r.kink is not None for _, r in readers) else []
         every = mode == "sparse" and self.method == "crown" and not self.sound
         node = self.producer.get(v)
         if every and node is not None and _elementwise(self.g, node) and node.inputs[0] in self.every_neuron:
@@ -461,7 +464,8 @@ class _Lowering:
         elif mode in ("sparse", "intersect") and sparse:
             fraction = self.cfg.dense_fraction if mode == "sparse" else 1.0
             idx = em.buffer(f"unstable({v})", (numel,), dtype="int64", dynamic_axis=0)
-            em.emit("bound.unstable", [box], [idx], attrs={"dense_fraction": fraction}, source=v)
+            em.emit("bound.unstable", [box], [idx], em.params(f"{v}.kink", kinks), attrs={"dense_fraction": fraction},
+                    source=v)
             if every and self.feeds_refined_elementwise(v):
                 # every neuron now, for the outputs of the ops reading v; the unstable ones' from it
                 crown = self.every_neuron[v] = self.backward(v)
