@@ -264,6 +264,22 @@ def test_clamps_are_onnxruntimes_bit_for_bit(tmp_path, node):
     assert torch.equal(ours.double(), onnx_runner(path)(x))
 
 
+def test_a_far_clamp_bound_costs_no_precision():
+    """hardtanh(x, -1e6, 0.4): as relu(x + 1e6) - 1e6 in float32 x lost everything below 0.06
+    (an ulp of 1e6), and CROWN's bounds missed sampled outputs by 0.14; max(x, -1e6) is exact."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(8, 64), nn.Hardtanh(-1e6, 0.4), nn.Linear(64, 64), nn.Hardtanh(-1e6, 0.4),
+                        nn.Linear(64, 10)).eval()
+    x0 = torch.randn(1, 8)
+    pts = _samples(x0 - 0.05, x0 + 0.05, 1000)
+    with torch.no_grad():
+        y = net(pts)
+    for method in METHODS:
+        lb, ub = boundflow.compute_bounds(net, x0 - 0.05, x0 + 0.05, method=method)
+        assert (y >= lb - 1e-5).all() and (y <= ub + 1e-5).all(), method
+
+
 def test_a_clamps_input_refines_the_neurons_whose_interval_holds_its_kink(tmp_path):
     """CROWN refines a clamp's input only where l < c < u (elsewhere the clamp is linear on the
     interval and its lines exact): bound.unstable reads the kinks of the value's readers."""
