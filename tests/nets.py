@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 KINDS = ("mlp", "cnn", "residual", "bn_cnn", "permute", "nhwc_cnn", "keras_cnn", "normalized_mlp",
-         "normalized_cnn")
+         "normalized_cnn", "clamp_cnn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +223,17 @@ def build_mlp(p) -> Net:
     return Net(module, (1, d_in), "mlp", f"{d_in}-{'-'.join(map(str, widths))}-{d_out}")
 
 
-def _build_cnn(p, kind: str, bn: bool = False, nhwc: bool = False, normalize: bool = False) -> Net:
+def _activation(p, clamps: bool) -> tuple[nn.Module, str]:
+    """ReLU, or with clamps ReLU6 or a hardtanh with random bounds, then maybe a BatchNorm (an
+    affine map no conv absorbs)."""
+    if not clamps:
+        return nn.ReLU(), ""
+    lo = p.int(-10, 2) / 10
+    return p.choice(((nn.ReLU6(), " relu6"), (nn.Hardtanh(lo, lo + 0.6), f" hardtanh({lo}, {lo + 0.6:.1f})")))
+
+
+def _build_cnn(p, kind: str, bn: bool = False, nhwc: bool = False, normalize: bool = False,
+               clamps: bool = False) -> Net:
     c, h, w = p.choice((1, 2, 3, 4)), p.int(3, 7), p.int(3, 7)
     convs: list[nn.Module] = []
     descs = []
@@ -239,8 +249,12 @@ def _build_cnn(p, kind: str, bn: bool = False, nhwc: bool = False, normalize: bo
         if bn:
             convs.append(nn.BatchNorm2d(ch))
             d += " bn"
-        convs.append(nn.ReLU())
-        descs.append(d)
+        act, act_desc = _activation(p, clamps)
+        convs.append(act)
+        if clamps and p.bool():
+            convs.append(nn.BatchNorm2d(ch))
+            act_desc += " bn"
+        descs.append(d + act_desc)
     head_layers, widths = _mlp_layers(p, ch * hh * ww, p.int(1, 4))
     module = _init(_CNN(nn.Sequential(*convs), nn.Sequential(*head_layers), nhwc), _gen(p))
     shape = (1, h, w, c) if nhwc else (1, c, h, w)
@@ -276,6 +290,10 @@ def build_normalized_cnn(p) -> Net:
     return _build_cnn(p, "normalized_cnn", normalize=True)
 
 
+def build_clamp_cnn(p) -> Net:
+    return _build_cnn(p, "clamp_cnn", clamps=True)
+
+
 def build_residual(p) -> Net:
     c, hw, pool, bn = p.int(1, 3), p.choice((2, 4)), 2, p.bool()
     hidden, out = p.int(2, 8), p.int(1, 4)
@@ -305,7 +323,7 @@ BUILDERS: dict[str, Callable] = {
     "mlp": build_mlp, "cnn": build_cnn, "residual": build_residual, "bn_cnn": build_bn_cnn,
     "permute": build_permute, "nhwc_cnn": build_nhwc_cnn, "keras_cnn": build_keras_cnn,
     "normalized_mlp": build_normalized_mlp,
-    "normalized_cnn": build_normalized_cnn,
+    "normalized_cnn": build_normalized_cnn, "clamp_cnn": build_clamp_cnn,
 }
 
 

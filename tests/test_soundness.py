@@ -245,19 +245,21 @@ def test_random_networks_alpha_crown_sound(data):
 @given(data=st.data())
 def test_patches_equal_dense_passes(data):
     """Refinement passes over receptive-field windows give the dense passes' bounds (the same
-    arithmetic, fewer zeros), for every intermediate mode and B regions at once."""
-    net = data.draw(networks(["cnn", "bn_cnn", "residual"]), label="net")
+    arithmetic, fewer zeros), for every intermediate mode and B regions at once, through
+    clamps and affine maps too, with alpha-CROWN's slopes too."""
+    net = data.draw(networks(["cnn", "bn_cnn", "residual", "clamp_cnn"]), label="net")
     batch = data.draw(st.sampled_from([1, 3]), label="B")
     lo, hi, _ = data.draw(regions(net.input_shape, batch), label="box")
     interm = data.draw(st.sampled_from(["sparse", "intersect", "pure"]), label="interm")
+    method = data.draw(st.sampled_from(["crown", "alpha-crown"]), label="method")
     got = {}
     for patches in (True, False):
         config = boundflow.PlannerConfig(crown_interm=interm, patches=patches)
-        res = boundflow.bound(net.module, lo, hi, "crown", config=config)
+        res = boundflow.bound(net.module, lo, hi, method, config=config)
         got[patches] = res
     for side in ("lb", "ub"):
         a, b = getattr(got[True], side).double(), getattr(got[False], side).double()
-        assert ((a - b).abs() <= 10 * _tol(b)).all(), (repr(net), interm, side, (a - b).abs().max().item())
+        assert ((a - b).abs() <= 10 * _tol(b)).all(), (repr(net), interm, method, side, (a - b).abs().max().item())
 
 
 def patched_and_dense(module, lo, hi, method: str, op: str, **config) -> dict:
@@ -273,6 +275,24 @@ def patched_and_dense(module, lo, hi, method: str, op: str, **config) -> dict:
     assert torch.allclose(got[True].lb, got[False].lb, rtol=1e-5, atol=1e-5)
     assert torch.allclose(got[True].ub, got[False].ub, rtol=1e-5, atol=1e-5)
     return got
+
+
+@pytest.mark.parametrize("method,op", [("crown", "linear.patch_clamp_min"), ("crown", "linear.patch_affine"),
+                                       ("alpha-crown", "linear.patch_clamp_min_alpha"),
+                                       ("alpha-crown", "linear.patch_affine")])
+def test_patches_go_through_clamps_and_affine_maps(method, op):
+    """ReLU6, a hardtanh, a BatchNorm after an activation (no conv absorbs it): the passes stay
+    on windows (dense passes took a ReLU6 CNN on 3x32x32 7.9 s, these 0.18 s), same bounds."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(-1.5, 1.5)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU6(), bn, nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                        nn.Hardtanh(-0.3, 0.4), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64, 3)).eval()
+    x0 = torch.rand(1, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    patched_and_dense(net, x0 - 0.3, x0 + 0.3, method, op)
 
 
 def test_patches_whose_window_grid_starts_past_the_input(tmp_path):

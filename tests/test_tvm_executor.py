@@ -128,8 +128,12 @@ def _nets():
     torch.manual_seed(0)
     relu_last = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU())
     clamps = nn.Sequential(nn.Linear(4, 6), nn.Hardtanh(-0.3, 0.4), nn.Linear(6, 5), nn.ReLU6(), nn.Linear(5, 3))
+    clamps_cnn = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU6(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                               nn.Hardtanh(-0.2, 0.3), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                               nn.Linear(64, 3))
     nets += [("concat", _Concat().eval(), (1, 4), None), ("affine", _Affine().eval(), (1, 2, 4, 4), None),
-             ("relu_last_C", relu_last.eval(), (1, 4), 2), ("clamps", clamps.eval(), (1, 4), None)]
+             ("relu_last_C", relu_last.eval(), (1, 4), 2), ("clamps", clamps.eval(), (1, 4), None),
+             ("clamps_cnn", clamps_cnn.eval(), (1, 2, 8, 8), None)]
     return nets
 
 
@@ -167,7 +171,7 @@ def test_every_ibp_and_crown_kernel_of_the_tvm_ops_has_a_rule():
     generic = {k for k in KERNELS if not any(k in op.all_kernels() for op in OPS.values())}
     missing = (theirs | generic) - set(RULES)
     assert missing <= {"bound.unstable", "linear.relu_alpha", "linear.patch_relu_alpha",
-                       "linear.clamp_min_alpha"} | \
+                       "linear.clamp_min_alpha", "linear.patch_clamp_min_alpha"} | \
         {k for k in missing if k.startswith("fp.")}
 
 

@@ -15,8 +15,8 @@ them; the planner places each inside their union (patch_pad) before adding them 
 (planner/lower.py: Geometry).
 
 Here the window geometry, the start of a pass at a target that is not a conv output, the end
-of a patch pass and the sound_fp widening on windows; the conv's and the ReLU's patch rules
-live with those ops (boundflow.ops.conv, boundflow.ops.relu).
+of a patch pass, elementwise lines on windows and the sound_fp widening on windows; the conv's,
+the ReLU's, the clamp's and the affine map's patch rules live with those ops.
 """
 from __future__ import annotations
 
@@ -84,6 +84,37 @@ def _row_dots(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[B, h, k] dots of each row's window a [B, h, k, n] with its neuron's x [B, k, n]: one
     batched product, ~3x faster than multiplying out and summing (no [B, 2, k, n] temporary)."""
     return torch.einsum("bhjx,bjx->bhj", a, x)
+
+
+def row_windows(x: torch.Tensor, dims: int, idx: torch.Tensor, attrs, a: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [*lead, (1,) C, H, W] with `dims` leading axes (per neuron of the value: lines,
+    constants) at the windows of A's rows, [*lead, 1, 1, k / groups, C, ph, pw]: broadcasting
+    against A as rows_view [B, 2, groups, k / groups, C, ph, pw] (groups: shared_windows)."""
+    groups = shared_windows(idx, attrs)
+    win = windows(unit_lead(x, dims), None if groups > 1 else idx, attrs, a.shape[-2], a.shape[-1])
+    return win.unsqueeze(-5).unsqueeze(-5), groups
+
+
+def rows_view(a: torch.Tensor, groups: int) -> torch.Tensor:
+    """A [B, 2k, C, ph, pw] as [B, 2, groups, k / groups, C, ph, pw]."""
+    return a.unflatten(1, (2, groups, a.shape[1] // (2 * groups)))
+
+
+def lines_back(a6: torch.Tensor, bias: torch.Tensor, k_lo, b_lo, k_up, b_up) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back through elementwise lines on windows (ops.s_shaped._back's rule): A a6 as rows_view,
+    each line coefficient broadcasting against it (axis 1: one for both halves, or two: lower,
+    upper rows). Lower rows: positive coefficients take the lower line, negative ones the upper
+    line; upper rows the other way round. -> (A [B, 2k, C, ph, pw], bias)."""
+    def half(t, h):
+        return t[:, h] if t.shape[1] == 2 else t[:, 0]
+
+    outs, icpts = [], []
+    for h, (kp, bp, kn, bn) in enumerate(((k_lo, b_lo, k_up, b_up), (k_up, b_up, k_lo, b_lo))):
+        pos = a6[:, h].clamp(min=0)
+        neg = a6[:, h] - pos
+        outs.append(torch.addcmul(pos * half(kp, h), neg, half(kn, h)))
+        icpts.append((pos * half(bp, h) + neg * half(bn, h)).flatten(3).sum(-1))
+    return torch.stack(outs, 1).flatten(1, 3), bias + torch.stack(icpts, 1).flatten(1)
 
 
 def fp_widen(a: torch.Tensor, bias: torch.Tensor, e: torch.Tensor, idx: torch.Tensor, attrs) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 
 from boundflow.domains import fp
 from boundflow.domains.linear import sound
+from boundflow.domains.patches import fp_widen as patch_fp_widen
+from boundflow.domains.patches import row_windows, rows_view, selected_neurons
 from boundflow.domains.rounding import magnitude
 from boundflow.ops import convex, mul, normalise, select
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
@@ -48,8 +50,22 @@ def fp_error(ins, ps, attrs):
     return fp.finish(raw, magnitude(s) * scale_err + shift_err, attrs["n"])
 
 
+def patch_backward(ins, ps, attrs):
+    """backward on windows (a pass through an affine map that keeps the shape): each row reads
+    scale and shift at its neuron's window (zeros outside the value, where A is zero too). In a
+    sound_fp plan the last input is the error vector (patches.fp_widen)."""
+    ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
+    a, bias = ins[:2]
+    idx = selected_neurons(ins, 2, attrs, a)
+    (scale, groups), (shift, _) = (row_windows(torch.broadcast_to(p, attrs["shape"]), 0, idx, attrs, a) for p in ps)
+    a6 = rows_view(a, groups)
+    new_bias = bias + (a6 * shift).flatten(4).sum(-1).flatten(1)
+    return (a6 * scale).flatten(1, 3), new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
+
+
 AFFINE = register(Op("affine", forward, interval, sound(backward), fp_error, coordinatewise=True,
-                     fp_params=fp.weights, fp32=True, error_of_inputs=True))
+                     fp_params=fp.weights, fp32=True, error_of_inputs=True,
+                     kernels={"linear.patch_affine": patch_backward}))
 
 
 # -- frontends: elementwise arithmetic with constants, BatchNorm ----------------------------------

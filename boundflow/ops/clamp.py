@@ -29,6 +29,8 @@ import torch
 
 from boundflow.domains import fp
 from boundflow.domains.linear import halves, sound
+from boundflow.domains.patches import fp_widen as patch_fp_widen
+from boundflow.domains.patches import lines_back, row_windows, rows_view, selected_neurons
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops import select
 from boundflow.ops.leaky_relu import backward          # the same rows: (l, u, constant, four line coefficients)
@@ -90,6 +92,38 @@ def alpha_start(op, env) -> torch.Tensor:
     return crown_slope(l, u, c).unsqueeze(1).expand(a.shape).clone()
 
 
+def _patch_back(ins, attrs, optimised: bool):
+    """backward on windows: each row reads the lines at its neuron's window; optimised: ins[3]
+    holds alpha-CROWN's lower slopes, one per row and window position, as A (None: CROWN's).
+    In a sound_fp plan the last input is the error vector (patches.fp_widen)."""
+    ins, e = (ins[:-1], ins[-1]) if attrs.get("fp") else (ins, None)
+    a, bias, rows = ins[:3]
+    alpha = ins[3] if optimised else None
+    idx = selected_neurons(ins, 4 if optimised else 3, attrs, a)
+    win, groups = row_windows(rows, 2, idx, attrs, a)                  # [7, B, 1, 1, k / groups, C, ph, pw]
+    lines_ = win[3:] if alpha is None else lines(*win[:3], rows_view(alpha, groups))
+    new_a, new_bias = lines_back(rows_view(a, groups), bias, *lines_)
+    return new_a, new_bias if e is None else patch_fp_widen(a, new_bias, e, idx, attrs)
+
+
+def patch_backward(ins, ps, attrs):
+    return _patch_back(ins, attrs, False)
+
+
+def patch_backward_alpha(ins, ps, attrs):
+    return _patch_back(ins, attrs, True)
+
+
+def patch_alpha_start(op, env) -> torch.Tensor:
+    """CROWN's lower slopes at each row's window, shaped like alpha (as A)."""
+    ins = [env[b] for b in op.inputs]
+    ins = ins[:-1] if op.attrs.get("fp") else ins
+    a, rows = ins[0], ins[2]
+    idx = selected_neurons(ins, 4, op.attrs, a)
+    win, groups = row_windows(rows, 2, idx, op.attrs, a)
+    return crown_slope(*win[:3]).expand(rows_view(a, groups).shape).flatten(1, 3).clone()
+
+
 def fp_interval(ins, ps, attrs):
     """Exact: max rounds nothing."""
     s, raw = ins
@@ -111,7 +145,8 @@ def fp_lines(ins, ps, attrs):
 CLAMP_MIN = register(Op(
     "clamp_min", forward, interval, sound(backward), fp=fp_interval, fp_params=lambda graph, node, dtype: [],
     coordinatewise=True,                      # monotone: its interval rule is the exact range
-    relaxation=Relaxation(relax, 7, fp_lines, sound(backward_alpha), alpha_start,
+    relaxation=Relaxation(relax, 7, fp_lines, sound(backward_alpha), alpha_start, patch_backward,
+                          patch_backward_alpha, patch_alpha_start,
                           kink=lambda graph, node: graph.data(node.inputs[1]).expand(graph.shape(node.inputs[0])))))
 
 

@@ -186,12 +186,15 @@ def _patch_value(shape) -> bool:
 
 
 def _patchable(g: Graph, node: Node) -> bool:
-    """A node a patch pass goes through: a 2-d conv without groups or dilation, a ReLU or a
-    sum of two values, over [C, H, W] values."""
+    """A node a patch pass goes through: a 2-d conv without groups or dilation, a ReLU, a
+    clamp, an affine map that keeps the shape or a sum of two values, over [C, H, W] values."""
     if node.op == "conv2d":
         if node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1):
             return False
-    elif node.op not in ("relu", "add"):
+    elif node.op == "affine":
+        if g.shape(node.inputs[0]) != g.shape(node.outputs[0]):
+            return False
+    elif node.op not in ("relu", "clamp_min", "add"):
         return False
     return all(_patch_value(g.shape(v)) for v in node.inputs + node.outputs if g.is_variable(v))
 
@@ -618,15 +621,18 @@ class _Lowering:
                 continue
             new_a, new_bias = a_buf(var[0], through.window), bias_buf()
             grid = {**base, "grid": list(geo.grid)}
-            if node.op == "relu":
+            if node.op in ("relu", "clamp_min"):
                 ins = [A[out], bias, self.relax[out]]
                 if alpha:                     # one slope per row and window position, as A
                     role = Role("alpha", out, target)
                     em.out.inputs[role] = em.buffer(str(role), (B, rows2) + tuple(geo.window),
                                                     role="input", dynamic_axis=dynamic)
                     ins.append(em.out.inputs[role])
-                kernel = "linear.patch_relu_alpha" if alpha else "linear.patch_relu"
+                kernel = f"linear.patch_{node.op}_alpha" if alpha else f"linear.patch_{node.op}"
                 em.emit(kernel, ins + sel + err(node), [new_a, new_bias], attrs=grid, source=target)
+            elif node.op == "affine":
+                em.emit("linear.patch_affine", [A[out], bias] + sel + err(node), [new_a, new_bias],
+                        self.backward_params(node), {**grid, "shape": list(self.shape(out))}, source=target)
             else:
                 em.emit("linear.patch_conv", [A[out], bias] + (err(node) + sel if self.sound else []),
                         [new_a, new_bias], self.backward_params(node),

@@ -809,6 +809,38 @@ def _ln_patch_relu(ctx, ins, ps, attrs):
             R.add(bias, ctx.emit(R.reshape(extra, [batch, rows]))))
 
 
+def _ln_patch_clamp_min(ctx, ins, ps, attrs):
+    """_ln_patch_relu with both lines' intercepts (boundflow.ops.clamp.patch_backward)."""
+    a, bias, relaxation = ins[:3]
+    batch, rows, c, ph, pw = ctx.shape(a)
+    k = _half(rows)
+    win = _patch_windows(ctx, relaxation, _patch_index(ctx, ins, 3, attrs), attrs, ph, pw)  # [7, B, k, C, ph, pw]
+    k_lo, b_lo, k_up, b_up = (ctx.emit(R.expand_dims(_index(ctx, win, i), [1])) for i in range(3, 7))
+    a6 = ctx.emit(R.reshape(a, [batch, 2, k, c, ph, pw]))
+    lower, positive = _lower_half_mask(6), ctx.emit(R.greater_equal(a6, _f32(0.0)))
+
+    def taken(lo_line, up_line):             # per coefficient, the line its row and sign take
+        return ctx.emit(R.where(positive, ctx.emit(R.where(lower, lo_line, up_line)),
+                                ctx.emit(R.where(lower, up_line, lo_line))))
+    extra = ctx.emit(R.sum(ctx.emit(R.multiply(a6, taken(b_lo, b_up))), axis=[-1, -2, -3]))          # [B, 2, k]
+    return (R.reshape(ctx.emit(R.multiply(a6, taken(k_lo, k_up))), [batch, rows, c, ph, pw]),
+            R.add(bias, ctx.emit(R.reshape(extra, [batch, rows]))))
+
+
+def _ln_patch_affine(ctx, ins, ps, attrs):
+    """Scale and shift at each row's window (boundflow.ops.affine.patch_backward)."""
+    a, bias = ins[:2]
+    batch, rows, c, ph, pw = ctx.shape(a)
+    k = _half(rows)
+    idx = _patch_index(ctx, ins, 2, attrs)
+    scale, shift = (ctx.emit(R.expand_dims(_patch_windows(
+        ctx, ctx.emit(R.broadcast_to(p, [1] + list(attrs["shape"])[-3:])), idx, attrs, ph, pw), [1])) for p in ps)
+    a6 = ctx.emit(R.reshape(a, [batch, 2, k, c, ph, pw]))
+    extra = ctx.emit(R.sum(ctx.emit(R.multiply(a6, shift)), axis=[-1, -2, -3]))                    # [B, 2, k]
+    return (R.reshape(ctx.emit(R.multiply(a6, scale)), [batch, rows, c, ph, pw]),
+            R.add(bias, ctx.emit(R.reshape(extra, [batch, rows]))))
+
+
 def _ln_patch_conv(ctx, ins, ps, attrs):
     a, bias = ins
     w, b = ps
@@ -902,6 +934,8 @@ RULES: dict[str, Rule] = {
     "linear.patch_start_onehot": _ln_patch_start_onehot,
     "linear.patch_pad": _ln_patch_pad,
     "linear.patch_relu": _ln_patch_relu,
+    "linear.patch_clamp_min": _ln_patch_clamp_min,
+    "linear.patch_affine": _ln_patch_affine,
     "linear.patch_conv": _ln_patch_conv,
     "linear.patch_concretize": _ln_patch_concretize,
     "bound.merge_sparse": _merge_sparse,
