@@ -448,10 +448,10 @@ class _Lowering:
         mode = self.cfg.crown_interm
         # ReLU inputs skip the neurons whose interval is stable (a clamp's: that does not hold
         # its kink, Relaxation.kink); other relaxed ops refine all
-        readers = [(n, ops.get(n.op).relaxation) for n in self.g.consumers()[v]]
-        sparse = all(r is None or r.sparse_refine or r.kink is not None for _, r in readers)
-        kinks = [r.kink(self.g, n) if r.kink is not None else torch.zeros(()) for n, r in readers
-                 if r is not None] if any(r is not None and r.kink is not None for _, r in readers) else []
+        relaxed = [(n, ops.get(n.op).relaxation) for n in self.g.consumers()[v] if ops.get(n.op).relaxation]
+        sparse = all(r.sparse_refine or r.kink is not None for _, r in relaxed)
+        kinked = any(r.kink is not None for _, r in relaxed)
+        kinks = [torch.zeros(()) if r.kink is None else r.kink(self.g, n) for n, r in relaxed] if kinked else []
         every = mode == "sparse" and self.method == "crown" and not self.sound
         node = self.producer.get(v)
         if every and node is not None and _elementwise(self.g, node) and node.inputs[0] in self.every_neuron:

@@ -462,8 +462,9 @@ class ReluBranchAndBound:
     def _curved_scores(self, module, inputs: dict, out: dict, signs: dict) -> None:
         """A curved neuron's score: the first-order gain of the domains' lower bounds when its
         interval is halved, averaged over both halves (-inf where narrower than
-        min_split_width), or cut at its kink (-inf where the kink is not inside). One more run of the plan, differentiated with respect to the
-        intervals, at the domains' current slopes and multipliers."""
+        min_split_width), or cut at its kink (-inf where the kink is not inside). One more run
+        of the plan, differentiated with respect to the intervals, at the domains' current
+        slopes and multipliers."""
         if not self.curved:
             return
         relu_left = [(out[("score", v)] > -math.inf).flatten(1).any(1) for v in self.relus]
