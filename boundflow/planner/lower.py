@@ -185,16 +185,23 @@ def _patch_value(shape) -> bool:
     return len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)
 
 
+def _patch_rule(node: Node) -> str:
+    """The kernel of an elementwise op's patch rule (its relaxation's, or a kernel
+    "linear.patch_<op>" of its own), or "" where it has none."""
+    op = ops.get(node.op)
+    if op.relaxation is not None:
+        return f"linear.patch_{node.op}" if op.relaxation.patch is not None else ""
+    return f"linear.patch_{node.op}" if f"linear.patch_{node.op}" in op.kernels else ""
+
+
 def _patchable(g: Graph, node: Node) -> bool:
-    """A node a patch pass goes through: a 2-d conv without groups or dilation, a ReLU, a
-    clamp, an affine map that keeps the shape or a sum of two values, over [C, H, W] values."""
+    """A node a patch pass goes through: a 2-d conv without groups or dilation, a sum of two
+    values, or an elementwise op with a patch rule (ReLU, clamp, affine map), over [C, H, W]
+    values."""
     if node.op == "conv2d":
         if node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1):
             return False
-    elif node.op == "affine":
-        if g.shape(node.inputs[0]) != g.shape(node.outputs[0]):
-            return False
-    elif node.op not in ("relu", "clamp_min", "add"):
+    elif node.op != "add" and not (_elementwise(g, node) and _patch_rule(node)):
         return False
     return all(_patch_value(g.shape(v)) for v in node.inputs + node.outputs if g.is_variable(v))
 
@@ -621,17 +628,17 @@ class _Lowering:
                 continue
             new_a, new_bias = a_buf(var[0], through.window), bias_buf()
             grid = {**base, "grid": list(geo.grid)}
-            if node.op in ("relu", "clamp_min"):
+            if node.op != "conv2d" and ops.get(node.op).relaxation is not None:
                 ins = [A[out], bias, self.relax[out]]
                 if alpha:                     # one slope per row and window position, as A
                     role = Role("alpha", out, target)
                     em.out.inputs[role] = em.buffer(str(role), (B, rows2) + tuple(geo.window),
                                                     role="input", dynamic_axis=dynamic)
                     ins.append(em.out.inputs[role])
-                kernel = f"linear.patch_{node.op}_alpha" if alpha else f"linear.patch_{node.op}"
+                kernel = _patch_rule(node) + ("_alpha" if alpha else "")
                 em.emit(kernel, ins + sel + err(node), [new_a, new_bias], attrs=grid, source=target)
-            elif node.op == "affine":
-                em.emit("linear.patch_affine", [A[out], bias] + sel + err(node), [new_a, new_bias],
+            elif node.op != "conv2d":         # constants at each row's window (an affine map)
+                em.emit(_patch_rule(node), [A[out], bias] + sel + err(node), [new_a, new_bias],
                         self.backward_params(node), {**grid, "shape": list(self.shape(out))}, source=target)
             else:
                 em.emit("linear.patch_conv", [A[out], bias] + (err(node) + sel if self.sound else []),
