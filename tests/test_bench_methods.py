@@ -56,3 +56,4 @@ def test_quick_run_writes_json(shared, tmp_path):
     assert set(tg["sound_fp_cost"]["per_case"]) == {CASE} and tg["sound_fp_cost"]["per_case"][CASE]["ratio"] > 0
     assert isinstance(tg["ibp_vs_forward"]["pass"], bool)
     assert tg["crown_vs_lirpa"]["pass"] is None  # its case was not selected
+    assert tg["crown_vs_quoted"] == {"speedup_needed": 3.0, "per_case": {}, "pass": None}   # nor these

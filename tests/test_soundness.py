@@ -402,13 +402,28 @@ def test_patches_through_residual_blocks(bare, method):
     x = torch.randn(1, 2, 12, 12)
     module(x)
     lo, hi = x - 0.1, x + 0.1
-    got = patched_and_dense(module, lo, hi, method, "linear.patch_pad", crown_interm="pure")
+    got = patched_and_dense(module, lo, hi, method, "linear.patch_add", crown_interm="pure")
     graph, key = boundflow.load_model(module, lo)
     plan, _ = boundflow.api.get_plan(graph, key, method, 1, None, boundflow.PlannerConfig(crown_interm="pure"))
     assert any(o.op == "linear.patch_start_onehot" for o in plan.ops())
     pts = sample_box(lo[0], hi[0], N_SAMPLES, N_CORNERS, torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_inside(module(pts).double(), got[True].lb[0], got[True].ub[0], f"residual patches {method}")
+
+
+def test_patch_add_places_its_second_input():
+    """patch_add (the sum of a value's two contributions, the second on smaller windows) is
+    patch_pad then accumulate, bit for bit, into its planned view or a fresh tensor."""
+    from boundflow.domains.linear import accumulate
+    from boundflow.domains.patches import patch_add, patch_pad
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 6, 2, 7, 5, generator=g), torch.randn(1, 6, 2, 3, 2, generator=g)
+    attrs = {"pad": [1, 3, 2, 1]}
+    want = accumulate([a, patch_pad([b], [], attrs)[0]], [], {})[0]
+    view = torch.full_like(a, float("nan"))
+    assert torch.equal(patch_add([a, b], [], attrs)[0], want)
+    got = patch_add([a, b], [], attrs, out=(view,))[0]
+    assert got is view and torch.equal(view, want)
 
 
 def test_alpha_crown_patches_equal_dense():

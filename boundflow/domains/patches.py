@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from boundflow.domains import shaped, writes_into
 from boundflow.domains.rounding import down, gamma, slack, unit_roundoff, up
 
 
@@ -80,9 +81,13 @@ def unit_lead(x: torch.Tensor, dims: int) -> torch.Tensor:
     return x.flatten(dims, dims + 1) if x.dim() == dims + 4 else x
 
 
-def _row_dots(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def row_dots(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[B, h, k] dots of each row's window a [B, h, k, n] with its neuron's x [B, k, n]: one
-    batched product, ~3x faster than multiplying out and summing (no [B, 2, k, n] temporary)."""
+    batched product, ~2.5x faster than multiplying out and summing (no [B, h, k, n]
+    temporary), except for h = 1, where torch's einsum runs k products of one row each (4x
+    slower than multiplying out: 0.9 against 0.2 ms for 221 windows of 1,800)."""
+    if a.shape[1] == 1:
+        return (a * x.unsqueeze(1)).sum(-1)
     return torch.einsum("bhjx,bjx->bhj", a, x)
 
 
@@ -122,7 +127,7 @@ def fp_widen(a: torch.Tensor, bias: torch.Tensor, e: torch.Tensor, idx: torch.Te
     error vector e (zeros outside the value, where A is zero too)."""
     k = a.shape[1] // 2
     win = windows(unit_lead(e, 1), idx, attrs, a.shape[-2], a.shape[-1]).flatten(2)      # [B, k, C ph pw]
-    err = _row_dots(a.unflatten(1, (2, k)).flatten(3).abs(), win).flatten(1)
+    err = row_dots(a.unflatten(1, (2, k)).flatten(3).abs(), win).flatten(1)
     u = unit_roundoff(bias.dtype)
     err = 2 * (err + u * bias.abs()) + slack(math.prod(a.shape[2:]) + 2, bias.dtype)
     return torch.cat([down(bias[:, :k] - err[:, :k]), up(bias[:, k:] + err[:, k:])], 1)
@@ -148,6 +153,19 @@ def patch_pad(ins, ps, attrs):
     return (F.pad(ins[0], (left, right, top, bottom)),)
 
 
+@writes_into
+def patch_add(ins, ps, attrs, out=(None,)):
+    """A + B with B's windows placed inside A's (attrs pad, as patch_pad's): where a value's
+    consumers reach it with windows of different extents. Adds B into its place only (a
+    copy of A and a sum over B's windows: 1.5x faster than padding B and adding)."""
+    a, b = ins
+    top, _, left, _ = attrs["pad"]
+    dest = shaped(out[0], a.shape)
+    dest = a.clone() if dest is None else dest.copy_(a)
+    dest[..., top:top + b.shape[-2], left:left + b.shape[-1]] += b
+    return (dest,)
+
+
 def patch_concretize(ins, ps, attrs):
     """stack(lower, upper) of the rows over the input box read at their windows (sound_fp: as
     linear.concretize, the sums' rounding subtracted and the result rounded outward)."""
@@ -164,15 +182,16 @@ def patch_concretize(ins, ps, attrs):
     a = a.unflatten(1, (2 * groups, k // groups)).flatten(3)                # [B, 2 groups, k / groups, C ph pw]
     a_abs = a.abs()
     shape = (a.shape[0], 2, k)
-    mid = _row_dots(a, c).reshape(shape) + bias.unflatten(1, (2, k))           # [B, 2, k]
-    rad = _row_dots(a_abs, r).reshape(shape)
+    mid = row_dots(a, c).reshape(shape) + bias.unflatten(1, (2, k))           # [B, 2, k]
+    rad = row_dots(a_abs, r).reshape(shape)
     lower, upper = mid[:, 0] - rad[:, 0], mid[:, 1] + rad[:, 1]
     if attrs.get("fp"):
         n = a.shape[-1] + 4
-        err = _row_dots(a_abs, m[0]).reshape(shape) + bias.unflatten(1, (2, k)).abs()
+        err = row_dots(a_abs, m[0]).reshape(shape) + bias.unflatten(1, (2, k)).abs()
         err = 2 * gamma(n, a.dtype) * err + slack(n, a.dtype)
         lower, upper = down(lower - err[:, 0]), up(upper + err[:, 1])
     return (torch.stack((lower, upper)),)
 
 
-RULES = {"patch_start_onehot": patch_start_onehot, "patch_pad": patch_pad, "patch_concretize": patch_concretize}
+RULES = {"patch_start_onehot": patch_start_onehot, "patch_pad": patch_pad, "patch_add": patch_add,
+         "patch_concretize": patch_concretize}

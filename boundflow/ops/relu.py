@@ -18,7 +18,7 @@ import torch
 from boundflow.domains import shaped, writes_into
 from boundflow.domains.linear import halves, sound, with_splits
 from boundflow.domains.patches import fp_widen as patch_fp_widen
-from boundflow.domains.patches import selected_neurons, shared_windows, unit_lead, windows
+from boundflow.domains.patches import row_dots, selected_neurons, shared_windows, unit_lead, windows
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 
@@ -181,8 +181,7 @@ def _patch_back(a, bias, win, alpha=None, out=(None, None), groups=1):
     out_lo, _, neg_lo = _lines(a[:, 0], lo_l, up_slope[:, 0], halves[0])
     out_up, pos_up, _ = _lines(a[:, 1], up_slope[:, 0], lo_u, halves[1])
     ub = up_bias[:, 0, 0].flatten(2)
-    extra = torch.stack((torch.einsum("bgkx,bkx->bgk", neg_lo.flatten(3), ub),
-                         torch.einsum("bgkx,bkx->bgk", pos_up.flatten(3), ub)), 1)
+    extra = torch.stack((row_dots(neg_lo.flatten(3), ub), row_dots(pos_up.flatten(3), ub)), 1)
     new_a = torch.stack((out_lo, out_up), 1).flatten(1, 3) if dest is None else dest
     return new_a, torch.add(bias, extra.flatten(1), out=out[1])
 

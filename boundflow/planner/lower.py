@@ -586,21 +586,33 @@ class _Lowering:
         def err(node):          # sound_fp: the op's error vector, read at each row's window
             return [self.errors[node.outputs[0]]] if self.sound else []
 
-        A: dict[str, int] = {}
+        A: dict[str, tuple[int, Geometry]] = {}     # value -> (its A, the windows it has)
+
+        def placed(v: str, buf: int, geo: Geometry) -> int:
+            """buf on v's windows (zeros around it)."""
+            want = geometry[v]
+            if geo == want:
+                return buf
+            out = a_buf(v, want.window)
+            em.emit("linear.patch_pad", [buf], [out], attrs={"pad": list(_placement(geo, want))}, source=target)
+            return out
 
         def give(v: str, buf: int, geo: Geometry):
-            """A contribution on v, placed in v's window (zeros around it) and summed."""
-            want = geometry[v]
-            if geo != want:
-                pad = _placement(geo, want)
-                placed = a_buf(v, want.window)
-                em.emit("linear.patch_pad", [buf], [placed], attrs={"pad": list(pad)}, source=target)
-                buf = placed
-            if v in A:
-                acc = a_buf(v, want.window)
-                em.emit("linear.accumulate", [A[v], buf], [acc], source=target)
-                buf = acc
-            A[v] = buf
+            """A contribution on v; a second one is summed with it on v's windows, placed there
+            by the sum (patch_add: no padded copy)."""
+            if v not in A:
+                A[v] = buf, geo
+                return
+            (first, first_geo), want = A[v], geometry[v]
+            if first_geo != want and geo == want:                # (the sum commutes)
+                (first, first_geo), (buf, geo) = (buf, geo), (first, first_geo)
+            first, acc = placed(v, first, first_geo), a_buf(v, want.window)
+            if geo == want:
+                em.emit("linear.accumulate", [first, buf], [acc], source=target)
+            else:
+                em.emit("linear.patch_add", [first, buf], [acc], attrs={"pad": list(_placement(geo, want))},
+                        source=target)
+            A[v] = acc, want
 
         node0 = self.producer[target]
         start = _patch_start_geometry(g, node0)
@@ -620,16 +632,17 @@ class _Lowering:
             if out not in A or (node is node0 and node.op == "conv2d"):
                 continue
             geo = geometry[out]
+            a_out = placed(out, *A[out])
             through = _through(g, node, geo)
             var = [i for i in node.inputs if g.is_variable(i)]
             if node.op == "add":
                 for i in var:
-                    give(i, A[out], through)
+                    give(i, a_out, through)
                 continue
             new_a, new_bias = a_buf(var[0], through.window), bias_buf()
             grid = {**base, "grid": list(geo.grid)}
             if node.op != "conv2d" and ops.get(node.op).relaxation is not None:
-                ins = [A[out], bias, self.relax[out]]
+                ins = [a_out, bias, self.relax[out]]
                 if alpha:                     # one slope per row and window position, as A
                     role = Role("alpha", out, target)
                     em.out.inputs[role] = em.buffer(str(role), (B, rows2) + tuple(geo.window),
@@ -638,17 +651,17 @@ class _Lowering:
                 kernel = _patch_rule(node) + ("_alpha" if alpha else "")
                 em.emit(kernel, ins + sel + err(node), [new_a, new_bias], attrs=grid, source=target)
             elif node.op != "conv2d":         # constants at each row's window (an affine map)
-                em.emit(_patch_rule(node), [A[out], bias] + sel + err(node), [new_a, new_bias],
+                em.emit(_patch_rule(node), [a_out, bias] + sel + err(node), [new_a, new_bias],
                         self.backward_params(node), {**grid, "shape": list(self.shape(out))}, source=target)
             else:
-                em.emit("linear.patch_conv", [A[out], bias] + (err(node) + sel if self.sound else []),
+                em.emit("linear.patch_conv", [a_out, bias] + (err(node) + sel if self.sound else []),
                         [new_a, new_bias], self.backward_params(node),
                         {"stride": list(node.attrs["stride"]), **(grid if self.sound else {})}, source=target)
             bias = new_bias
             give(var[0], new_a, through)
         x = g.inputs[0]
         res = em.buffer(f"crown({target})", (2, B, rows2 // 2), dynamic_axis=None if idx is None else 2)
-        em.emit("linear.patch_concretize", [A[x], bias, self.bounds[x]] + sel, [res],
+        em.emit("linear.patch_concretize", [placed(x, *A[x]), bias, self.bounds[x]] + sel, [res],
                 attrs={**base, "grid": list(geometry[x].grid)}, source=target)
         return res
 

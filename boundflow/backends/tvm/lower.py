@@ -792,6 +792,10 @@ def _ln_patch_pad(ctx, ins, ps, attrs):
     return (R.nn.pad(ins[0], [0, 0] * 3 + [top, bottom, left, right]),)
 
 
+def _ln_patch_add(ctx, ins, ps, attrs):
+    return (R.add(ins[0], _ln_patch_pad(ctx, ins[1:], ps, attrs)[0]),)
+
+
 def _ln_patch_relu(ctx, ins, ps, attrs):
     a, bias, relaxation = ins[:3]
     batch, rows, c, ph, pw = ctx.shape(a)
@@ -933,6 +937,7 @@ RULES: dict[str, Rule] = {
     "linear.patch_start": _ln_patch_start,
     "linear.patch_start_onehot": _ln_patch_start_onehot,
     "linear.patch_pad": _ln_patch_pad,
+    "linear.patch_add": _ln_patch_add,
     "linear.patch_relu": _ln_patch_relu,
     "linear.patch_clamp_min": _ln_patch_clamp_min,
     "linear.patch_affine": _ln_patch_affine,
