@@ -26,7 +26,7 @@ def test_quick_run_writes_json(shared, tmp_path):
     assert {"cpu", "cores", "torch_threads", "os", "python"} <= set(data["machine"])
     assert data["machine"]["torch_threads"] == 1
     assert {"boundflow", "torch", "numpy", "onnx", "onnxruntime"} <= set(data["versions"])
-    assert data["config"]["quick"] and data["config"]["cases"] == [CASE]
+    assert data["config"]["quick"] and data["config"]["cases"] == [CASE] and not data["config"]["isolated"]
 
     rows = data["results"]
     assert [r["method"] for r in rows] == METHODS
@@ -57,3 +57,21 @@ def test_quick_run_writes_json(shared, tmp_path):
     assert isinstance(tg["ibp_vs_forward"]["pass"], bool)
     assert tg["crown_vs_lirpa"]["pass"] is None  # its case was not selected
     assert tg["crown_vs_quoted"] == {"speedup_needed": 3.0, "per_case": {}, "pass": None}   # nor these
+
+
+def test_cases_run_in_fresh_processes(shared, tmp_path):
+    """With several cases each runs in a process of its own (run_isolated) and their rows come
+    back in order; the two boxes of mlp_small, whose IBP widths differ."""
+    out = tmp_path / "bench.json"
+    cases = ["mlp_small__eps0.05", "mlp_small__eps0.2"]
+    proc = subprocess.run([sys.executable, "-m", "boundflow.bench.methods", "--quick", "--repeats", "1", "--models",
+                           *cases, "--shared", str(shared), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["config"]["isolated"] and data["config"]["cases"] == cases
+    rows = data["results"]
+    assert [r["case"] for r in rows] == [c for c in cases for _ in METHODS]
+    ibp = [r["mean_width"] for r in rows if r["method"] == "ibp"]
+    assert ibp[0] < ibp[1]
+    assert set(data["targets"]["ibp_vs_forward"]["per_case"]) == set(cases)

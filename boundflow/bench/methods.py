@@ -1,5 +1,5 @@
 """Benchmark of the bound methods: ``python -m boundflow.bench.methods [--json FILE] [--models ...]
-[--repeats N] [--warmup N] [--threads 1] [--quick] [--device cpu|cuda|auto]``.
+[--repeats N] [--warmup N] [--threads 1] [--quick] [--device cpu|cuda|auto] [--in-process]``.
 
 For each model and input box it times ``boundflow.compute_bounds`` with IBP, CROWN-IBP, CROWN
 and CROWN with textbook intermediate bounds (``crown_interm="pure"``) and compares with
@@ -25,7 +25,9 @@ golden fixture's model and box (and C). A case whose model bytes, box and C equa
 run once, with the fixture's reference attached. Boxes from vnnlib files are rounded to the
 nearest float32, as the fixtures' boxes were.
 
-Timing (see ``boundflow.bench.common.time_calls``): the model is loaded first (``load_ms``, on
+Each case runs in a fresh process (``--in-process``: all in this one; see run_isolated), so
+its times do not depend on the cases before it. Timing (see
+``boundflow.bench.common.time_calls``): the model is loaded first (``load_ms``, on
 the case's first row: near 0 when an earlier case loaded the same file; the first load in the
 process also pays one-off imports). The first ``compute_bounds`` call of a method plans, caches
 and runs (``first_call_ms``; ``plan_cached`` is true when an earlier case already made the same
@@ -54,6 +56,7 @@ import argparse
 import fnmatch
 import hashlib
 import json
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -428,6 +431,20 @@ def report(rows: list[dict[str, Any]], tg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_isolated(case: Case, options: list[str]) -> list[dict[str, Any]]:
+    """run_case in a fresh process: a case's times do not depend on the cases before it (after
+    the other cases in one process, resnet_2b's CROWN took 75-80 ms where a fresh process takes
+    64-67, on every memory-bound kernel alike; neither the garbage collector, the heap, the plan
+    caches nor onnxruntime explained it)."""
+    with tempfile.TemporaryDirectory(prefix="boundflow-bench-case-") as tmp:
+        out = Path(tmp) / "case.json"
+        proc = subprocess.run([sys.executable, "-m", "boundflow.bench.methods", "--models", case.name,
+                               "--json", str(out), *options], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark case {case.name} failed (exit {proc.returncode}):\n{proc.stderr}")
+        return json.loads(out.read_text())["results"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m boundflow.bench.methods", 
                                  description="Time IBP, CROWN-IBP and CROWN (sparse and pure intermediate bounds) "
@@ -444,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", metavar="DIR", help="the shared data folder (default $BOUNDFLOW_SHARED or ../shared)")
     ap.add_argument("--device", default="cpu",
                     help="where bounds and the torch forward run: cpu (default), cuda, cuda:N or auto")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every case in this process (default: each in a fresh one)")
     args = ap.parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
     repeats = args.repeats if args.repeats is not None else preset["repeats"]
@@ -462,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in cases:
         print(f"running {case.name} ({case.model.name})", file=log, flush=True)
-        rows.extend(run_case(case, repeats, warmup, args.threads, device))
+        if args.in_process or len(cases) == 1:
+            rows.extend(run_case(case, repeats, warmup, args.threads, device))
+        else:
+            rows.extend(run_isolated(case, ["--repeats", str(repeats), "--warmup", str(warmup), "--threads",
+                                            str(args.threads), "--shared", str(shared), "--device", device]))
     tg = targets(rows)
     print(report(rows, tg), file=log, flush=True)
     if args.json:
@@ -471,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": dict(versions(), boundflow_module=boundflow.__version__),
             "config": {"repeats": repeats, "warmup": warmup, "forward_repeats": repeats * FORWARD_REPEATS_FACTOR,
                        "threads": args.threads, "quick": args.quick, "shared": str(shared), "device": device,
+                       "isolated": not args.in_process and len(cases) > 1,
                        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
                        "cases": [c.name for c in cases], "methods": [m[0] for m in METHODS],
                        "forward": FORWARD_NOTE, "ratio_vs_forward": "time_ms.median / forward.torch.median",
