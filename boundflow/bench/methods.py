@@ -143,7 +143,7 @@ def fixture_case(golden: Path, name: str) -> Case:
                 np.array(raw["x_upper"], dtype=np.float32), C, raw, name)
 
 
-def model_case(shared: Path, model: str, box: str, spec: bool) -> Case:
+def model_case(shared: Path, model: str, box: str, spec: bool = False) -> Case:
     bench = shared / "benchmarks" / "vnncomp2021"
     path = bench / model
     if box.startswith("golden:"):
