@@ -125,7 +125,9 @@ def _as_tensor(x, what: str) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise ShapeError(f"{what} must be a torch tensor or numpy array, not {type(x).__name__}")
-    return x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if x.requires_grad:                  # (detach costs a new tensor per call: only when needed)
+        x = x.detach()
+    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
 
 

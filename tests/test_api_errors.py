@@ -48,6 +48,18 @@ def test_valid_model_works(mlp_path):
     assert lb.shape == ub.shape == (1, 2) and (lb <= ub).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int64, torch.float64])
+def test_boxes_that_need_grad_or_another_dtype_are_taken(mlp_path, dtype):
+    """A box with requires_grad, or of another dtype than float32, gives float32's bounds (of
+    a float64 box rounded outward, which contains it), and nothing to differentiate."""
+    lo, hi = box(eps=1.0)
+    want = boundflow.compute_bounds(mlp_path, lo, hi, method="crown")
+    got = boundflow.compute_bounds(mlp_path, lo.to(dtype).requires_grad_(dtype.is_floating_point),
+                                   hi.to(dtype), method="crown")
+    assert all(t.grad_fn is None and not t.requires_grad for t in got)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_errors_are_boundflow_errors():
     for cls in (ModelLoadError, UnsupportedOpError, ShapeError, boundflow.SpecError):
         assert issubclass(cls, BoundflowError)
