@@ -71,8 +71,8 @@ def test_writing_kernels_leave_their_results_in_the_arena(shared, name, method):
             return results
         return run
 
-    prepared.program[:] = [(watch(k, outs) if into is not None else k, ins, outs, *rest, into)
-                           for k, ins, outs, *rest, into in prepared.program]
+    prepared.program[:] = [(watch(k, outs) if into is not None else k, ins, outs, *rest, into, static)
+                           for k, ins, outs, *rest, into, static in prepared.program]
     dynamic = {b for b, s in module.buffers.items() if s.dynamic_axis is not None}
     assert dynamic or name != "mnist-net_256x2__prop_0_0.03"
     arena = ex.run(module, _inputs(fx))["bounds"]

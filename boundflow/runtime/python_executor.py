@@ -27,7 +27,7 @@ class _Prepared:
     views: list[torch.Tensor | None]          # static views, by buffer id; None for dynamic ones
     slots: list[tuple[torch.Tensor, int]]     # (arena, element offset), by buffer id
     # (kernel, input ids, output ids, params, attrs, name, whether an output has a dynamic size,
-    #  the outputs' views when it writes into them)
+    #  the outputs' views when it writes into them, the inputs' views when all are static)
     program: list[tuple]
 
 
@@ -59,8 +59,10 @@ class PythonTaskExecutor:
             if kernel is None:
                 raise NotImplementedError(f"PythonTaskExecutor has no kernel for {op.op!r} ({op.source})")
             into = tuple(views[b] for b in op.outputs) if op.op in WRITING_KERNELS else None
+            static = [views[b] for b in op.inputs]      # (a static buffer's env entry is its view)
             program.append((kernel, op.inputs, op.outputs, [module.params[p] if p else None for p in op.params],
-                            op.attrs, op.op, any(views[b] is None for b in op.outputs), into))
+                            op.attrs, op.op, any(views[b] is None for b in op.outputs), into,
+                            None if any(v is None for v in static) else static))
         prepared = _Prepared(arenas, views, slots, program)
         self._prepared[module] = prepared
         self.stats["prepares"] += 1
@@ -79,8 +81,8 @@ class PythonTaskExecutor:
         # stays an ordinary tensor, and so do the clones handed out below (made outside it)
         with torch.inference_mode(), ieee_float32(module.device):
             bind_inputs(module, env, inputs)
-            for kernel, ins, outs, params, attrs, name, dynamic, into in p.program:
-                args = [env[i] for i in ins]
+            for kernel, ins, outs, params, attrs, name, dynamic, into, static in p.program:
+                args = static or [env[i] for i in ins]
                 if into is None:
                     results = kernel(args, params, attrs)
                 elif not dynamic:
