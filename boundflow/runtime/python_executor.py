@@ -59,7 +59,8 @@ class PythonTaskExecutor:
             if kernel is None:
                 raise NotImplementedError(f"PythonTaskExecutor has no kernel for {op.op!r} ({op.source})")
             into = tuple(views[b] for b in op.outputs) if op.op in WRITING_KERNELS else None
-            static = [views[b] for b in op.inputs]      # (a static buffer's env entry is its view)
+            # (a static buffer's env entry is its view; a tuple: every run shares it)
+            static = tuple(views[b] for b in op.inputs)
             program.append((kernel, op.inputs, op.outputs, [module.params[p] if p else None for p in op.params],
                             op.attrs, op.op, any(views[b] is None for b in op.outputs), into,
                             None if any(v is None for v in static) else static))
