@@ -131,17 +131,36 @@ def _as_tensor(x, what: str) -> torch.Tensor:
 
 
 
-def _regions(x: torch.Tensor, in_shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """[B, *in_shape] from a box given with or without its leading batch dimension."""
-    shape = tuple(x.shape)
+def _regions_shape(shape: tuple[int, ...], in_shape: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """[B, *in_shape] for a box given with or without its leading batch dimension."""
     if shape == in_shape:
-        return x.unsqueeze(0)
+        return (1,) + in_shape
     if len(shape) == len(in_shape) + 1 and shape[1:] == in_shape:
-        return x
+        return shape
     if in_shape and in_shape[0] == 1 and len(shape) == len(in_shape) and shape[1:] == in_shape[1:]:
-        return x.unsqueeze(1)                      # [B, ...] replacing the model's batch of 1
+        return (shape[0],) + in_shape              # [B, ...] replacing the model's batch of 1
     raise ShapeError(f"{what} has shape {list(shape)}; the model's input has shape {list(in_shape)} "
                      f"(a leading batch dimension of B regions may be added)")
+
+
+def _box(lo: torch.Tensor, hi: torch.Tensor, in_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """stack(lo, hi) as [2, B, *in_shape] in `dtype`, rounded outward; an error for a box with
+    NaN or infinite bounds or a lower bound above its upper one."""
+    box = torch.stack((lo, hi)).view((2,) + _regions_shape(tuple(lo.shape), in_shape, "x_lower"))
+    if box.numel():
+        # one pass finds every bad box: hi - lo is NaN or infinite where a bound is, and < 0
+        # where they cross (NaN is both the min and the max); a finite box wider than the
+        # dtype's range passes the exact checks below
+        least, most = torch.sub(hi, lo).aminmax()
+        if not (least.item() >= 0 and math.isfinite(most.item())):
+            if not all(map(math.isfinite, box.aminmax())):
+                raise ShapeError("the input box contains NaN or infinite bounds")
+            bad = (box[0] > box[1]).nonzero()
+            if len(bad):
+                i = tuple(bad[0].tolist())
+                raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
+                                 f"{box[0][i].item()} > {box[1][i].item()}")
+    return round_outward(box, dtype)
 
 
 def _spec(C, batch: int, num_out: int, device: str) -> torch.Tensor | None:
@@ -255,17 +274,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     t0 = time.perf_counter()
     example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
     graph, key = load_model(model, example if isinstance(model, torch.nn.Module) else None)
-    in_shape = tuple(graph.shape(graph.inputs[0]))
-    lo, hi = _regions(lo, in_shape, "x_lower"), _regions(hi, in_shape, "x_upper")
-    box = torch.stack((lo, hi))
-    if box.numel() and not all(map(math.isfinite, box.aminmax())):    # (a NaN is both the min and the max)
-        raise ShapeError("the input box contains NaN or infinite bounds")
-    if not lo.le(hi).all():
-        bad = (box[0] > box[1]).nonzero()
-        i = tuple(bad[0].tolist())
-        raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
-                         f"{box[0][i].item()} > {box[1][i].item()}")
-    box = round_outward(box, dtype).to(device)
+    box = _box(lo, hi, tuple(graph.shape(graph.inputs[0])), dtype).to(device)
     batch = box.shape[1]
     C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel, device), dtype)
     module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)

@@ -638,7 +638,9 @@ def _interval_forms(onnx_node, inits: dict, in_shape, fn, batch: int, seed: int)
     t = torch.rand((64, batch, 1) + in_shape, generator=g, dtype=torch.float64)
     t[:4] = (torch.arange(4, dtype=torch.float64) % 2).view(4, *[1] * (t.dim() - 1))     # two corners
     ys = fn((lo.double() + t * (hi - lo).double()).flatten(0, 2)).reshape((64,) + tuple(both[1].shape[1:]))
-    return None if len(ps) == general else ("lu" if ps[general].dim() == 2 else "pair"), both, ys
+    form = None if len(ps) == general else "lu" if ps[general].dim() == 2 else (
+        "lu_conv" if ps[general].shape[1] == 2 * ps[0].shape[1] else "pair")
+    return form, both, ys
 
 
 def _holds(bounds: torch.Tensor, ys: torch.Tensor, tol: torch.Tensor) -> bool:
@@ -660,26 +662,45 @@ def test_linear_interval_forms_agree_and_hold(n_in, n_out, batch, seed):
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(3, 5), st.integers(1, 2), st.integers(1, 2),
-       st.integers(1, 3), st.integers(0, 2**16))
-def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batch, seed):
-    """Small convs get the lu form (their dense matrix), others with kernels of PAIR_MIN_KERNEL
-    or more the pair form (one conv of twice the groups over stacked centre and radius), used
-    at batch 1: the same bounds as two convs up to float32 rounding, and both hold at points
-    of the box."""
+       st.integers(1, 3), st.sampled_from([(15, 16), (7, 8)]), st.integers(0, 2**16))
+def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batch, size, seed):
+    """Small convs get the lu form (their dense matrix); others with one group and at most
+    LU_CONV_MAX_MACS the lu conv (stack(l, u) as one image of twice the channels through
+    [[W+, W-], [W-, W+]]), else with kernels of PAIR_MIN_KERNEL or more the pair form (one
+    conv of twice the groups over stacked centre and radius); each used at batch 1: the same
+    bounds as two convs up to float32 rounding, and both hold at points of the box."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn((c_out * groups, c_in, k, k), generator=g)
     b = torch.randn(c_out * groups, generator=g)
     attrs = dict(strides=[stride, stride], pads=[1, 0, 1, 2], group=groups)
     fn = lambda x: F.conv2d(F.pad(x, (0, 2, 1, 1)), w.double(), b.double(), stride, groups=groups)   # noqa: E731
     form, (fast, general), ys = _interval_forms(node("Conv", ["x", "w", "b"], **attrs), {"w": w, "b": b},
-                                                (c_in * groups, 7, 8), fn, batch, seed)
-    n_in, n_out = c_in * groups * 7 * 8, math.prod(fn(torch.zeros(1, c_in * groups, 7, 8, dtype=torch.float64)).shape)
-    assert form == ("lu" if n_in * n_out <= conv.LU_FORM_MAX else "pair" if k >= conv.PAIR_MIN_KERNEL else None)
+                                                (c_in * groups,) + size, fn, batch, seed)
+    n_in, n_out = c_in * groups * math.prod(size), math.prod(fn(torch.zeros((1, c_in * groups) + size, dtype=torch.float64)).shape)
+    expected = ("lu" if n_in * n_out <= conv.LU_FORM_MAX else
+                "lu_conv" if groups == 1 and n_out * c_in * k * k <= conv.LU_CONV_MAX_MACS else
+                "pair" if k >= conv.PAIR_MIN_KERNEL else None)
+    assert form == expected
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
+
+
+@pytest.mark.parametrize("size", [(15, 16), (64, 64)])
+def test_every_conv_interval_form_is_taken(size):
+    """The forms test_conv_interval_forms_agree_and_hold compares are all reachable: a 3x3 conv
+    onto 4 channels of 15x16 takes the lu conv, of 64x64 (more multiply-adds) two convs, and
+    a 4x4 one of 64x64 the pair."""
+    forms = []
+    for k in (3, 4):
+        w = torch.randn(4, 4, k, k)
+        graph = load_onnx(model_of([node("Conv", ["x", "w"], pads=[1, 1, 1, 1])], (1, 4) + size, {"w": w.numpy()}))
+        (conv_node,) = graph.nodes
+        ps = conv.CONV2D.interval_params(graph, conv_node, torch.float32)
+        forms.append(None if len(ps) == 3 else "lu_conv" if ps[3].shape[1] == 8 else "pair")
+    assert forms == (["lu_conv", "lu_conv"] if size == (15, 16) else [None, "pair"])
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)

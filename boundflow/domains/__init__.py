@@ -23,6 +23,20 @@ def writes_into(kernel):
     return kernel
 
 
+def binds(bind):
+    """A writing kernel made of `bind(ins, ps, attrs, out=...) -> run`: run() computes the
+    results (into out where given) and returns them. The executor binds an op whose buffers
+    are all static once per plan and then calls only run(): what bind does (the branch a
+    kernel takes, the views it cuts) is not paid per call, where a small net's IBP is mostly
+    such Python. So bind may cut views of ins and out, nothing that reads their values: those
+    change between runs."""
+    def kernel(ins, ps, attrs, out=None):
+        return (bind(ins, ps, attrs) if out is None else bind(ins, ps, attrs, out))()
+    kernel.bind = bind
+    kernel.__name__, kernel.__qualname__, kernel.__doc__ = bind.__name__, bind.__qualname__, bind.__doc__
+    return writes_into(kernel)
+
+
 def shaped(out, shape):
     """A writing kernel's destination for a result of `shape` that it fills piece by piece:
     its planned view, or, for a buffer of dynamic size (an empty view at its slot), that view

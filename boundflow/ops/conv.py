@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import fp, shaped, writes_into
+from boundflow.domains import binds, fp, shaped, writes_into
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.patches import fp_widen as patch_fp_widen
@@ -176,15 +176,23 @@ PAIR_MIN_KERNEL = 4
 # dense matrices of at most this many entries get the lu_form at batch 1 (a conv's matrix is
 # mostly zeros: it replaces convolutions, not a product of the same weights as linear's does)
 LU_FORM_MAX = 1 << 16
+# convs of at most this many multiply-adds (a forward at batch 1) get the lu conv at batch 1:
+# four times the arithmetic of one conv in one call, where two convs and the centre/radius
+# conversions are mostly fixed costs (this CPU, 3x3 onto 8 channels of 8x8: 14 us against 16
+# for the two convs alone; 3x3 onto 32 channels of 32x32, 884K: 71 against 43)
+LU_CONV_MAX_MACS = 1 << 18
 
 
 def _interval_params(adjoint, pair: bool):
     """The interval rule's params [W, |W|, b] and, in float32 plans, one form for a single
     region: the op's lu_form (its dense matrix from `adjoint`, its backward rule) when that has
     at most LU_FORM_MAX entries: the whole rule one product, ~10 us against ~100-230 us of
-    convolutions on small layers; else, with `pair` (conv2d's rule reads it) and kernels of
-    PAIR_MIN_KERNEL or more, cat(W, |W|) and cat(b, 0): centre and radius through one conv of
-    twice the groups."""
+    convolutions on small layers; else, for conv2d's rule (`pair`):
+    - with one group and at most LU_CONV_MAX_MACS, the lu conv: [[W+, W-], [W-, W+]] over
+      the channels and (b, b), so that stack(l, u) -> stack(l', u') is one conv (as linear's
+      lu_form, channels for rows);
+    - with kernels of PAIR_MIN_KERNEL or more, cat(W, |W|) and cat(b, 0): centre and radius
+      through one conv of twice the groups."""
     def interval_params(graph, node, dtype=torch.float32):
         w, *rest = [graph.data(i) for i in node.inputs if not graph.is_variable(i)]
         b = rest[0] if rest else None
@@ -192,42 +200,76 @@ def _interval_params(adjoint, pair: bool):
         if dtype != torch.float32:
             return ps
         dense = dense_matrix(adjoint, graph, node, dtype, 4 * LU_FORM_MAX)
+        zeros = torch.zeros(w.shape[0], dtype=w.dtype)
+        macs = graph.values[node.outputs[0]].type.numel * math.prod(w.shape[1:])
         if dense is not None:
             w_lu, b_lu = lu_form(*dense)
             ps += [w_lu, b_lu.view((2,) + tuple(graph.shape(node.outputs[0])))]
+        elif pair and node.attrs["groups"] == 1 and macs <= LU_CONV_MAX_MACS:
+            pos, neg = w.clamp(min=0), w.clamp(max=0)
+            ps += [torch.cat((torch.cat((pos, neg), 1), torch.cat((neg, pos), 1))), torch.cat(2 * (zeros if b is None else b,))]
         elif pair and max(w.shape[-2:]) >= PAIR_MIN_KERNEL:
-            zeros = torch.zeros(w.shape[0], dtype=w.dtype)
             ps += [torch.cat(ps[:2]), torch.cat((zeros if b is None else b, zeros))]
         return ps
     return interval_params
 
 
-@writes_into
+@binds
 def interval(ins, ps, attrs, out=(None,)):
-    """Centre and radius through W and |W|. One region: the lu_form (a 2-d weight) of a small
-    layer, else with a large kernel the pair params: one conv of twice the groups over the
-    stacked (c, r) channels, which at batch 1 costs about what one conv does here (torch's
-    default algorithm is slow on such kernels at batch 1: 4x4 stride 2 onto 8 channels, 87 us
-    for the pair against 150 us for two convs); elsewhere two convs. Not in sound_fp plans
-    (float64; fp_error bounds the two convs' rounding)."""
+    """Centre and radius through W and |W|. One region: a form from _interval_params, the
+    lu_form (a 2-d weight) of a small layer, the lu conv of a small conv, or with a large
+    kernel the pair: one conv of twice the groups over the stacked (c, r) channels, which at
+    batch 1 costs about what one conv does here (torch's default algorithm is slow on such
+    kernels at batch 1: 4x4 stride 2 onto 8 channels, 87 us for the pair against 150 us for
+    two convs); elsewhere two convs. Not in sound_fp plans (float64; fp_error bounds the two
+    convs' rounding)."""
     (s,) = ins
     w, w_abs, b = ps[:3]
     c_in, h, wd = s.shape[-3:]
     form = ps[3] if len(ps) > 3 else None
     if form is not None and form.dim() == 2 and s.numel() == form.shape[0]:
-        return (_lu(s, ps, out),)
-    cr = to_cr(s)
-    if form is not None and form.dim() == 4 and s.numel() == 2 * c_in * h * wd:
-        pair = conv2d(cr.view(1, 2 * c_in, h, wd), ps[3], ps[4], dict(attrs, groups=2 * attrs["groups"]))
-        y = pair.view((2,) + tuple(s.shape[1:-3]) + (w.shape[0],) + tuple(pair.shape[-2:]))
-    else:
-        c, r = cr
-        y = torch.stack((conv2d(c, w, b, attrs), conv2d(r, w_abs, None, attrs)))
-    return (from_cr(y, shaped(out[0], y.shape)),)
+        return _lu(s, ps, out)
+    one_region = form is not None and form.dim() == 4 and s.numel() == 2 * c_in * h * wd
+    if one_region and form.shape[1] == 2 * w.shape[1]:           # the lu conv: s is its one image
+        return _lu_conv(s, form, ps[4], attrs, out[0])
+    pair_attrs = dict(attrs, groups=2 * attrs["groups"])
+
+    def run():
+        cr = to_cr(s)
+        if one_region:
+            pair = conv2d(cr.view(1, 2 * c_in, h, wd), form, ps[4], pair_attrs)
+            y = pair.view((2,) + tuple(s.shape[1:-3]) + (w.shape[0],) + tuple(pair.shape[-2:]))
+        else:
+            c, r = cr
+            y = torch.stack((conv2d(c, w, b, attrs), conv2d(r, w_abs, None, attrs)))
+        return (from_cr(y, shaped(out[0], y.shape)),)
+    return run
 
 
-def _lu(s: torch.Tensor, ps, out) -> torch.Tensor:
-    """One region through the lu_form params ps[3:5] (its bias shaped [2, *output])."""
+def _lu_conv(s: torch.Tensor, w_lu: torch.Tensor, b_lu: torch.Tensor, attrs: dict, out: torch.Tensor | None):
+    """run() for one region's stack(l, u) [2, 1, ..., C, H, W] through the lu conv: the input
+    is one image of 2C channels, the output one of 2O, stack(l', u') (copied into out). With
+    a planned view and symmetric padding, torch's conv is called with everything resolved
+    here (conv2d's reshapes and attribute tuples cost as much as a small conv)."""
+    top, left, bottom, right = attrs["padding"]
+    if out is None or out.numel() == 0 or (top, left) != (bottom, right) or not s.is_contiguous():
+        def run():
+            image = conv2d(s.reshape((1, -1) + tuple(s.shape[-2:])), w_lu, b_lu, attrs)
+            y = image.view(tuple(s.shape[:-3]) + (w_lu.shape[0] // 2,) + tuple(image.shape[-2:]))
+            return (_into(y, shaped(out, y.shape)),)
+        return run
+    args = (s.view((1, -1) + tuple(s.shape[-2:])), w_lu, b_lu, tuple(attrs["stride"]), (top, left),
+            tuple(attrs["dilation"]))
+    image = out.view((1, -1) + tuple(out.shape[-2:]))
+
+    def run():
+        image.copy_(torch.conv2d(*args))
+        return (out,)
+    return run
+
+
+def _lu(s: torch.Tensor, ps, out):
+    """run() for one region through the lu_form params ps[3:5] (its bias shaped [2, *output])."""
     shape = tuple(s.shape[:2]) + tuple(ps[4].shape[1:])      # [2, B = 1, *output]
     return lu_interval(s, ps[3], ps[4], shape, shaped(out[0], shape))
 
@@ -382,15 +424,19 @@ def transpose_forward(x, w, b=None, attrs=None):
     return conv_transpose2d(x, w, b, attrs)
 
 
-@writes_into
+@binds
 def transpose_interval(ins, ps, attrs, out=(None,)):
     """As interval: the lu_form for one region of a small layer, else centre and radius."""
     (s,) = ins
     w, w_abs, b = ps[:3]
     if len(ps) > 3 and s.numel() == ps[3].shape[0]:
-        return (_lu(s, ps, out),)
-    c, r = to_cr(s)
-    return (from_cr(torch.stack((conv_transpose2d(c, w, b, attrs), conv_transpose2d(r, w_abs, None, attrs)))),)
+        return _lu(s, ps, out)
+
+    def run():
+        c, r = to_cr(s)
+        y = torch.stack((conv_transpose2d(c, w, b, attrs), conv_transpose2d(r, w_abs, None, attrs)))
+        return (from_cr(y, shaped(out[0], y.shape)),)
+    return run
 
 
 def transpose_backward(ins, ps, attrs):

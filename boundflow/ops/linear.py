@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import fp, shaped, writes_into
+from boundflow.domains import binds, fp, shaped, writes_into
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.rounding import Enclosed, magnitude
@@ -60,12 +60,22 @@ def lu_form(w: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
 
 
 def lu_interval(s: torch.Tensor, w_lu: torch.Tensor, b_lu: torch.Tensor, shape, dest: torch.Tensor | None):
-    """The interval of one region's stack(l, u) through the lu_form, as `shape` (into dest)."""
-    lu = torch.addmm(b_lu.view(1, -1), s.reshape(1, -1), w_lu, out=None if dest is None else dest.view(1, -1))
-    return lu.view(shape) if dest is None else dest
+    """run() for one region's stack(l, u) through the lu_form: the interval as `shape` (into
+    dest, of that shape, when given)."""
+    if not s.is_contiguous():                         # its one-row copy is made per run
+        return lambda: lu_interval(s.contiguous(), w_lu, b_lu, shape, dest)()
+    row, bias = s.view(1, -1), b_lu.view(1, -1)
+    if dest is None:
+        return lambda: (torch.addmm(bias, row, w_lu).view(shape),)
+    flat = dest.view(1, -1)
+
+    def run():
+        torch.addmm(bias, row, w_lu, out=flat)
+        return (dest,)
+    return run
 
 
-@writes_into
+@binds
 def interval(ins, ps, attrs, out=(None,)):
     (s,) = ins
     w_cr, b_cr = ps[:2]                               # [2, in, out], [2, 1, out]
@@ -73,10 +83,13 @@ def interval(ins, ps, attrs, out=(None,)):
     shape = tuple(s.shape[:-1]) + (n_out,)
     dest = shaped(out[0], shape)
     if len(ps) > 2 and s.numel() == 2 * n_in:         # one region: (l, u) is one row
-        return (lu_interval(s, ps[2], ps[3], shape, dest),)
-    cr = to_cr(s)
-    out_cr = torch.baddbmm(b_cr, cr.reshape(2, -1, n_in), w_cr).view(shape)
-    return (from_cr(out_cr, dest),)
+        return lu_interval(s, ps[2], ps[3], shape, dest)
+
+    def run():
+        cr = to_cr(s)
+        out_cr = torch.baddbmm(b_cr, cr.reshape(2, -1, n_in), w_cr).view(shape)
+        return (from_cr(out_cr, dest),)
+    return run
 
 
 def backward_params(graph, node, dtype=torch.float32):

@@ -7,6 +7,7 @@ the data has, at the start of their planned slot.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import time
 import weakref
@@ -26,8 +27,10 @@ class _Prepared:
     arenas: dict[str, torch.Tensor]
     views: list[torch.Tensor | None]          # static views, by buffer id; None for dynamic ones
     slots: list[tuple[torch.Tensor, int]]     # (arena, element offset), by buffer id
-    # (kernel, input ids, output ids, params, attrs, name, whether an output has a dynamic size,
-    #  the outputs' views when it writes into them, the inputs' views when all are static)
+    # (the op bound to its buffers when every one is static (a function of nothing, see
+    #  `_bind`), kernel, input ids, output ids, params, attrs, name, whether an output has a
+    #  dynamic size, the outputs' views when it writes into them, the inputs' views when all
+    #  are static)
     program: list[tuple]
 
 
@@ -61,9 +64,11 @@ class PythonTaskExecutor:
             into = tuple(views[b] for b in op.outputs) if op.op in WRITING_KERNELS else None
             # (a static buffer's env entry is its view; a tuple: every run shares it)
             static = tuple(views[b] for b in op.inputs)
-            program.append((kernel, op.inputs, op.outputs, [module.params[p] if p else None for p in op.params],
-                            op.attrs, op.op, any(views[b] is None for b in op.outputs), into,
-                            None if any(v is None for v in static) else static))
+            static = None if any(v is None for v in static) else static
+            params = [module.params[p] if p else None for p in op.params]
+            dynamic = any(views[b] is None for b in op.outputs)
+            run = None if static is None or dynamic else _bind(kernel, static, params, op.attrs, into)
+            program.append((run, kernel, op.inputs, op.outputs, params, op.attrs, op.op, dynamic, into, static))
         prepared = _Prepared(arenas, views, slots, program)
         self._prepared[module] = prepared
         self.stats["prepares"] += 1
@@ -82,9 +87,13 @@ class PythonTaskExecutor:
         # stays an ordinary tensor, and so do the clones handed out below (made outside it)
         with torch.inference_mode(), ieee_float32(module.device):
             bind_inputs(module, env, inputs)
-            for kernel, ins, outs, params, attrs, name, dynamic, into, static in p.program:
+            for run, kernel, ins, outs, params, attrs, name, dynamic, into, static in p.program:
                 args = static or [env[i] for i in ins]
-                if into is None:
+                if run is not None:
+                    results = run()
+                    if into is not None and not checked and all(map(operator.is_, results, into)):
+                        continue                           # written in place: nothing to copy
+                elif into is None:
                     results = kernel(args, params, attrs)
                 elif not dynamic:
                     results = kernel(args, params, attrs, out=into)
@@ -127,6 +136,16 @@ class PythonTaskExecutor:
                 params = [module.params[p] if p else None for p in op.params]
                 env.update(zip(op.outputs, KERNELS[op.op]([env[i] for i in op.inputs], params, op.attrs)))
         return env
+
+
+def _bind(kernel, inputs: tuple, params: list, attrs: dict, into: tuple | None):
+    """The op as a function of nothing over its static views, made once per plan: a kernel's
+    own `bind` (`boundflow.domains.binds`: the views it slices and the branch it takes are
+    found once, not per run), else the kernel with its arguments given."""
+    bind = getattr(kernel, "bind", None)
+    if into is None:
+        return functools.partial(kernel, inputs, params, attrs) if bind is None else bind(inputs, params, attrs)
+    return functools.partial(kernel, inputs, params, attrs, out=into) if bind is None else bind(inputs, params, attrs, into)
 
 
 def _empty_at(arena: torch.Tensor, start: int) -> torch.Tensor:
