@@ -83,13 +83,16 @@ def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph,
         _graphs.move_to_end(key)
         return hit[0], key
     from boundflow.passes.simplify import simplify
-    if key[0] == "torch":
-        from boundflow.frontends.torch import load_torch
-        graph = load_torch(model, example_input)
-    else:
-        from boundflow.frontends.onnx import load_onnx
-        graph = load_onnx(model)
-    graph = simplify(graph)
+    # (a caller's inference_mode must not make the weights inference tensors: alpha-CROWN's
+    # autograd saves them, in this call or a later one that finds them cached)
+    with torch.inference_mode(False):
+        if key[0] == "torch":
+            from boundflow.frontends.torch import load_torch
+            graph = load_torch(model, example_input.clone() if example_input.is_inference() else example_input)
+        else:
+            from boundflow.frontends.onnx import load_onnx
+            graph = load_onnx(model)
+        graph = simplify(graph)
     _remember(_graphs, key, (graph, model if key[0] == "torch" else None))
     return graph, key
 
@@ -163,9 +166,7 @@ def _box(lo: torch.Tensor, hi: torch.Tensor, in_shape: tuple[int, ...], dtype: t
     return round_outward(box, dtype)
 
 
-def _spec(C, batch: int, num_out: int, device: str) -> torch.Tensor | None:
-    if C is None:
-        return None
+def _spec(C, batch: int, num_out: int, device: str) -> torch.Tensor:
     C = _as_tensor(C, "C").to(device)
     if C.dim() == 2:
         C = C.unsqueeze(0).expand(batch, -1, -1)
@@ -176,11 +177,11 @@ def _spec(C, batch: int, num_out: int, device: str) -> torch.Tensor | None:
     return C.contiguous()
 
 
-def _spec_rows(C: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _spec_rows(C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the spec the plan bounds, the part of C it loses). A C that `dtype` holds exactly is
     bounded as it is; otherwise its rounding E = C - C' is covered by bounding the outputs too
     (identity rows appended), see _correct."""
-    if C is None or C.dtype == dtype:
+    if C.dtype == dtype:
         return C, None
     rounded = C.to(dtype)
     err = C - rounded.to(C.dtype)
@@ -212,7 +213,9 @@ def get_plan(graph: Graph, graph_key, method: str, batch: int, spec_rows: int | 
     if hit is not None:
         _plans.move_to_end(key)
         return hit, True
-    return _remember(_plans, key, plan(graph, method, config, batch=batch, spec_rows=spec_rows)), False
+    with torch.inference_mode(False):              # (as in load_model: its params are cached)
+        module = plan(graph, method, config, batch=batch, spec_rows=spec_rows)
+    return _remember(_plans, key, module), False
 
 
 def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool, device: str):
@@ -272,11 +275,15 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")
     home = lo.device
     t0 = time.perf_counter()
-    example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
-    graph, key = load_model(model, example if isinstance(model, torch.nn.Module) else None)
+    example = None                                 # (a module's export needs one region)
+    if isinstance(model, torch.nn.Module):
+        example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
+    graph, key = load_model(model, example)
     box = _box(lo, hi, tuple(graph.shape(graph.inputs[0])), dtype).to(device)
     batch = box.shape[1]
-    C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel, device), dtype)
+    c_err = None
+    if C is not None:
+        C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel, device), dtype)
     module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)
     t1 = time.perf_counter()
     inputs = {"box": box}

@@ -106,6 +106,33 @@ def test_results_are_ordinary_tensors_after_an_inference_mode_run(shared):
     (x * made_inside).sum().backward()                           # saved for backward: allowed
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_bounds_in_a_callers_no_grad_or_inference_mode(mode):
+    """compute_bounds in a caller's no_grad or inference_mode block gives the bounds it gives
+    outside, alpha-CROWN (autograd moves its slopes) included, and the model and plans it
+    caches there serve later calls outside (weights made in inference mode could not be saved
+    for backward). Importing boundflow there works too (gelu's constants use autograd)."""
+    import subprocess
+    import sys
+
+    from boundflow import api
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.zeros(1, 4)
+    methods = ("ibp", "crown", "alpha-crown")
+    outside = [boundflow.compute_bounds(net, x - 0.1, x + 0.1, method=m) for m in methods]
+    api._plans.clear()
+    api._graphs.clear()
+    with mode():
+        inside = [boundflow.compute_bounds(net, x - 0.1, x + 0.1, method=m) for m in methods]
+    after = [boundflow.compute_bounds(net, x - 0.1, x + 0.1, method=m) for m in methods]
+    for bounds in (inside, after):
+        assert all(torch.equal(a, b) for pair, ref in zip(bounds, outside) for a, b in zip(pair, ref))
+    code = f"import torch\nwith torch.{mode.__name__}():\n    import boundflow\n"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 @pytest.mark.parametrize("n_in", [50, 300])
 def test_linear_backward_drops_dead_columns_only_where_it_pays(n_in, monkeypatch):
     """A @ W without the columns of A that are zero in every row: the same product (the dropped

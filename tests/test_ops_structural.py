@@ -666,11 +666,11 @@ def test_linear_interval_forms_agree_and_hold(n_in, n_out, batch, seed):
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(3, 5), st.integers(1, 2), st.integers(1, 2),
        st.integers(1, 3), st.sampled_from([(15, 16), (7, 8)]), st.integers(0, 2**16))
 def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batch, size, seed):
-    """Small convs get the lu form (their dense matrix); others with one group and at most
-    LU_CONV_MAX_MACS the lu conv (stack(l, u) as one image of twice the channels through
-    [[W+, W-], [W-, W+]]), else with kernels of PAIR_MIN_KERNEL or more the pair form (one
-    conv of twice the groups over stacked centre and radius); each used at batch 1: the same
-    bounds as two convs up to float32 rounding, and both hold at points of the box."""
+    """Convs with one group and at most LU_CONV_MAX_MACS get the lu conv (stack(l, u) as one
+    image of twice the channels through [[W+, W-], [W-, W+]]), other small ones the lu form
+    (their dense matrix), else with kernels of PAIR_MIN_KERNEL or more the pair form (one conv
+    of twice the groups over stacked centre and radius); each used at batch 1: the same bounds
+    as two convs up to float32 rounding, and both hold at points of the box."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn((c_out * groups, c_in, k, k), generator=g)
     b = torch.randn(c_out * groups, generator=g)
@@ -679,9 +679,8 @@ def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batc
     form, (fast, general), ys = _interval_forms(node("Conv", ["x", "w", "b"], **attrs), {"w": w, "b": b},
                                                 (c_in * groups,) + size, fn, batch, seed)
     n_in, n_out = c_in * groups * math.prod(size), math.prod(fn(torch.zeros((1, c_in * groups) + size, dtype=torch.float64)).shape)
-    expected = ("lu" if n_in * n_out <= conv.LU_FORM_MAX else
-                "lu_conv" if groups == 1 and n_out * c_in * k * k <= conv.LU_CONV_MAX_MACS else
-                "pair" if k >= conv.PAIR_MIN_KERNEL else None)
+    expected = ("lu_conv" if groups == 1 and n_out * c_in * k * k <= conv.LU_CONV_MAX_MACS else
+                "lu" if n_in * n_out <= conv.LU_FORM_MAX else "pair" if k >= conv.PAIR_MIN_KERNEL else None)
     assert form == expected
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)

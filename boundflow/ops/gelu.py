@@ -100,8 +100,10 @@ def _gelu(approximate: str) -> Gelu:
     df = _df_exact if approximate == "none" else _df_tanh
 
     def d2(x):
-        x = x.detach().requires_grad_(True)
-        return torch.autograd.grad(df(x).sum(), x)[0].detach()
+        # (this runs at import, which may happen under a caller's no_grad or inference_mode)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone().requires_grad_(True)
+            return torch.autograd.grad(df(x).sum(), x)[0].detach()
     q = float(bisect(d2, 0.0, torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)))
     m = float(bisect(df, 0.0, torch.tensor(-q, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)))
     one = float(bisect(df, 1.0, torch.tensor(0.0, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)))

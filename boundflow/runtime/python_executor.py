@@ -88,18 +88,21 @@ class PythonTaskExecutor:
         with torch.inference_mode(), ieee_float32(module.device):
             bind_inputs(module, env, inputs)
             for run, kernel, ins, outs, params, attrs, name, dynamic, into, static in p.program:
-                args = static or [env[i] for i in ins]
-                if run is not None:
+                if run is not None:                        # (every buffer static: bound at prepare)
                     results = run()
                     if into is not None and not checked and all(map(operator.is_, results, into)):
                         continue                           # written in place: nothing to copy
+                    args = static
                 elif into is None:
+                    args = static or [env[i] for i in ins]
                     results = kernel(args, params, attrs)
                 elif not dynamic:
+                    args = [env[i] for i in ins]
                     results = kernel(args, params, attrs, out=into)
                     if not checked and all(map(operator.is_, results, into)):
                         continue                           # written in place: nothing to copy
                 else:   # a dynamic buffer's view is empty, at its slot: out= grows it to the data's size
+                    args = static or [env[i] for i in ins]
                     results = kernel(args, params, attrs,
                                      out=[v if v is not None else _empty_at(*slots[b]) for b, v in zip(outs, into)])
                 if checked:

@@ -175,7 +175,17 @@ def optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: Py
              config: AlphaConfig = AlphaConfig(), deadline: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The best bounds of every module output (role -> stack(lower, upper); "bounds" is
     [2, B, S]) and stats (iterations run, CROWN and final mean widths). No step starts that
-    would end past ``deadline`` (see :func:`descend`); the CROWN run before them always runs."""
+    would end past ``deadline`` (see :func:`descend`); the CROWN run before them always runs.
+    Autograd is on whatever the caller's mode (a no_grad or inference_mode block around
+    compute_bounds; inference tensors cannot be saved for backward: those inputs are copied)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = {role: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+                  for role, t in inputs.items()}
+        return _optimize(module, inputs, executor, config, deadline)
+
+
+def _optimize(module: BFTaskModule, inputs: dict[str, torch.Tensor], executor: PythonTaskExecutor,
+              config: AlphaConfig, deadline: float | None) -> tuple[dict[str, torch.Tensor], dict]:
     roles = of_kind(module.inputs, "alpha")
     t0 = time.perf_counter()
     with torch.no_grad():
