@@ -9,7 +9,8 @@ patches   backward passes with A as receptive-field windows
 bound     bookkeeping between domains (unstable neurons, merging bounds)
 fp        floating-point error vectors of sound_fp plans (rounding.py: the error model)
 
-Kernels that write their results into the planned views themselves are marked `writes_into`.
+Kernels that write their results into the planned views themselves are marked `writes_into`;
+those made with `binds` are bound to their buffers once per plan, then run with nothing to find.
 """
 
 

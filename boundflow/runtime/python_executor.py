@@ -3,7 +3,8 @@
 It allocates the arenas the memory plan describes, once per module, and every op's outputs are
 written into their planned views: by the kernel itself (WRITING_KERNELS, given the views as
 `out`), else copied there from its result. Buffers with a dynamic axis get a view of the size
-the data has, at the start of their planned slot.
+the data has, at the start of their planned slot. An op whose buffers are all static is bound
+to their views once per plan (`_bind`): a run calls it with nothing left to look up.
 """
 from __future__ import annotations
 
