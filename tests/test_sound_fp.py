@@ -57,10 +57,31 @@ def exact_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[Fraction]:
             y = np.concatenate(a, axis=attrs["axis"])
         elif op == "Identity":
             y = a[0]
+        elif op == "Conv":
+            y = _exact_conv(a[0], a[1], a[2] if len(a) > 2 else None, attrs.get("pads", [0] * 4),
+                            attrs.get("strides", [1, 1]))
+        elif op == "Flatten":
+            y = a[0].reshape(a[0].shape[0], -1)
         else:
             raise NotImplementedError(op)
         env[node.output[0]] = y
     return list(env[model.graph.output[0].name].reshape(-1))
+
+
+def _exact_conv(x: np.ndarray, w: np.ndarray, b, pads, strides) -> np.ndarray:
+    """ONNX Conv (one group, no dilation) on arrays of Fractions: x [N, C, H, W], w [K, C, kh, kw]."""
+    top, left, bottom, right = pads
+    n, c, h, wd = x.shape
+    k, _, kh, kw = w.shape
+    xp = np.full((n, c, h + top + bottom, wd + left + right), Fraction(0), dtype=object)
+    xp[:, :, top:top + h, left:left + wd] = x
+    oh, ow = (xp.shape[2] - kh) // strides[0] + 1, (xp.shape[3] - kw) // strides[1] + 1
+    y = np.full((n, k, oh, ow), Fraction(0), dtype=object)
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * strides[0]:i * strides[0] + kh, j * strides[1]:j * strides[1] + kw]
+            y[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3]))
+    return y if b is None else y + b.reshape(1, k, 1, 1)
 
 
 # ---------------------------------------------------------------- building models
@@ -120,8 +141,49 @@ def trap_nets(draw):
     return make_model(nodes, inits, n_in, 2), lo.astype(np.float64), np.maximum(hi, lo).astype(np.float64)
 
 
-def _points(lo: np.ndarray, hi: np.ndarray, rng, n: int = 12) -> list[np.ndarray]:
-    corners = [np.array(c).reshape(lo.shape) for c in itertools.product(*zip(lo.ravel(), hi.ravel()))]
+def residual_conv_trap(seed: int, c: int, k: int, size: int, scale: float, tiny: float, eps: float):
+    """A conv, a ReLU and a residual block whose branch nearly cancels its skip (a 3x3 conv
+    close to minus the identity, `tiny` apart; weights of `scale`), then a strided conv and a
+    linear layer: the value the block reads twice gets two contributions in every CROWN pass,
+    whose sum cancels, on patches (the windows of each row). (model, lo, hi)."""
+    rng = np.random.default_rng(seed)
+    w2 = rng.standard_normal((k, k, 3, 3)) * scale * tiny
+    w2[:, :, 1, 1] -= np.eye(k)                     # branch ~ -skip: the sum nearly cancels
+    out = 2 * ((size - 1) // 2 + 1) ** 2
+    inits = [_tensor("w1", rng.standard_normal((k, c, 3, 3)) * scale), _tensor("b1", rng.standard_normal(k) * scale),
+             _tensor("w2", w2), _tensor("w3", rng.standard_normal((2, k, 3, 3))),
+             _tensor("wo", rng.standard_normal((2, out)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["r1", "c2"], ["s2"]),
+             helper.make_node("Relu", ["s2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c3"], ["r3"]),
+             helper.make_node("Flatten", ["r3"], ["f"]),
+             helper.make_node("Gemm", ["f", "wo"], ["y"], transB=1)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    centre = rng.uniform(-1, 1, (1, c, size, size))
+    lo, hi = (centre - eps).astype(np.float32), (centre + eps).astype(np.float32)
+    return model, lo.astype(np.float64), hi.astype(np.float64)
+
+
+@st.composite
+def residual_conv_traps(draw):
+    return residual_conv_trap(draw(st.integers(0, 2**31)), draw(st.integers(1, 2)), draw(st.integers(1, 3)),
+                              draw(st.integers(4, 5)), 10.0 ** draw(st.integers(-1, 3)),
+                              10.0 ** -draw(st.integers(3, 7)), draw(st.sampled_from([2.0 ** -20, 1e-3, 0.1])))
+
+
+def _points(lo: np.ndarray, hi: np.ndarray, rng, n: int = 12, max_corners: int = 64) -> list[np.ndarray]:
+    """Every corner of a small box (else max_corners random ones) and n points inside."""
+    if lo.size <= math.log2(max_corners):
+        corners = [np.array(c).reshape(lo.shape) for c in itertools.product(*zip(lo.ravel(), hi.ravel()))]
+    else:
+        corners = [np.where(rng.uniform(size=lo.shape) < 0.5, lo, hi) for _ in range(max_corners)]
     inner = [lo + (hi - lo) * rng.uniform(size=lo.shape) for _ in range(n)]
     return corners + inner
 
@@ -146,6 +208,61 @@ def assert_contains_exact(model, lo, hi, method: str, C=None, seed: int = 0, fp_
 def test_sound_bounds_contain_the_exact_outputs(fp_dtype, net, method):
     model, lo, hi = net
     assert_contains_exact(model, lo, hi, method, fp_dtype=fp_dtype)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(residual_conv_traps(), st.sampled_from(("crown", "crown-ibp", "alpha-crown")))
+def test_sound_residual_conv_bounds_contain_the_exact_outputs(net, method):
+    """Residual conv nets in float64 sound plans: CROWN's passes run on patches through the
+    block (the value read twice: patch_add widens the bias by the sum's rounding), and the
+    bounds contain the exact outputs."""
+    model, lo, hi = net
+    assert_contains_exact(model, lo, hi, method)
+
+
+def test_sound_patch_passes_go_through_residual_blocks():
+    """A sound_fp plan of a residual conv net keeps its refinement passes on patches through
+    the block (before, a value read twice sent them dense, float64 transposed convs: sound
+    CROWN on resnet_block 41 ms, on patches 14): the sums of the value read twice are
+    patch_add with the rounding term."""
+    model, _, _ = residual_conv_trap(0, c=2, k=3, size=5, scale=10.0, tiny=1e-5, eps=1e-3)
+    graph, _ = boundflow.load_model(model)
+    module = boundflow.plan(graph, "crown", PlannerConfig(sound_fp=True))
+    sums = [op for op in module.ops() if op.op == "linear.patch_add"]
+    assert sums and all(op.attrs.get("fp") and len(op.outputs) == 2 for op in sums)
+    # (the output's own pass starts at the linear layer: dense, its sums accumulate)
+    assert all(op.source == graph.outputs[0] for op in module.ops() if op.op in ("linear.accumulate", "linear.conv2d"))
+
+
+def test_sound_patch_sum_widens_the_bias_by_its_rounding():
+    """patch_add in a sound_fp plan: A + B rounds (B far smaller than A: most sums do), and
+    for any x in the value's interval the exact sum's dots with x read at each row's window
+    differ from the rounded sum's by at most what that row's bias is widened (down for the
+    lower rows, up for the upper ones). x is huge at one place only: a window misread, or no
+    widening, shows."""
+    from boundflow.domains.patches import patch_add, windows
+    g = torch.Generator().manual_seed(5)
+    attrs = {"pad": [1, 0, 1, 0], "fp": True, "target": [1, 3, 3], "grid": [2, 2, 1, 1]}
+    k = 9                                              # rows per half: every target neuron
+    a = torch.randn(1, 2 * k, 2, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(1, 2 * k, 2, 2, 2, generator=g, dtype=torch.float64) * 1e-17
+    bias = torch.randn(1, 2 * k, generator=g, dtype=torch.float64)
+    mag = torch.ones(2, 5, 5, dtype=torch.float64)
+    mag[1, 2, 1] = 1e6                                # (in two windows of a row of three)
+    s = torch.stack((-mag, mag)).view(2, 1, 1, 2, 5, 5)
+    total, widened = patch_add([a, b, bias, s], [], attrs)
+    assert (widened[:, :k] <= bias[:, :k]).all() and (widened[:, k:] >= bias[:, k:]).all()
+    placed = np.full(tuple(a.shape), Fraction(0), dtype=object)
+    placed[..., 1:3, 1:3] = _exact(b.numpy())
+    err = _exact(a.numpy()) + placed - _exact(total.numpy())           # the sum's rounding, exactly
+    assert any(v != 0 for v in err.ravel())
+    slack_rows = [Fraction(float(w)) - Fraction(float(o)) for w, o in zip(widened[0].tolist(), bias[0].tolist())]
+    rng = np.random.default_rng(0)
+    for x in [mag.numpy(), -mag.numpy(), mag.numpy() * np.where(rng.uniform(size=(2, 5, 5)) < 0.5, -1, 1)]:
+        xw = windows(torch.from_numpy(x).unsqueeze(0), torch.arange(k), attrs, 3, 3)[0].numpy()     # [k, C, 3, 3]
+        for r in range(2 * k):
+            miss = abs(sum((err[0, r] * _exact(xw[r % k])).ravel()))
+            assert miss <= abs(slack_rows[r]), f"row {r}: rounding {float(miss)} > widening {float(slack_rows[r])}"
 
 
 @pytest.mark.parametrize("fp_dtype", FP_DTYPES)

@@ -154,16 +154,25 @@ def patch_pad(ins, ps, attrs):
 
 
 @writes_into
-def patch_add(ins, ps, attrs, out=(None,)):
+def patch_add(ins, ps, attrs, out=(None, None)):
     """A + B with B's windows placed inside A's (attrs pad, as patch_pad's): where a value's
     consumers reach it with windows of different extents. Adds B into its place only (a
-    copy of A and a sum over B's windows: 1.5x faster than padding B and adding)."""
-    a, b = ins
+    copy of A and a sum over B's windows: 1.5x faster than padding B and adding).
+
+    In a sound_fp plan (attrs fp; every sum of two contributions, with or without padding)
+    the inputs are (A, B, bias, the value's interval[, neurons]) and the bias also takes the
+    sum's rounding, u |A + B| max|x| over each row's window (fp_widen, as linear.accumulate
+    on a dense A): a second result."""
+    a, b = ins[:2]
     top, _, left, _ = attrs["pad"]
     dest = shaped(out[0], a.shape)
     dest = a.clone() if dest is None else dest.copy_(a)
     dest[..., top:top + b.shape[-2], left:left + b.shape[-1]] += b
-    return (dest,)
+    if not attrs.get("fp"):
+        return (dest,)
+    bias, s = ins[2:4]
+    e = unit_roundoff(dest.dtype) * torch.maximum(s[0].abs(), s[1].abs())
+    return dest, fp_widen(dest, bias, e, selected_neurons(ins, 4, attrs, a), attrs)
 
 
 def patch_concretize(ins, ps, attrs):

@@ -530,8 +530,8 @@ class _Lowering:
         (the union of its consumers' windows where several read it), when the pass can keep A
         as windows: every node from the target back to the network input is a 2-d conv (no
         groups, no dilation), a ReLU or a sum over [C, H, W] values (a unit leading axis
-        allowed), the windows a value gets from its consumers move by the same strides (a
-        sound_fp plan: a chain, no value read twice), and A reaches every conv clean.
+        allowed), the windows a value gets from its consumers move by the same strides, and A
+        reaches every conv clean.
 
         Clean: zero wherever a window sticks out of its value. A conv's window reaches into its
         input's padding; a ReLU's lines (as the box at the end) are read as zeros there, which
@@ -553,7 +553,7 @@ class _Lowering:
             if not _patchable(g, node) or (node.op == "conv2d" and dirty[out]):
                 return None
             geometry[out] = _union(reached[out])
-            if geometry[out] is None or (self.sound and len(reached[out]) > 1):
+            if geometry[out] is None:
                 return None
             through = _through(g, node, geometry[out])
             for i in (i for i in node.inputs if g.is_variable(i)):
@@ -563,7 +563,7 @@ class _Lowering:
         if x not in reached:
             return None
         geometry[x] = _union(reached[x])
-        if geometry[x] is None or (self.sound and len(reached[x]) > 1):
+        if geometry[x] is None:
             return None
         return geometry
 
@@ -599,7 +599,9 @@ class _Lowering:
 
         def give(v: str, buf: int, geo: Geometry):
             """A contribution on v; a second one is summed with it on v's windows, placed there
-            by the sum (patch_add: no padded copy)."""
+            by the sum (patch_add: no padded copy). A sound_fp plan's sums widen the bias by
+            their rounding (patch_add, padded or not)."""
+            nonlocal bias
             if v not in A:
                 A[v] = buf, geo
                 return
@@ -607,11 +609,16 @@ class _Lowering:
             if first_geo != want and geo == want:                # (the sum commutes)
                 (first, first_geo), (buf, geo) = (buf, geo), (first, first_geo)
             first, acc = placed(v, first, first_geo), a_buf(v, want.window)
-            if geo == want:
+            pad = {"pad": list(_placement(geo, want))}
+            if self.sound:
+                new_bias = bias_buf()
+                em.emit("linear.patch_add", [first, buf, bias, self.bounds[v]] + sel, [acc, new_bias],
+                        attrs={**base, **pad, "grid": list(want.grid)}, source=target)
+                bias = new_bias
+            elif geo == want:
                 em.emit("linear.accumulate", [first, buf], [acc], source=target)
             else:
-                em.emit("linear.patch_add", [first, buf], [acc], attrs={"pad": list(_placement(geo, want))},
-                        source=target)
+                em.emit("linear.patch_add", [first, buf], [acc], attrs=pad, source=target)
             A[v] = acc, want
 
         node0 = self.producer[target]
