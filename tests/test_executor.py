@@ -3,6 +3,8 @@ fresh tensors (outputs may take the bytes of inputs that die at the op), and the
 the same bounds as running without it."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,6 +44,27 @@ def test_prepared_state_follows_module_lifetime(shared):
     import gc
     gc.collect()
     assert len(ex._prepared) == 0
+
+
+@pytest.mark.parametrize("folder,name", [("golden", n) for n in FIXTURES[2:12:3]] + [
+    ("golden", "resnet_block__eps0.05"), ("golden_ops", "convtranspose_net__eps0.1"),
+    ("golden_ops", "attention_tiny__eps0.1")])
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_ops_bound_once_read_each_runs_inputs(shared, folder, name, method):
+    """Ops bound to their buffers at prepare (domains.binds: views cut once, a branch taken
+    once) compute each run from that run's values: a second run on another box gives, bit for
+    bit, what the kernels called afresh give on it (run_functional)."""
+    fx = load_fixture(shared, name, folder)
+    graph, _ = boundflow.load_model(str(fx.model))
+    module = boundflow.plan(graph, method, PlannerConfig(), spec_rows=None if fx.C is None else fx.C.shape[0])
+    ex = PythonTaskExecutor()
+    assert any(step[0] is not None for step in ex.prepare(module).program)
+    ex.run(module, _inputs(fx))
+    mid = (fx.lower + fx.upper) / 2
+    other = dataclasses.replace(fx, lower=fx.lower * 0.5 + mid * 0.5 - 0.01, upper=fx.upper * 0.5 + mid * 0.5 + 0.01)
+    second = ex.run(module, _inputs(other))["bounds"]
+    assert torch.equal(second, ex.run_functional(module, _inputs(other))[module.outputs["bounds"]])
+    assert not torch.equal(second, ex.run(module, _inputs(fx))["bounds"])
 
 
 @pytest.mark.parametrize("name,method", [("mnist-net_256x2__prop_0_0.03", "crown"), ("mlp_small__eps0.05", "crown"),
