@@ -397,6 +397,20 @@ def test_vnncomp_instances(shared, benchmark, onnx_name, vnnlib_name, timeout):
         assert res.verdict in suite.SOLVED, (res.verdict, res.stats)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_verify_in_a_callers_no_grad_or_inference_mode(shared, mode):
+    """verify inside a caller's no_grad or inference_mode block decides as outside: its attack,
+    slopes and branch scores need autograd (both failed before: "element 0 of tensors does
+    not require grad")."""
+    cases = [("acasxu", "ACASXU_run2a_1_1_batch_2000.onnx", "prop_1.vnnlib", "holds"),
+             ("acasxu", "ACASXU_run2a_1_9_batch_2000.onnx", "prop_7.vnnlib", "violated"),
+             ("mnistfc", "mnist-net_256x2.onnx", "prop_0_0.03.vnnlib", "holds")]
+    with mode():
+        verdicts = [verify(shared / VNNCOMP / b / o, shared / VNNCOMP / b / v, timeout=20).verdict
+                    for b, o, v, _ in cases]
+    assert verdicts == [want for *_, want in cases]
+
+
 def test_clipping_shrinks_the_input_search(shared):
     """ACAS Xu 1_1 property 4: clipping each domain to where its linear bounds allow a
     violation (verify/clip.py) proves it in far fewer domains (686 against 1,626 measured),

@@ -91,8 +91,15 @@ def verify(model_path, vnnlib_path, timeout: float, method: str = "crown", *,
 
     ``method`` is the bound method of the branch and bound ("crown", "crown-ibp", "ibp",
     "alpha-crown"). ``timeout`` counts from this call. Raises :class:`~boundflow.errors.BoundflowError` for a
-    model or property that cannot be read.
+    model or property that cannot be read. Autograd (the attack, alpha-CROWN's slopes, branch
+    and bound's scores) is on whatever the caller's mode: a no_grad or inference_mode block
+    around the call changes nothing.
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _verify(model_path, vnnlib_path, timeout, method, config)
+
+
+def _verify(model_path, vnnlib_path, timeout: float, method: str, config: VerifyConfig | None) -> Result:
     t0 = time.perf_counter()
     deadline = t0 + timeout
     config = config or VerifyConfig()
