@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from boundflow.domains import shaped, writes_into
-from boundflow.domains.rounding import down, gamma, slack, unit_roundoff, up
+from boundflow.domains.rounding import down, gamma, magnitude, slack, unit_roundoff, up
 
 
 def selected_neurons(ins: list, at: int, attrs, like: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,7 @@ def patch_add(ins, ps, attrs, out=(None, None)):
     if not attrs.get("fp"):
         return (dest,)
     bias, s = ins[2:4]
-    e = unit_roundoff(dest.dtype) * torch.maximum(s[0].abs(), s[1].abs())
+    e = unit_roundoff(dest.dtype) * magnitude(s)
     return dest, fp_widen(dest, bias, e, selected_neurons(ins, 4, attrs, a), attrs)
 
 

@@ -22,7 +22,7 @@ from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import selected_neurons
 from boundflow.domains.rounding import Enclosed, down, magnitude, up
 from boundflow.ops import select
-from boundflow.ops.linear import lu_form, lu_interval
+from boundflow.ops.linear import lu_blocks, lu_form, lu_interval
 from boundflow.ops.registry import Op, onnx_lowering, register, torch_lowering
 
 if TYPE_CHECKING:
@@ -205,8 +205,7 @@ def _interval_params(adjoint, pair: bool):
         bias = torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
         macs = graph.values[node.outputs[0]].type.numel * math.prod(w.shape[1:])
         if pair and node.attrs["groups"] == 1 and macs <= LU_CONV_MAX_MACS:
-            pos, neg = w.clamp(min=0), w.clamp(max=0)
-            return ps + [torch.cat((torch.cat((pos, neg), 1), torch.cat((neg, pos), 1))), torch.cat((bias, bias))]
+            return ps + [lu_blocks(w), torch.cat((bias, bias))]
         dense = dense_matrix(adjoint, graph, node, dtype, 4 * LU_FORM_MAX)
         if dense is not None:
             w_lu, b_lu = lu_form(*dense)

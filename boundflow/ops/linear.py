@@ -59,8 +59,13 @@ def interval_params(graph, node, dtype=torch.float32):
 
 def lu_form(w: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
     """The (l, u) form of x -> W x + b (W [out, in]): [[W+, W-], [W-, W+]].T and (b, b)."""
-    pos, neg = w.clamp(min=0).t(), w.clamp(max=0).t()
-    return [torch.cat((torch.cat((pos, neg), 1), torch.cat((neg, pos), 1))), torch.cat((b, b))]
+    return [lu_blocks(w.t()), torch.cat((b, b))]
+
+
+def lu_blocks(w: torch.Tensor) -> torch.Tensor:
+    """[[W+, W-], [W-, W+]] over w's first two axes (the blocks of an (l, u) form)."""
+    pos, neg = w.clamp(min=0), w.clamp(max=0)
+    return torch.cat((torch.cat((pos, neg), 1), torch.cat((neg, pos), 1)))
 
 
 def lu_rows(s: torch.Tensor, w_lu: torch.Tensor, b_lu: torch.Tensor, shape, dest: torch.Tensor | None):
