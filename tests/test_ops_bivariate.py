@@ -138,6 +138,17 @@ def test_interval_is_the_range_of_the_product():
 SHAPES = [((3, 4), (3, 4)), ((3, 4), (1, 4)), ((3, 1), (1, 4)), ((2, 1, 3), (2, 4, 1))]
 
 
+@pytest.mark.parametrize("shapes", SHAPES + [((2, 3, 4), (4,)), ((4,), (2, 1, 4))])
+def test_interval_of_broadcast_operands_is_the_corner_range(shapes):
+    """Operands of broadcast shapes (of one rank: one crosswise product; of two ranks: the
+    four products one by one) give, bit for bit, the least and largest corner product."""
+    g = torch.Generator().manual_seed(9)
+    sx, sy = (torch.randn((2,) + shape, generator=g).sort(0).values for shape in shapes)
+    (got,) = mul.interval([sx, sy], [], {})
+    corners = torch.stack(torch.broadcast_tensors(*(a * b for a in sx for b in sy)))
+    assert torch.equal(got, torch.stack((corners.amin(0), corners.amax(0))))
+
+
 @settings(SETTINGS, max_examples=30)
 @given(st.integers(0, 2**31), st.sampled_from(SHAPES), st.booleans(), st.booleans())
 def test_backward_bounds_every_row(seed, shapes, optimised, lower_only):

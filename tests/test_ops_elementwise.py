@@ -5,6 +5,8 @@ onnxruntime; every method contains sampled points and corners, float32 and sound
 nets built with onnx.helper and on torch modules; clear errors; `verify` on a net with them."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from onnx import helper
 import boundflow
 from boundflow.domains.concrete import evaluate
 from boundflow.errors import DomainError, UnsupportedOpError
+from boundflow.ops import KERNELS
 from boundflow.ops import clamp as M
 from boundflow.ops import convex as C
 from boundflow.ops import leaky_relu as L
@@ -502,3 +505,44 @@ def test_relu_backward_is_the_masked_product(batch, rows, n, with_alpha, seed):
     want_grads = torch.autograd.grad((want[0] * weights).sum() + want[1].sum(), leaves)
     for x, y in zip(grads, want_grads):
         assert torch.allclose(x, y)
+
+
+def _op_of(curve: C.Curve) -> tuple[str, dict]:
+    """The op name and attrs whose rules use `curve`."""
+    return (curve.name, {}) if curve.name in C.FIXED else ("pow", {"exponent": float(curve.name[3:])})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("curve", CURVES, ids=lambda c: c.name)
+def test_convex_interval_is_f_at_the_ends_and_the_stationary_point(curve, dtype):
+    """The rule is, bit for bit, min and max of f at l, u and the stationary point clamped into
+    [l, u], with l raised into a closed domain (f evaluated on the points stacked, as the rule
+    does: torch's vectorised and scalar loops of one function may differ in the last place)."""
+    l, u = (t.to(dtype) for t in _intervals(curve, 11))
+    name, attrs = _op_of(curve)
+    (got,) = KERNELS[f"interval.{name}"]([torch.stack((l, u)).view(2, 1, -1)], [], attrs)
+    low = l if curve.lo_bound is None else l.clamp(min=curve.lo_bound)
+    points = [low, u] + ([torch.minimum(low.clamp(min=curve.stationary), u)] if curve.stationary is not None else [])
+    values = curve.f(torch.stack(points).unsqueeze(1)).squeeze(1).unbind(0)
+    want = torch.stack((functools.reduce(torch.minimum, values), functools.reduce(torch.maximum, values)))
+    assert got.dtype == dtype and torch.equal(got.view(2, -1), want)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.01, 0.5, 1.0, 3.0, -0.2])
+def test_leaky_relu_interval_is_f_at_the_ends_and_the_kink(slope):
+    """Bit for bit the three-point range (ends, and the point nearest 0), whether the rule takes
+    its increasing shortcut (slope >= 0, decided when the kernel is bound) or not."""
+    g = torch.Generator().manual_seed(3)
+    c, w = torch.randn(500, generator=g), torch.rand(500, generator=g) * 2
+    l, u = c - w, c + w
+    l[:20] = u[:20]
+    a = torch.tensor(slope)
+    kernel = KERNELS["interval.leaky_relu"]
+    s = torch.stack((l, u)).view(2, 1, -1)
+    bound = kernel.bind([s], [a], {})
+    values = [L.forward(x, a) for x in (l, u, torch.maximum(l, u.clamp(max=0)))]
+    want = torch.stack((functools.reduce(torch.minimum, values), functools.reduce(torch.maximum, values)))
+    for (got,) in (kernel([s], [a], {}), bound()):
+        assert torch.equal(got.view(2, -1), want)
+    s.copy_(s.flip(-1))                                   # a bound kernel reads each run's values
+    assert torch.equal(bound()[0].view(2, -1), want.flip(-1))

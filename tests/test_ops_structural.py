@@ -788,3 +788,21 @@ def test_affine_interval_is_exact_per_coordinate():
     (got,) = affine.interval([s], [scale, shift], {})
     want = torch.stack((torch.minimum(s[0] * scale, s[1] * scale), torch.maximum(s[0] * scale, s[1] * scale))) + shift
     assert torch.equal(got, want) and got[0, 0, 0].item() == torch.tensor(0.1).item()
+
+
+@pytest.mark.parametrize("scale", [[1 / 6, 2.0, 0.5], [0.0, 3.0, 1e-3], [1 / 6, -2.0, 0.5], [-1.0, -0.5, -3.0]])
+def test_affine_interval_with_scales_of_one_sign_is_the_general_rule(scale):
+    """Scales all >= 0 take one product and one sum (decided when the kernel is bound), bit for
+    bit the general rule's min/max; any negative scale takes the general rule."""
+    from boundflow.ops import affine
+    g = torch.Generator().manual_seed(5)
+    c, w = torch.randn(1, 40, 3, generator=g) * 100, torch.rand(1, 40, 3, generator=g) * 10
+    s = torch.stack((c - w, c + w))
+    scale, shift = torch.tensor(scale), torch.randn(3, generator=g)
+    p = s * scale
+    want = torch.stack((torch.minimum(p[0], p[1]), torch.maximum(p[0], p[1]))) + shift
+    bound = affine.interval.bind([s], [scale, shift], {})
+    for (got,) in (affine.interval([s], [scale, shift], {}), bound()):
+        assert torch.equal(got, want)
+    s.copy_(s.flip(2))                                    # a bound kernel reads each run's values
+    assert torch.equal(bound()[0], want.flip(2))

@@ -12,6 +12,7 @@ fp        floating-point error vectors of sound_fp plans (rounding.py: the error
 Kernels that write their results into the planned views themselves are marked `writes_into`;
 those made with `binds` are bound to their buffers once per plan, then run with nothing to find.
 """
+import functools
 
 
 def writes_into(kernel):
@@ -24,18 +25,28 @@ def writes_into(kernel):
     return kernel
 
 
-def binds(bind):
-    """A writing kernel made of `bind(ins, ps, attrs, out=...) -> run`: run() computes the
-    results (into out where given) and returns them. The executor binds an op whose buffers
-    are all static once per plan and then calls only run(): what bind does (the branch a
-    kernel takes, the views it cuts) is not paid per call, where a small net's IBP is mostly
-    such Python. So bind may cut views of ins and out, nothing that reads their values: those
+def binds(bind=None, *, writes: bool = True):
+    """A kernel made of `bind(ins, ps, attrs[, out]) -> run`: run() computes the results and
+    returns them, into out when `writes` (a writing kernel, given out), else fresh (the executor
+    copies them into the views). The executor binds an op whose buffers are all static once per
+    plan and then calls only run(): what bind does (the branch a kernel takes, the views it cuts)
+    is not paid per call, where a small net's IBP is mostly such Python. So bind may cut views
+    of ins and out and read the params (constants), nothing that reads the values of ins: those
     change between runs."""
+    if bind is None:
+        return functools.partial(binds, writes=writes)
+
     def kernel(ins, ps, attrs, out=None):
         return (bind(ins, ps, attrs) if out is None else bind(ins, ps, attrs, out))()
     kernel.bind = bind
     kernel.__name__, kernel.__qualname__, kernel.__doc__ = bind.__name__, bind.__qualname__, bind.__doc__
-    return writes_into(kernel)
+    return writes_into(kernel) if writes else kernel
+
+
+def nonnegative(constant) -> bool:
+    """Whether every entry of a constant (a param a binder reads) is >= 0; False on the meta
+    device, whose tensors have no values (the general rule then)."""
+    return constant.device.type != "meta" and bool((constant >= 0).all())
 
 
 def shaped(out, shape):

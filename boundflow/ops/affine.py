@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from boundflow.domains import fp
+from boundflow.domains import binds, fp, nonnegative
 from boundflow.domains.linear import sound
 from boundflow.domains.patches import fp_widen as patch_fp_widen
 from boundflow.domains.patches import row_windows, rows_view, selected_neurons
@@ -28,14 +28,22 @@ def forward(x, scale, shift, attrs=None):
     return x * scale + shift
 
 
+@binds(writes=False)
 def interval(ins, ps, attrs):
     """Coordinate by coordinate: the lesser and greater of scale l and scale u, plus shift (two
     roundings each; the centre/radius form's c scale + shift -/+ r |scale| cancels badly when
-    |c| >> |the result|: a LayerNorm's variance [0, 1944] / 6 + 0.1 came out at 0.1000061)."""
+    |c| >> |the result|: a LayerNorm's variance [0, 1944] / 6 + 0.1 came out at 0.1000061).
+    Where every scale is >= 0 (known at bind: a constant) scale l <= scale u already, in floating
+    point too (rounding is monotone): one product and one sum."""
     (s,) = ins
     scale, shift = ps
-    p = s * scale                                     # (not aminmax: no derivative before torch 2.13)
-    return (torch.stack((torch.minimum(p[0], p[1]), torch.maximum(p[0], p[1]))) + shift,)
+    if nonnegative(scale):
+        return lambda: (s * scale + shift,)
+
+    def run():
+        p = s * scale                                 # (not aminmax: no derivative before torch 2.13)
+        return (torch.stack((torch.minimum(p[0], p[1]), torch.maximum(p[0], p[1]))) + shift,)
+    return run
 
 
 def backward(ins, ps, attrs):

@@ -28,6 +28,7 @@ upper intercept, l, u); l and u are the interval after the domain clamp.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -115,8 +116,9 @@ def _odd_split(n: int) -> float:
     return hi * (1 + 1e-9)
 
 
+@functools.lru_cache(maxsize=None)
 def power(p: float) -> Curve:
-    """x^p for a constant p other than 0 and 1."""
+    """x^p for a constant p other than 0 and 1 (made once per exponent: every rule asks for it)."""
     if p == 0.5:
         return SQRT
     if p == -1:
@@ -173,8 +175,11 @@ def _in_domain(curve: Curve, l: torch.Tensor, u: torch.Tensor, what: str) -> tor
     return l
 
 
-def _finite(curve: Curve, t: torch.Tensor, l, u, what: str) -> torch.Tensor:
-    if not bool(torch.isfinite(t).all()):
+def _finite(curve: Curve, t: torch.Tensor, s: torch.Tensor, what: str) -> torch.Tensor:
+    """t, or a DomainError naming the first element of the input interval s = stack(l, u) where
+    t overflows (one reduction checks it: amax of |t| is NaN or infinite exactly then)."""
+    if t.numel() and not math.isfinite(t.detach().abs().amax()):
+        l, u = s
         bad = ~torch.isfinite(t).flatten(-l.dim()).reshape(-1, l.numel()).all(0)
         i = int(bad.nonzero()[0])
         raise DomainError(f"{curve.name}: {what} of the input interval [{float(l.flatten()[i]):.6g}, "
@@ -275,7 +280,7 @@ def _curve_kernels(name: str):
         l, u = ins[0]
         l = _in_domain(curve, l, u, "input interval")
         rows = torch.stack((*crown_lines(curve, l, u), l, u))
-        _finite(curve, rows[:4], l, u, "the linear bounds")
+        _finite(curve, rows[:4], rows[4:], "the linear bounds")
         return (rows,)
 
     def backward_alpha(ins, ps, attrs):
@@ -295,15 +300,18 @@ def _curve_kernels(name: str):
         return pair.expand((a.shape[0], 2) + tuple(a.shape[1:])).clone()
 
     def interval(ins, ps, attrs):
-        """The range of f over [l, u]: at the ends, and at the stationary point inside."""
+        """The range of f over [l, u]: at the ends, and at the stationary point inside (f of
+        all the points in one call: most of this rule's time is per call)."""
         curve = curve_of(name, attrs)
-        l, u = ins[0]
-        l = _in_domain(curve, l, u, "input interval")
-        values = [curve.f(l), curve.f(u)]
+        (s,) = ins
+        if curve.lo_bound is not None or curve.pole is not None:
+            l, u = s
+            raised = _in_domain(curve, l, u, "input interval")
+            s = s if raised is l else torch.stack((raised, u))
         if curve.stationary is not None:
-            values.append(curve.f(torch.minimum(l.clamp(min=curve.stationary), u)))
-        values = torch.stack(values)
-        return (_finite(curve, torch.stack((values.amin(0), values.amax(0))), l, u, "the values"),)
+            s = torch.cat((s, torch.minimum(s[0].clamp(min=curve.stationary), s[1]).unsqueeze(0)))
+        values = curve.f(s)
+        return (_finite(curve, torch.stack((values.amin(0), values.amax(0))), s[:2], "the values"),)
 
     def fp_interval(ins, ps, attrs):
         """f rounded by the library: `ulps` units in the last place of f."""

@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from boundflow.domains import fp
+from boundflow.domains import binds, fp, nonnegative
 from boundflow.domains.linear import halves, sound, with_splits
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
@@ -39,13 +39,22 @@ def forward(x, a, attrs=None):
     return torch.where(x >= 0, x, a * x)
 
 
+@binds(writes=False)
 def interval(ins, ps, attrs):
     """The range over [l, u]: at the ends, and at 0 inside (the kink): f at l, u and at the
-    point of [l, u] nearest 0 (0 itself inside, else an end again)."""
-    l, u = ins[0]
+    point of [l, u] nearest 0 (0 itself inside, else an end again). With slopes >= 0 (known at
+    bind: a constant), f is increasing, in floating point too (x and a x round monotonically),
+    and f(l), f(u) are that range in one call."""
+    (s,) = ins
     (a,) = ps
-    values = forward(torch.stack((l, u, torch.maximum(l, u.clamp(max=0)))), a)
-    return (torch.stack((values.amin(0), values.amax(0))),)
+    if nonnegative(a):
+        return lambda: (forward(s, a),)
+
+    def run():
+        l, u = s
+        values = forward(torch.stack((l, u, torch.maximum(l, u.clamp(max=0)))), a)
+        return (torch.stack((values.amin(0), values.amax(0))),)
+    return run
 
 
 def _slope_range(a):

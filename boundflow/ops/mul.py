@@ -41,9 +41,14 @@ def forward(x, y, attrs=None):
 
 
 def interval(ins, ps, attrs):
-    """The least and the largest of the four products of the bounds."""
-    (lx, ux), (ly, uy) = ins
-    products = torch.stack(torch.broadcast_tensors(lx * ly, lx * uy, ux * ly, ux * uy))
+    """The least and the largest of the four products of the bounds: stack(lx, ux) times
+    stack(ly, uy) crosswise, in one broadcast product (this rule's time is mostly per call)."""
+    sx, sy = ins
+    if sx.dim() == sy.dim():
+        products = (sx.unsqueeze(1) * sy.unsqueeze(0)).flatten(0, 1)
+    else:                                 # (the new axes would not line up under broadcasting)
+        (lx, ux), (ly, uy) = sx, sy
+        products = torch.stack(torch.broadcast_tensors(lx * ly, lx * uy, ux * ly, ux * uy))
     return (torch.stack((products.amin(0), products.amax(0))),)
 
 
