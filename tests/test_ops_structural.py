@@ -702,6 +702,25 @@ def test_every_conv_interval_form_is_taken(size):
     assert forms == (["lu_conv", "lu_conv"] if size == (15, 16) else [None, "pair"])
 
 
+def test_lu_conv_weight_is_channels_last_from_its_threshold():
+    """The lu conv's weight is stored channels-last (torch then runs oneDNN's convolution, not
+    its im2col loop) from LU_CONV_CHANNELS_LAST_MIN_MACS multiply-adds on, and the plan keeps
+    that layout; the bounds are the NCHW weight's up to float32 rounding."""
+    from boundflow import api
+    for c_out in (1, 8):
+        macs = c_out * 15 * 16 * 4 * 9
+        w = torch.randn(c_out, 4, 3, 3)
+        model = model_of([node("Conv", ["x", "w"], pads=[1, 1, 1, 1])], (1, 4, 15, 16), {"w": w.numpy()})
+        x = torch.rand(1, 4, 15, 16)
+        lb, ub = boundflow.compute_bounds(model, x - 0.1, x + 0.1, method="ibp", device="cpu")
+        (w_lu,) = [t for t in list(api._plans.values())[-1].params.values() if t.dim() == 4 and t.shape[1] == 8]
+        assert conv.LU_CONV_CHANNELS_LAST_MIN_MACS <= 69120 <= conv.LU_CONV_MAX_MACS
+        assert w_lu.is_contiguous(memory_format=torch.channels_last) == (macs >= conv.LU_CONV_CHANNELS_LAST_MIN_MACS)
+        assert w_lu.is_contiguous() == (macs < conv.LU_CONV_CHANNELS_LAST_MIN_MACS)
+        c, r = F.conv2d(x, w, padding=1), F.conv2d(torch.full_like(x, 0.1), w.abs(), padding=1)
+        assert torch.allclose(lb, (c - r).flatten(1), atol=1e-5) and torch.allclose(ub, (c + r).flatten(1), atol=1e-5)
+
+
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
        st.integers(0, 2**16))

@@ -635,3 +635,66 @@ def test_sign_of_a_rounded_zero_is_not_a_step_up(tmp_path):
     for method in ("ibp", "crown-ibp", "crown"):
         res = boundflow.bound(str(path), lo, hi, method)
         assert res.lb.item() <= y.min().item() + 1e-6 and y.max().item() <= res.ub.item() + 1e-6, method   # (float32)
+
+
+def _sign_after_cancellation() -> "onnx.ModelProto":
+    """A nightly fuzzer's network (seed 4058081320): Sign(Relu(Relu(g - tanh(g)))) with g tiny,
+    so g - tanh(g) ~ -g^3 / 3 is decided by rounding, and a head reading the step."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    def init(name, values, shape):
+        return numpy_helper.from_array(np.array(values, np.float32).reshape(shape), name)
+    nodes = [helper.make_node("Gemm", ["w1", "x"], ["g"], transB=1),
+             helper.make_node("Tanh", ["g"], ["t"]),
+             helper.make_node("MatMul", ["w6", "t"], ["m"]),
+             helper.make_node("Sub", ["g", "t"], ["d"]),
+             helper.make_node("Relu", ["d"], ["r1"]),
+             helper.make_node("Relu", ["r1"], ["r2"]),
+             helper.make_node("Sign", ["r2"], ["s"]),
+             helper.make_node("Flatten", ["m"], ["mf"], axis=0),
+             helper.make_node("Gemm", ["mf", "hw1", "hb1"], ["h1"], transB=1),
+             helper.make_node("Flatten", ["s"], ["sf"], axis=0),
+             helper.make_node("Gemm", ["sf", "hw2", "hb2"], ["h2"], transB=1),
+             helper.make_node("Add", ["h1", "h2"], ["y"])]
+    inits = [init("w1", [0.004835969302803278], (1, 1)), init("w6", [-1.2525882720947266], (1,)),
+             init("hw1", [-1.2740799188613892, 0.6397044062614441], (1, 2)), init("hb1", [-0.037608228623867035], (1,)),
+             init("hw2", [0.6580728888511658, -0.8989201784133911], (1, 2)), init("hb2", [-0.41034170985221863], (1,))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+@pytest.mark.parametrize("method", ["crown", "crown-ibp", "alpha-crown"])
+def test_crossed_intermediate_bounds_are_never_kept_crossed(method):
+    """At a point box a CROWN bound of Sign's input (a ReLU's exact 0) came out -8.6e-12, under
+    the interval bound's 0; intersected as they were, [0, -8.6e-12] made Sign's upper end -1 and
+    the output's upper bound -1.107 under the network's value -0.449. Crossed ends now meet at
+    the interval bound's end (domains.bound.met): the bounds hold, and are that value, in float32
+    as in sound_fp."""
+    import onnxruntime as ort
+    model = _sign_after_cancellation()
+    x = torch.tensor([[-0.2434], [-0.3019]])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    value = sess.run(None, {"x": x.numpy()})[0].item()
+    for sound in (False, True):
+        lb, ub = boundflow.compute_bounds(model, x, x, method=method, sound_fp=sound, device="cpu")
+        assert value - 1e-6 <= lb.item() <= value + 1e-6 and value - 1e-6 <= ub.item() <= value + 1e-6, \
+            (sound, lb, ub, value)
+
+
+def test_merges_of_crossed_bounds_are_ordered():
+    """Every way a CROWN bound meets an interval bound keeps lower <= upper: an intersection
+    whose ends cross (the CROWN bound wholly below or above the interval, by rounding) is the
+    interval's nearer end; a CROWN bound taken alone has crossed ends swapped."""
+    from boundflow.domains import bound
+    s = torch.tensor([[0.0, 1.0, -2.0, 0.0], [0.0, 3.0, -1.0, 1.0]]).view(2, 1, 4)      # stack(lo, hi)
+    crown = torch.tensor([[-5e-10, 1.5, -1.5, 1.2], [-8e-12, 2.0, -1.2, 1.3]]).view(2, 1, 4)
+    want = torch.tensor([[0.0, 1.5, -1.5, 1.0], [0.0, 2.0, -1.2, 1.0]]).view(2, 1, 4)
+    idx = torch.arange(4)
+    for got in (bound.intersect([s, crown], [], {}), bound.merge_sparse([s, idx, crown], [], {"intersect": True}),
+                bound.merge_sparse([s, idx.view(1, 4), crown], [], {"intersect": True})):
+        assert torch.equal(got[0], want)
+    crossed = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.5, 1.0, 1.0, 0.0]]).view(2, 1, 4)
+    swapped = torch.tensor([[0.5, 0.0, 1.0, 0.0], [1.0, 1.0, 2.0, 0.0]]).view(2, 1, 4)
+    for got in (bound.replace([s, crossed], [], {}), bound.merge_sparse([s, idx, crossed], [], {"intersect": False})):
+        assert torch.equal(got[0], swapped)

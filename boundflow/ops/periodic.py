@@ -204,10 +204,10 @@ def _alpha_start(op, env) -> torch.Tensor:
     return pair.expand((a.shape[0], 2) + tuple(a.shape[1:])).clone()
 
 
-def contains(op: Periodic, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per wave (of f, of -f), whether [l, u] may hold one of its minima phase + 2 pi n; when
-    rounding leaves it in doubt, yes (the bound is then merely loose)."""
-    l, u = l.double(), u.double()
+def contains(op: Periodic, s: torch.Tensor) -> torch.Tensor:
+    """Per wave (of f, of -f), whether [l, u] (s = stack(l, u)) may hold one of its minima
+    phase + 2 pi n; when rounding leaves it in doubt, yes (the bound is then merely loose)."""
+    l, u = s.double()
     phase = _waves(op.phases, l)
     doubt = 1e-14 * (1 + l.abs() + u.abs())
     return torch.floor((u - phase) / TWO_PI + doubt) >= torch.ceil((l - phase) / TWO_PI - doubt)
@@ -216,11 +216,11 @@ def contains(op: Periodic, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _interval(op: Periodic):
     def interval(ins, ps, attrs):
         """The exact range: f at the ends, -1 / 1 where [l, u] holds a minimum / maximum."""
-        l, u = ins[0]
-        fl, fu = op.f(l), op.f(u)
-        minimum, maximum = contains(op, l, u)
-        lo = torch.where(minimum, -torch.ones_like(fl), torch.minimum(fl, fu))
-        hi = torch.where(maximum, torch.ones_like(fl), torch.maximum(fl, fu))
+        (s,) = ins
+        at_ends = op.f(s)
+        minimum, maximum = contains(op, s)
+        lo = torch.where(minimum, -1.0, at_ends.amin(0))
+        hi = torch.where(maximum, 1.0, at_ends.amax(0))
         return (torch.stack((lo, hi)),)
     return interval
 

@@ -34,6 +34,7 @@ p, the upper line's y0 and q (RELAX_ROWS in all).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -65,24 +66,24 @@ def _others(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.unsqueeze(-2) - x.unsqueeze(-1)
 
 
+@functools.lru_cache(maxsize=64)
 def _off_diagonal(n: int, device: torch.device) -> torch.Tensor:
-    return ~torch.eye(n, dtype=torch.bool, device=device)
+    """The [n, n] mask of j != i, made once per size and device (outside inference mode: autograd
+    may save it). Never modify it."""
+    with torch.inference_mode(False):
+        return ~torch.eye(n, dtype=torch.bool, device=device)
 
 
-def _side(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """1 / (1 + sum_{j != i} exp(y_j - x_i))."""
-    terms = torch.where(_off_diagonal(x.shape[-1], x.device), torch.exp(_others(x, y)), x.new_zeros(()))
+def bounds(s: torch.Tensor) -> torch.Tensor:
+    """The exact interval of softmax over the box s = stack(l, u) (module docstring), both sides
+    at once: 1 / (1 + sum_{j != i} exp(y_j - x_i)) with (x, y) = (l, u) for the lower bound and
+    (u, l) for the upper one."""
+    terms = torch.where(_off_diagonal(s.shape[-1], s.device), torch.exp(_others(s, s.flip(0))), 0.0)
     return torch.reciprocal(1 + terms.sum(-1))
 
 
-def bounds(l: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact interval of softmax over the box [l, u] (module docstring)."""
-    return _side(l, u), _side(u, l)
-
-
 def interval(ins, ps, attrs):
-    l, u = ins[0]
-    return (torch.stack(bounds(l, u)),)
+    return (bounds(ins[0]),)
 
 
 def _bounds_error(l, u, lo, hi) -> torch.Tensor:
@@ -114,7 +115,7 @@ def relax(ins, ps, attrs):
         i = int((~torch.isfinite(ins[0])).flatten(1).any(0).nonzero()[0])
         raise DomainError(f"softmax: input interval [{float(l.flatten()[i]):.6g}, {float(u.flatten()[i]):.6g}] "
                           f"(element {i}) is not finite")
-    lo, hi = bounds(l, u)
+    lo, hi = bounds(ins[0])
     err = 2 * _bounds_error(l, u, lo, hi) + slack(l.shape[-1] + 4, l.dtype)
     lo, hi = (lo - err).clamp(min=0), (hi + err).clamp(max=1)
     s = u.amax(-1, keepdim=True).expand_as(u)

@@ -84,7 +84,10 @@ class _Emitter:
         if known is not None and known[1] is tensor:
             return known[0]
         if name not in self.out.params:
-            self.out.params[name] = tensor.detach().to(TORCH_DTYPES[self.dtype]).contiguous()
+            t = tensor.detach().to(TORCH_DTYPES[self.dtype])
+            # (dense; a conv weight a rule stores channels-last keeps that layout: conv's lu conv)
+            dense = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            self.out.params[name] = t if dense else t.contiguous()
             self._sources[id(tensor)] = (name, tensor)
         return name
 

@@ -878,31 +878,46 @@ def _ln_patch_concretize(ctx, ins, ps, attrs):
 
 
 # -- bound bookkeeping ---------------------------------------------------------------------
+def _ordered(ctx: _Ctx, lo: relax.Expr, hi: relax.Expr) -> relax.Expr:
+    """As domains.bound.ordered: stack(lo, hi) with crossed ends swapped."""
+    return R.stack([ctx.emit(R.minimum(lo, hi)), ctx.emit(R.maximum(lo, hi))], 0)
+
+
+def _met(ctx: _Ctx, s: relax.Expr, lo: relax.Expr, hi: relax.Expr) -> relax.Expr:
+    """As domains.bound.met: an intersection with s whose crossed ends meet at s's nearer end."""
+    lo = ctx.emit(R.minimum(lo, _index(ctx, s, 1)))
+    return R.stack([lo, ctx.emit(R.maximum(hi, lo))], 0)
+
+
 def _merge_sparse(ctx, ins, ps, attrs):
     """The selected neurons take their CROWN bounds (intersected with the interval ones when
-    attrs["intersect"]): a scatter along the flattened neuron axis."""
+    attrs["intersect"]): a scatter along the flattened neuron axis. Crossed ends as in
+    domains.bound."""
     s, idx, crown = ins
     flat = _flatten_from(ctx, s, 2)                             # [2, B, n]
     if attrs["intersect"]:
         old = ctx.emit(R.take(flat, idx, axis=2))               # [2, B, k]
-        crown = ctx.emit(R.stack([R.maximum(_index(ctx, old, 0), _index(ctx, crown, 0)),
-                                  R.minimum(_index(ctx, old, 1), _index(ctx, crown, 1))], 0))
+        crown = ctx.emit(_met(ctx, old, ctx.emit(R.maximum(_index(ctx, old, 0), _index(ctx, crown, 0))),
+                              ctx.emit(R.minimum(_index(ctx, old, 1), _index(ctx, crown, 1)))))
+    else:
+        crown = ctx.emit(_ordered(ctx, _index(ctx, crown, 0), _index(ctx, crown, 1)))
     where = ctx.emit(R.broadcast_to(ctx.emit(R.reshape(idx, [1, 1, -1])), ctx.shape(crown)))
     merged = ctx.emit(R.scatter_elements(flat, where, crown, axis=2))
     return (R.reshape(merged, ctx.shape(s)),)
 
 
 def _intersect(ctx, ins, ps, attrs):
-    """CROWN bounds of every neuron intersected with the interval ones."""
+    """CROWN bounds of every neuron intersected with the interval ones (crossed ends met)."""
     s, crown = ins
     crown = ctx.emit(R.reshape(crown, ctx.shape(s)))
-    return (R.stack([R.maximum(_index(ctx, s, 0), _index(ctx, crown, 0)),
-                     R.minimum(_index(ctx, s, 1), _index(ctx, crown, 1))], 0),)
+    return (_met(ctx, s, ctx.emit(R.maximum(_index(ctx, s, 0), _index(ctx, crown, 0))),
+                 ctx.emit(R.minimum(_index(ctx, s, 1), _index(ctx, crown, 1)))),)
 
 
 def _replace(ctx, ins, ps, attrs):
     s, crown = ins
-    return (R.reshape(crown, ctx.shape(s)),)
+    crown = ctx.emit(R.reshape(crown, ctx.shape(s)))
+    return (_ordered(ctx, _index(ctx, crown, 0), _index(ctx, crown, 1)),)
 
 
 RULES: dict[str, Rule] = {
