@@ -182,9 +182,10 @@ LU_FORM_MAX = 1 << 16
 # for the two convs alone; 3x3 onto 32 channels of 32x32, 884K: 71 against 43)
 LU_CONV_MAX_MACS = 1 << 18
 # and from this many on, its weight is stored channels-last: torch then takes oneDNN's
-# convolution rather than its im2col loop at batch 1, faster even with the channels-last
-# result copied back into the (NCHW) arena (this CPU: 16 -> 32 channels 3x3 on 8x8, 60 -> 39 us;
-# 3 -> 8 4x4 stride 2 on 32x32, 48 -> 44), slower below it (1 -> 4 channels 3x3 on 16x16: 8 -> 20)
+# convolution rather than its im2col loop at batch 1, mostly faster even with the channels-last
+# result copied back into the (NCHW) arena (this CPU, the lu convs of the benchmark's nets: 16 ->
+# 32 channels 3x3 on 8x8, 29 -> 22 us; 16 -> 32 4x4 stride 2 on 16x16, 59 -> 47; but 16 -> 16 3x3
+# on 16x16, 28 -> 30), slower below it (2 -> 8 channels 3x3 on 16x16: 7 -> 10)
 LU_CONV_CHANNELS_LAST_MIN_MACS = 1 << 15
 
 
