@@ -40,10 +40,18 @@ META_OPS_FIXTURES = ["sigmoid_tanh_mlp__eps0.1", "maxpool_cnn__eps0.1", "convtra
 # --------------------------------------------------------------------------- choosing a device
 
 def test_auto_is_the_cpu_without_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == "cuda"
+    """("auto" is decided once per process: the cache is cleared around the pretence.)"""
+    from boundflow.runtime.device import _auto
+
+    try:
+        _auto.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert resolve_device("auto") == "cpu"
+        _auto.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert resolve_device("auto") == "cuda"
+    finally:
+        _auto.cache_clear()
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda:x", "meta", "cpu:1", "", "tpu"])

@@ -638,8 +638,9 @@ def _interval_forms(onnx_node, inits: dict, in_shape, fn, batch: int, seed: int)
     t = torch.rand((64, batch, 1) + in_shape, generator=g, dtype=torch.float64)
     t[:4] = (torch.arange(4, dtype=torch.float64) % 2).view(4, *[1] * (t.dim() - 1))     # two corners
     ys = fn((lo.double() + t * (hi - lo).double()).flatten(0, 2)).reshape((64,) + tuple(both[1].shape[1:]))
-    form = None if len(ps) == general else "lu" if ps[general].dim() == 2 else (
-        "lu_conv" if ps[general].shape[1] == 2 * ps[0].shape[1] else "pair")
+    form = None if len(ps) == general else (
+        ("pair" if node.op == "linear" and ps[general].shape[1] == ps[0].shape[-1] else "lu") if ps[general].dim() == 2
+        else "lu_conv" if ps[general].shape[1] == 2 * ps[0].shape[1] else "pair")
     return form, both, ys
 
 
@@ -650,16 +651,43 @@ def _holds(bounds: torch.Tensor, ys: torch.Tensor, tol: torch.Tensor) -> bool:
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 3), st.integers(0, 2**16))
 def test_linear_interval_forms_agree_and_hold(n_in, n_out, batch, seed):
-    """Small layers of float32 plans also get the (l, u) form, used at batch 1: the same bounds
-    as the centre/radius form up to float32 rounding, and both hold at points of the box."""
+    """Small layers of float32 plans also get the (l, u) form, larger ones the pair form [W+; W-],
+    used at batch 1: the same bounds as the centre/radius form up to float32 rounding, and both
+    hold at points of the box."""
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn((n_in, n_out), generator=g), torch.randn(n_out, generator=g)
     form, (fast, general), ys = _interval_forms(node("Gemm", ["x", "w", "b"]), {"w": w, "b": b}, (n_in,),
                                                 lambda x: x @ w.double() + b.double(), batch, seed)
-    assert form == ("lu" if n_in * n_out <= linear.LU_FORM_MAX else None)
+    assert form == ("lu" if n_in * n_out <= linear.LU_FORM_MAX else "pair")
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_linear_pair_form_bound_once_reads_each_runs_strided_input(into):
+    """The pair form bound once over a strided interval (copied per run) and, as in the
+    executor, over a planned destination, computes each run from that run's values: what the
+    centre/radius form gives on them, up to float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out = 300, 200
+    w, b = torch.randn((n_out, n_in), generator=g), torch.randn(n_out, generator=g)
+    graph = load_onnx(model_of([node("Gemm", ["x", "w", "b"], transB=1)], (1, n_in), {"w": w.numpy(), "b": b.numpy()}))
+    (gemm,) = graph.nodes
+    ps = linear.LINEAR.interval_params(graph, gemm, torch.float32)
+    assert n_in * n_out > linear.LU_FORM_MAX and ps[2].shape == (2 * n_in, n_out)
+    pairs = torch.zeros(1, n_in, 2)                       # stack(l, u) as a strided view of it
+    s = pairs.permute(2, 0, 1)
+    assert not s.is_contiguous()
+    dest = torch.empty(2, 1, n_out) if into else None
+    run = linear.interval.bind([s], ps, {}, (dest,)) if into else linear.interval.bind([s], ps, {})
+    for _ in range(2):
+        lo = torch.randn(1, n_in, generator=g)
+        pairs.copy_(torch.stack((lo, lo + torch.rand(1, n_in, generator=g)), -1))
+        (got,) = run()
+        assert (got is dest) == into
+        (want,) = linear.interval([s.contiguous()], ps[:2], {})
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -687,11 +715,11 @@ def test_conv_interval_forms_agree_and_hold(c_in, c_out, k, stride, groups, batc
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
 
 
-@pytest.mark.parametrize("size", [(15, 16), (64, 64)])
+@pytest.mark.parametrize("size", [(15, 16), (128, 128)])
 def test_every_conv_interval_form_is_taken(size):
     """The forms test_conv_interval_forms_agree_and_hold compares are all reachable: a 3x3 conv
-    onto 4 channels of 15x16 takes the lu conv, of 64x64 (more multiply-adds) two convs, and
-    a 4x4 one of 64x64 the pair."""
+    onto 4 channels of 15x16 takes the lu conv, of 128x128 (more multiply-adds) two convs, and
+    a 4x4 one of 128x128 the pair."""
     forms = []
     for k in (3, 4):
         w = torch.randn(4, 4, k, k)

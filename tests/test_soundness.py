@@ -507,6 +507,39 @@ def test_model_proto_changed_in_place_gets_fresh_bounds(tmp_path):
     assert torch.equal(res.lb, saved.lb) and torch.equal(res.ub, saved.ub)
 
 
+def test_bounded_model_reads_its_model_once(tmp_path):
+    """A BoundedModel gives, bit for bit, the bounds a call with the path (or the torch module)
+    gives, for every method and a spec; it does not look at the file again (what it saves per
+    call): a file rewritten with other weights afterwards keeps its bounds, while the path and a
+    new BoundedModel give the new ones."""
+    import onnx
+    from onnx import numpy_helper
+
+    from test_api_errors import _mlp_proto
+
+    model, path = _mlp_proto(), str(tmp_path / "mlp.onnx")
+    onnx.save(model, path)
+    lo, hi = -torch.ones(1, 3), torch.ones(1, 3)
+    loaded = boundflow.BoundedModel(path)
+    C = torch.tensor([[1.0, -1.0]])
+    for method in ("ibp", "crown-ibp", "crown", "alpha-crown"):
+        for spec in (None, C):
+            want = boundflow.bound(path, lo, hi, method, C=spec)
+            got = loaded.bound(lo, hi, method, C=spec)
+            assert torch.equal(got.lb, want.lb) and torch.equal(got.ub, want.ub), (method, spec)
+    first = loaded.compute_bounds(lo, hi, "crown")
+    w = model.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 10, w.name))
+    onnx.save(model, path)
+    assert all(map(torch.equal, loaded.compute_bounds(lo, hi, "crown"), first))
+    fresh = boundflow.compute_bounds(path, lo, hi, "crown")
+    assert not torch.equal(fresh[0], first[0])
+    assert all(map(torch.equal, boundflow.BoundedModel(path).compute_bounds(lo, hi, "crown"), fresh))
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert all(map(torch.equal, boundflow.BoundedModel(net, lo).compute_bounds(lo, hi, "crown"),
+                   boundflow.compute_bounds(net, lo, hi, "crown")))
+
+
 def _fuzz_case_sound(path, lo, hi, method, config=None):
     """Bounds of `method` contain onnxruntime's outputs at sampled points of [lo, hi]."""
     res = boundflow.bound(str(path), lo, hi, method, config=config)

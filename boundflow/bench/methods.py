@@ -1,8 +1,10 @@
 """Benchmark of the bound methods: ``python -m boundflow.bench.methods [--json FILE] [--models ...]
 [--repeats N] [--warmup N] [--threads 1] [--quick] [--device cpu|cuda|auto] [--in-process]``.
 
-For each model and input box it times ``boundflow.compute_bounds`` with IBP, CROWN-IBP, CROWN
-and CROWN with textbook intermediate bounds (``crown_interm="pure"``) and compares with
+For each model and input box it times ``compute_bounds`` of a ``boundflow.BoundedModel`` (the
+model loaded once, as auto_LiRPA's BoundedModule is built once; a path is looked up again per
+call, a stat of the file) with IBP, CROWN-IBP, CROWN and CROWN with textbook intermediate
+bounds (``crown_interm="pure"``) and compares with
 
 - one plain forward pass of the same model at batch 1, two ways: a torch forward (the
   simplified primal graph run as a list of closures with their weights and attributes bound
@@ -27,9 +29,9 @@ nearest float32, as the fixtures' boxes were.
 
 Each case runs in a fresh process (``--in-process``: all in this one; see run_isolated), so
 its times do not depend on the cases before it. Timing (see
-``boundflow.bench.common.time_calls``): the model is loaded first (``load_ms``, on
-the case's first row: near 0 when an earlier case loaded the same file; the first load in the
-process also pays one-off imports). The first ``compute_bounds`` call of a method plans, caches
+``boundflow.bench.common.time_calls``): the model is loaded first (``load_ms``, the
+BoundedModel, on the case's first row: near 0 when an earlier case loaded the same file; the
+first load in the process also pays one-off imports). The first ``compute_bounds`` call of a method plans, caches
 and runs (``first_call_ms``; ``plan_cached`` is true when an earlier case already made the same
 plan); then ``--warmup`` untimed calls and ``--repeats`` timed ones give the median and spread
 of the wall-clock time (``time_ms``, used by the ratios and targets) and of the thread's CPU
@@ -245,7 +247,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def run_case(case: Case, repeats: int, warmup: int, threads: int, device: str = "cpu") -> list[dict[str, Any]]:
     path = str(case.model)
-    load_ms, (graph, _) = time_once(lambda: boundflow.load_model(path))
+    load_ms, model = time_once(lambda: boundflow.BoundedModel(path))
+    graph = model.graph
     in_shape = tuple(graph.shape(graph.inputs[0]))
     if int(np.prod(in_shape)) != case.lower.size:
         raise ValueError(f"{case.name}: box has {case.lower.size} entries, the model's input {list(in_shape)}")
@@ -264,11 +267,11 @@ def run_case(case: Case, repeats: int, warmup: int, threads: int, device: str = 
 
     rows = []
     for label, method, interm, sound, key in METHODS:
-        first_ms, first = time_once(lambda: boundflow.bound(path, lo, hi, method, C, crown_interm=interm,
-                                                            sound_fp=sound, device=device))
+        first_ms, first = time_once(lambda: model.bound(lo, hi, method, C, crown_interm=interm, sound_fp=sound,
+                                                        device=device))
         wall, cpu, (lb, ub) = time_calls(
-            lambda: boundflow.compute_bounds(path, lo, hi, method=method, C=C, crown_interm=interm, sound_fp=sound,
-                                             device=device),
+            lambda: model.compute_bounds(lo, hi, method=method, C=C, crown_interm=interm, sound_fp=sound,
+                                         device=device),
             repeats, warmup)
         width = _num((ub - lb).double().mean().item())
         ms = wall["median"]
@@ -293,19 +296,19 @@ def run_case(case: Case, repeats: int, warmup: int, threads: int, device: str = 
                             "tightness": _ratio(width, ref_width)}
         rows.append(row)
         load_ms = None  # loaded once per case
-    rows.append(_ibp_batch_row(case, in_shape, lo, hi, fwd, x, repeats, warmup, device))
+    rows.append(_ibp_batch_row(case, model, in_shape, lo, hi, fwd, x, repeats, warmup, device))
     return rows
 
 
-def _ibp_batch_row(case: Case, in_shape: tuple, lo: torch.Tensor, hi: torch.Tensor, fwd, x: torch.Tensor,
-                   repeats: int, warmup: int, device: str) -> dict[str, Any]:
+def _ibp_batch_row(case: Case, model: boundflow.BoundedModel, in_shape: tuple, lo: torch.Tensor, hi: torch.Tensor,
+                   fwd, x: torch.Tensor, repeats: int, warmup: int, device: str) -> dict[str, Any]:
     """IBP over IBP_BATCH copies of the box, one call, against the torch forward at that batch."""
-    path, B = str(case.model), IBP_BATCH
+    B = IBP_BATCH
     los, his = (t.expand((B,) + in_shape).contiguous() for t in (lo, hi))
     xs = x.expand((B,) + in_shape).contiguous().to(device)
     fwd_wall, fwd_cpu, _ = time_calls(lambda: fwd(xs), repeats, warmup)
-    first_ms, first = time_once(lambda: boundflow.bound(path, los, his, "ibp", device=device))
-    wall, cpu, (lb, ub) = time_calls(lambda: boundflow.compute_bounds(path, los, his, method="ibp", device=device),
+    first_ms, first = time_once(lambda: model.bound(los, his, "ibp", device=device))
+    wall, cpu, (lb, ub) = time_calls(lambda: model.compute_bounds(los, his, method="ibp", device=device),
                                      repeats, warmup)
     return {"case": case.name, "model": case.model.name, "box": case.box, "method": f"ibp-batch{B}",
             "compute_bounds": {"method": "ibp", "crown_interm": "sparse", "sound_fp": False},

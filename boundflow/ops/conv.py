@@ -179,8 +179,11 @@ LU_FORM_MAX = 1 << 16
 # convs of at most this many multiply-adds (a forward at batch 1) get the lu conv at batch 1:
 # four times the arithmetic of one conv in one call, where two convs and the centre/radius
 # conversions are mostly fixed costs (this CPU, 3x3 onto 8 channels of 8x8: 14 us against 16
-# for the two convs alone; 3x3 onto 32 channels of 32x32, 884K: 71 against 43)
-LU_CONV_MAX_MACS = 1 << 18
+# for the two convs alone). Measured in whole IBP calls, where every extra call also meets
+# caches its predecessor left cold: cifar_wide_kw's 16 -> 32 4x4 stride 2 (524K) 470 -> 430
+# us a call against the pair form; two 3x3 convs of 590K (16 -> 16 on 16x16, 32 -> 32 on
+# 8x8) 206 -> 178 and 184 -> 147 us against two convs; about even at 1.2M and 2.4M
+LU_CONV_MAX_MACS = 1 << 20
 # and from this many on, its weight is stored channels-last: torch then takes oneDNN's
 # convolution rather than its im2col loop at batch 1, mostly faster even with the channels-last
 # result copied back into the (NCHW) arena (this CPU, the lu convs of the benchmark's nets: 16 ->

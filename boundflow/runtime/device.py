@@ -24,7 +24,7 @@ def resolve_device(name: str) -> str:
     if not isinstance(name, str):
         raise DeviceError(f"device must be a string ({', '.join(USER_DEVICES)} or cuda:N), not {type(name).__name__}")
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return _auto()
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -40,14 +40,21 @@ def resolve_device(name: str) -> str:
     return str(dev)
 
 
+@functools.cache
+def _auto() -> str:
+    """What "auto" means: a process sees the same devices throughout (asked once: the
+    question is ~2 us of Python per bound call)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def ieee_float32(device: torch.device):
     """On a CUDA device, float32 matmuls and convolutions in IEEE float32, not TF32 (10-bit
     mantissa; cuDNN's default for convolutions): the bounds are computed in float32 as on
     the CPU. Elsewhere nothing changes (a shared no-op context: runs are short)."""
-    return _cuda_ieee_float32() if device.type == "cuda" else _NOTHING
+    return _cuda_ieee_float32() if device.type == "cuda" else NO_CONTEXT
 
 
-_NOTHING = contextlib.nullcontext()
+NO_CONTEXT = contextlib.nullcontext()
 
 
 @contextlib.contextmanager
