@@ -31,6 +31,7 @@ from boundflow.runtime.device import resolve_device
 from boundflow.runtime.python_executor import PythonTaskExecutor
 
 _CACHE_SIZE = 16
+_CPU = torch.device("cpu")
 _graphs: OrderedDict = OrderedDict()
 _plans: OrderedDict = OrderedDict()
 _executor = PythonTaskExecutor()
@@ -324,7 +325,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     lb, ub = outputs["bounds"].unbind(0)
     if c_err is not None:
         lb, ub = _correct(lb, ub, c_err)
-    if home.type != "cpu" or device != "cpu":
+    if device != "cpu" or home != _CPU:
         lb, ub = lb.to(home), ub.to(home)
     intermediate = {}
     if len(outputs) > 1:

@@ -398,8 +398,19 @@ def test_domain_errors(tmp_path, op, lo, hi, match):
 
 def test_overflow_is_an_error(tmp_path):
     path = _direct(tmp_path, [helper.make_node("Exp", ["x"], ["y"])])
-    with pytest.raises(DomainError, match="overflow"):
-        boundflow.compute_bounds(path, torch.zeros(1, 3), torch.full((1, 3), 200.0), method="crown")
+    for method in METHODS:
+        with pytest.raises(DomainError, match="overflow"):
+            boundflow.compute_bounds(path, torch.zeros(1, 3), torch.full((1, 3), 200.0), method=method)
+
+
+def test_finite_values_whose_sum_overflows_are_no_error(tmp_path):
+    """The interval rule checks its values with one sum: where that overflows while every value
+    is finite (exp near float32's largest), the values are looked at one by one, and pass."""
+    path = _direct(tmp_path, [helper.make_node("Exp", ["x"], ["y"])])
+    lo, hi = torch.full((1, 3), 87.0), torch.full((1, 3), 88.5)
+    assert not torch.isfinite(torch.exp(torch.stack((lo, hi))).sum())
+    lb, ub = boundflow.compute_bounds(path, lo, hi, method="ibp")
+    assert torch.equal(lb, torch.exp(lo)) and torch.equal(ub, torch.exp(hi))
 
 
 @pytest.mark.parametrize("nodes,inits,match", [

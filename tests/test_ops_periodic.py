@@ -113,6 +113,22 @@ def test_periodic_interval_is_the_range(op, seed):
     assert (lo >= fx.amin(1) - spacing ** 2).all() and (hi <= fx.amax(1) + spacing ** 2).all()
 
 
+@pytest.mark.parametrize("op", PERIODIC)
+def test_periodic_contains_finds_every_trough_and_no_distant_one(op):
+    """A float32 interval around a trough of either wave (phase + 2 pi k, k up to +-2000: the
+    float32 neighbours of its rounding hold it) is found to hold it, and so the interval rule
+    gives -1 / 1 there; an interval 0.1 to 0.2 past it is not."""
+    k = torch.arange(-2000, 2001, dtype=torch.float64)
+    for wave, phase in enumerate(op.phases):
+        trough = (phase + P.TWO_PI * k).float()
+        around = torch.stack((torch.nextafter(trough, trough - 1), torch.nextafter(trough, trough + 1)))
+        assert P.contains(op, around)[wave].all()
+        (lo, hi), = P._interval(op)([around], [], {})
+        assert ((lo if wave == 0 else hi) == (-1.0 if wave == 0 else 1.0)).all()
+        past = torch.stack((trough.double() + 0.1, trough.double() + 0.2)).float()
+        assert not P.contains(op, past)[wave].any()
+
+
 # -- networks --------------------------------------------------------------------------------------
 
 class Fn(nn.Module):

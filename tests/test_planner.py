@@ -22,7 +22,7 @@ from boundflow.ir.task import BFTaskModule, BufferSpec, TaskOp
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.liveness import op_lifetimes, peak_live_bytes, task_lifetimes
 from boundflow.planner.lower import METHODS as ALL_METHODS
-from boundflow.planner.memory import _align, plan_memory
+from boundflow.planner.memory import _align, merge_views, plan_memory, view_aliases
 from boundflow.planner.order import memory_aware_order
 from boundflow.planner.partition import build_tasks, split_ops
 from boundflow.planner.pipeline import plan
@@ -178,8 +178,9 @@ def test_rejects_buffer_outside_its_arena_or_unplaced(crown_plan):
 # --------------------------------------------------------------------------------------------
 def _module(ops, buffers, inputs, outputs, reuse=True, alignment=64) -> BFTaskModule:
     tasks, edges = build_tasks(split_ops(ops, ["p"] * len(ops), PlannerConfig()), set(inputs), set(outputs))
-    life = op_lifetimes([op for t in tasks for op in t.ops], set(inputs), set(outputs))
-    memory = plan_memory(buffers, life, alignment, reuse)
+    in_order = [op for t in tasks for op in t.ops]
+    life = op_lifetimes(in_order, set(inputs), set(outputs))
+    memory = plan_memory(buffers, life, alignment, reuse, view_aliases(in_order, buffers))
     return BFTaskModule("test", tasks, edges, buffers, {}, {f"in{i}": b for i, b in enumerate(inputs)},
                         {f"out{i}": b for i, b in enumerate(outputs)}, memory, {})
 
@@ -191,7 +192,7 @@ def _buf(i, shape, dtype="float32") -> BufferSpec:
 def test_freed_4x32_buffer_holds_a_later_4x8_one():
     # x -> A [4,32] -> C [4,16] (A dies here; C lives to the end) -> B [4,8]: B lands in A's bytes
     buffers = {0: _buf(0, (4, 4)), 1: _buf(1, (4, 32)), 2: _buf(2, (4, 16)), 3: _buf(3, (4, 8))}
-    ops = [TaskOp("interval.sigmoid", [0], [1]), TaskOp("interval.sigmoid", [1], [2]), TaskOp("interval.sigmoid", [2], [3])]
+    ops = [TaskOp("interval.softmax", [0], [1]), TaskOp("interval.softmax", [1], [2]), TaskOp("interval.softmax", [2], [3])]
     module = _module(ops, buffers, inputs=[0], outputs=[2, 3])
     verify_plan(module)
     (_, a), (_, b) = module.memory_plan.offsets[1], module.memory_plan.offsets[3]
@@ -204,7 +205,8 @@ def test_freed_4x32_buffer_holds_a_later_4x8_one():
 def random_dags(draw):
     """Module inputs, then ops in a topological order, each reading earlier buffers and writing
     one or two fresh ones (float32, some int64; some ops alias, as reshapes do, and some write
-    into their planned outputs while reading, as interval.relu does)."""
+    into their planned outputs while reading, as interval.relu does); some are views, a flatten
+    of one buffer into one of its size, whose bytes the plan shares between them."""
     buffers: dict[int, BufferSpec] = {}
 
     def new(dtype="float32"):
@@ -216,9 +218,15 @@ def random_dags(draw):
     inputs = [new() for _ in range(draw(st.integers(1, 2)))]
     ops = []
     for _ in range(draw(st.integers(1, 14))):
-        reads = draw(st.lists(st.sampled_from(sorted(buffers)), min_size=1, max_size=3, unique=True))
-        writes = [new(draw(st.sampled_from(["float32", "float32", "int64"]))) for _ in range(draw(st.integers(1, 2)))]
-        kind = draw(st.sampled_from(["interval.sigmoid", "interval.linear", "interval.reshape", "interval.relu"]))
+        kind = draw(st.sampled_from(["interval.softmax", "interval.linear", "interval.reshape", "interval.relu",
+                                     "interval.flatten"]))
+        if kind == "interval.flatten":
+            (read,) = reads = [draw(st.sampled_from(sorted(buffers)))]
+            writes = [len(buffers)]
+            buffers[len(buffers)] = BufferSpec(len(buffers), "view", (buffers[read].numel,), buffers[read].dtype)
+        else:
+            reads = draw(st.lists(st.sampled_from(sorted(buffers)), min_size=1, max_size=3, unique=True))
+            writes = [new(draw(st.sampled_from(["float32", "float32", "int64"]))) for _ in range(draw(st.integers(1, 2)))]
         ops.append(TaskOp(kind, reads, writes))
     written = [b for op in ops for b in op.outputs]
     outputs = sorted(set(draw(st.lists(st.sampled_from(written), min_size=0, max_size=2))) | {written[-1]})
@@ -237,10 +245,34 @@ def test_packer_plan_of_random_dag_verifies(dag, alignment, reuse):
     verify_plan(module)
     life = op_lifetimes(list(module.ops()), set(inputs), set(outputs))
     mp = module.memory_plan
+    assert mp.aliases == (view_aliases(list(module.ops()), buffers) if reuse else {})
+    assert all(mp.offsets[b] == mp.offsets[r] for b, r in mp.aliases.items())
     aligned = sum(_align(s.nbytes, alignment) for s in buffers.values())
-    assert peak_live_bytes(life, {b: s.nbytes for b, s in buffers.items()}) <= mp.physical_bytes <= aligned
+    assert peak_live_bytes(merge_views(life, mp.aliases), {b: s.nbytes for b, s in buffers.items()}) <= \
+        mp.physical_bytes <= aligned
     if alignment == 4:          # every float32/int64 size is a multiple of 4: no padding
         assert mp.physical_bytes <= mp.logical_bytes
+
+
+def test_a_view_shares_its_inputs_bytes_and_the_verifier_checks_it():
+    """A flatten's result is placed at its input's bytes (reuse on), the pair kept apart from
+    others over both lifetimes; the verifier refuses an alias that is not a view kernel's result
+    and a view placed elsewhere than its input."""
+    buffers = {0: _buf(0, (4, 8)), 1: _buf(1, (4, 8)), 2: _buf(2, (32,)), 3: _buf(3, (4, 8)), 4: _buf(4, (32,))}
+    ops = [TaskOp("interval.softmax", [0], [1]), TaskOp("interval.flatten", [1], [2]),
+           TaskOp("interval.softmax", [0], [3]), TaskOp("interval.add", [2, 2], [4])]
+    module = _module(ops, buffers, inputs=[0], outputs=[3, 4])
+    verify_plan(module)
+    mp = module.memory_plan
+    assert mp.aliases == {2: 1} and mp.offsets[2] == mp.offsets[1]
+    assert mp.offsets[3] != mp.offsets[1]              # 1 is dead after op 1 but its view lives on
+    assert not _module(ops, buffers, inputs=[0], outputs=[3, 4], reuse=False).memory_plan.aliases
+    bogus = dataclasses.replace(mp, aliases={3: 1}, offsets={**mp.offsets, 3: mp.offsets[1]})
+    with pytest.raises(PlanError, match="not the view kernels' results"):
+        verify_plan(dataclasses.replace(module, memory_plan=bogus))
+    elsewhere = dataclasses.replace(mp, offsets={**mp.offsets, 2: mp.offsets[3]})
+    with pytest.raises(PlanError, match="is a view of buffer 1 but not at its bytes"):
+        verify_plan(dataclasses.replace(module, memory_plan=elsewhere))
 
 
 @DAG_SETTINGS
@@ -261,8 +293,8 @@ def test_memory_aware_order_lowers_peak_of_interleaved_branches():
     # two branches, each a big buffer reduced to a small one; naive order keeps both big ones live
     buffers = {0: _buf(0, (4,)), 1: _buf(1, (1000,)), 2: _buf(2, (1000,)), 3: _buf(3, (4,)), 4: _buf(4, (4,)),
                5: _buf(5, (4,))}
-    ops = [TaskOp("interval.sigmoid", [0], [1]), TaskOp("interval.sigmoid", [0], [2]), TaskOp("interval.sigmoid", [1], [3]),
-           TaskOp("interval.sigmoid", [2], [4]), TaskOp("interval.add", [3, 4], [5])]
+    ops = [TaskOp("interval.softmax", [0], [1]), TaskOp("interval.softmax", [0], [2]), TaskOp("interval.softmax", [1], [3]),
+           TaskOp("interval.softmax", [2], [4]), TaskOp("interval.add", [3, 4], [5])]
     nbytes = {b: s.nbytes for b, s in buffers.items()}
     naive = peak_live_bytes(op_lifetimes(ops, {0}, {5}), nbytes)
     order = memory_aware_order(ops, buffers, {5})

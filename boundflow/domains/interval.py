@@ -33,6 +33,14 @@ def from_cr(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return lu.view(s.shape) if out is None else out
 
 
+def extremes(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """stack(min, max) over the first axis (into out when given): one reduction, or two where
+    autograd follows (torch before 2.13, the GPU machines' 2.11, has no derivative for aminmax)."""
+    if values.requires_grad:
+        return torch.stack((values.amin(0), values.amax(0)), out=out)
+    return torch.stack(values.aminmax(dim=0), out=out)
+
+
 def spec_linear(ins, ps, attrs):
     """Output bounds of C @ linear(x), with C folded into the layer (C W, C b): tighter than
     bounding C @ box, and what auto_LiRPA does when the last op is linear. C: [B, S, O]."""
@@ -66,3 +74,4 @@ def flatten(ins, ps, attrs):
 
 RULES = {"spec_linear": spec_linear, "spec_box": spec_box, "flatten": flatten}
 ALIASING = frozenset({"interval.flatten"})
+VIEWS = frozenset({"interval.flatten"})

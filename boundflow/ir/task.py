@@ -84,6 +84,8 @@ class MemoryPlan:
     logical_bytes: int
     physical_bytes: int
     reuse: bool = False
+    # buffer -> the buffer whose bytes it shares by being a view of it (planner/memory.py)
+    aliases: dict[int, int] = field(default_factory=dict)
 
     def physical_of(self, buffer_id: int) -> tuple[str, int]:
         return self.offsets[buffer_id]

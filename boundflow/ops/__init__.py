@@ -3,7 +3,8 @@
 Importing this package registers every op and every frontend mapping (ONNX_LOWERINGS,
 TORCH_LOWERINGS). KERNELS maps a TaskOp's kernel name to its function: the ops' own kernels and
 the shared machinery of the domains (starting and ending backward passes, output intervals,
-bookkeeping). ALIASING_KERNELS lists the kernels whose results may be views of their inputs;
+bookkeeping). ALIASING_KERNELS lists the kernels whose results may be views of their inputs
+(VIEW_KERNELS: those whose results are their inputs reshaped, given their inputs' bytes);
 every other kernel returns fresh tensors, so its outputs may take the bytes of inputs that die
 at that op, except those in WRITING_KERNELS (marked `boundflow.domains.writes_into`), which
 write their results into the planned views while they still read their inputs.
@@ -30,7 +31,9 @@ for _op in OPS.values():
     KERNELS.update(_op.all_kernels())
 
 ALIASING_KERNELS = frozenset({"bound.replace"} | _interval.ALIASING).union(*(op.aliasing for op in OPS.values()))
+VIEW_KERNELS = _interval.VIEWS.union(*(op.views for op in OPS.values()))
+assert VIEW_KERNELS <= ALIASING_KERNELS
 WRITING_KERNELS = frozenset(name for name, fn in KERNELS.items() if getattr(fn, "writes_into", False))
 
-__all__ = ["OPS", "Op", "Relaxation", "get", "register", "KERNELS", "ALIASING_KERNELS", "WRITING_KERNELS",
+__all__ = ["OPS", "Op", "Relaxation", "get", "register", "KERNELS", "ALIASING_KERNELS", "VIEW_KERNELS", "WRITING_KERNELS",
            "ONNX_LOWERINGS", "ONNX_REWRITES", "TORCH_LOWERINGS", "onnx_lowering", "onnx_rewrite", "torch_lowering"]

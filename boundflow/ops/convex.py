@@ -36,10 +36,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from boundflow.domains import fp
+from boundflow.domains import binds, fp
+from boundflow.domains.interval import extremes
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
 from boundflow.errors import DomainError
+from boundflow.runtime.device import constant
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
 from boundflow.ops.s_shaped import FUNCTION_ULPS, _back
 from boundflow.ops.s_shaped import backward as lines_backward
@@ -299,19 +301,39 @@ def _curve_kernels(name: str):
         pair = torch.stack((a_lo, a_up), 1).unsqueeze(2)                          # [B, 2, 1, *shape]
         return pair.expand((a.shape[0], 2) + tuple(a.shape[1:])).clone()
 
-    def interval(ins, ps, attrs):
-        """The range of f over [l, u]: at the ends, and at the stationary point inside (f of
-        all the points in one call: most of this rule's time is per call)."""
+    @binds
+    def interval(ins, ps, attrs, out=(None,)):
+        """The range of f over [l, u]: f at the ends (a lower end below a closed domain raised
+        to its bound) and at the stationary point inside, all in one call of f, and both ends
+        of the range in one reduction (this rule's time is mostly per call). One sum of the
+        values checks the domain and overflow: it is NaN or infinite where the interval leaves
+        the domain (f is NaN or infinite there: sqrt(-1), log(0)) or f overflows, or where finite
+        values' sum does; only then are they looked at one by one, for the error (or none).
+        A pole inside [l, u] leaves f finite: one reduction finds it."""
         curve = curve_of(name, attrs)
         (s,) = ins
-        if curve.lo_bound is not None or curve.pole is not None:
-            l, u = s
-            raised = _in_domain(curve, l, u, "input interval")
-            s = s if raised is l else torch.stack((raised, u))
-        if curve.stationary is not None:
-            s = torch.cat((s, torch.minimum(s[0].clamp(min=curve.stationary), s[1]).unsqueeze(0)))
-        values = curve.f(s)
-        return (_finite(curve, torch.stack((values.amin(0), values.amax(0))), s[:2], "the values"),)
+        l, u = s
+        ends = (2,) + (1,) * (s.dim() - 1)
+        floor = None if curve.lo_bound is None or curve.open_lo else \
+            constant((curve.lo_bound, -math.inf), s.dtype, s.device).view(ends)
+        signs = None if curve.pole is None else constant((1.0, -1.0), s.dtype, s.device).view(ends)
+        inside = None if curve.stationary is None else constant(curve.stationary, s.dtype, s.device)
+
+        def run():
+            if signs is not None and s.numel():
+                shifted = s - curve.pole if curve.pole else s
+                if not shifted.mul(signs).amax(0).amin() > 0:    # max(l - pole, pole - u) <= 0 (or NaN)
+                    _in_domain(curve, l, u, "input interval")
+            points = s if floor is None else torch.clamp(s, min=floor)
+            if inside is not None:                            # (the stationary point is in the domain)
+                points = torch.cat((points, torch.clamp(inside, l, u).unsqueeze(0)))
+            values = curve.f(points)
+            bounds = extremes(values, out[0])
+            if not math.isfinite(values.sum().item()):
+                _in_domain(curve, l, u, "input interval")
+                _finite(curve, bounds, s, "the values")
+            return (bounds,)
+        return run
 
     def fp_interval(ins, ps, attrs):
         """f rounded by the library: `ulps` units in the last place of f."""

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from boundflow.domains import fp
+from boundflow.domains import binds, fp
+from boundflow.domains.interval import extremes
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, register
@@ -40,16 +41,23 @@ def forward(x, y, attrs=None):
     return x * y
 
 
-def interval(ins, ps, attrs):
+@binds
+def interval(ins, ps, attrs, out=(None,)):
     """The least and the largest of the four products of the bounds: stack(lx, ux) times
-    stack(ly, uy) crosswise, in one broadcast product (this rule's time is mostly per call)."""
+    stack(ly, uy) crosswise, in one broadcast product, and both ends in one reduction (this
+    rule's time is mostly per call)."""
     sx, sy = ins
     if sx.dim() == sy.dim():
-        products = (sx.unsqueeze(1) * sy.unsqueeze(0)).flatten(0, 1)
+        xs, ys = sx.unsqueeze(1), sy.unsqueeze(0)
+
+        def products():
+            return torch.mul(xs, ys).flatten(0, 1)
     else:                                 # (the new axes would not line up under broadcasting)
         (lx, ux), (ly, uy) = sx, sy
-        products = torch.stack(torch.broadcast_tensors(lx * ly, lx * uy, ux * ly, ux * uy))
-    return (torch.stack((products.amin(0), products.amax(0))),)
+
+        def products():
+            return torch.stack(torch.broadcast_tensors(lx * ly, lx * uy, ux * ly, ux * uy))
+    return lambda: (extremes(products(), out[0]),)
 
 
 def fp_error(ins, ps, attrs):

@@ -36,7 +36,8 @@ from typing import Callable
 
 import torch
 
-from boundflow.domains import fp
+from boundflow.domains import binds, fp
+from boundflow.domains.interval import extremes
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
@@ -206,22 +207,25 @@ def _alpha_start(op, env) -> torch.Tensor:
 
 def contains(op: Periodic, s: torch.Tensor) -> torch.Tensor:
     """Per wave (of f, of -f), whether [l, u] (s = stack(l, u)) may hold one of its minima
-    phase + 2 pi n; when rounding leaves it in doubt, yes (the bound is then merely loose)."""
-    l, u = s.double()
-    phase = _waves(op.phases, l)
-    doubt = 1e-14 * (1 + l.abs() + u.abs())
-    return torch.floor((u - phase) / TWO_PI + doubt) >= torch.ceil((l - phase) / TWO_PI - doubt)
+    phase + 2 pi n; when rounding leaves it in doubt, yes (the bound is then merely loose).
+    Such an n exists iff floor((u - phase) / 2 pi) >= ceil((l - phase) / 2 pi), that is
+    floor((u - phase) / 2 pi) + floor((phase - l) / 2 pi) >= 0: one computation over [wave,
+    end], each end moved by the doubt d = 1e-14 (1 + |l| + |u|) towards yes (float64)."""
+    x = s.double()
+    lead = (1,) * (s.dim() - 1)
+    phase = constant(op.phases, torch.float64, s.device).view((2, 1) + lead)
+    turns = constant((-1 / TWO_PI, 1 / TWO_PI), torch.float64, s.device).view((2,) + lead)
+    doubt = torch.linalg.vector_norm(x, 1, dim=0).add_(1).mul_(1e-14)
+    return torch.addcmul(doubt, x - phase, turns).floor_().sum(1) >= 0
 
 
 def _interval(op: Periodic):
-    def interval(ins, ps, attrs):
+    @binds
+    def interval(ins, ps, attrs, out=(None,)):
         """The exact range: f at the ends, -1 / 1 where [l, u] holds a minimum / maximum."""
         (s,) = ins
-        at_ends = op.f(s)
-        minimum, maximum = contains(op, s)
-        lo = torch.where(minimum, -1.0, at_ends.amin(0))
-        hi = torch.where(maximum, 1.0, at_ends.amax(0))
-        return (torch.stack((lo, hi)),)
+        peaks = constant((-1.0, 1.0), s.dtype, s.device).view((2,) + (1,) * (s.dim() - 1))
+        return lambda: (torch.where(contains(op, s), peaks, extremes(op.f(s)), out=out[0]),)
     return interval
 
 

@@ -134,6 +134,10 @@ class Op:
     kernels: dict[str, Kernel] = field(default_factory=dict)
     # kernels (full names) whose results may be views of their inputs (the storage plan must know)
     aliasing: frozenset[str] = frozenset()
+    # among those, kernels whose every result is its same-position input's bytes read in another
+    # shape (a reshape of a contiguous tensor): the storage plan gives each result its input's
+    # bytes, and the executor then has nothing to run (planner/memory.py, view_aliases)
+    views: frozenset[str] = frozenset()
 
     def all_kernels(self) -> dict[str, Kernel]:
         out = {f"interval.{self.name}": self.interval}

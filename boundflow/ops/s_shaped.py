@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from boundflow.domains import fp
+from boundflow.domains import fp, writes_into
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, register, torch_lowering
@@ -232,8 +232,9 @@ def _alpha_start(shape: SShape):
 
 
 def _interval(shape: SShape):
-    def interval(ins, ps, attrs):
-        return (shape.f(ins[0]),)             # increasing: f(lower), f(upper)
+    @writes_into
+    def interval(ins, ps, attrs, out=(None,)):
+        return (shape.f(ins[0], out=out[0]),)             # increasing: f(lower), f(upper)
     return interval
 
 

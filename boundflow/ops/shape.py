@@ -70,7 +70,8 @@ def _concat_attrs(graph, node) -> dict:
 
 
 RESHAPE = register(Op("reshape", _reshape_forward, _reshape_interval, _reshape_backward, coordinatewise=True,
-                      aliasing=frozenset({"interval.reshape", "linear.reshape"})))
+                      aliasing=frozenset({"interval.reshape", "linear.reshape"}),
+                      views=frozenset({"interval.reshape", "linear.reshape"})))
 TRANSPOSE = register(Op("transpose", _transpose_forward, _transpose_interval, _transpose_backward,
                         coordinatewise=True,
                         aliasing=frozenset({"interval.transpose", "linear.transpose"})))

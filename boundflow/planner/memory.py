@@ -5,10 +5,16 @@ packed greedily by size, largest first, each at the best-fitting gap between the
 placed whose lifetimes overlap its own (the "greedy by size" planner of TFLite and others), so a
 freed [4, 32] buffer can hold a later [4, 8] one. Buffers with a dynamic axis are placed at
 their largest size.
+
+With reuse, the result of a view kernel (a reshape: its input's bytes read in another shape)
+shares its input's bytes, the pair packed as one buffer live over both lifetimes: the copy from
+the one to the other goes, and the executor skips the op (nothing is ever written to either
+after its producer: a plan writes every buffer once).
 """
 from __future__ import annotations
 
-from boundflow.ir.task import BufferSpec, MemoryPlan
+from boundflow.ir.task import BufferSpec, MemoryPlan, TaskOp
+from boundflow.ops import VIEW_KERNELS
 from boundflow.planner.liveness import Lifetime
 
 
@@ -32,20 +38,47 @@ def _pack(ids: list[int], sizes: dict[int, int], life: dict[int, Lifetime]) -> t
     return offsets, arena
 
 
+def view_aliases(ops: list[TaskOp], buffers: dict[int, BufferSpec]) -> dict[int, int]:
+    """Result -> the buffer it is a view of (followed back to one that is not): each result of
+    a view kernel with its same-position input, where both have a static size and the same
+    dtype and size. ops in execution order."""
+    root: dict[int, int] = {}
+    for op in ops:
+        if op.op in VIEW_KERNELS and len(op.inputs) == len(op.outputs):
+            for i, o in zip(op.inputs, op.outputs):
+                a, b = buffers[i], buffers[o]
+                if a.dynamic_axis is None and b.dynamic_axis is None and (a.dtype, a.numel) == (b.dtype, b.numel):
+                    root[o] = root.get(i, i)
+    return root
+
+
+def merge_views(lifetimes: dict[int, Lifetime], aliases: dict[int, int]) -> dict[int, Lifetime]:
+    """The lifetimes of the buffers with bytes of their own: each view's folded into its root's
+    (a view keeps its root's bytes while it lives)."""
+    life = {b: t for b, t in lifetimes.items() if b not in aliases}
+    for b, r in aliases.items():
+        life[r] = Lifetime(min(life[r].start, lifetimes[b].start), max(life[r].end, lifetimes[b].end))
+    return life
+
+
 def plan_memory(buffers: dict[int, BufferSpec], lifetimes: dict[int, Lifetime], alignment: int = 64,
-                reuse: bool = True) -> MemoryPlan:
+                reuse: bool = True, aliases: dict[int, int] | None = None) -> MemoryPlan:
+    """aliases (view_aliases; used with reuse only): buffers placed with the one they view."""
+    aliases = dict(aliases or {}) if reuse else {}
+    life = merge_views(lifetimes, aliases)
     offsets: dict[int, tuple[str, int]] = {}
     arena: dict[str, int] = {}
     for dtype in sorted({s.dtype for s in buffers.values()}):
-        ids = sorted(b for b, s in buffers.items() if s.dtype == dtype)
+        ids = sorted(b for b, s in buffers.items() if s.dtype == dtype and b not in aliases)
         sizes = {b: _align(buffers[b].nbytes, alignment) for b in ids}
         if reuse:
-            where, top = _pack(ids, sizes, lifetimes)
+            where, top = _pack(ids, sizes, life)
         else:
             where, top = {}, 0
             for b in ids:
                 where[b], top = top, top + sizes[b]
         offsets.update({b: (dtype, off) for b, off in where.items()})
         arena[dtype] = top
+    offsets.update({b: offsets[r] for b, r in aliases.items()})
     logical = sum(s.nbytes for s in buffers.values())
-    return MemoryPlan(offsets, arena, logical, sum(arena.values()), reuse)
+    return MemoryPlan(offsets, arena, logical, sum(arena.values()), reuse, aliases)

@@ -16,7 +16,7 @@ from boundflow.passes.layout import LayoutReport, count_transposes, fold_layout
 from boundflow.planner.config import PlannerConfig
 from boundflow.planner.liveness import op_lifetimes, peak_live_bytes
 from boundflow.planner.lower import lower
-from boundflow.planner.memory import plan_memory
+from boundflow.planner.memory import merge_views, plan_memory, view_aliases
 from boundflow.planner.order import memory_aware_order
 from boundflow.planner.partition import build_tasks, split_ops
 from boundflow.planner.prune import prune_dead_ops
@@ -36,20 +36,21 @@ def plan(graph: Graph, method: str = "crown", config: PlannerConfig | None = Non
     ins, outs = set(low.inputs.values()), set(low.outputs.values())
     ops, phases, buffers = prune_dead_ops(low.ops, low.phases, low.buffers, ins, outs)
     t1 = time.perf_counter()
+    aliases = view_aliases(ops, buffers) if config.enable_storage_reuse else {}
     nbytes = {b: s.nbytes for b, s in buffers.items()}
-    peak_naive = peak_live_bytes(op_lifetimes(ops, ins, outs), nbytes)
+    peak_naive = peak_live_bytes(merge_views(op_lifetimes(ops, ins, outs), aliases), nbytes)
     peak = peak_naive
     if config.memory_aware_order:
         order = memory_aware_order(ops, buffers, outs)
         reordered = [ops[k] for k in order]
-        peak_reordered = peak_live_bytes(op_lifetimes(reordered, ins, outs), nbytes)
+        peak_reordered = peak_live_bytes(merge_views(op_lifetimes(reordered, ins, outs), aliases), nbytes)
         if peak_reordered < peak_naive:
             ops, phases, peak = reordered, [phases[k] for k in order], peak_reordered
     t2 = time.perf_counter()
     tasks, edges = build_tasks(split_ops(ops, phases, config), ins, outs)
     t3 = time.perf_counter()
     lifetimes = op_lifetimes([op for t in tasks for op in t.ops], ins, outs)
-    memory = plan_memory(buffers, lifetimes, config.alignment, config.enable_storage_reuse)
+    memory = plan_memory(buffers, lifetimes, config.alignment, config.enable_storage_reuse, aliases)
     t4 = time.perf_counter()
     timings.update(layout_ms=(t0 - t_layout) * 1e3, lower_ms=(t1 - t0) * 1e3, order_ms=(t2 - t1) * 1e3,
                    partition_ms=(t3 - t2) * 1e3, memory_ms=(t4 - t3) * 1e3)

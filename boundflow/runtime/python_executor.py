@@ -35,8 +35,9 @@ class _Prepared:
     #  dynamic size, the outputs' views when it writes into them, the inputs' views when all
     #  are static)
     program: list[tuple]
-    # when every op is bound (all buffers static): (run, its outputs' views) per op, the whole
-    # run as one short loop (a small net's run is mostly the executor's own Python)
+    # when every op is bound (all buffers static): (run, its outputs' views) per op that has
+    # something to do, the whole run as one short loop (a small net's run is mostly the
+    # executor's own Python)
     bound: list[tuple] | None = None
     cuda: bool = False                         # (decided once: torch.device.type is a new str per call)
 
@@ -76,8 +77,11 @@ class PythonTaskExecutor:
             dynamic = any(views[b] is None for b in op.outputs)
             run = None if static is None or dynamic else _bind(kernel, static, params, op.attrs, into)
             program.append((run, kernel, op.inputs, op.outputs, params, op.attrs, op.op, dynamic, into, static))
+        # (a view kernel whose results the storage plan put at its inputs' bytes has nothing to do)
+        aliases = module.memory_plan.aliases
         bound = None if any(step[0] is None for step in program) else [
-            (run, tuple(views[b] for b in outs)) for run, _, _, outs, *_ in program]
+            (run, tuple(views[b] for b in outs)) for run, _, _, outs, *_ in program
+            if not all(b in aliases for b in outs)]
         prepared = _Prepared(arenas, views, slots, program, bound, module.device.type == "cuda")
         self._prepared[module] = prepared
         self.stats["prepares"] += 1
