@@ -293,6 +293,20 @@ def at_a_rounded_jump(graph, points: torch.Tensor) -> torch.Tensor:
     return near
 
 
+def zero_at_a_jump(graph, points: torch.Tensor) -> bool:
+    """Whether a Sign's input is exactly 0 at one of the points (a ReLU's zeros). A sound_fp
+    bound of that input is widened around 0 by error terms that the bound-preserving switches
+    change (a one-hot or a gathered CROWN start), so its end falls on either side of the jump,
+    and the Sign's bounds with it: both sound, not equal (nightly seed 1245003198: a point box
+    at 0 through Conv, four ReLUs and a Sign, CROWN lb -5.97 against -11.07, the value -0.20)."""
+    jumps = [n.inputs[0] for n in graph.nodes if n.op == "sign"]
+    if not jumps or not len(points):
+        return False
+    with torch.no_grad():
+        env = concrete.values(graph, points.double())
+    return any(bool((env[name] == 0).any()) for name in jumps)
+
+
 def test_rounded_jumps_are_told_from_exact_zeros():
     """A Sign of a LayerNorm over three copies of one value (x - mean: 0, +-tiny after float32
     rounding) is at a rounded jump; a Sign of ReLU zeros is not."""
@@ -311,6 +325,7 @@ def test_rounded_jumps_are_told_from_exact_zeros():
     pts = (torch.arange(-300, 301) / 100).reshape(-1, 1, 1)             # 0 among them, exactly
     assert at_a_rounded_jump(norm, pts).any()
     assert not at_a_rounded_jump(relu, pts).any()
+    assert zero_at_a_jump(relu, pts) and not zero_at_a_jump(relu, pts[pts > 0].reshape(-1, 1, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +344,8 @@ def check_bounds(net: FuzzNet, data, methods, equal_switches: bool, alpha: Alpha
     runner = OrtNet(net)
     points = [sample_box(lo[b], hi[b], N_SAMPLES, N_CORNERS, gen) for b in range(batch)]
     magnitude = max(computed_magnitude(graph, p) for p in points)
+    # (sound_fp bounds at a Sign of an exact 0 may differ between the switches: zero_at_a_jump)
+    equal_switches = equal_switches and not (config.sound_fp and any(zero_at_a_jump(graph, p) for p in points))
     # float32 bounds, as the forward check, may take either side of a Sign's jump where rounding
     # decides it (the README's default level: a point box made x - tanh(x) = +1e-13 exactly, 0
     # in float32, and Sign 1 against 0)
