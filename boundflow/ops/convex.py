@@ -318,6 +318,7 @@ def _curve_kernels(name: str):
             constant((curve.lo_bound, -math.inf), s.dtype, s.device).view(ends)
         signs = None if curve.pole is None else constant((1.0, -1.0), s.dtype, s.device).view(ends)
         inside = None if curve.stationary is None else constant(curve.stationary, s.dtype, s.device)
+        ends = extremes(out[0])
 
         def run():
             if signs is not None and s.numel():
@@ -328,7 +329,7 @@ def _curve_kernels(name: str):
             if inside is not None:                            # (the stationary point is in the domain)
                 points = torch.cat((points, torch.clamp(inside, l, u).unsqueeze(0)))
             values = curve.f(points)
-            bounds = extremes(values, out[0])
+            bounds = ends(values)
             if not math.isfinite(values.sum().item()):
                 _in_domain(curve, l, u, "input interval")
                 _finite(curve, bounds, s, "the values")

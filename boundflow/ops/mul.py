@@ -48,16 +48,10 @@ def interval(ins, ps, attrs, out=(None,)):
     rule's time is mostly per call)."""
     sx, sy = ins
     if sx.dim() == sy.dim():
-        xs, ys = sx.unsqueeze(1), sy.unsqueeze(0)
-
-        def products():
-            return torch.mul(xs, ys).flatten(0, 1)
-    else:                                 # (the new axes would not line up under broadcasting)
-        (lx, ux), (ly, uy) = sx, sy
-
-        def products():
-            return torch.stack(torch.broadcast_tensors(lx * ly, lx * uy, ux * ly, ux * uy))
-    return lambda: (extremes(products(), out[0]),)
+        xs, ys, ends = sx.unsqueeze(1), sy.unsqueeze(0), extremes(out[0], (0, 1))
+        return lambda: (ends(torch.mul(xs, ys)),)
+    (lx, ux), (ly, uy), ends = sx, sy, extremes(out[0])    # (new axes would not line up)
+    return lambda: (ends(torch.stack(torch.broadcast_tensors(lx * ly, lx * uy, ux * ly, ux * uy))),)
 
 
 def fp_error(ins, ps, attrs):

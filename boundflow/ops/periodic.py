@@ -225,7 +225,12 @@ def _interval(op: Periodic):
         """The exact range: f at the ends, -1 / 1 where [l, u] holds a minimum / maximum."""
         (s,) = ins
         peaks = constant((-1.0, 1.0), s.dtype, s.device).view((2,) + (1,) * (s.dim() - 1))
-        return lambda: (torch.where(contains(op, s), peaks, extremes(op.f(s)), out=out[0]),)
+        ends = extremes(out[0])
+
+        def run():
+            at_ends = ends(op.f(s))                   # (into out: where then writes over it)
+            return (torch.where(contains(op, s), peaks, at_ends, out=out[0]),)
+        return run
     return interval
 
 
