@@ -44,8 +44,8 @@ def forward(x, y, attrs=None):
 @binds
 def interval(ins, ps, attrs, out=(None,)):
     """The least and the largest of the four products of the bounds: stack(lx, ux) times
-    stack(ly, uy) crosswise, in one broadcast product, and both ends in one reduction (this
-    rule's time is mostly per call)."""
+    stack(ly, uy) crosswise, in one broadcast product, and its two ends reduced into the
+    planned view (this rule's time is mostly per call)."""
     sx, sy = ins
     if sx.dim() == sy.dim():
         xs, ys, ends = sx.unsqueeze(1), sy.unsqueeze(0), extremes(out[0], (0, 1))
