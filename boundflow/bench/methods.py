@@ -31,9 +31,9 @@ Each case runs in a fresh process (``--in-process``: all in this one; see run_is
 its times do not depend on the cases before it. Timing (see
 ``boundflow.bench.common.time_calls``): the model is loaded first (``load_ms``, the
 BoundedModel, on the case's first row: near 0 when an earlier case loaded the same file; the
-first load in the process also pays one-off imports). The first ``compute_bounds`` call of a method plans, caches
-and runs (``first_call_ms``; ``plan_cached`` is true when an earlier case already made the same
-plan); then ``--warmup`` untimed calls and ``--repeats`` timed ones give the median and spread
+first load in the process also pays one-off imports). The first ``compute_bounds`` call of a
+method plans, caches and runs (``first_call_ms``; ``plan_cached`` is true when an earlier case
+already made the same plan); then ``--warmup`` untimed calls and ``--repeats`` timed ones give the median and spread
 of the wall-clock time (``time_ms``, used by the ratios and targets) and of the thread's CPU
 time (``cpu_ms``, ``*_cpu`` ratios: robust to other processes sharing the machine). ``torch`` uses
 ``--threads`` threads (default 1, as auto_LiRPA's reference times). ``--device`` (default
