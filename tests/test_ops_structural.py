@@ -7,6 +7,7 @@ inside a small net with a ReLU after the op, the torch frontend lowers the same 
 attributes we do not handle are refused by name."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ from boundflow.errors import UnsupportedOpError
 from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.torch import load_torch
 from boundflow import ops
+from boundflow.domains import native
 from boundflow.ops import conv, linear
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.alpha import AlphaConfig
@@ -634,14 +636,24 @@ def _interval_forms(onnx_node, inits: dict, in_shape, fn, batch: int, seed: int)
     lo = torch.randn((batch, 1) + in_shape, generator=g)
     hi = lo + torch.rand((batch, 1) + in_shape, generator=g) * torch.rand(1, generator=g)
     general = 2 if node.op == "linear" else 3
-    both = [op.interval([torch.stack((lo, hi))], p, node.attrs)[0] for p in (ps, ps[:general])]
+    with _torch_forms():
+        both = [op.interval([torch.stack((lo, hi))], p, node.attrs)[0] for p in (ps, ps[:general])]
     t = torch.rand((64, batch, 1) + in_shape, generator=g, dtype=torch.float64)
     t[:4] = (torch.arange(4, dtype=torch.float64) % 2).view(4, *[1] * (t.dim() - 1))     # two corners
     ys = fn((lo.double() + t * (hi - lo).double()).flatten(0, 2)).reshape((64,) + tuple(both[1].shape[1:]))
-    form = None if len(ps) == general else (
-        ("pair" if node.op == "linear" and ps[general].shape[1] == ps[0].shape[-1] else "lu") if ps[general].dim() == 2
-        else "lu_conv" if ps[general].shape[1] == 2 * ps[0].shape[1] else "pair")
+    forms = ps[general + 1:] if node.op == "linear" else ps[general:]     # (linear's ps[2]: W for the loop)
+    form = None if not forms else (
+        "lu" if forms[0].dim() == 2 else "lu_conv" if forms[0].shape[1] == 2 * ps[0].shape[1] else "pair")
     return form, both, ys
+
+
+@contextlib.contextmanager
+def _torch_forms():
+    """The rules keep to their torch forms (the compiled loops of domains/native.py step
+    aside, as where numba is not installed or on a GPU)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "dense_interval_run", lambda *args: None)
+        yield
 
 
 def _holds(bounds: torch.Tensor, ys: torch.Tensor, tol: torch.Tensor) -> bool:
@@ -651,43 +663,74 @@ def _holds(bounds: torch.Tensor, ys: torch.Tensor, tol: torch.Tensor) -> bool:
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 3), st.integers(0, 2**16))
 def test_linear_interval_forms_agree_and_hold(n_in, n_out, batch, seed):
-    """Small layers of float32 plans also get the (l, u) form, larger ones the pair form [W+; W-],
-    used at batch 1: the same bounds as the centre/radius form up to float32 rounding, and both
-    hold at points of the box."""
+    """Small layers of float32 plans also get the (l, u) form, used at batch 1 where the
+    compiled loop is not, and the loop takes float32 CPU boxes of one or a few rows: the same
+    bounds as the centre/radius form up to float32 rounding, and all hold at points of the box."""
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn((n_in, n_out), generator=g), torch.randn(n_out, generator=g)
     form, (fast, general), ys = _interval_forms(node("Gemm", ["x", "w", "b"]), {"w": w, "b": b}, (n_in,),
                                                 lambda x: x @ w.double() + b.double(), batch, seed)
-    assert form == ("lu" if n_in * n_out <= linear.LU_FORM_MAX else "pair")
+    assert form == ("lu" if n_in * n_out <= linear.LU_FORM_MAX else None)
+    loop = native.dense_interval_run(w.t().contiguous(), b, torch.zeros(2, batch, 1, n_in), None)
+    assert (loop is None) == (batch > 1 and batch * n_in * n_out > native.ROWS_MAX_MACS)
     tol = 1e-5 * (1 + general.abs().amax()) * torch.ones_like(general)
     assert torch.all((fast - general).abs() <= tol)
     assert _holds(fast, ys, tol) and _holds(general, ys, tol)
 
 
-@pytest.mark.parametrize("into", [False, True])
-def test_linear_pair_form_bound_once_reads_each_runs_strided_input(into):
-    """The pair form bound once over a strided interval (copied per run) and, as in the
-    executor, over a planned destination, computes each run from that run's values: what the
-    centre/radius form gives on them, up to float32 rounding."""
-    g = torch.Generator().manual_seed(3)
-    n_in, n_out = 300, 200
+def _gemm_params(n_in: int, n_out: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
     w, b = torch.randn((n_out, n_in), generator=g), torch.randn(n_out, generator=g)
     graph = load_onnx(model_of([node("Gemm", ["x", "w", "b"], transB=1)], (1, n_in), {"w": w.numpy(), "b": b.numpy()}))
     (gemm,) = graph.nodes
-    ps = linear.LINEAR.interval_params(graph, gemm, torch.float32)
-    assert n_in * n_out > linear.LU_FORM_MAX and ps[2].shape == (2 * n_in, n_out)
-    pairs = torch.zeros(1, n_in, 2)                       # stack(l, u) as a strided view of it
-    s = pairs.permute(2, 0, 1)
-    assert not s.is_contiguous()
-    dest = torch.empty(2, 1, n_out) if into else None
-    run = linear.interval.bind([s], ps, {}, (dest,)) if into else linear.interval.bind([s], ps, {})
+    return linear.LINEAR.interval_params(graph, gemm, torch.float32), g
+
+
+@pytest.mark.parametrize("rows, n_in, n_out", [(1, 300, 200), (1, 784, 256), (3, 100, 60)])
+def test_linear_compiled_loop_bound_once_reads_each_run(rows, n_in, n_out):
+    """The compiled loop (numba, a dependency) bound once to a planned destination, as in the
+    executor, computes each run from that run's values: what the centre/radius form gives on
+    them, up to float32 rounding, and bounds that hold at the box's corners."""
+    assert native.available()
+    ps, g = _gemm_params(n_in, n_out, 3)
+    s, dest = torch.zeros(2, rows, n_in), torch.empty(2, rows, n_out)
+    assert native.dense_interval_run(ps[2], ps[1][0, 0], s, dest) is not None
+    run = linear.interval.bind([s], ps, {}, (dest,))
     for _ in range(2):
-        lo = torch.randn(1, n_in, generator=g)
-        pairs.copy_(torch.stack((lo, lo + torch.rand(1, n_in, generator=g)), -1))
+        lo = torch.randn(rows, n_in, generator=g)
+        s.copy_(torch.stack((lo, lo + torch.rand(rows, n_in, generator=g))))
         (got,) = run()
-        assert (got is dest) == into
-        (want,) = linear.interval([s.contiguous()], ps[:2], {})
+        assert got is dest
+        with _torch_forms():
+            (want,) = linear.interval([s.clone()], ps[:2], {})
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+        w, b = ps[2].double(), ps[1][0, 0].double()
+        corner = torch.where(torch.rand(rows, n_in, generator=g) < 0.5, s[0], s[1]).double()
+        y = (corner @ w.t() + b).float()
+        assert torch.all(got[0] <= y + 1e-4) and torch.all(y <= got[1] + 1e-4)
+    (fresh,) = linear.interval([s], ps, {})
+    assert fresh is not dest and torch.equal(fresh, dest)
+
+
+def test_linear_compiled_loop_steps_aside():
+    """Where the loop cannot serve (autograd, float64, more rows than ROWS_MAX_MACS allows)
+    the rule takes its torch forms, which still bound the layer; a strided box is copied per
+    run, the same bits as a contiguous one (the executor's arena run and its functional run
+    agree bit for bit)."""
+    ps, g = _gemm_params(100, 60, 4)
+    w, b = ps[2], ps[1][0, 0]
+    box = torch.randn(2, 1, 100, generator=g).sort(0).values
+    for s in (box.clone().requires_grad_(True), box.double(), box.expand(2, 64, 100).contiguous()):
+        assert native.dense_interval_run(w.to(s.dtype), b.to(s.dtype), s, None) is None
+        (got,) = linear.interval([s], [p.to(s.dtype) for p in ps], {})
+        with _torch_forms():
+            (want,) = linear.interval([s], [p.to(s.dtype) for p in ps], {})
+        assert torch.equal(got, want) and got.requires_grad == s.requires_grad
+    strided = torch.stack((box[0], box[1]), -1).movedim(-1, 0)
+    assert not strided.is_contiguous()
+    (got,) = linear.interval([strided], ps, {})
+    (want,) = linear.interval([box], ps, {})
+    assert torch.equal(got, want)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -55,7 +55,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def versions(packages=("boundflow", "torch", "numpy", "onnx", "onnxruntime")) -> dict[str, str | None]:
+def versions(packages=("boundflow", "torch", "numpy", "numba", "onnx", "onnxruntime")) -> dict[str, str | None]:
     """Installed versions (None for a package that is not installed)."""
     out = {}
     for name in packages:

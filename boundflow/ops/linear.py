@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import binds, fp, shaped, writes_into
+from boundflow.domains import binds, fp, native, shaped, writes_into
 from boundflow.domains.interval import from_cr, to_cr
 from boundflow.domains.linear import sound, sum_lead
 from boundflow.domains.rounding import Enclosed, magnitude
@@ -32,35 +32,30 @@ def _weight_and_bias(graph, node) -> tuple[torch.Tensor, torch.Tensor]:
     return w, ps[1] if len(ps) > 1 else torch.zeros(w.shape[0], dtype=w.dtype)
 
 
-# up to this many weights (in x out), a float32 plan also gets the (l, u) form of the layer:
-# at batch 1 its one product beats the centre/radius form's three calls (this CPU: 7.6 vs 22 us
-# at 50 x 50) while its weights stay in cache; it reads 4x the weights (the centre/radius form
-# 2x), and a whole IBP call of mnist-net_256x2 (784-256-256-10) streams them from beyond the
-# 2 MB L2: 285 -> 251 us with its 256 x 256 layer in centre/radius form (784-128-128-10: the
-# same either way)
+# up to this many weights (in x out), a float32 plan also gets the (l, u) form of the layer,
+# used at batch 1 where the compiled loop (domains/native.py, on CPU) is not: its one product
+# beats the centre/radius form's three calls (this CPU: 7.6 vs 22 us at 50 x 50) while its
+# weights (4x the forward's) stay in cache
 LU_FORM_MAX = 1 << 14
 # several rows (a sequence's tokens, several regions) take the lu_form too when its product
 # has at most this many multiply-adds: 2.5x faster than the centre/radius form's three
 # products for 4 rows of 8 -> 8 (5 us against 13), slower for 64 rows of 64 -> 64
 LU_ROWS_MAX_MACS = 1 << 17
-# larger layers of float32 plans, up to this many weights, also get the pair form [W+; W-]:
-# one region's row pairs [[l, u], [u, l]] (one gather) times it is (l', u') in one product
-# that reads 2x the weights, as the centre/radius form does, in two calls against its three
-# (cifar_base_kw's 1024 -> 100 layer in a whole call: ~10 us less)
-PAIR_FORM_MAX = 1 << 22
 
 
 def interval_params(graph, node, dtype=torch.float32):
-    """[stack(W.T, |W|.T), stack(b, 0)]: centre and radius in one batched matmul. Small layers of
-    float32 plans also get [[W+, W-], [W-, W+]].T and (b, b), so that (l, u) -> (l', u') is one
-    product (l' = W+ l + W- u + b, u' = W- l + W+ u + b); not sound_fp plans (float64), whose
-    error rules (fp_error) bound the centre/radius form's rounding."""
+    """[stack(W.T, |W|.T), stack(b, 0)]: centre and radius in one batched matmul (W.T
+    contiguous: a transposed operand costs batched products up to 1.5x). Float32 plans also
+    get W [out, in] for the compiled loop (native.dense_interval_run), and small layers
+    [[W+, W-], [W-, W+]].T and (b, b), so that (l, u) -> (l', u') is one product (l' = W+ l +
+    W- u + b, u' = W- l + W+ u + b); not sound_fp plans (float64), whose error rules (fp_error)
+    bound the centre/radius form's rounding."""
     w, b = _weight_and_bias(graph, node)
     ps = [torch.stack((w.t(), w.abs().t())), torch.stack((b, torch.zeros_like(b))).unsqueeze(1)]
-    if dtype == torch.float32 and w.numel() <= LU_FORM_MAX:
-        ps += lu_form(w, b)
-    elif dtype == torch.float32 and w.numel() <= PAIR_FORM_MAX:
-        ps += [torch.cat((w.t().clamp(min=0), w.t().clamp(max=0))), b]
+    if dtype == torch.float32:
+        ps.append(w.contiguous())
+        if w.numel() <= LU_FORM_MAX:
+            ps += lu_form(w, b)
     return ps
 
 
@@ -107,37 +102,22 @@ def lu_interval(s: torch.Tensor, w_lu: torch.Tensor, b_lu: torch.Tensor, shape, 
     return run
 
 
-def pair_interval(s: torch.Tensor, w_pm: torch.Tensor, b: torch.Tensor, shape, dest: torch.Tensor | None):
-    """run() for one region's stack(l, u) through the pair form [W+; W-] (a [2 in, out]
-    weight): rows [l, u] and [u, l] (one gather, a copy) times it are l' - b and u' - b."""
-    if not s.is_contiguous():                         # its copy is made per run
-        return lambda: pair_interval(s.contiguous(), w_pm, b, shape, dest)()
-    n_in, n_out = w_pm.shape[0] // 2, w_pm.shape[1]
-    flat = s.view(-1)
-    pairs = torch.cat((torch.arange(2 * n_in), torch.arange(n_in, 2 * n_in), torch.arange(n_in))).to(s.device)
-    if dest is None:
-        return lambda: (torch.addmm(b, flat[pairs].view(2, 2 * n_in), w_pm).view(shape),)
-    into = dest.view(2, n_out)
-
-    def run():
-        torch.addmm(b, torch.index_select(flat, 0, pairs).view(2, 2 * n_in), w_pm, out=into)
-        return (dest,)
-    return run
-
-
 @binds
 def interval(ins, ps, attrs, out=(None,)):
+    """The compiled loop for one region or a few rows of a float32 CPU plan; else the lu_form
+    for one region or a few rows of a small layer; else centre and radius through W and |W|."""
     (s,) = ins
     w_cr, b_cr = ps[:2]                               # [2, in, out], [2, 1, out]
     n_in, n_out = w_cr.shape[1:]
     shape = tuple(s.shape[:-1]) + (n_out,)
     dest = shaped(out[0], shape)
-    # ps[2:4]: a small layer's lu_form ([2 in, 2 out]) or a larger one's pair form ([2 in, out])
-    lu = len(ps) > 2 and ps[2].shape[1] == 2 * n_out
-    if len(ps) > 2 and s.numel() == 2 * n_in:         # one region: (l, u) is one row
-        return (lu_interval if lu else pair_interval)(s, ps[2], ps[3], shape, dest)
-    if lu and s.numel() * ps[2].shape[1] <= LU_ROWS_MAX_MACS:
-        return lu_rows(s, ps[2], ps[3], shape, dest)
+    loop = None if len(ps) < 3 else native.dense_interval_run(ps[2], b_cr[0, 0], s, dest)
+    if loop is not None:
+        return loop
+    if len(ps) > 3 and s.numel() == 2 * n_in:         # one region: (l, u) is one row
+        return lu_interval(s, ps[3], ps[4], shape, dest)
+    if len(ps) > 3 and s.numel() * ps[3].shape[1] <= LU_ROWS_MAX_MACS:
+        return lu_rows(s, ps[3], ps[4], shape, dest)
 
     def run():
         cr = to_cr(s)
