@@ -30,6 +30,7 @@ Lines are computed in float64 and returned in the plan's dtype.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -46,6 +47,7 @@ from boundflow.runtime.device import constant
 
 TWO_PI = 2 * math.pi
 HALF_PI = math.pi / 2
+TURNS = (-1 / TWO_PI, 1 / TWO_PI)       # per end of [l, u]: (phase - l) and (u - phase) in turns
 GRID_STEP = 1e-3          # of the table T(v)
 GRID_LIMIT = 2.5 * math.pi + 0.01    # beyond: T = 0 (the flat tangent at the minimum), never reached
 ROWS = 12
@@ -96,6 +98,11 @@ class Periodic:
     f: Callable[[torch.Tensor], torch.Tensor]
     df: Callable[[torch.Tensor], torch.Tensor]
     phases: tuple[float, float]
+
+    @functools.cached_property
+    def offsets(self) -> tuple[float, ...]:
+        """Per wave and end, -phase * TURNS + 1e-14 (contains)."""
+        return tuple(-p * t + 1e-14 for p in self.phases for t in TURNS)
 
 
 SIN = Periodic("sin", torch.sin, torch.cos, (1.5 * math.pi, 0.5 * math.pi))
@@ -210,13 +217,15 @@ def contains(op: Periodic, s: torch.Tensor) -> torch.Tensor:
     phase + 2 pi n; when rounding leaves it in doubt, yes (the bound is then merely loose).
     Such an n exists iff floor((u - phase) / 2 pi) >= ceil((l - phase) / 2 pi), that is
     floor((u - phase) / 2 pi) + floor((phase - l) / 2 pi) >= 0: one computation over [wave,
-    end], each end moved by the doubt d = 1e-14 (1 + |l| + |u|) towards yes (float64)."""
+    end] in float64, x turns + (the wave's offset + the doubt), each end moved towards yes by
+    the doubt 1e-14 (1 + 2 max |x|) (max over the tensor: one reduction; at least 1e-14 (1 +
+    |l| + |u|), far above the float64 rounding of these few operations)."""
     x = s.double()
     lead = (1,) * (s.dim() - 1)
-    phase = constant(op.phases, torch.float64, s.device).view((2, 1) + lead)
-    turns = constant((-1 / TWO_PI, 1 / TWO_PI), torch.float64, s.device).view((2,) + lead)
-    doubt = torch.linalg.vector_norm(x, 1, dim=0).add_(1).mul_(1e-14)
-    return torch.addcmul(doubt, x - phase, turns).floor_().sum(1) >= 0
+    offset = constant(op.offsets, torch.float64, s.device).view((2, 2) + lead)
+    most = torch.linalg.vector_norm(x, math.inf) if x.numel() else 0.0
+    base = torch.add(offset, most, alpha=2e-14)
+    return torch.addcmul(base, x, constant(TURNS, torch.float64, s.device).view((2,) + lead)).floor_().sum(1) >= 0
 
 
 def _interval(op: Periodic):
