@@ -74,7 +74,7 @@ def test_ops_bound_once_read_each_runs_inputs(shared, folder, name, method):
 def test_writing_kernels_leave_their_results_in_the_arena(shared, name, method):
     """Kernels marked writes_into put every result in its planned bytes (a buffer of dynamic
     size too: the unstable neurons' pass), so the executor copies none of them; the bounds
-    are those of a run without the arena. IBP: linear's (l, u) form, conv's pair form
+    are those of a run without the arena. IBP: linear's compiled loop, conv's pair form
     (cifar_base_kw's 4x4 kernels) and two convs (cnn_small's 3x3)."""
     from boundflow.runtime.python_executor import _at
 

@@ -4,10 +4,10 @@ same bytes.
 IBP through a dense layer at batch 1 is bound by memory, not arithmetic: every torch form of
 it (centre/radius through W and |W|, the (l, u) form [[W+, W-], [W-, W+]]) reads two or four
 times the weights a forward pass reads, so mnist-net_256x2's 1 MB of weights become 2-4 MB
-streamed from beyond this CPU's 2 MB L2 on every call. `dense_interval` reads each weight once
-for both sums (784 -> 256 on this CPU: 16 us against the forward's 14 and torch's best form's
-30). numba is a dependency; where it is not installed, `dense_interval_run` says so (None) and
-the rules keep their torch forms.
+streamed from beyond this CPU's 2 MB L2 on every call. `_dense_interval` reads each weight
+once for both sums (784 -> 256 on this CPU: 14-16 us against the forward's 14 and torch's best
+form's 30). numba is a dependency; where it is not installed, `dense_interval_run` says so
+(None) and the rules keep their torch forms.
 """
 from __future__ import annotations
 
