@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import numpy as np
 import onnx
@@ -710,6 +711,26 @@ def test_linear_compiled_loop_bound_once_reads_each_run(rows, n_in, n_out):
         assert torch.all(got[0] <= y + 1e-4) and torch.all(y <= got[1] + 1e-4)
     (fresh,) = linear.interval([s], ps, {})
     assert fresh is not dest and torch.equal(fresh, dest)
+
+
+def test_linear_compiled_loop_without_a_cache_directory():
+    """Where numba finds no writable cache directory (a read-only install, no home), the loop
+    is compiled in the process instead, and computes the same bounds."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom boundflow.domains import native\n"
+            "w, b = torch.randn(3, 4), torch.randn(3)\n"
+            "s = torch.randn(2, 1, 4).sort(0).values\n"
+            "(got,) = native.dense_interval_run(w, b, s, None)()\n"
+            "c, r = (s[0] + s[1]) / 2, (s[1] - s[0]) / 2\n"
+            "mid, rad = c @ w.t() + b, r @ w.abs().t()\n"
+            "assert torch.allclose(got, torch.stack((mid - rad, mid + rad)), atol=1e-5)\n"
+            "print(native._compiled()._cache.__class__.__name__)\n")
+    # (a locator class that finds nothing for a .py file: numba then has no cache directory)
+    env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="numba.core.caching.ZipCacheLocator")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "NullCache"
 
 
 def test_linear_compiled_loop_steps_aside():

@@ -43,7 +43,8 @@ def _dense_interval(w, b, s, out):
 
 @functools.cache
 def _compiled():
-    """The compiled loop (cached on disk by numba), or None where numba is not installed."""
+    """The compiled loop (cached on disk by numba, beside this file or in the user's cache
+    directory, where either is writable), or None where numba is not installed."""
     try:
         import numba
     except ModuleNotFoundError as e:
@@ -52,8 +53,11 @@ def _compiled():
         return None
     # reassoc and contract only: NaN and inf keep their meaning (fastmath=True would let the
     # compiler assume there are none)
-    return numba.njit(_dense_interval, fastmath={"reassoc", "contract"}, cache=True, nogil=True,
-                      boundscheck=False)
+    flags = dict(fastmath={"reassoc", "contract"}, nogil=True, boundscheck=False)
+    try:
+        return numba.njit(_dense_interval, cache=True, **flags)
+    except RuntimeError:    # numba finds no writable cache directory: compile in each process
+        return numba.njit(_dense_interval, **flags)
 
 
 def available() -> bool:
