@@ -174,7 +174,8 @@ def _regions_shape(shape: tuple[int, ...], in_shape: tuple[int, ...], what: str)
 def _box(lo: torch.Tensor, hi: torch.Tensor, in_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """stack(lo, hi) as [2, B, *in_shape] in `dtype`, rounded outward; an error for a box with
     NaN or infinite bounds or a lower bound above its upper one."""
-    box = torch.stack((lo, hi)).view((2,) + _regions_shape(tuple(lo.shape), in_shape, "x_lower"))
+    # (view(*shape): a tuple argument costs torch's parser twice as much)
+    box = torch.stack((lo, hi)).view(2, *_regions_shape(tuple(lo.shape), in_shape, "x_lower"))
     if box.numel():
         # one pass finds every bad box: hi - lo is NaN or infinite where a bound is, and < 0
         # where they cross (NaN is both the min and the max); a finite box wider than the
