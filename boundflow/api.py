@@ -193,12 +193,16 @@ def _box(lo: torch.Tensor, hi: torch.Tensor, in_shape: tuple[int, ...], dtype: t
 
 
 def _spec(C, batch: int, num_out: int, device: str) -> torch.Tensor:
-    C = _as_tensor(C, "C").to(device)
+    C = _as_tensor(C, "C")
+    if device != "cpu" or C.device != _CPU:          # (a no-op .to is still a dispatch per call)
+        C = C.to(device)
     if C.dim() == 2:
-        C = C.unsqueeze(0).expand(batch, -1, -1)
+        C = C.unsqueeze(0) if batch == 1 else C.unsqueeze(0).expand(batch, -1, -1)
     if C.dim() != 3 or C.shape[0] != batch or C.shape[2] != num_out:
         raise ShapeError(f"C has shape {list(C.shape)}; expected [S, {num_out}] or [{batch}, S, {num_out}]")
-    if not torch.isfinite(C).all():
+    # (one reduction: the sum is finite unless an entry is NaN or infinite, or finite entries'
+    # sum overflows, which the exact check then clears)
+    if not math.isfinite(C.sum().item()) and not torch.isfinite(C).all():
         raise ShapeError("C contains NaN or infinite entries")
     return C.contiguous()
 

@@ -726,11 +726,38 @@ def test_linear_compiled_loop_without_a_cache_directory():
             "c, r = (s[0] + s[1]) / 2, (s[1] - s[0]) / 2\n"
             "mid, rad = c @ w.t() + b, r @ w.abs().t()\n"
             "assert torch.allclose(got, torch.stack((mid - rad, mid + rad)), atol=1e-5)\n"
-            "print(native._compiled()._cache.__class__.__name__)\n")
+            "print(native._compiled(native._dense_interval)._cache.__class__.__name__)\n")
     # (a locator class that finds nothing for a .py file: numba then has no cache directory)
     env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="numba.core.caching.ZipCacheLocator")
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "NullCache"
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(1, 9), st.integers(0, 2**16))
+def test_spec_linear_loop_agrees_and_holds(n_in, n_out, n_spec, seed):
+    """C folded into a last linear layer (IBP's spec_linear): the compiled loop for one region
+    gives the torch form's bounds up to float32 rounding, and both hold at points of the box
+    (corners among them)."""
+    from boundflow.domains import interval
+
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn((n_out, n_in), generator=g), torch.randn(n_out, generator=g)
+    C = torch.randn((1, n_spec, n_out), generator=g)
+    lo = torch.randn((1, 1, n_in), generator=g)
+    s = torch.stack((lo, lo + torch.rand((1, 1, n_in), generator=g)))
+    assert native.spec_interval_run(C[0], w, b, s.flatten(2), None) is not None
+    (loop,) = interval.spec_linear([s, C], [w, b], {})
+    with _torch_forms(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "spec_interval_run", lambda *args: None)
+        (torch_form,) = interval.spec_linear([s, C], [w, b], {})
+    tol = 1e-5 * (1 + torch_form.abs().amax())
+    assert torch.all((loop - torch_form).abs() <= tol)
+    t = torch.rand((64, n_in), generator=g, dtype=torch.float64)
+    t[:2] = torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1)
+    x = s[0, 0, 0].double() + t * (s[1, 0, 0] - s[0, 0, 0]).double()
+    ys = (x @ w.double().t() + b.double()) @ C[0].double().t()
+    assert torch.all(ys >= loop[0, 0].double() - tol) and torch.all(ys <= loop[1, 0].double() + tol)
 
 
 def test_linear_compiled_loop_steps_aside():

@@ -41,9 +41,33 @@ def _dense_interval(w, b, s, out):
             out[1, k, i] = mid + rad
 
 
+def _spec_dense_interval(spec, w, b, s, out):
+    """out[:, 0, k] = (l', u') of x -> (spec w) x + spec b over the box s[:, 0] = (l, u), for
+    each row k of spec: that row of spec w made first (one pass over w), then as
+    _dense_interval."""
+    n_spec, n_out = spec.shape
+    n_in = w.shape[1]
+    half = np.float32(0.5)
+    c, r = half * s[0, 0] + half * s[1, 0], half * s[1, 0] - half * s[0, 0]
+    row = np.empty(n_in, dtype=np.float32)
+    for k in range(n_spec):
+        row[:] = 0
+        mid = np.float32(0.0)
+        for o in range(n_out):
+            mid += spec[k, o] * b[o]
+            for j in range(n_in):
+                row[j] += spec[k, o] * w[o, j]
+        rad = np.float32(0.0)
+        for j in range(n_in):
+            mid += row[j] * c[j]
+            rad += abs(row[j]) * r[j]
+        out[0, 0, k] = mid - rad
+        out[1, 0, k] = mid + rad
+
+
 @functools.cache
-def _compiled():
-    """The compiled loop (cached on disk by numba, beside this file or in the user's cache
+def _compiled(loop):
+    """`loop` compiled (cached on disk by numba, beside this file or in the user's cache
     directory, where either is writable), or None where numba is not installed."""
     try:
         import numba
@@ -55,13 +79,43 @@ def _compiled():
     # compiler assume there are none)
     flags = dict(fastmath={"reassoc", "contract"}, nogil=True, boundscheck=False)
     try:
-        return numba.njit(_dense_interval, cache=True, **flags)
+        return numba.njit(loop, cache=True, **flags)
     except RuntimeError:    # numba finds no writable cache directory: compile in each process
-        return numba.njit(_dense_interval, **flags)
+        return numba.njit(loop, **flags)
 
 
 def available() -> bool:
-    return _compiled() is not None
+    return _compiled(_dense_interval) is not None
+
+
+def _applies(*ts: torch.Tensor) -> bool:
+    """Whether the loops can take these tensors: float32 on the CPU, outside autograd (the
+    loops have no derivative)."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in ts)
+
+
+def spec_interval_run(spec: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
+                      dest: torch.Tensor | None):
+    """run() for C @ (x -> w x + b) over one region's box s [2, 1, in] (spec: C's one matrix
+    [S, out], w [out, in], b [out]), into dest [2, 1, S] (fresh when None);
+    None where the loop does not apply (as dense_interval_run)."""
+    kernel = _compiled(_spec_dense_interval)
+    if (kernel is None or not _applies(spec, w, b, s) or s.numel() != 2 * w.shape[1]
+            or not (s.is_contiguous() and spec.is_contiguous()) or dest is not None and not dest.is_contiguous()):
+        return None
+    args = (spec.detach().numpy(), w.contiguous().numpy(), b.contiguous().numpy(), s.detach().view(2, 1, -1).numpy())
+    if dest is None:
+        def fresh():
+            y = torch.empty((2, 1, spec.shape[0]), dtype=torch.float32)
+            kernel(*args, y.numpy())
+            return (y,)
+        return fresh
+    into = dest.detach().view(2, 1, -1).numpy()
+
+    def run():
+        kernel(*args, into)
+        return (dest,)
+    return run
 
 
 def dense_interval_run(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, dest: torch.Tensor | None):
@@ -70,11 +124,10 @@ def dense_interval_run(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, dest: 
     None); None where the loop does not apply: numba missing, not float32 CPU tensors, a
     strided dest, autograd wanted (the loop has no derivative), or more rows than
     ROWS_MAX_MACS allows. A strided s is copied per run (the same bits as a contiguous one)."""
-    kernel = _compiled()
+    kernel = _compiled(_dense_interval)
     n_out, n_in = w.shape
     rows = s.numel() // (2 * n_in)
-    if (kernel is None or rows > 1 and rows * n_in * n_out > ROWS_MAX_MACS
-            or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in (w, b, s))
+    if (kernel is None or rows > 1 and rows * n_in * n_out > ROWS_MAX_MACS or not _applies(w, b, s)
             or dest is not None and not dest.is_contiguous()):
         return None
     if not s.is_contiguous():
