@@ -94,6 +94,23 @@ def _applies(*ts: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in ts)
 
 
+def _run(kernel, args: tuple, dest: torch.Tensor | None, shape: tuple, flat: tuple):
+    """run() calling kernel(*args, out) with out the kernel's `flat` view of dest, or of a fresh
+    tensor of `shape` per run when dest is None."""
+    if dest is None:
+        def fresh():
+            y = torch.empty(shape, dtype=torch.float32)
+            kernel(*args, y.view(flat).numpy())
+            return (y,)
+        return fresh
+    into = dest.detach().view(flat).numpy()
+
+    def run():
+        kernel(*args, into)
+        return (dest,)
+    return run
+
+
 def spec_interval_run(spec: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
                       dest: torch.Tensor | None):
     """run() for C @ (x -> w x + b) over one region's box s [2, 1, in] (spec: C's one matrix
@@ -104,18 +121,8 @@ def spec_interval_run(spec: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s: t
             or not (s.is_contiguous() and spec.is_contiguous()) or dest is not None and not dest.is_contiguous()):
         return None
     args = (spec.detach().numpy(), w.contiguous().numpy(), b.contiguous().numpy(), s.detach().view(2, 1, -1).numpy())
-    if dest is None:
-        def fresh():
-            y = torch.empty((2, 1, spec.shape[0]), dtype=torch.float32)
-            kernel(*args, y.numpy())
-            return (y,)
-        return fresh
-    into = dest.detach().view(2, 1, -1).numpy()
-
-    def run():
-        kernel(*args, into)
-        return (dest,)
-    return run
+    shape = (2, 1, spec.shape[0])
+    return _run(kernel, args, dest, shape, shape)
 
 
 def dense_interval_run(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, dest: torch.Tensor | None):
@@ -133,16 +140,4 @@ def dense_interval_run(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, dest: 
     if not s.is_contiguous():
         return lambda: dense_interval_run(w, b, s.contiguous(), dest)()
     args = (w.numpy(), b.numpy(), s.detach().view(2, rows, n_in).numpy())
-    shape = tuple(s.shape[:-1]) + (n_out,)
-    if dest is None:
-        def fresh():
-            y = torch.empty(shape, dtype=torch.float32)
-            kernel(*args, y.view(2, rows, n_out).numpy())
-            return (y,)
-        return fresh
-    into = dest.detach().view(2, rows, n_out).numpy()
-
-    def run():
-        kernel(*args, into)
-        return (dest,)
-    return run
+    return _run(kernel, args, dest, tuple(s.shape[:-1]) + (n_out,), (2, rows, n_out))
