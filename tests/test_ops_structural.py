@@ -654,6 +654,7 @@ def _torch_forms():
     aside, as where numba is not installed or on a GPU)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(native, "dense_interval_run", lambda *args: None)
+        mp.setattr(native, "elementwise_run", lambda *args: None)
         yield
 
 
@@ -779,6 +780,109 @@ def test_linear_compiled_loop_steps_aside():
     (got,) = linear.interval([strided], ps, {})
     (want,) = linear.interval([box], ps, {})
     assert torch.equal(got, want)
+
+
+ELEMENTWISE = [("sin", {}), ("cos", {}), ("exp", {}), ("log", {}), ("reciprocal", {}), ("sqrt", {}),
+               ("softplus", {})] + [("pow", {"exponent": p}) for p in (2.0, 3.0, 4.0, -1.0, -2.0, 0.5, 1.5, -0.5, 0.3)]
+
+
+def _elementwise(name: str, attrs: dict, ins: list, fell_back: list | None = None):
+    """(the rule's result or the DomainError it raises, with the compiled loop; the same
+    with the torch rule), each also through a planned destination bound once; fell_back
+    collects a True per run the loop left to the torch rule."""
+    real = native.elementwise_run
+
+    def spied(loop, ins, dest, fallback, *args):
+        def torch_rule():
+            (fell_back if fell_back is not None else []).append(True)
+            return fallback()
+        return real(loop, ins, dest, torch_rule, *args)
+
+    def outcome(bound_to):
+        try:
+            kernel = ops.get(name).interval
+            return kernel([t.clone() for t in ins], [], attrs) if bound_to is None else \
+                kernel.bind([t.clone() for t in ins], [], attrs, (bound_to,))()
+        except boundflow.errors.DomainError as e:
+            return str(e)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "elementwise_run", spied)
+        got = outcome(None), outcome(torch.full_like(ins[0], math.nan))
+    with _torch_forms():
+        want = outcome(None), outcome(torch.full_like(ins[0], math.nan))
+    return got, want
+
+
+def _same(got, want) -> bool:
+    """The same error, or the same bounds up to an ulp of f (torch's library functions round
+    an element by where it falls in a vectorised loop, which the rules' shapes move)."""
+    if isinstance(got, str) or isinstance(want, str):
+        return got == want
+    return torch.allclose(got[0], want[0], rtol=3e-7, atol=1e-37)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.sampled_from(ELEMENTWISE + [("mul", {})]), st.integers(1, 40), st.sampled_from([1e-3, 0.3, 3.0, 40.0]),
+       st.sampled_from([0.0, 1e-6, 0.5, 4.0, 20.0]), st.integers(0, 2**16))
+def test_elementwise_loops_agree_with_the_torch_rules(op, n, scale, width, seed):
+    """The elementwise rules' compiled loop (float32 CPU boxes; native.py) gives the torch
+    rule's bounds, also bound once to a planned destination, and where it meets
+    an interval outside the domain or a value that overflows, the same DomainError. Boxes
+    from tiny to wide, points, ends at multiples of pi / 2 (sin and cos's peaks)."""
+    name, attrs = op
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.randn(1, n, generator=g) * scale
+    if name in ("sin", "cos"):                          # some ends at multiples of pi / 2
+        peaks = (torch.randint(-40, 40, (1, n), generator=g) * (math.pi / 2)).float()
+        lo = torch.where(torch.rand(1, n, generator=g) < 0.3, peaks, lo)
+    hi = lo + torch.rand(1, n, generator=g) * width
+    hi = torch.where(torch.rand(1, n, generator=g) < 0.2, lo, hi)                     # points
+    box = torch.stack((lo, hi))
+    ins = [box] if name != "mul" else [box, torch.stack((lo.flip(1), hi.flip(1))) - 0.5]
+    assert native.elementwise_run(native._product_range if name == "mul" else native._curve_range, tuple(ins),
+                                  None, None) is not None
+    fell_back = []
+    got, want = _elementwise(name, attrs, ins, fell_back)
+    for a, b in zip(got, want):
+        assert _same(a, b), (a, b)
+    assert len(fell_back) == (2 if isinstance(want[0], str) else 0)    # the loop took every box in the domain
+
+
+@pytest.mark.parametrize("name, attrs, lo, hi, falls", [
+    ("log", {}, [0.5, -1.0], [2.0, 1.0], True), ("log", {}, [0.0], [1.0], True),
+    ("sqrt", {}, [-2.0, 1.0], [-1.0, 4.0], True), ("sqrt", {}, [-2.0], [3.0], False),
+    ("reciprocal", {}, [1.0, -1.0], [2.0, 1.0], True), ("reciprocal", {}, [0.0], [1.0], True),
+    ("pow", {"exponent": -2.0}, [-1.0], [0.0], True), ("pow", {"exponent": 0.5}, [-3.0], [-1.0], True),
+    ("exp", {}, [1.0, 80.0], [2.0, 100.0], True), ("pow", {"exponent": 3.0}, [1.0], [1e20], True),
+    ("sin", {}, [0.0, math.nan], [1.0, 2.0], True), ("exp", {}, [math.nan], [1.0], True),
+    ("exp", {}, [-math.inf], [0.0], False), ("cos", {}, [-math.inf], [0.0], True),
+    ("sin", {}, [3e38], [3.4e38], False), ("mul", {}, [1e30, -1.0], [1e30, 1.0], True),
+    ("mul", {}, [math.nan], [1.0], True), ("mul", {}, [0.0], [math.inf], True),
+])
+def test_elementwise_loops_leave_the_rest_to_the_torch_rules(name, attrs, lo, hi, falls):
+    """Intervals outside the domain, values that overflow, NaN and infinite bounds: the loop
+    returns and the torch rule gives the result or the error (the same as without the loop);
+    a lower end below sqrt's closed domain (raised to 0), exp of -inf (0) and huge finite sin
+    intervals stay with the loop."""
+    box = torch.tensor([lo, hi]).unsqueeze(1)
+    fell_back = []
+    got, want = _elementwise(name, attrs, [box] * (2 if name == "mul" else 1), fell_back)
+    assert fell_back == [True, True] * falls
+    for a, b in zip(got, want):
+        assert type(a) is type(b) and (a == b if isinstance(a, str) else torch.equal(a[0].nan_to_num(), b[0].nan_to_num()))
+
+
+def test_elementwise_loops_step_aside():
+    """Autograd, float64 (sound_fp plans), strided boxes and broadcast products keep the torch
+    rules."""
+    box = torch.tensor([[-1.0, 0.5, 2.0], [0.5, 0.7, 3.0]]).unsqueeze(1)
+    strided = torch.stack((box[0], box[1]), -1).movedim(-1, 0)
+    for s in (box.clone().requires_grad_(True), box.double(), strided):
+        assert native.elementwise_run(native._periodic_range, (s,), None, None) is None
+    assert native.elementwise_run(native._product_range, (box, box[:, :, :1]), None, None) is None
+    assert native.elementwise_run(native._product_range, (box, box), torch.empty(2, 3, 1), None) is None
+    (got,) = ops.get("sin").interval([box.requires_grad_(True)], [], {})
+    assert got.requires_grad
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from boundflow.domains import binds, fp
+from boundflow.domains import binds, fp, native
 from boundflow.domains.interval import extremes
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import Enclosed, gamma, magnitude, slack, unit_roundoff
@@ -54,7 +54,7 @@ CONVEX, CONCAVE, MIXED = 0, 1, 2
 
 @dataclass(frozen=True)
 class Curve:
-    """One function of the table.
+    """One function of the table (f also takes out=, where it writes its values).
 
     kind        CONVEX or CONCAVE on the whole domain, or fn(l, u) -> per neuron CONVEX, CONCAVE or
                 MIXED (odd powers across 0)
@@ -94,9 +94,9 @@ def _by_sign(positive: int, negative: int):
     return kind
 
 
-def _softplus(x):
+def _softplus(x, out=None):
     # log(1 + e^x) without overflow and without torch's linear threshold (exact semantics)
-    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+    return torch.add(x.clamp(min=0), torch.log1p(torch.exp(-x.abs())), out=out)
 
 
 EXP = Curve("exp", torch.exp, torch.exp, CONVEX, lambda l, u: torch.minimum(_midpoint(l, u), l + 0.99))
@@ -127,8 +127,8 @@ def power(p: float) -> Curve:
         return RECIPROCAL
     name = f"pow{p:g}"
 
-    def f(x):
-        return torch.pow(x, p)
+    def f(x, out=None):
+        return torch.pow(x, p, out=out)
 
     def df(x):
         return p * torch.pow(x, p - 1)
@@ -334,7 +334,14 @@ def _curve_kernels(name: str):
                 _in_domain(curve, l, u, "input interval")
                 _finite(curve, bounds, s, "the values")
             return (bounds,)
-        return run
+
+        # (f, then one compiled call for the rest: native.py)
+        def fill(into):
+            curve.f(s if floor is None else torch.clamp(s, min=floor, out=into), out=into)
+        at = math.nan if curve.stationary is None else curve.stationary
+        f_at = math.nan if inside is None else float(curve.f(torch.tensor(at, dtype=torch.float32)))
+        pole = math.nan if curve.pole is None else curve.pole
+        return native.elementwise_run(native._curve_range, (s,), out[0], run, fill, (pole, at, f_at)) or run
 
     def fp_interval(ins, ps, attrs):
         """f rounded by the library: `ulps` units in the last place of f."""

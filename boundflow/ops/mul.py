@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from boundflow.domains import binds, fp
+from boundflow.domains import binds, fp, native
 from boundflow.domains.interval import extremes
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
@@ -49,7 +49,11 @@ def interval(ins, ps, attrs, out=(None,)):
     sx, sy = ins
     if sx.dim() == sy.dim():
         xs, ys, ends = sx.unsqueeze(1), sy.unsqueeze(0), extremes(out[0], (0, 1))
-        return lambda: (ends(torch.mul(xs, ys)),)
+
+        def run():
+            return (ends(torch.mul(xs, ys)),)
+        # (one compiled call where both have the output's shape: native.py)
+        return native.elementwise_run(native._product_range, (sx, sy), out[0], run) or run
     (lx, ux), (ly, uy), ends = sx, sy, extremes(out[0])    # (new axes would not line up)
     return lambda: (ends(torch.stack(torch.broadcast_tensors(lx * ly, lx * uy, ux * ly, ux * uy))),)
 

@@ -35,9 +35,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from boundflow.domains import binds, fp
+from boundflow.domains import binds, fp, native
 from boundflow.domains.interval import extremes
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import gamma, magnitude, slack, unit_roundoff
@@ -239,7 +240,9 @@ def _interval(op: Periodic):
         def run():
             at_ends = ends(op.f(s))                   # (into out: where then writes over it)
             return (torch.where(contains(op, s), peaks, at_ends, out=out[0]),)
-        return run
+        # (f, then one compiled call for the rest: native.py)
+        return native.elementwise_run(native._periodic_range, (s,), out[0], run, lambda into: op.f(s, out=into),
+                                      (np.array(op.offsets), np.array(TURNS))) or run
     return interval
 
 
