@@ -29,7 +29,7 @@ from boundflow.frontends.onnx import load_onnx
 from boundflow.frontends.torch import load_torch
 from boundflow import ops
 from boundflow.domains import native
-from boundflow.ops import conv, linear
+from boundflow.ops import conv, gelu, linear
 from boundflow.planner.config import PlannerConfig
 from boundflow.verify.alpha import AlphaConfig
 from nets import export_onnx
@@ -783,10 +783,11 @@ def test_linear_compiled_loop_steps_aside():
 
 
 ELEMENTWISE = [("sin", {}), ("cos", {}), ("exp", {}), ("log", {}), ("reciprocal", {}), ("sqrt", {}),
-               ("softplus", {})] + [("pow", {"exponent": p}) for p in (2.0, 3.0, 4.0, -1.0, -2.0, 0.5, 1.5, -0.5, 0.3)]
+               ("softplus", {}), ("gelu", {}), ("gelu", {"approximate": "tanh"})] + \
+    [("pow", {"exponent": p}) for p in (2.0, 3.0, 4.0, -1.0, -2.0, 0.5, 1.5, -0.5, 0.3)]
 
 
-def _elementwise(name: str, attrs: dict, ins: list, fell_back: list | None = None):
+def _elementwise(name: str, attrs: dict, ins: list, fell_back: list):
     """(the rule's result or the DomainError it raises, with the compiled loop; the same
     with the torch rule), each also through a planned destination bound once; fell_back
     collects a True per run the loop left to the torch rule."""
@@ -794,7 +795,7 @@ def _elementwise(name: str, attrs: dict, ins: list, fell_back: list | None = Non
 
     def spied(loop, ins, dest, fallback, *args):
         def torch_rule():
-            (fell_back if fell_back is not None else []).append(True)
+            fell_back.append(True)
             return fallback()
         return real(loop, ins, dest, torch_rule, *args)
 
@@ -835,6 +836,9 @@ def test_elementwise_loops_agree_with_the_torch_rules(op, n, scale, width, seed)
     if name in ("sin", "cos"):                          # some ends at multiples of pi / 2
         peaks = (torch.randint(-40, 40, (1, n), generator=g) * (math.pi / 2)).float()
         lo = torch.where(torch.rand(1, n, generator=g) < 0.3, peaks, lo)
+    if name == "gelu":                                  # some ends at its minimum
+        m = torch.tensor(gelu.SHAPES[attrs.get("approximate", "none")].m).float().expand(1, n)
+        lo = torch.where(torch.rand(1, n, generator=g) < 0.3, m, lo)
     hi = lo + torch.rand(1, n, generator=g) * width
     hi = torch.where(torch.rand(1, n, generator=g) < 0.2, lo, hi)                     # points
     box = torch.stack((lo, hi))
@@ -858,6 +862,7 @@ def test_elementwise_loops_agree_with_the_torch_rules(op, n, scale, width, seed)
     ("exp", {}, [-math.inf], [0.0], False), ("cos", {}, [-math.inf], [0.0], True),
     ("sin", {}, [3e38], [3.4e38], False), ("mul", {}, [1e30, -1.0], [1e30, 1.0], True),
     ("mul", {}, [math.nan], [1.0], True), ("mul", {}, [0.0], [math.inf], True),
+    ("gelu", {}, [math.nan, 0.0], [1.0, 1.0], True), ("gelu", {}, [-1.0], [math.inf], True),
 ])
 def test_elementwise_loops_leave_the_rest_to_the_torch_rules(name, attrs, lo, hi, falls):
     """Intervals outside the domain, values that overflow, NaN and infinite bounds: the loop

@@ -122,6 +122,23 @@ def _curve_range(s, out, pole, at, f_at):
     return ok
 
 
+def _valley_range(s, out, at, f_min):
+    """The range of a function that falls to its minimum at `at` and rises after (gelu.py),
+    from its values at the ends (in out): their min and max, f_min (a lower bound on the
+    minimum) where [l, u] may hold `at`, with gelu.interval's doubt 1e-12 (1 + |l|)."""
+    ok = True
+    for i in range(s.shape[1]):
+        l, u = np.float64(s[0, i]), np.float64(s[1, i])
+        a, b = out[0, i], out[1, i]
+        ok &= math.isfinite(a) & math.isfinite(b)
+        doubt = 1e-12 * (1 + abs(l))
+        holds = (l - doubt <= at) & (u + doubt >= at)
+        lo = a if a < b else b
+        out[0, i] = f_min if holds else lo
+        out[1, i] = b if a < b else a
+    return ok
+
+
 def _product_range(x, y, out):
     """The least and the largest of the four products of the bounds of x and of y (mul.py)."""
     ok = True

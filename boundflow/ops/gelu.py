@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import fp
+from boundflow.domains import binds, fp, native
 from boundflow.domains.linear import halves, sound
 from boundflow.domains.rounding import down, gamma, magnitude, slack, unit_roundoff
 from boundflow.ops.registry import Op, Relaxation, onnx_lowering, onnx_rewrite, register, torch_lowering
@@ -237,18 +237,29 @@ def forward(x, attrs=None):
     return F.gelu(x, approximate=(attrs or {}).get("approximate", "none"))
 
 
-def interval(ins, ps, attrs):
+def _f_min(g: Gelu, dtype: torch.dtype, device) -> torch.Tensor:
+    """g.f_min in dtype, rounded down."""
+    f_min = constant(g.f_min, torch.float64, device).to(dtype)
+    return torch.where(f_min.double() > g.f_min, down(f_min), f_min)
+
+
+@binds
+def interval(ins, ps, attrs, out=(None,)):
     """The exact range: the larger end value above; below the smaller one, or the minimum
     (rounded down) where [l, u] may hold m."""
     g = _shape(attrs)
-    l, u = ins[0]
-    fl, fu = forward(l, attrs), forward(u, attrs)
-    doubt = 1e-12 * (1 + l.abs().double())
-    holds_min = (l.double() - doubt <= g.m) & (u.double() + doubt >= g.m)
-    f_min = constant(g.f_min, torch.float64, l.device).to(l.dtype)
-    f_min = torch.where(f_min.double() > g.f_min, down(f_min), f_min)
-    lo = torch.where(holds_min, f_min.expand_as(fl), torch.minimum(fl, fu))
-    return (torch.stack((lo, torch.maximum(fl, fu))),)
+    (s,) = ins
+    l, u = s
+
+    def run():
+        fl, fu = forward(l, attrs), forward(u, attrs)
+        doubt = 1e-12 * (1 + l.abs().double())
+        holds_min = (l.double() - doubt <= g.m) & (u.double() + doubt >= g.m)
+        lo = torch.where(holds_min, _f_min(g, l.dtype, l.device).expand_as(fl), torch.minimum(fl, fu))
+        return (torch.stack((lo, torch.maximum(fl, fu)), out=out[0]),)
+    # (f, then one compiled call for the rest: native.py; it takes float32 CPU boxes only)
+    return native.elementwise_run(native._valley_range, (s,), out[0], run, lambda into: into.copy_(forward(s, attrs)),
+                                  (g.m, float(_f_min(g, torch.float32, torch.device("cpu"))))) or run
 
 
 def _f_error(x_mag, dtype, attrs):
