@@ -15,7 +15,7 @@ import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,8 +74,8 @@ class BoundedModel:
         return bound(self, x_lower, x_upper, method, C, **options)
 
     def compute_bounds(self, x_lower, x_upper, method: str = "crown", C=None, **options):
-        res = bound(self, x_lower, x_upper, method, C, **options)
-        return res.lb, res.ub
+        run = _bound(self, x_lower, x_upper, method, C, **options)
+        return run.lb, run.ub
 
 
 def load_model(model, example_input: torch.Tensor | None = None) -> tuple[Graph, Any]:
@@ -273,22 +273,24 @@ def _get_executor(executor: str, tvm_options, method: str, sound_fp: bool, devic
     return hit
 
 
-def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
-          config: PlannerConfig | None = None, executor: str = "python", alpha=None,
-          tvm_options=None, sound_fp: bool = False, deadline: float | None = None,
-          device: str = "auto") -> BoundsResult:
-    """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper].
-    executor: "python" (torch kernels) or "tvm" (TVM-compiled tasks, options in tvm_options, a
-    boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]").
-    sound_fp: bounds sound in floating point (every rounding error bounded, see domains/fp.py;
-    also PlannerConfig(sound_fp=True)); lb and ub are then float64 (float32 with
-    config=PlannerConfig(fp_dtype="float32"): faster, for linear layers, ReLUs and affine maps).
-    deadline (a time.perf_counter value): alpha-crown starts no optimisation step that would
-    end past it (its bounds are then the best found so far); the other methods cannot stop.
-    device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda" or "cuda:N": where
-    the plan's parameters, arenas and kernels live (it sets config.device). The box and C move
-    there once; lb, ub and the intermediate bounds come back on the device x_lower is on (the
-    CPU for numpy arrays)."""
+class _Run(NamedTuple):
+    """What one call computed (bound() adds its stats; compute_bounds keeps lb and ub)."""
+    lb: torch.Tensor
+    ub: torch.Tensor
+    outputs: dict
+    module: BFTaskModule
+    cached: bool
+    planned: float                       # perf_counter when the plan was found
+    extra: dict
+    home: torch.device
+    device: str
+    runner: Any
+
+
+def _bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_interm: str = "sparse",
+           config: PlannerConfig | None = None, executor: str = "python", alpha=None,
+           tvm_options=None, sound_fp: bool = False, deadline: float | None = None,
+           device: str = "auto") -> _Run:
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -304,7 +306,6 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     if lo.shape != hi.shape:
         raise ShapeError(f"x_lower has shape {list(lo.shape)} but x_upper has shape {list(hi.shape)}")
     home = lo.device
-    t0 = time.perf_counter()
     example = None                                 # (a module's export needs one region)
     if isinstance(model, torch.nn.Module):
         example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
@@ -317,7 +318,7 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
     if C is not None:
         C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel, device), dtype)
     module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)
-    t1 = time.perf_counter()
+    planned = time.perf_counter()
     inputs = {"box": box}
     if C is not None:
         inputs["C"] = C
@@ -332,17 +333,40 @@ def bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inter
         lb, ub = _correct(lb, ub, c_err)
     if device != "cpu" or home != _CPU:
         lb, ub = lb.to(home), ub.to(home)
+    return _Run(lb, ub, outputs, module, cached, planned, extra, home, device, runner)
+
+
+def bound(model, x_lower, x_upper, method: str = "crown", C=None, **options) -> BoundsResult:
+    """Certified bounds of C @ f(x) (of f(x) when C is None) over the box [x_lower, x_upper],
+    with the call's statistics. Options (keywords): crown_interm ("sparse", "intersect" or
+    "pure"), config (a PlannerConfig), executor: "python" (torch kernels) or "tvm"
+    (TVM-compiled tasks, options in tvm_options, a
+    boundflow.runtime.tvm_executor.TVMExecutorOptions; needs pip install -e ".[tvm]"), alpha (an
+    AlphaConfig, for alpha-crown).
+    sound_fp: bounds sound in floating point (every rounding error bounded, see domains/fp.py;
+    also PlannerConfig(sound_fp=True)); lb and ub are then float64 (float32 with
+    config=PlannerConfig(fp_dtype="float32"): faster, for linear layers, ReLUs and affine maps).
+    deadline (a time.perf_counter value): alpha-crown starts no optimisation step that would
+    end past it (its bounds are then the best found so far); the other methods cannot stop.
+    device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda" or "cuda:N": where
+    the plan's parameters, arenas and kernels live (it sets config.device). The box and C move
+    there once; lb, ub and the intermediate bounds come back on the device x_lower is on (the
+    CPU for numpy arrays)."""
+    t0 = time.perf_counter()
+    run = _bound(model, x_lower, x_upper, method, C, **options)
     intermediate = {}
-    if len(outputs) > 1:
-        intermediate = {role.value: outputs[role].to(home) for role in of_kind(outputs, "interm")}
-    if device.startswith("cuda"):                    # run_ms: the kernels' time, not their launch
-        torch.cuda.synchronize(device)
+    if len(run.outputs) > 1:
+        intermediate = {role.value: run.outputs[role].to(run.home) for role in of_kind(run.outputs, "interm")}
+    if run.device.startswith("cuda"):                # run_ms: the kernels' time, not their launch
+        torch.cuda.synchronize(run.device)
     t2 = time.perf_counter()
+    executor, extra = options.get("executor", "python"), run.extra
     if executor == "tvm":
-        extra["tvm"] = runner.compile_stats(module)
-    stats = dict(module.stats, plan_ms=(t1 - t0) * 1e3, run_ms=(t2 - t1) * 1e3, plan_cached=cached,
-                 executor=executor, device=device, config=module.config_dump, **extra)
-    return BoundsResult(lb, ub, method, stats, intermediate)
+        extra = dict(extra, tvm=run.runner.compile_stats(run.module))
+    stats = dict(run.module.stats, plan_ms=(run.planned - t0) * 1e3, run_ms=(t2 - run.planned) * 1e3,
+                 plan_cached=run.cached, executor=executor, device=run.device, config=run.module.config_dump,
+                 **extra)
+    return BoundsResult(run.lb, run.ub, method.lower(), stats, intermediate)
 
 
 def compute_bounds(model, x_lower, x_upper, method: str = "crown", C=None, **options):
@@ -358,5 +382,5 @@ def compute_bounds(model, x_lower, x_upper, method: str = "crown", C=None, **opt
     device="auto"|"cpu"|"cuda" (default "auto": CUDA when torch sees it; see bound).
     Returns lb, ub of shape [B, S] ([B, O] when C is None).
     """
-    res = bound(model, x_lower, x_upper, method, C, **options)
-    return res.lb, res.ub
+    run = _bound(model, x_lower, x_upper, method, C, **options)
+    return run.lb, run.ub
