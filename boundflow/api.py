@@ -291,6 +291,7 @@ def _bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inte
            config: PlannerConfig | None = None, executor: str = "python", alpha=None,
            tvm_options=None, sound_fp: bool = False, deadline: float | None = None,
            device: str = "auto") -> _Run:
+    """The bounds (see bound for the options), and what bound's statistics are made of."""
     method = method.lower()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
