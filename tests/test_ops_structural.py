@@ -727,7 +727,7 @@ def test_linear_compiled_loop_without_a_cache_directory():
             "c, r = (s[0] + s[1]) / 2, (s[1] - s[0]) / 2\n"
             "mid, rad = c @ w.t() + b, r @ w.abs().t()\n"
             "assert torch.allclose(got, torch.stack((mid - rad, mid + rad)), atol=1e-5)\n"
-            "print(native._compiled(native._dense_interval)._cache.__class__.__name__)\n")
+            "print(native._compiled(native._dense_interval, native.SUMS)._cache.__class__.__name__)\n")
     # (a locator class that finds nothing for a .py file: numba then has no cache directory)
     env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="numba.core.caching.ZipCacheLocator")
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
@@ -874,7 +874,8 @@ def test_elementwise_loops_leave_the_rest_to_the_torch_rules(name, attrs, lo, hi
     got, want = _elementwise(name, attrs, [box] * (2 if name == "mul" else 1), fell_back)
     assert fell_back == [True, True] * falls
     for a, b in zip(got, want):
-        assert type(a) is type(b) and (a == b if isinstance(a, str) else torch.equal(a[0].nan_to_num(), b[0].nan_to_num()))
+        assert type(a) is type(b)
+        assert a == b if isinstance(a, str) else torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
 
 
 def test_elementwise_loops_step_aside():
