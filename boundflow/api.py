@@ -171,40 +171,49 @@ def _regions_shape(shape: tuple[int, ...], in_shape: tuple[int, ...], what: str)
                      f"(a leading batch dimension of B regions may be added)")
 
 
-def _box(lo: torch.Tensor, hi: torch.Tensor, in_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """stack(lo, hi) as [2, B, *in_shape] in `dtype`, rounded outward; an error for a box with
-    NaN or infinite bounds or a lower bound above its upper one."""
-    # (view(*shape): a tuple argument costs torch's parser twice as much)
-    box = torch.stack((lo, hi)).view(2, *_regions_shape(tuple(lo.shape), in_shape, "x_lower"))
-    if box.numel():
+def _check_box(lo: torch.Tensor, hi: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """An error for a box with NaN or infinite bounds or a lower bound above its upper one
+    (positions as indices of `shape`, the regions' [B, *input shape])."""
+    if lo.numel():
         # one pass finds every bad box: hi - lo is NaN or infinite where a bound is, and < 0
         # where they cross (NaN is both the min and the max); a finite box wider than the
         # dtype's range passes the exact checks below
         least, most = torch.sub(hi, lo).aminmax()
         if not (least.item() >= 0 and math.isfinite(most.item())):
-            if not all(map(math.isfinite, box.aminmax())):
+            if not all(map(math.isfinite, (*lo.aminmax(), *hi.aminmax()))):
                 raise ShapeError("the input box contains NaN or infinite bounds")
-            bad = (box[0] > box[1]).nonzero()
+            lo, hi = lo.reshape(shape), hi.reshape(shape)
+            bad = (lo > hi).nonzero()
             if len(bad):
                 i = tuple(bad[0].tolist())
                 raise ShapeError(f"x_lower > x_upper at {len(bad)} position(s), first at index {list(i)}: "
-                                 f"{box[0][i].item()} > {box[1][i].item()}")
-    return round_outward(box, dtype)
+                                 f"{lo[i].item()} > {hi[i].item()}")
+
+
+def _write_box(lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor) -> None:
+    """stack(lo, hi) into the plan's input `out` ([2, B, *input shape]), rounded outward to
+    its dtype."""
+    if lo.dtype == out.dtype and lo.device == out.device:
+        # (written in place: no tensor in between; view(*shape): a tuple argument costs
+        # torch's parser twice as much)
+        torch.stack((lo, hi), out=out.view(2, *lo.shape))
+    else:
+        out.copy_(round_outward(torch.stack((lo, hi)), out.dtype).view(out.shape))
 
 
 def _spec(C, batch: int, num_out: int, device: str) -> torch.Tensor:
+    """C checked, on `device`: [S, num_out] (one spec for every region) or [batch, S, num_out],
+    as it was given (the plan's input [batch, S, num_out] takes either)."""
     C = _as_tensor(C, "C")
     if device != "cpu" or C.device != _CPU:          # (a no-op .to is still a dispatch per call)
         C = C.to(device)
-    if C.dim() == 2:
-        C = C.unsqueeze(0) if batch == 1 else C.unsqueeze(0).expand(batch, -1, -1)
-    if C.dim() != 3 or C.shape[0] != batch or C.shape[2] != num_out:
+    if C.dim() not in (2, 3) or C.dim() == 3 and C.shape[0] != batch or C.shape[-1] != num_out:
         raise ShapeError(f"C has shape {list(C.shape)}; expected [S, {num_out}] or [{batch}, S, {num_out}]")
     # (one reduction: the sum is finite unless an entry is NaN or infinite, or finite entries'
     # sum overflows, which the exact check then clears)
     if not math.isfinite(C.sum().item()) and not torch.isfinite(C).all():
         raise ShapeError("C contains NaN or infinite entries")
-    return C.contiguous()
+    return C
 
 
 def _spec_rows(C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,16 +226,17 @@ def _spec_rows(C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     err = C - rounded.to(C.dtype)
     if not err.any():
         return rounded, None
-    eye = torch.eye(C.shape[2], dtype=dtype, device=C.device).expand(C.shape[0], -1, -1)
-    return torch.cat([rounded, eye], 1), err
+    eye = torch.eye(C.shape[-1], dtype=dtype, device=C.device).expand(*C.shape[:-2], -1, -1)
+    return torch.cat([rounded, eye], -2), err
 
 
 def _correct(lb: torch.Tensor, ub: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of C y from those of C' y and y (appended rows): C y = C' y + E y and
     |E y| <= |E| max(|y_lo|, |y_hi|), in float64, rounded outward back to lb's dtype."""
-    S = err.shape[1]
+    S = err.shape[-2]
     y_abs = torch.maximum(lb[:, S:].abs(), ub[:, S:].abs()).double()
-    slack = 2 * torch.bmm(err.abs().double(), y_abs.unsqueeze(-1)).squeeze(-1)   # doubled: its rounding
+    # (err [S, O] or [B, S, O]; doubled: its rounding)
+    slack = 2 * torch.matmul(err.abs().double(), y_abs.unsqueeze(-1)).squeeze(-1)
     box = torch.stack((down(lb[:, :S].double() - slack), up(ub[:, :S].double() + slack)))
     return tuple(round_outward(box, lb.dtype))
 
@@ -311,18 +321,23 @@ def _bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inte
     if isinstance(model, torch.nn.Module):
         example = lo if lo.dim() == 0 or lo.shape[0] == 1 else lo[:1]
     graph, key = load_model(model, example)
-    box = _box(lo, hi, tuple(graph.shape(graph.inputs[0])), dtype)
-    if device != "cpu":                              # (a no-op .to is still a dispatch per call)
-        box = box.to(device)
-    batch = box.shape[1]
+    shape = _regions_shape(tuple(lo.shape), tuple(graph.shape(graph.inputs[0])), "x_lower")
+    _check_box(lo, hi, shape)
     c_err = None
     if C is not None:
-        C, c_err = _spec_rows(_spec(C, batch, graph.values[graph.outputs[0]].type.numel, device), dtype)
-    module, cached = get_plan(graph, key, method, batch, None if C is None else C.shape[1], config)
+        C, c_err = _spec_rows(_spec(C, shape[0], graph.values[graph.outputs[0]].type.numel, device), dtype)
+    module, cached = get_plan(graph, key, method, shape[0], None if C is None else C.shape[-2], config)
     planned = time.perf_counter()
-    inputs = {"box": box}
+    # the box and C are written where the run reads them (no tensor in between), but alpha-CROWN's
+    # passes read them throughout its optimisation: tensors of their own there
+    slots = runner.prepare(module).inputs if method != "alpha-crown" else {
+        role: torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=module.device)
+        for role, spec in ((r, module.buffers[module.inputs[r]]) for r in ("box", "C") if r in module.inputs)}
+    inputs = {"box": slots["box"]}
+    _write_box(lo, hi, inputs["box"])
     if C is not None:
-        inputs["C"] = C
+        inputs["C"] = slots["C"]
+        inputs["C"].copy_(C)                       # ([S, O]: the same spec for every region)
     extra = {}
     if method == "alpha-crown":
         from boundflow.verify.alpha import AlphaConfig, optimize

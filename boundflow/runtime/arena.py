@@ -8,6 +8,8 @@ from boundflow.errors import ShapeError
 from boundflow.ir.task import DTYPE_BYTES, TORCH_DTYPES, BFTaskModule
 
 
+# (ordinary tensors in a caller's inference mode too: callers write inputs into them outside it)
+@torch.inference_mode(False)
 def allocate(module: BFTaskModule, alignment: int = 1):
     """(arenas, views, slots): views[b] is buffer b's view (None when its size is dynamic),
     slots[b] = (arena, element offset). Every offset must be a multiple of `alignment` bytes."""
@@ -31,11 +33,19 @@ def allocate(module: BFTaskModule, alignment: int = 1):
 
 def bind_inputs(module: BFTaskModule, env: list, inputs: dict[str, torch.Tensor]) -> None:
     """Copy the module inputs into their planned views, checking roles and shapes (an input
-    on another device than the plan's is copied over here, once per run)."""
+    on another device than the plan's is copied over here, once per run). An input given as
+    its view (input_views) was written there by the caller."""
     for role, bid in module.inputs.items():
         if role not in inputs:
             raise ShapeError(f"missing input {role!r} for this plan")
         spec, t = module.buffers[bid], inputs[role]
+        if t is env[bid]:
+            continue
         if tuple(t.shape) != spec.shape:
             raise ShapeError(f"input {role!r} has shape {list(t.shape)}, the plan expects {list(spec.shape)}")
         env[bid].copy_(t)
+
+
+def input_views(module: BFTaskModule, views: list) -> dict:
+    """role -> the planned view of each module input, from an executor's static views."""
+    return {role: views[bid] for role, bid in module.inputs.items()}

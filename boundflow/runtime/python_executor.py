@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 
 from boundflow.ops import ALIASING_KERNELS, KERNELS, WRITING_KERNELS
 from boundflow.ir.task import TORCH_DTYPES, BFTaskModule
-from boundflow.runtime.arena import allocate, bind_inputs
+from boundflow.runtime.arena import allocate, bind_inputs, input_views
 from boundflow.runtime.device import NO_CONTEXT, ieee_float32
 from boundflow.runtime.heap import keep_freed_memory
 
@@ -30,6 +29,10 @@ class _Prepared:
     arenas: dict[str, torch.Tensor]
     views: list[torch.Tensor | None]          # static views, by buffer id; None for dynamic ones
     slots: list[tuple[torch.Tensor, int]]     # (arena, element offset), by buffer id
+    # role -> an input's view: a caller may write the input there itself and pass the view
+    # (bind_inputs then copies nothing)
+    inputs: dict
+    outputs: list[tuple]                       # (role, its view) per output (None if dynamic)
     # (the op bound to its buffers when every one is static (a function of nothing, see
     #  `_bind`), kernel, input ids, output ids, params, attrs, name, whether an output has a
     #  dynamic size, the outputs' views when it writes into them, the inputs' views when all
@@ -56,7 +59,7 @@ class PythonTaskExecutor:
         self.checked = checked
         # prepared state (arenas, views) lives as long as its module and no longer
         self._prepared: weakref.WeakKeyDictionary[BFTaskModule, _Prepared] = weakref.WeakKeyDictionary()
-        self.stats = {"runs": 0, "prepares": 0, "arena_bytes": 0, "run_ms_total": 0.0}
+        self.stats = {"runs": 0, "prepares": 0, "arena_bytes": 0}
 
     def prepare(self, module: BFTaskModule) -> _Prepared:
         hit = self._prepared.get(module)
@@ -82,7 +85,9 @@ class PythonTaskExecutor:
         bound = None if any(step[0] is None for step in program) else [
             (run, tuple(views[b] for b in outs)) for run, _, _, outs, *_ in program
             if not all(b in aliases for b in outs)]
-        prepared = _Prepared(arenas, views, slots, program, bound, module.device.type == "cuda")
+        outputs = [(role, views[bid]) for role, bid in module.outputs.items()]
+        prepared = _Prepared(arenas, views, slots, input_views(module, views), outputs, program, bound,
+                             module.device.type == "cuda")
         self._prepared[module] = prepared
         self.stats["prepares"] += 1
         self.stats["arena_bytes"] = sum(a.numel() * a.element_size() for a in arenas.values())
@@ -90,7 +95,6 @@ class PythonTaskExecutor:
 
     def run(self, module: BFTaskModule, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The module's outputs (on its device) for `inputs` (copied into the arena)."""
-        t0 = time.perf_counter()
         p = self.prepare(module)
         checked = self.checked
         # inference mode: ~20% less dispatch per torch op than no_grad (no version counters or
@@ -105,7 +109,7 @@ class PythonTaskExecutor:
                     for t, view in zip(run(), views):
                         if t is not view:                  # (a writing kernel's result is its view)
                             view.copy_(t)
-            return self._outputs(module, p.views, t0)
+            return self._outputs(p.outputs)
         env: list[torch.Tensor | None] = list(p.views)
         views, slots = p.views, p.slots
         with _InferenceMode(True), fp32:
@@ -143,14 +147,12 @@ class PythonTaskExecutor:
                         env[bid] = view
                     if t is not view:                      # (a writing kernel's result is its view)
                         view.copy_(t)
-        return self._outputs(module, env, t0)
+        return self._outputs([(role, env[bid]) for role, bid in module.outputs.items()])
 
-    def _outputs(self, module: BFTaskModule, env: list, t0: float) -> dict[str, torch.Tensor]:
+    def _outputs(self, views: list) -> dict[str, torch.Tensor]:
         """The module's outputs, cloned out of the arena (the next run reuses it)."""
-        out = {role: env[bid].clone() for role, bid in module.outputs.items()}
         self.stats["runs"] += 1
-        self.stats["run_ms_total"] += (time.perf_counter() - t0) * 1e3
-        return out
+        return {role: view.clone() for role, view in views}
 
     def run_functional(self, module: BFTaskModule, inputs: dict[str, torch.Tensor],
                        env: dict[int, torch.Tensor] | None = None, ops=None) -> dict[int, torch.Tensor]:

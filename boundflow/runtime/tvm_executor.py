@@ -29,7 +29,7 @@ import torch
 from boundflow.ops import KERNELS
 from boundflow.errors import BoundflowError
 from boundflow.ir.task import BFTaskModule
-from boundflow.runtime.arena import allocate, bind_inputs
+from boundflow.runtime.arena import allocate, bind_inputs, input_views
 
 INSTALL_HINT = 'pip install -e ".[tvm]"'
 TVM_ALIGNMENT = 64          # bytes; TVM's DLPack import refuses tensors at other addresses
@@ -137,6 +137,9 @@ class _Prepared:
     views: list[torch.Tensor | None]          # static views, by buffer id; None for dynamic ones
     tvm_views: list[Any]                      # the same views as tvm tensors
     slots: list[tuple[torch.Tensor, int] | None]
+    # role -> an input's view: a caller may write the input there itself and pass the view
+    # (bind_inputs then copies nothing)
+    inputs: dict
     steps: list[_HostStep | _RelaxStep]
     family_roots: frozenset[int]
     executable: Any                           # the compiled module, for measuring VMs
@@ -201,7 +204,8 @@ class TVMTaskExecutor:
         info = dict(compiled.compile_stats, cache=source, key=compiled.key,
                     memory_plan_mode=self.options.memory_plan_mode.value,
                     tasks={f.name: f.task for f in lowered.functions})
-        prepared = _Prepared(arenas, views, tvm_views, slots, steps, roots, compiled.executable, info)
+        prepared = _Prepared(arenas, views, tvm_views, slots, input_views(module, views), steps, roots,
+                             compiled.executable, info)
         self._prepared[module] = prepared
         self.stats["prepares"] += 1
         self.stats["relax_functions"] += len(lowered.functions)
