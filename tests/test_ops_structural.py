@@ -688,11 +688,13 @@ def _gemm_params(n_in: int, n_out: int, seed: int):
     return linear.LINEAR.interval_params(graph, gemm, torch.float32), g
 
 
-@pytest.mark.parametrize("rows, n_in, n_out", [(1, 300, 200), (1, 784, 256), (3, 100, 60)])
+@pytest.mark.parametrize("rows, n_in, n_out", [(1, 300, 200), (1, 784, 256), (3, 100, 60), (1, 9, 1), (2, 33, 5),
+                                              (1, 256, 10), (3, 17, 7)])
 def test_linear_compiled_loop_bound_once_reads_each_run(rows, n_in, n_out):
     """The compiled loop (numba, a dependency) bound once to a planned destination, as in the
     executor, computes each run from that run's values: what the centre/radius form gives on
-    them, up to float32 rounding, and bounds that hold at the box's corners."""
+    them, up to float32 rounding, and bounds that hold at the box's corners (outputs in blocks
+    of four and the rest)."""
     assert native.available()
     ps, g = _gemm_params(n_in, n_out, 3)
     s, dest = torch.zeros(2, rows, n_in), torch.empty(2, rows, n_out)

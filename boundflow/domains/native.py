@@ -4,10 +4,10 @@ same bytes, or in many calls where each costs more than the work.
 IBP through a dense layer at batch 1 is bound by memory, not arithmetic: every torch form of
 it (centre/radius through W and |W|, the (l, u) form [[W+, W-], [W-, W+]]) reads two or four
 times the weights a forward pass reads, so mnist-net_256x2's 1 MB of weights become 2-4 MB
-streamed from beyond this CPU's 2 MB L2 on every call. `_dense_interval` reads each weight
-once for both sums (784 -> 256 on this CPU: 14-16 us against the forward's 14 and torch's best
-form's 30). numba is a dependency; where it is not installed, `dense_interval_run` says so
-(None) and the rules keep their torch forms.
+streamed on every call. `_dense_interval` reads each weight once for both sums, four rows at a
+time (784 -> 256 on this CPU: 10 us against the forward's 12.5 and torch's best form's 30).
+numba is a dependency; where it is not installed, `dense_interval_run` says so (None) and the
+rules keep their torch forms.
 
 An elementwise interval rule is a few comparisons and selections around one evaluation of f,
 each a torch call of about a microsecond at batch 1, which is what a small net's IBP is made of
@@ -36,19 +36,34 @@ ROWS_MAX_MACS = 1 << 16
 def _dense_interval(w, b, s, out):
     """out[:, k] = (l', u') of x -> w x + b over the box s[:, k] = (l, u), for each row k:
     centre and radius (as to_cr computes them), then one pass over w for both w c + b and
-    |w| r. Float reassociation is allowed (a vectorised sum), as in any matrix product."""
+    |w| r. Float reassociation is allowed (a vectorised sum), as in any matrix product.
+    Four rows of w at a time: four streams of weights in flight, where one row alone leaves
+    the loads waiting (784 -> 256 on this CPU: 10 us against 15)."""
     n_out, n_in = w.shape
     half = np.float32(0.5)
     centres, radii = half * s[0] + half * s[1], half * s[1] - half * s[0]
+    last = n_out - 1
     for k in range(s.shape[1]):
         c, r = centres[k], radii[k]
-        for i in range(n_out):
-            mid, rad = b[i], np.float32(0.0)
+        for i in range(0, n_out, 4):
+            # (a last block of fewer rows repeats the last row: the same values written twice)
+            rows = (i, min(i + 1, last), min(i + 2, last), min(i + 3, last))
+            m0, m1, m2, m3 = b[rows[0]], b[rows[1]], b[rows[2]], b[rows[3]]
+            r0 = r1 = r2 = r3 = np.float32(0.0)
             for j in range(n_in):
-                mid += w[i, j] * c[j]
-                rad += abs(w[i, j]) * r[j]
-            out[0, k, i] = mid - rad
-            out[1, k, i] = mid + rad
+                cj, rj = c[j], r[j]
+                w0, w1, w2, w3 = w[rows[0], j], w[rows[1], j], w[rows[2], j], w[rows[3], j]
+                m0 += w0 * cj
+                m1 += w1 * cj
+                m2 += w2 * cj
+                m3 += w3 * cj
+                r0 += abs(w0) * rj
+                r1 += abs(w1) * rj
+                r2 += abs(w2) * rj
+                r3 += abs(w3) * rj
+            for row, mid, rad in ((rows[0], m0, r0), (rows[1], m1, r1), (rows[2], m2, r2), (rows[3], m3, r3)):
+                out[0, k, row] = mid - rad
+                out[1, k, row] = mid + rad
 
 
 def _spec_dense_interval(spec, w, b, s, out):
