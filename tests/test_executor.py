@@ -33,6 +33,26 @@ def test_kernels_fresh_and_arena_matches_functional(shared, name, method):
     assert torch.equal(arena, again)
 
 
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_inputs_written_into_their_views_are_read_there(shared, method):
+    """A caller may write a run's inputs into the plan's own views of them and pass the views
+    (compute_bounds does: no tensor in between, nothing copied): each run reads what was
+    written there, the bounds that copies of the same inputs give."""
+    fx = load_fixture(shared, "mnist-net_256x2__prop_0_0.03__specC")
+    graph, _ = boundflow.load_model(str(fx.model))
+    module = boundflow.plan(graph, method, PlannerConfig(), spec_rows=fx.C.shape[0])
+    ex = PythonTaskExecutor()
+    views = ex.prepare(module).inputs
+    assert set(views) == {"box", "C"}
+    for shrink in (1.0, 0.5):
+        mid, rad = (fx.lower + fx.upper) / 2, (fx.upper - fx.lower) / 2 * shrink
+        inputs = _inputs(dataclasses.replace(fx, lower=mid - rad, upper=mid + rad))
+        for role, t in inputs.items():
+            views[role].copy_(t)
+        in_place = ex.run(module, views)["bounds"]
+        assert torch.equal(in_place, PythonTaskExecutor().run(module, inputs)["bounds"])
+
+
 def test_prepared_state_follows_module_lifetime(shared):
     fx = load_fixture(shared, "mlp_small__eps0.05")
     graph, _ = boundflow.load_model(str(fx.model))

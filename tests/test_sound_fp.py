@@ -388,6 +388,20 @@ def test_spec_not_exact_in_float32(sound_fp):
     assert float(res.lb) <= 16777217 <= float(res.ub)
 
 
+@pytest.mark.parametrize("sound_fp", [False, True])
+def test_shared_spec_not_exact_in_float32_over_regions(sound_fp):
+    """One C [S, O] not exact in float32 for two regions: each region's bounds hold its exact
+    C y, and they are the bounds of C given per region [B, S, O]."""
+    x = np.array([[1.0], [3.0]])
+    C = np.array([[16777217.0], [1 / 3], [-0.1]])
+    shared = boundflow.api.bound(identity_net(), x, x, "crown", C=C, sound_fp=sound_fp)
+    per_region = boundflow.api.bound(identity_net(), x, x, "crown", C=np.stack([C, C]), sound_fp=sound_fp)
+    exact = x @ C.T
+    assert shared.lb.shape == (2, 3)
+    assert torch.all(shared.lb.double() <= torch.from_numpy(exact)) and torch.all(torch.from_numpy(exact) <= shared.ub.double())
+    assert torch.equal(shared.lb, per_region.lb) and torch.equal(shared.ub, per_region.ub)
+
+
 def test_cli_spec_not_exact_in_float32(tmp_path, capsys):
     model = tmp_path / "id.onnx"
     onnx.save(identity_net(), str(model))
