@@ -241,6 +241,14 @@ def _correct(lb: torch.Tensor, ub: torch.Tensor, err: torch.Tensor) -> tuple[tor
     return tuple(round_outward(box, lb.dtype))
 
 
+def _own_inputs(module: BFTaskModule) -> dict[str, torch.Tensor]:
+    """Tensors of their own for the box and C: alpha-CROWN's passes read them throughout its
+    optimisation, not in one run."""
+    specs = {role: module.buffers[module.inputs[role]] for role in ("box", "C") if role in module.inputs}
+    return {role: torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=module.device)
+            for role, spec in specs.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def _default_config(crown_interm: str) -> PlannerConfig:
     return PlannerConfig(crown_interm=crown_interm)
@@ -328,15 +336,12 @@ def _bound(model, x_lower, x_upper, method: str = "crown", C=None, *, crown_inte
         C, c_err = _spec_rows(_spec(C, shape[0], graph.values[graph.outputs[0]].type.numel, device), dtype)
     module, cached = get_plan(graph, key, method, shape[0], None if C is None else C.shape[-2], config)
     planned = time.perf_counter()
-    # the box and C are written where the run reads them (no tensor in between), but alpha-CROWN's
-    # passes read them throughout its optimisation: tensors of their own there
-    slots = runner.prepare(module).inputs if method != "alpha-crown" else {
-        role: torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=module.device)
-        for role, spec in ((r, module.buffers[module.inputs[r]]) for r in ("box", "C") if r in module.inputs)}
-    inputs = {"box": slots["box"]}
+    # the box and C are written where the run reads them (no tensor in between)
+    into = runner.prepare(module).inputs if method != "alpha-crown" else _own_inputs(module)
+    inputs = {"box": into["box"]}
     _write_box(lo, hi, inputs["box"])
     if C is not None:
-        inputs["C"] = slots["C"]
+        inputs["C"] = into["C"]
         inputs["C"].copy_(C)                       # ([S, O]: the same spec for every region)
     extra = {}
     if method == "alpha-crown":
